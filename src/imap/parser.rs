@@ -1,0 +1,298 @@
+//! The pre-authentication IMAP commands, parsed with nom (RFC 3501 §9 and
+//! RFC 9051 §9 names for the rules).
+//!
+//! The input is one complete command as framed by [`super::framing`]: the
+//! line, any literals inline with their `{n}` announcements, and the final
+//! CRLF. Only what a client may send before login is understood; anything
+//! else is reported as [`Command::Other`] so the session can answer it.
+
+use nom::branch::alt;
+use nom::bytes::complete::{tag, take, take_while, take_while1};
+use nom::character::complete::{char, digit1};
+use nom::combinator::{eof, map, map_res, opt, rest};
+use nom::sequence::{delimited, preceded, terminated};
+use nom::{IResult, Parser};
+
+type Res<'a, T> = IResult<&'a [u8], T>;
+
+/// One tagged client command.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub tag: String,
+    pub command: Command,
+}
+
+#[derive(PartialEq, Eq)]
+pub enum Command {
+    Capability,
+    Noop,
+    Logout,
+    StartTls,
+    /// RFC 2971; the client's parameters are not used.
+    Id,
+    Login {
+        username: Vec<u8>,
+        password: Vec<u8>,
+    },
+    Authenticate {
+        mechanism: String,
+        /// SASL-IR (RFC 4959) initial response, still base64 (`=` for empty).
+        initial_response: Option<Vec<u8>>,
+    },
+    /// Any other command name, upper-cased.
+    Other(String),
+}
+
+// Hand-written so that passwords never reach a Debug print.
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Login { .. } => f.write_str("Login { .. }"),
+            Command::Authenticate { mechanism, .. } => write!(f, "Authenticate({mechanism})"),
+            Command::Capability => f.write_str("Capability"),
+            Command::Noop => f.write_str("Noop"),
+            Command::Logout => f.write_str("Logout"),
+            Command::StartTls => f.write_str("StartTls"),
+            Command::Id => f.write_str("Id"),
+            Command::Other(name) => write!(f, "Other({name})"),
+        }
+    }
+}
+
+/// `ATOM-CHAR`: any CHAR except atom-specials.
+fn is_atom_char(b: u8) -> bool {
+    (0x21..0x7f).contains(&b) && !b"(){%*\"\\]".contains(&b)
+}
+
+/// `ASTRING-CHAR = ATOM-CHAR / resp-specials`
+fn is_astring_char(b: u8) -> bool {
+    is_atom_char(b) || b == b']'
+}
+
+/// `tag = 1*<any ASTRING-CHAR except "+">`
+fn is_tag_char(b: u8) -> bool {
+    is_astring_char(b) && b != b'+'
+}
+
+fn crlf(i: &[u8]) -> Res<'_, &[u8]> {
+    alt((tag(&b"\r\n"[..]), tag(&b"\n"[..]))).parse(i)
+}
+
+fn sp(i: &[u8]) -> Res<'_, char> {
+    char(' ').parse(i)
+}
+
+/// `tag`
+pub fn tag_rule(i: &[u8]) -> Res<'_, &[u8]> {
+    take_while1(is_tag_char).parse(i)
+}
+
+/// `atom = 1*ATOM-CHAR`
+fn atom(i: &[u8]) -> Res<'_, &[u8]> {
+    take_while1(is_atom_char).parse(i)
+}
+
+/// `quoted = DQUOTE *QUOTED-CHAR DQUOTE`, where `QUOTED-CHAR` is any TEXT-CHAR
+/// but `"` and `\`, or `\` followed by one of them.
+fn quoted(i: &[u8]) -> Res<'_, Vec<u8>> {
+    let (mut i, _) = char('"').parse(i)?;
+    let mut out = Vec::new();
+    loop {
+        match i.first() {
+            Some(b'"') => return Ok((&i[1..], out)),
+            Some(b'\\') => match i.get(1) {
+                Some(&c @ (b'"' | b'\\')) => {
+                    out.push(c);
+                    i = &i[2..];
+                }
+                _ => return fail(i),
+            },
+            Some(b'\r' | b'\n' | 0) | None => return fail(i),
+            Some(&c) => {
+                out.push(c);
+                i = &i[1..];
+            }
+        }
+    }
+}
+
+/// `literal = "{" number64 ["+"] "}" CRLF *CHAR8` (LITERAL+ included).
+fn literal(i: &[u8]) -> Res<'_, Vec<u8>> {
+    let (i, n) = delimited(
+        char('{'),
+        terminated(
+            map_res(digit1, |d: &[u8]| std::str::from_utf8(d).unwrap_or("x").parse::<usize>()),
+            opt(char('+')),
+        ),
+        char('}'),
+    )
+    .parse(i)?;
+    let (i, _) = crlf(i)?;
+    map(take(n), |b: &[u8]| b.to_vec()).parse(i)
+}
+
+/// `string = quoted / literal`
+fn string(i: &[u8]) -> Res<'_, Vec<u8>> {
+    alt((quoted, literal)).parse(i)
+}
+
+/// `astring = 1*ASTRING-CHAR / string`
+fn astring(i: &[u8]) -> Res<'_, Vec<u8>> {
+    alt((map(take_while1(is_astring_char), |b: &[u8]| b.to_vec()), string)).parse(i)
+}
+
+/// `base64 / "="` as sent after `AUTHENTICATE mech` (SASL-IR).
+fn initial_response(i: &[u8]) -> Res<'_, Vec<u8>> {
+    map(
+        take_while1(|b: u8| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
+        |b: &[u8]| b.to_vec(),
+    )
+    .parse(i)
+}
+
+fn fail<T>(i: &[u8]) -> Res<'_, T> {
+    Err(nom::Err::Error(nom::error::Error::new(i, nom::error::ErrorKind::Verify)))
+}
+
+fn end(i: &[u8]) -> Res<'_, ()> {
+    map((crlf, eof), |_| ()).parse(i)
+}
+
+/// `command = tag SP (command-any / command-nonauth / …) CRLF`
+pub fn command(i: &[u8]) -> Res<'_, Request> {
+    let (i, t) = terminated(tag_rule, sp).parse(i)?;
+    let (i, name) = atom(i)?;
+    let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+    let (i, command) = match name.as_str() {
+        "CAPABILITY" => map(end, |_| Command::Capability).parse(i)?,
+        "NOOP" => map(end, |_| Command::Noop).parse(i)?,
+        "LOGOUT" => map(end, |_| Command::Logout).parse(i)?,
+        "STARTTLS" => map(end, |_| Command::StartTls).parse(i)?,
+        "ID" => map(rest, |_| Command::Id).parse(i)?,
+        "LOGIN" => map(
+            terminated((preceded(sp, astring), preceded(sp, astring)), end),
+            |(username, password)| Command::Login { username, password },
+        )
+        .parse(i)?,
+        "AUTHENTICATE" => map(
+            terminated(
+                (preceded(sp, atom), opt(preceded(sp, initial_response))),
+                end,
+            ),
+            |(mechanism, initial_response)| Command::Authenticate {
+                mechanism: String::from_utf8_lossy(mechanism).to_ascii_uppercase(),
+                initial_response,
+            },
+        )
+        .parse(i)?,
+        _ => map(take_while(|_| true), |_| Command::Other(name.clone())).parse(i)?,
+    };
+    Ok((
+        i,
+        Request {
+            tag: String::from_utf8_lossy(t).into_owned(),
+            command,
+        },
+    ))
+}
+
+/// The tag of a line that failed to parse, if it has a usable one, so the
+/// error can be tagged.
+pub fn leading_tag(i: &[u8]) -> Option<String> {
+    terminated(tag_rule, sp)
+        .parse(i)
+        .ok()
+        .map(|(_, t)| String::from_utf8_lossy(t).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(input: &[u8]) -> Request {
+        command(input).expect("parses").1
+    }
+
+    fn login(input: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        match parse(input).command {
+            Command::Login { username, password } => (username, password),
+            other => panic!("not LOGIN: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn login_with_atoms() {
+        assert_eq!(
+            login(b"a1 LOGIN user@example.com secret]\r\n"),
+            (b"user@example.com".to_vec(), b"secret]".to_vec())
+        );
+    }
+
+    #[test]
+    fn login_with_quoted_strings_and_escapes() {
+        let (u, p) = login(b"A001 login \"sales@contoso.com\" \"pa ss\\\"w\\\\rd\"\r\n");
+        assert_eq!(u, b"sales@contoso.com");
+        assert_eq!(p, b"pa ss\"w\\rd");
+    }
+
+    #[test]
+    fn login_with_literals_sync_and_nonsync() {
+        let (u, p) = login(b"x LOGIN {5}\r\nu@x.y {10+}\r\np\r\nss word\r\n");
+        assert_eq!(u, b"u@x.y");
+        assert_eq!(p, b"p\r\nss word");
+    }
+
+    #[test]
+    fn empty_quoted_password_parses() {
+        assert_eq!(login(b"t LOGIN u \"\"\r\n").1, b"");
+    }
+
+    #[test]
+    fn authenticate_with_and_without_initial_response() {
+        assert_eq!(
+            parse(b"a AUTHENTICATE plain AHVAeABw\r\n").command,
+            Command::Authenticate {
+                mechanism: "PLAIN".into(),
+                initial_response: Some(b"AHVAeABw".to_vec())
+            }
+        );
+        assert_eq!(
+            parse(b"a AUTHENTICATE LOGIN\r\n").command,
+            Command::Authenticate {
+                mechanism: "LOGIN".into(),
+                initial_response: None
+            }
+        );
+    }
+
+    #[test]
+    fn simple_commands_and_others() {
+        assert_eq!(parse(b"1 capability\r\n").command, Command::Capability);
+        assert_eq!(parse(b"2 NOOP\r\n").command, Command::Noop);
+        assert_eq!(parse(b"3 LOGOUT\r\n").command, Command::Logout);
+        assert_eq!(parse(b"4 ID (\"name\" \"imapflow\")\r\n").command, Command::Id);
+        assert_eq!(parse(b"4 ID NIL\r\n").command, Command::Id);
+        assert_eq!(
+            parse(b"5 SELECT INBOX\r\n").command,
+            Command::Other("SELECT".into())
+        );
+    }
+
+    #[test]
+    fn malformed_commands_are_errors() {
+        for bad in [
+            &b"a1 LOGIN onlyuser\r\n"[..],
+            b"a1 LOGIN \"unterminated\r\n",
+            b"a1 LOGIN u p extra\r\n",
+            b"+tag NOOP\r\n",
+            b"a1 NOOP now\r\n",
+            b"\r\n",
+            b"a1 LOGIN {10}\r\nshort\r\n",
+            b"a1 LOGIN \"bad\\escape\" p\r\n",
+        ] {
+            assert!(command(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(leading_tag(b"a1 LOGIN x\r\n").as_deref(), Some("a1"));
+        assert_eq!(leading_tag(b"\x01\x02"), None);
+    }
+}

@@ -1,0 +1,331 @@
+//! Opening the upstream IMAP session: TLS, AUTHENTICATE XOAUTH2 as the
+//! account's mailbox, and a check that the session really works.
+//!
+//! Outlook can accept AUTHENTICATE and then answer every command with
+//! `BAD User is authenticated but not connected`, so an OK to AUTHENTICATE is
+//! not proof: a NAMESPACE must succeed too. A failed XOAUTH2 may come back as
+//! a challenge (`+ <base64 JSON>`, Dovecot and Google) that must be answered
+//! with an empty line before the final NO arrives.
+
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::config::{Account, TlsMode};
+use crate::lines::{LineError, read_line, trim_eol};
+use crate::secret::Secret;
+use crate::server::Shared;
+use crate::upstream::{UpstreamError, UpstreamStream, quote_reply, xoauth2};
+
+/// Upstream response lines are bounded too: a server can misbehave.
+const MAX_RESPONSE_LINE: usize = 64 * 1024;
+
+/// What to change when Exchange refuses an IMAP login.
+const IMAP_HINT: &str = "check that IMAP is enabled for the mailbox (Set-CASMailbox -ImapEnabled $true), that the app has IMAP.AccessAsUser.All (delegated) or IMAP.AccessAsApp plus an Exchange service principal with FullAccess to the mailbox (app-only), and that `mailbox` is right";
+
+/// An authenticated, checked upstream session.
+pub struct ImapUpstream {
+    pub stream: BufReader<UpstreamStream>,
+    /// The upstream's capabilities after login, as the client may see them.
+    pub capabilities: String,
+}
+
+/// Opens `account`'s mailbox with `token`, within the upstream timeout.
+pub async fn open(shared: &Shared, account: &Account, token: &Secret) -> Result<ImapUpstream, UpstreamError> {
+    let provider = shared.config.provider(&account.provider);
+    let server = &provider.imap_server;
+    let timeout = shared.config.server.upstream_timeout;
+    let attempt = async {
+        let tcp = shared.tls.connect(server, timeout).await?;
+        let mut session = Session::default();
+        let stream = match provider.imap_tls {
+            TlsMode::Implicit => {
+                let mut stream = BufReader::new(shared.tls.handshake(provider, server, tcp).await?);
+                session.greeting(&mut stream).await?;
+                stream
+            }
+            TlsMode::Starttls => {
+                let mut plain = BufReader::new(tcp);
+                session.greeting(&mut plain).await?;
+                plain.get_mut().write_all(b"x0 STARTTLS\r\n").await.map_err(lost)?;
+                session.expect_ok(&mut plain, "x0").await?;
+                let mut stream = BufReader::new(
+                    shared.tls.handshake(provider, server, plain.into_inner()).await?,
+                );
+                // The pre-TLS capabilities no longer count (RFC 3501 §6.2.1).
+                session.capabilities.clear();
+                session.send(&mut stream, b"x1 CAPABILITY\r\n").await?;
+                session.expect_ok(&mut stream, "x1").await?;
+                stream
+            }
+        };
+        session.authenticate(stream, &account.mailbox, token).await
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Unreachable(format!(
+            "the IMAP server {server} did not complete the login within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+fn lost(e: std::io::Error) -> UpstreamError {
+    UpstreamError::Unreachable(format!("the IMAP server closed the connection: {}", crate::error::io_reason(&e)))
+}
+
+/// What is learnt from the upstream while logging in.
+#[derive(Default)]
+struct Session {
+    capabilities: Vec<String>,
+    line: Vec<u8>,
+}
+
+/// A tagged status.
+enum Status {
+    Ok,
+    No,
+    Bad,
+}
+
+impl Session {
+    async fn greeting<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S) -> Result<(), UpstreamError> {
+        self.read_line(stream).await?;
+        let line = trim_eol(&self.line).to_vec();
+        if line.starts_with(b"* OK") {
+            self.note_capabilities(&line);
+            Ok(())
+        } else {
+            Err(UpstreamError::Unreachable(format!(
+                "the IMAP server greeted with `{}`",
+                quote_reply(&line)
+            )))
+        }
+    }
+
+    async fn send<S>(&mut self, stream: &mut BufReader<S>, bytes: &[u8]) -> Result<(), UpstreamError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        stream.get_mut().write_all(bytes).await.map_err(lost)?;
+        stream.get_mut().flush().await.map_err(lost)
+    }
+
+    /// Reads one response line; untagged literals are skipped whole.
+    async fn read_line<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S) -> Result<(), UpstreamError> {
+        self.line.clear();
+        read_line(stream, &mut self.line, MAX_RESPONSE_LINE).await.map_err(|e| match e {
+            LineError::TooLong => UpstreamError::Unreachable("the IMAP server sent an overlong line".into()),
+            LineError::Closed => UpstreamError::Unreachable("the IMAP server closed the connection".into()),
+            LineError::Io(e) => lost(e),
+        })?;
+        // A literal inside an untagged response (rare during login): skip it.
+        while let Some(n) = literal_at_end(&self.line) {
+            let mut skip = stream.take(n as u64);
+            tokio::io::copy(&mut skip, &mut tokio::io::sink()).await.map_err(lost)?;
+            let mut rest = Vec::new();
+            read_line(stream, &mut rest, MAX_RESPONSE_LINE).await.map_err(|_| {
+                UpstreamError::Unreachable("the IMAP server sent a broken literal".into())
+            })?;
+            self.line.truncate(self.line.len().saturating_sub(2));
+            self.line.extend_from_slice(&rest);
+        }
+        Ok(())
+    }
+
+    /// Reads until `tag`'s status line, collecting capabilities.
+    async fn tagged<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S, tag: &str) -> Result<(Status, Vec<u8>), UpstreamError> {
+        loop {
+            self.read_line(stream).await?;
+            let line = trim_eol(&self.line).to_vec();
+            if line.starts_with(b"* CAPABILITY ") {
+                self.capabilities = words(&line[b"* CAPABILITY ".len()..]);
+                continue;
+            }
+            if line.starts_with(b"* BYE") {
+                return Err(UpstreamError::Unreachable(format!(
+                    "the IMAP server said `{}`",
+                    quote_reply(&line)
+                )));
+            }
+            let Some(rest) = line.strip_prefix(tag.as_bytes()).and_then(|r| r.strip_prefix(b" ")) else {
+                continue;
+            };
+            let status = match rest.get(..3).map(|s| s.to_ascii_uppercase()) {
+                Some(s) if s.starts_with(b"OK") => Status::Ok,
+                Some(s) if s.starts_with(b"NO") => Status::No,
+                _ => Status::Bad,
+            };
+            self.note_capabilities(&line);
+            return Ok((status, line));
+        }
+    }
+
+    async fn expect_ok<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S, tag: &str) -> Result<(), UpstreamError> {
+        match self.tagged(stream, tag).await? {
+            (Status::Ok, _) => Ok(()),
+            (_, line) => Err(UpstreamError::Unreachable(format!(
+                "the IMAP server answered `{}`",
+                quote_reply(&line)
+            ))),
+        }
+    }
+
+    /// `[CAPABILITY …]` in a greeting or tagged OK.
+    fn note_capabilities(&mut self, line: &[u8]) {
+        let upper = line.to_ascii_uppercase();
+        let Some(start) = find(&upper, b"[CAPABILITY ") else {
+            return;
+        };
+        let rest = &line[start + b"[CAPABILITY ".len()..];
+        let end = rest.iter().position(|b| *b == b']').unwrap_or(rest.len());
+        self.capabilities = words(&rest[..end]);
+    }
+
+    fn has(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c.eq_ignore_ascii_case(capability))
+    }
+
+    async fn authenticate(
+        mut self,
+        mut stream: BufReader<UpstreamStream>,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<ImapUpstream, UpstreamError> {
+        if self.capabilities.is_empty() {
+            self.send(&mut stream, b"x2 CAPABILITY\r\n").await?;
+            self.expect_ok(&mut stream, "x2").await?;
+        }
+        let sasl = xoauth2(mailbox, token);
+        if self.has("SASL-IR") {
+            let command = format!("x3 AUTHENTICATE XOAUTH2 {}\r\n", sasl.expose());
+            self.send(&mut stream, command.as_bytes()).await?;
+        } else {
+            self.send(&mut stream, b"x3 AUTHENTICATE XOAUTH2\r\n").await?;
+        }
+        let mut sent_response = self.has("SASL-IR");
+        self.capabilities.clear();
+        let refused = loop {
+            self.read_line(&mut stream).await?;
+            let line = trim_eol(&self.line).to_vec();
+            if line.starts_with(b"+") {
+                if sent_response {
+                    // A challenge after our response is an error report
+                    // (base64 JSON): answer with an empty line, then the NO.
+                    self.send(&mut stream, b"\r\n").await?;
+                } else {
+                    let reply = format!("{}\r\n", sasl.expose());
+                    self.send(&mut stream, reply.as_bytes()).await?;
+                    sent_response = true;
+                }
+                continue;
+            }
+            if line.starts_with(b"* CAPABILITY ") {
+                self.capabilities = words(&line[b"* CAPABILITY ".len()..]);
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix(b"x3 ") {
+                self.note_capabilities(&line);
+                if rest.len() >= 2 && rest[..2].eq_ignore_ascii_case(b"OK") {
+                    break None;
+                }
+                break Some(line);
+            }
+            if line.starts_with(b"* BYE") {
+                break Some(line);
+            }
+        };
+        if let Some(line) = refused {
+            return Err(UpstreamError::Rejected {
+                reply: quote_reply(&line),
+                hint: IMAP_HINT,
+            });
+        }
+
+        // Prove the session works; learn the capabilities if the OK did not
+        // carry them. Both in one round trip.
+        let knew_capabilities = !self.capabilities.is_empty();
+        if knew_capabilities {
+            self.send(&mut stream, b"x4 NAMESPACE\r\n").await?;
+        } else {
+            self.send(&mut stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n").await?;
+            self.tagged(&mut stream, "x5").await?;
+        }
+        match self.tagged(&mut stream, "x4").await? {
+            (Status::Ok, _) => {}
+            // A server without NAMESPACE may say BAD; Outlook's "not
+            // connected" comes to a server that advertises it.
+            (Status::Bad, _) if !self.has("NAMESPACE") => {}
+            (_, line) => {
+                return Err(UpstreamError::Rejected {
+                    reply: quote_reply(&line),
+                    hint: IMAP_HINT,
+                });
+            }
+        }
+        Ok(ImapUpstream {
+            stream,
+            capabilities: filter_capabilities(&self.capabilities),
+        })
+    }
+}
+
+fn words(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .split_ascii_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn literal_at_end(line: &[u8]) -> Option<usize> {
+    let line = trim_eol(line);
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|b| *b == b'{')?;
+    std::str::from_utf8(&inner[open + 1..]).ok()?.trim_end_matches('+').parse().ok()
+}
+
+/// The post-login capabilities a client may see: no authentication
+/// mechanisms, no LOGINDISABLED, no STARTTLS (the client is already in, and
+/// must not try to upgrade a connection the proxy does not encrypt).
+pub fn filter_capabilities(capabilities: &[String]) -> String {
+    capabilities
+        .iter()
+        .filter(|c| {
+            let upper = c.to_ascii_uppercase();
+            !(upper.starts_with("AUTH=")
+                || upper == "LOGINDISABLED"
+                || upper == "STARTTLS"
+                || upper == "SASL-IR"
+                || upper == "LOGIN-REFERRALS")
+        })
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_what_a_logged_in_client_must_not_see() {
+        let caps: Vec<String> = "IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS ID IDLE NAMESPACE LITERAL+ STARTTLS LOGINDISABLED"
+            .split(' ')
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            filter_capabilities(&caps),
+            "IMAP4 IMAP4rev1 UIDPLUS ID IDLE NAMESPACE LITERAL+"
+        );
+    }
+
+    #[test]
+    fn capability_code_is_read_from_a_status_line() {
+        let mut s = Session::default();
+        s.note_capabilities(b"x3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in");
+        assert_eq!(s.capabilities, vec!["IMAP4rev1", "IDLE"]);
+        assert!(s.has("idle"));
+    }
+}

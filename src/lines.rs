@@ -1,0 +1,77 @@
+//! Bounded line reading, for the parts of a session the proxy speaks itself.
+//!
+//! Before login every byte comes from someone we do not trust yet: a line that
+//! never ends must not grow a buffer without bound.
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+#[derive(Debug)]
+pub enum LineError {
+    /// The line grew past the limit before its end arrived.
+    TooLong,
+    /// The peer closed the connection (no partial line is returned).
+    Closed,
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for LineError {
+    fn from(e: std::io::Error) -> Self {
+        LineError::Io(e)
+    }
+}
+
+/// Appends one line, its `\n` included, to `buf`. Fails with
+/// [`LineError::TooLong`] once `buf` would exceed `max` bytes.
+pub async fn read_line<R>(reader: &mut R, buf: &mut Vec<u8>, max: usize) -> Result<(), LineError>
+where
+    R: AsyncBufRead + Unpin,
+{
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Err(LineError::Closed);
+        }
+        let (take, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        if buf.len() + take > max {
+            return Err(LineError::TooLong);
+        }
+        buf.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// `line` without its trailing CRLF (or bare LF).
+pub fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_lines_and_refuses_long_ones() {
+        let mut input: &[u8] = b"a1 NOOP\r\nxxxxxxxxxxxxxxxxxxxx\r\n";
+        let mut buf = Vec::new();
+        read_line(&mut input, &mut buf, 64).await.unwrap();
+        assert_eq!(trim_eol(&buf), b"a1 NOOP");
+        buf.clear();
+        assert!(matches!(
+            read_line(&mut input, &mut buf, 10).await,
+            Err(LineError::TooLong)
+        ));
+        let mut empty: &[u8] = b"partial";
+        buf.clear();
+        assert!(matches!(
+            read_line(&mut empty, &mut buf, 64).await,
+            Err(LineError::Closed)
+        ));
+    }
+}

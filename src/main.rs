@@ -1,0 +1,229 @@
+//! The `xoauth2-proxy` command line.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use xoauth2_proxy::config::{self, Config, Flow};
+use xoauth2_proxy::oauth::login::describe;
+use xoauth2_proxy::oauth::store::{StoredGrant, TokenStore, unix_now};
+
+/// Local IMAP/SMTP proxy: mail clients log in with a plain password, the proxy
+/// opens their Microsoft 365 mailbox with OAuth 2.0 (SASL XOAUTH2).
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    /// The config file [default: $XOAUTH2_PROXY_CONFIG, else the platform config dir]
+    #[arg(long, global = true, env = "XOAUTH2_PROXY_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the listeners until SIGTERM or SIGINT, then drain and exit.
+    Serve,
+    /// Authorise a delegated account once (device code or browser sign-in).
+    Login {
+        /// The account's `username` from the config.
+        account: String,
+    },
+    /// Show each account's state: authorised or needs `login`, token expiry, last error.
+    Status {
+        /// Print JSON for scripts and health checks.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a password from stdin (one line) and print its argon2id hash for `password_hash`.
+    HashPassword,
+}
+
+/// Exit codes: 0 ok, 1 runtime failure, 2 bad usage or config.
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    let path = cli.config.clone().unwrap_or_else(config::default_config_path);
+    Config::load(&path).map_err(|e| Failure::Usage(e.to_string()))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the async runtime starts")
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::HashPassword => hash_password(),
+        Command::Serve => {
+            let config = load_config(&cli)?;
+            warn_plain_passwords(&config);
+            runtime()
+                .block_on(xoauth2_proxy::server::run(config))
+                .map_err(Failure::Runtime)
+        }
+        Command::Login { account } => {
+            let config = load_config(&cli)?;
+            let Some(account) = config.account(account).cloned() else {
+                return Err(Failure::Usage(format!(
+                    "no account `{account}` in {}; accounts are named by their `username`",
+                    config.path.display()
+                )));
+            };
+            let store = TokenStore::new(&config::state_dir(&config));
+            runtime()
+                .block_on(xoauth2_proxy::oauth::login::login(&config, &store, &account))
+                .map_err(Failure::Runtime)
+        }
+        Command::Status { json } => status(&load_config(&cli)?, *json),
+    }
+}
+
+fn warn_plain_passwords(config: &Config) {
+    for a in &config.accounts {
+        if matches!(a.password, config::LocalPassword::Plain(_)) {
+            tracing::warn!(
+                account = %a.username,
+                "the local password is stored in plain text; replace `password` with `password_hash` from `xoauth2-proxy hash-password`"
+            );
+        }
+    }
+}
+
+fn hash_password() -> Result<(), Failure> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("Password: ");
+        let _ = std::io::stderr().flush();
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Failure::Runtime(format!("cannot read the password: {e}")))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(Failure::Usage("no password given on stdin".into()));
+    }
+    println!("{}", xoauth2_proxy::accounts::hash_password(password.as_bytes()));
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct AccountStatus {
+    account: String,
+    mailbox: String,
+    provider: String,
+    flow: Flow,
+    state: &'static str,
+    needs_login: bool,
+    access_token_expires_at: Option<u64>,
+    access_token_valid: bool,
+    last_refresh: Option<u64>,
+    authorized_at: Option<u64>,
+    last_error: Option<String>,
+    last_error_at: Option<u64>,
+}
+
+fn status(config: &Config, json: bool) -> Result<(), Failure> {
+    let store = TokenStore::new(&config::state_dir(config));
+    let now = unix_now();
+    let mut rows = Vec::new();
+    let mut problems = Vec::new();
+    for a in &config.accounts {
+        let grant: Option<StoredGrant> = match store.load(&a.username) {
+            Ok(g) => g,
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        };
+        let state = describe(grant.as_ref(), a.flow);
+        let g = grant.unwrap_or_default();
+        rows.push(AccountStatus {
+            account: a.username.clone(),
+            mailbox: a.mailbox.clone(),
+            provider: a.provider.clone(),
+            flow: a.flow,
+            state,
+            needs_login: state == "needs login",
+            access_token_expires_at: g.expires_at,
+            access_token_valid: g.access_token.is_some() && g.expires_at.is_some_and(|t| t > now),
+            last_refresh: g.obtained_at,
+            authorized_at: g.authorized_at,
+            last_error: g.last_error,
+            last_error_at: g.last_error_at,
+        });
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("status serialises")
+        );
+    } else {
+        if rows.is_empty() {
+            println!("No accounts are configured in {}.", config.path.display());
+        }
+        for r in &rows {
+            println!("{} ({}, {:?} via {}): {}", r.account, r.mailbox, r.flow, r.provider, r.state);
+            if r.needs_login {
+                println!("  run `xoauth2-proxy login {}`", r.account);
+            }
+            match r.access_token_expires_at {
+                Some(t) if t > now => println!("  access token valid for {} more", ago(t - now)),
+                Some(t) => println!("  access token expired {} ago", ago(now - t)),
+                None => {}
+            }
+            if let Some(t) = r.last_refresh {
+                println!("  last token obtained {} ago", ago(now.saturating_sub(t)));
+            }
+            if let Some(e) = &r.last_error {
+                let when = r.last_error_at.map(|t| format!(" ({} ago)", ago(now.saturating_sub(t)))).unwrap_or_default();
+                println!("  last error{when}: {e}");
+            }
+        }
+    }
+    for p in problems {
+        eprintln!("warning: {p}");
+    }
+    Ok(())
+}
+
+fn ago(seconds: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
+}

@@ -1,0 +1,274 @@
+//! Talking to one identity provider: the OAuth 2.0 grants the proxy uses, and
+//! its errors turned into sentences and classes.
+
+use std::time::Duration;
+
+use oauth2::basic::{BasicClient, BasicTokenResponse};
+use oauth2::{
+    AuthUrl, AuthType, AuthorizationCode, ClientId, ClientSecret, DeviceAuthorizationUrl,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, ErrorResponse, HttpClientError,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
+    StandardDeviceAuthorizationResponse, StandardErrorResponse, TokenResponse, TokenUrl,
+};
+
+use super::aadsts::{self, ErrorClass};
+use crate::config::Provider;
+use crate::secret::Secret;
+
+type OAuthClient =
+    BasicClient<EndpointSet, EndpointMaybeSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+/// A token response, reduced to what the proxy keeps.
+#[derive(Debug)]
+pub struct Grant {
+    pub access_token: Secret,
+    pub expires_in: Duration,
+    pub refresh_token: Option<Secret>,
+}
+
+/// A failed grant request: what it means, and a sentence without secrets.
+#[derive(Debug, Clone)]
+pub struct GrantError {
+    pub class: ErrorClass,
+    /// The OAuth `error` code, when the provider sent one.
+    pub oauth_error: Option<String>,
+    pub message: String,
+}
+
+/// One configured provider, ready to request tokens.
+pub struct ProviderClient {
+    pub config: Provider,
+    oauth: OAuthClient,
+    http: reqwest::Client,
+}
+
+impl ProviderClient {
+    pub fn new(config: &Provider, timeout: Duration) -> Result<Self, String> {
+        let mut oauth = BasicClient::new(ClientId::new(config.client_id.clone()))
+            .set_auth_type(AuthType::RequestBody)
+            .set_auth_uri(AuthUrl::new(config.authorize_url.clone()).map_err(|e| e.to_string())?)
+            .set_token_uri(TokenUrl::new(config.token_url.clone()).map_err(|e| e.to_string())?)
+            .set_device_authorization_url_option(
+                config
+                    .device_code_url
+                    .clone()
+                    .map(DeviceAuthorizationUrl::new)
+                    .transpose()
+                    .map_err(|e| e.to_string())?,
+            )
+            .set_redirect_uri(
+                RedirectUrl::new(config.redirect_uri.clone()).map_err(|e| e.to_string())?,
+            );
+        if let Some(secret) = &config.client_secret {
+            oauth = oauth.set_client_secret(ClientSecret::new(secret.expose().to_string()));
+        }
+        let mut http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("xoauth2-proxy/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &config.ca_file {
+            for der in crate::upstream::load_ca_file(ca)? {
+                let cert = reqwest::Certificate::from_der(&der)
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http
+            .build()
+            .map_err(|e| format!("cannot set up HTTPS: {}", crate::error::chain(&e)))?;
+        Ok(ProviderClient {
+            config: config.clone(),
+            oauth,
+            http,
+        })
+    }
+
+    /// Redeems a refresh token (the identity provider may rotate it).
+    pub async fn refresh(&self, refresh_token: &Secret, scopes: &[String]) -> Result<Grant, GrantError> {
+        let token = RefreshToken::new(refresh_token.expose().to_string());
+        let response = self
+            .oauth
+            .exchange_refresh_token(&token)
+            .add_scopes(scopes.iter().cloned().map(Scope::new))
+            .request_async(&self.http)
+            .await;
+        self.grant(response)
+    }
+
+    /// The client credentials grant (app-only access).
+    pub async fn client_credentials(&self, scopes: &[String]) -> Result<Grant, GrantError> {
+        let response = self
+            .oauth
+            .exchange_client_credentials()
+            .add_scopes(scopes.iter().cloned().map(Scope::new))
+            .request_async(&self.http)
+            .await;
+        self.grant(response)
+    }
+
+    /// Redeems an authorization code with its PKCE verifier.
+    pub async fn authorization_code(
+        &self,
+        code: String,
+        verifier: PkceCodeVerifier,
+    ) -> Result<Grant, GrantError> {
+        let response = self
+            .oauth
+            .exchange_code(AuthorizationCode::new(code))
+            .set_pkce_verifier(verifier)
+            .request_async(&self.http)
+            .await;
+        self.grant(response)
+    }
+
+    /// The URL a user opens for the authorization code flow, its CSRF state
+    /// and PKCE verifier.
+    pub fn authorize_url(&self, scopes: &[String]) -> (String, String, PkceCodeVerifier) {
+        let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
+        let (url, state) = self
+            .oauth
+            .authorize_url(oauth2::CsrfToken::new_random)
+            .add_scopes(scopes.iter().cloned().map(Scope::new))
+            .add_extra_param("prompt", "select_account")
+            .set_pkce_challenge(challenge)
+            .url();
+        (url.to_string(), state.secret().clone(), verifier)
+    }
+
+    /// Starts the device authorization grant.
+    pub async fn device_authorize(
+        &self,
+        scopes: &[String],
+    ) -> Result<StandardDeviceAuthorizationResponse, GrantError> {
+        let request = self.oauth.exchange_device_code().map_err(|_| GrantError {
+            class: ErrorClass::AppRefused,
+            oauth_error: None,
+            message: format!(
+                "provider `{}` has no device_code_url",
+                self.config.name
+            ),
+        })?;
+        let response = request
+            .add_scopes(scopes.iter().cloned().map(Scope::new))
+            .request_async(&self.http)
+            .await;
+        response.map_err(|e| self.describe(e))
+    }
+
+    /// Polls the token endpoint until the user completes (or refuses) the
+    /// device authorization. `sleep` is called between polls with the
+    /// interval the provider asks for, so the caller can show progress.
+    pub async fn device_poll<S, F>(
+        &self,
+        details: &StandardDeviceAuthorizationResponse,
+        sleep: S,
+    ) -> Result<Grant, GrantError>
+    where
+        S: Fn(Duration) -> F,
+        F: std::future::Future<Output = ()>,
+    {
+        let response = self
+            .oauth
+            .exchange_device_access_token(details)
+            .request_async(&self.http, sleep, None)
+            .await;
+        self.grant(response)
+    }
+
+    fn grant<T>(
+        &self,
+        response: Result<BasicTokenResponse, RequestTokenError<HttpClientError<reqwest::Error>, StandardErrorResponse<T>>>,
+    ) -> Result<Grant, GrantError>
+    where
+        T: oauth2::ErrorResponseType + AsRef<str> + Send + Sync + 'static,
+        StandardErrorResponse<T>: ErrorResponse,
+    {
+        let response = response.map_err(|e| self.describe(e))?;
+        let expires_in = response
+            .expires_in()
+            .unwrap_or(Duration::from_secs(3600))
+            .max(Duration::from_secs(1));
+        Ok(Grant {
+            access_token: Secret::new(response.access_token().secret().clone()),
+            expires_in,
+            refresh_token: response
+                .refresh_token()
+                .map(|t| Secret::new(t.secret().clone())),
+        })
+    }
+
+    /// Turns a failed request into a class and a sentence. Response bodies are
+    /// never quoted: they may hold tokens.
+    fn describe<T>(
+        &self,
+        error: RequestTokenError<HttpClientError<reqwest::Error>, StandardErrorResponse<T>>,
+    ) -> GrantError
+    where
+        T: oauth2::ErrorResponseType + AsRef<str> + Send + Sync + 'static,
+        StandardErrorResponse<T>: ErrorResponse,
+    {
+        let host = reqwest::Url::parse(&self.config.token_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        match error {
+            RequestTokenError::ServerResponse(response) => {
+                let error = response.error().as_ref().to_string();
+                let description = response.error_description().cloned().unwrap_or_default();
+                let code = aadsts::code_in(&description);
+                let class = aadsts::classify(&error, code);
+                // The description's first line is Microsoft's own explanation;
+                // the rest are trace and correlation IDs.
+                let first_line = description.lines().next().unwrap_or_default().trim();
+                let mut message = if first_line.is_empty() {
+                    format!("the identity provider answered `{error}`")
+                } else {
+                    format!("the identity provider answered `{error}`: {first_line}")
+                };
+                if let Some(fix) = code.and_then(aadsts::fix_it) {
+                    message.push_str(" — ");
+                    message.push_str(fix);
+                }
+                GrantError {
+                    class,
+                    oauth_error: Some(error),
+                    message,
+                }
+            }
+            RequestTokenError::Request(e) => GrantError {
+                class: ErrorClass::Transient,
+                oauth_error: None,
+                message: format!(
+                    "cannot reach the identity provider at {host}: {}",
+                    describe_http_error(&e)
+                ),
+            },
+            RequestTokenError::Parse(_, _) => GrantError {
+                class: ErrorClass::Transient,
+                oauth_error: None,
+                message: format!(
+                    "the identity provider at {host} sent an answer that is not OAuth JSON (is the endpoint URL right, or is it down?)"
+                ),
+            },
+            RequestTokenError::Other(text) => GrantError {
+                class: ErrorClass::Transient,
+                oauth_error: None,
+                message: format!("the identity provider at {host} answered unexpectedly: {text}"),
+            },
+        }
+    }
+}
+
+fn describe_http_error(e: &HttpClientError<reqwest::Error>) -> String {
+    match e {
+        HttpClientError::Reqwest(inner) if inner.is_timeout() => "timed out".to_string(),
+        HttpClientError::Reqwest(inner) => {
+            let inner = inner.as_ref();
+            let text = crate::error::chain(inner);
+            // reqwest names the URL; the chain's tail says why.
+            text.rsplit(": ").next().unwrap_or(&text).to_string()
+        }
+        other => crate::error::chain(other),
+    }
+}

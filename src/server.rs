@@ -1,0 +1,179 @@
+//! Listeners, connection limits and shutdown.
+//!
+//! Each accepted connection runs in its own task inside a span carrying a
+//! connection id, the peer and (after login) the account. A semaphore caps the
+//! connections open at once; past it a client gets the protocol's "too busy"
+//! answer and is closed. On SIGTERM or SIGINT the listeners stop accepting and
+//! live sessions get `shutdown_grace` to finish before the process exits 0.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::accounts::Accounts;
+use crate::config::Config;
+use crate::oauth::TokenManager;
+use crate::oauth::store::TokenStore;
+use crate::upstream::UpstreamTls;
+
+/// What every session needs, built once from the config.
+pub struct Shared {
+    pub config: Config,
+    pub accounts: Accounts,
+    pub tokens: TokenManager,
+    pub tls: UpstreamTls,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Self, String> {
+        let store = TokenStore::new(&crate::config::state_dir(&config));
+        Ok(Shared {
+            accounts: Accounts::new(&config),
+            tokens: TokenManager::new(&config, store)?,
+            tls: UpstreamTls::new(&config)?,
+            config,
+        })
+    }
+}
+
+/// A protocol's entry point for one accepted connection.
+pub trait Protocol: Send + Sync + 'static {
+    /// Lower-case name for logs and spans: "imap", "smtp".
+    const NAME: &'static str;
+    /// Serves one client until it or the upstream closes.
+    fn serve(shared: Arc<Shared>, stream: TcpStream) -> impl Future<Output = ()> + Send;
+    /// Tells a client that cannot be served now (too many connections), then closes.
+    fn refuse_busy(stream: TcpStream) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs the IMAP listener until SIGTERM/SIGINT, then drains.
+pub async fn run(config: Config) -> Result<(), String> {
+    let shared = Arc::new(Shared::new(config)?);
+    let state_dir = crate::config::state_dir(&shared.config);
+    crate::oauth::store::create_private_dir(&shared.tokens.store().dir().to_path_buf()).map_err(|e| {
+        format!(
+            "cannot create the state directory {}: {}",
+            state_dir.display(),
+            crate::error::io_reason(&e)
+        )
+    })?;
+
+    let imap = bind(shared.config.imap.listen, "imap").await?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
+
+    tracker.spawn(accept_loop::<crate::imap::Imap>(
+        imap,
+        shared.clone(),
+        limit.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    info!(
+        imap = %shared.config.imap.listen,
+        state_dir = %state_dir.display(),
+        accounts = shared.config.accounts.len(),
+        "xoauth2-proxy is ready"
+    );
+
+    wait_for_signal().await;
+    info!("shutting down: no new connections; waiting for live sessions");
+    shutdown.cancel();
+    tracker.close();
+    let grace = shared.config.server.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            "{} session(s) still open after {}; closing them",
+            tracker.len(),
+            humantime::format_duration(grace)
+        );
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        format!(
+            "cannot listen for {what} on {addr}: {}",
+            crate::error::io_reason(&e)
+        )
+    })?;
+    if !addr.ip().is_loopback() {
+        warn!("the {what} listener on {addr} is not on loopback and has no TLS: passwords cross the network in clear");
+    }
+    Ok(listener)
+}
+
+async fn accept_loop<P: Protocol>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(10);
+                pair
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin.
+                error!("accepting a {} connection failed: {}", P::NAME, crate::error::io_reason(&e));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("conn", proto = P::NAME, id, %peer, account = tracing::field::Empty);
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let shared = shared.clone();
+                tracker.spawn(
+                    async move {
+                        P::serve(shared, stream).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(_) => {
+                warn!(parent: &span, "too many connections; refusing this one");
+                tracker.spawn(P::refuse_busy(stream).instrument(span));
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
