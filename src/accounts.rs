@@ -62,7 +62,9 @@ impl Accounts {
             }
         }
         let ok = match &entry.account.password {
-            LocalPassword::Plain(expected) => bool::from(expected.expose().as_bytes().ct_eq(password)),
+            LocalPassword::Plain(expected) => {
+                bool::from(expected.expose().as_bytes().ct_eq(password))
+            }
             LocalPassword::Hash(phc) => {
                 let phc = phc.clone();
                 let password = password.to_vec();
@@ -122,7 +124,12 @@ mod tests {
         // Served from the cache the second time, still exact.
         assert!(accounts.verify("u@x.com", b"correct horse").await.is_some());
         assert!(accounts.verify("u@x.com", b"correct horsE").await.is_none());
-        assert!(accounts.verify("nobody@x.com", b"correct horse").await.is_none());
+        assert!(
+            accounts
+                .verify("nobody@x.com", b"correct horse")
+                .await
+                .is_none()
+        );
     }
 
     #[tokio::test]

@@ -110,12 +110,27 @@ impl Default for ImapSection {
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpSection {
     pub listen: SocketAddr,
+    /// Upstream connections per mailbox at most (Microsoft allows 3).
+    pub max_connections_per_mailbox: usize,
+    /// How long a transaction waits for a free upstream connection.
+    #[serde(with = "humantime_serde")]
+    pub pool_wait: Duration,
+    /// An idle pooled upstream connection is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// A logged-in client that sends nothing for this long is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
 }
 
 impl Default for SmtpSection {
     fn default() -> Self {
         SmtpSection {
             listen: DEFAULT_SMTP_LISTEN.parse().expect("valid default"),
+            max_connections_per_mailbox: 3,
+            pool_wait: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(60),
+            client_idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -344,6 +359,13 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 }
 
 fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    if raw.smtp.max_connections_per_mailbox == 0 {
+        return Err(ConfigError::at(
+            path,
+            "smtp.max_connections_per_mailbox",
+            "must be at least 1",
+        ));
+    }
     if raw.server.max_connections == 0 {
         return Err(ConfigError::at(
             path,
@@ -402,7 +424,10 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             return Err(ConfigError::at(
                 path,
                 &key("provider"),
-                format!("no provider `{}` is configured under [providers]", a.provider),
+                format!(
+                    "no provider `{}` is configured under [providers]",
+                    a.provider
+                ),
             ));
         };
         if a.flow == Flow::ClientCredentials && provider.client_secret.is_none() {
@@ -455,7 +480,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
 fn validate_provider(path: &Path, name: &str, p: RawProvider) -> Result<Provider, ConfigError> {
     let key = |field: &str| format!("providers.{name}.{field}");
     if p.client_id.trim().is_empty() {
-        return Err(ConfigError::at(path, &key("client_id"), "must not be empty"));
+        return Err(ConfigError::at(
+            path,
+            &key("client_id"),
+            "must not be empty",
+        ));
     }
     let client_secret = match (p.client_secret, p.client_secret_file) {
         (Some(_), Some(_)) => {
@@ -536,11 +565,9 @@ fn validate_provider(path: &Path, name: &str, p: RawProvider) -> Result<Provider
     let token_url = required("token_url", token_url)?;
 
     let server = |field: &str, given: Option<String>, default: Option<&str>| {
-        let text = given
-            .or(default.map(str::to_string))
-            .ok_or_else(|| {
-                ConfigError::at(path, &key(field), "is required for kind = \"custom\"")
-            })?;
+        let text = given.or(default.map(str::to_string)).ok_or_else(|| {
+            ConfigError::at(path, &key(field), "is required for kind = \"custom\"")
+        })?;
         parse_server_addr(&text)
             .ok_or_else(|| ConfigError::at(path, &key(field), "must be HOST:PORT"))
     };
@@ -557,8 +584,7 @@ fn validate_provider(path: &Path, name: &str, p: RawProvider) -> Result<Provider
         check_scopes(path, &key("scopes"), scopes)?;
     }
     if let Some(ca) = &p.ca_file {
-        crate::upstream::load_ca_file(ca)
-            .map_err(|e| ConfigError::at(path, &key("ca_file"), e))?;
+        crate::upstream::load_ca_file(ca).map_err(|e| ConfigError::at(path, &key("ca_file"), e))?;
     }
 
     Ok(Provider {
@@ -580,7 +606,11 @@ fn validate_provider(path: &Path, name: &str, p: RawProvider) -> Result<Provider
 }
 
 fn check_scopes(path: &Path, key: &str, scopes: &[String]) -> Result<(), ConfigError> {
-    if scopes.is_empty() || scopes.iter().any(|s| s.trim().is_empty() || s.contains(' ')) {
+    if scopes.is_empty()
+        || scopes
+            .iter()
+            .any(|s| s.trim().is_empty() || s.contains(' '))
+    {
         return Err(ConfigError::at(
             path,
             key,
@@ -687,18 +717,24 @@ provider = "contoso"
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        let err = parse(&MINIMAL.replace("provider = \"contoso\"", "provider = \"contoso\"\nflavour = 1"))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&MINIMAL.replace(
+            "provider = \"contoso\"",
+            "provider = \"contoso\"\nflavour = 1",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("config /etc/x.toml line "), "{err}");
         assert!(err.contains("flavour"), "{err}");
     }
 
     #[test]
     fn bad_flow_names_the_key() {
-        let err = parse(&MINIMAL.replace("provider = \"contoso\"", "provider = \"contoso\"\nflow = \"devicecode\""))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&MINIMAL.replace(
+            "provider = \"contoso\"",
+            "provider = \"contoso\"\nflow = \"devicecode\"",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("accounts[0].flow"), "{err}");
         assert!(err.contains("device_code"), "{err}");
     }
@@ -733,9 +769,12 @@ provider = "contoso"
         let c = parse(MINIMAL).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
         assert!(!format!("{c:?}").contains("\"pw\""));
-        let err = parse(&MINIMAL.replace("password = \"pw\"", "password = \"pw\"\npassword_hash = \"x\""))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&MINIMAL.replace(
+            "password = \"pw\"",
+            "password = \"pw\"\npassword_hash = \"x\"",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(!err.contains("s3cret") && !err.contains("pw\""), "{err}");
     }
 
@@ -745,15 +784,18 @@ provider = "contoso"
             .unwrap_err()
             .to_string();
         assert!(err.contains("hash-password"), "{err}");
-        let twice = format!("{MINIMAL}\n[[accounts]]\nusername = \"Sales@contoso.com\"\npassword = \"x\"\nprovider = \"contoso\"\n");
+        let twice = format!(
+            "{MINIMAL}\n[[accounts]]\nusername = \"Sales@contoso.com\"\npassword = \"x\"\nprovider = \"contoso\"\n"
+        );
         assert!(parse(&twice).unwrap_err().to_string().contains("twice"));
     }
 
     #[test]
     fn client_credentials_needs_a_secret() {
-        let text = MINIMAL
-            .replace("client_secret = \"s3cret\"", "")
-            .replace("provider = \"contoso\"", "provider = \"contoso\"\nflow = \"client_credentials\"");
+        let text = MINIMAL.replace("client_secret = \"s3cret\"", "").replace(
+            "provider = \"contoso\"",
+            "provider = \"contoso\"\nflow = \"client_credentials\"",
+        );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("client_secret"), "{err}");
     }
@@ -762,7 +804,10 @@ provider = "contoso"
     fn server_addr_parses_host_and_port() {
         assert_eq!(
             parse_server_addr("[::1]:993"),
-            Some(ServerAddr { host: "::1".into(), port: 993 })
+            Some(ServerAddr {
+                host: "::1".into(),
+                port: 993
+            })
         );
         assert_eq!(parse_server_addr("example.com"), None);
         assert_eq!(parse_server_addr("example.com:0"), None);

@@ -3,10 +3,11 @@
 //! OAuth 2.0 (SASL XOAUTH2).
 //!
 //! The data path, as the modules follow it: a listener ([`server`]) accepts a
-//! client; the protocol's pre-login dialogue ([`imap`]) reads its credentials;
+//! client; the protocol's pre-login dialogue ([`imap`], [`smtp`]) reads its credentials;
 //! [`login`] checks them against the configured [`accounts`], gets an access
 //! token from the [`oauth`] token manager, and opens the mailbox through
-//! [`upstream`]; after that, [`relay`] pipes bytes both ways.
+//! [`upstream`]; after that, [`relay`] pipes IMAP bytes both ways, and SMTP
+//! transactions borrow pooled upstream connections ([`smtp::pool`]).
 
 pub mod accounts;
 pub mod config;
@@ -19,4 +20,5 @@ pub mod relay;
 pub mod sasl;
 pub mod secret;
 pub mod server;
+pub mod smtp;
 pub mod upstream;

@@ -44,9 +44,22 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
+    let account = check_password(shared, username, password).await?;
+    let session = open_as(shared, &account, open).await?;
+    info!(mailbox = %account.mailbox, "logged in");
+    Ok((account, session))
+}
+
+/// The account for `username` if `password` is its local password. A
+/// failure takes at least `auth_failure_delay`, whatever the check cost, so
+/// unknown users and wrong passwords look alike.
+pub async fn check_password(
+    shared: &Shared,
+    username: &str,
+    password: &[u8],
+) -> Result<Account, LoginError> {
     let started = Instant::now();
     let Some(account) = shared.accounts.verify(username, password).await else {
-        // Both cases take the same time, whatever the password check cost.
         tokio::time::sleep_until((started + shared.config.server.auth_failure_delay).into()).await;
         let why = if shared.accounts.knows(username) {
             "wrong password"
@@ -57,34 +70,47 @@ where
         return Err(LoginError::BadCredentials);
     };
     tracing::Span::current().record("account", account.username.as_str());
+    Ok(account)
+}
 
-    let mut token = access_token(shared, &account).await?;
+/// Opens an upstream session as `account` with its access token. When the
+/// upstream refuses a cached token, the token is replaced once and the open
+/// retried; a fresh token that is refused is reported.
+pub async fn open_as<T, F, Fut>(
+    shared: &Shared,
+    account: &Account,
+    open: F,
+) -> Result<T, LoginError>
+where
+    F: Fn(Account, Secret) -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>>,
+{
+    let mut token = access_token(shared, account).await?;
     let mut result = open(account.clone(), token.token.clone()).await;
     if let Err(UpstreamError::Rejected { reply, .. }) = &result {
         if !token.fresh {
             info!(reply = %reply, "upstream refused the cached token; getting a new one");
             shared.tokens.reject(&account.username, &token.token).await;
-            token = access_token(shared, &account).await?;
+            token = access_token(shared, account).await?;
             result = open(account.clone(), token.token.clone()).await;
         }
     }
-    match result {
-        Ok(session) => {
-            info!(mailbox = %account.mailbox, "logged in");
-            Ok((account, session))
-        }
-        Err(UpstreamError::Rejected { reply, hint }) => {
+    result.map_err(|e| match e {
+        UpstreamError::Rejected { reply, hint } => {
             warn!(mailbox = %account.mailbox, "the upstream server refused the login: {reply} — {hint}");
-            Err(LoginError::UpstreamRejected(reply))
+            LoginError::UpstreamRejected(reply)
         }
-        Err(UpstreamError::Unreachable(reason)) => {
+        UpstreamError::Unreachable(reason) => {
             warn!("{reason}");
-            Err(LoginError::Unavailable)
+            LoginError::Unavailable
         }
-    }
+    })
 }
 
-async fn access_token(shared: &Shared, account: &Account) -> Result<crate::oauth::AccessToken, LoginError> {
+async fn access_token(
+    shared: &Shared,
+    account: &Account,
+) -> Result<crate::oauth::AccessToken, LoginError> {
     shared
         .tokens
         .access_token(&account.username)
@@ -92,7 +118,9 @@ async fn access_token(shared: &Shared, account: &Account) -> Result<crate::oauth
         .map_err(|e| {
             match &e {
                 TokenError::NeedsLogin { .. } => warn!("{e}"),
-                TokenError::Refused(_) | TokenError::Unavailable(_) => info!("no access token: {e}"),
+                TokenError::Refused(_) | TokenError::Unavailable(_) => {
+                    info!("no access token: {e}")
+                }
             }
             match e {
                 TokenError::NeedsLogin { .. } => LoginError::NotAuthorised,

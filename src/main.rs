@@ -76,7 +76,10 @@ fn init_logging() {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
-    let path = cli.config.clone().unwrap_or_else(config::default_config_path);
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(config::default_config_path);
     Config::load(&path).map_err(|e| Failure::Usage(e.to_string()))
 }
 
@@ -107,7 +110,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let store = TokenStore::new(&config::state_dir(&config));
             runtime()
-                .block_on(xoauth2_proxy::oauth::login::login(&config, &store, &account))
+                .block_on(xoauth2_proxy::oauth::login::login(
+                    &config, &store, &account,
+                ))
                 .map_err(Failure::Runtime)
         }
         Command::Status { json } => status(&load_config(&cli)?, *json),
@@ -140,7 +145,10 @@ fn hash_password() -> Result<(), Failure> {
     if password.is_empty() {
         return Err(Failure::Usage("no password given on stdin".into()));
     }
-    println!("{}", xoauth2_proxy::accounts::hash_password(password.as_bytes()));
+    println!(
+        "{}",
+        xoauth2_proxy::accounts::hash_password(password.as_bytes())
+    );
     Ok(())
 }
 
@@ -200,7 +208,10 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
             println!("No accounts are configured in {}.", config.path.display());
         }
         for r in &rows {
-            println!("{} ({}, {:?} via {}): {}", r.account, r.mailbox, r.flow, r.provider, r.state);
+            println!(
+                "{} ({}, {:?} via {}): {}",
+                r.account, r.mailbox, r.flow, r.provider, r.state
+            );
             if r.needs_login {
                 println!("  run `xoauth2-proxy login {}`", r.account);
             }
@@ -213,7 +224,10 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
                 println!("  last token obtained {} ago", ago(now.saturating_sub(t)));
             }
             if let Some(e) = &r.last_error {
-                let when = r.last_error_at.map(|t| format!(" ({} ago)", ago(now.saturating_sub(t)))).unwrap_or_default();
+                let when = r
+                    .last_error_at
+                    .map(|t| format!(" ({} ago)", ago(now.saturating_sub(t))))
+                    .unwrap_or_default();
                 println!("  last error{when}: {e}");
             }
         }

@@ -30,7 +30,12 @@ where
         client.write_all(&upstream_ahead).await?;
         client.flush().await?;
     }
-    let (up, down) = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, CHUNK, CHUNK).await?;
-    debug!(client_to_upstream = up, upstream_to_client = down, "session closed");
+    let (up, down) =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, CHUNK, CHUNK).await?;
+    debug!(
+        client_to_upstream = up,
+        upstream_to_client = down,
+        "session closed"
+    );
     Ok(())
 }

@@ -61,7 +61,10 @@ mod tests {
             ("u@x.com".to_string(), b"pw".to_vec())
         );
         assert_eq!(parse_plain(b"U@x.com\0u@x.com\0pw").unwrap().0, "u@x.com");
-        assert_eq!(parse_plain(b"other@x.com\0u@x.com\0pw"), Err(SaslEnd::Malformed));
+        assert_eq!(
+            parse_plain(b"other@x.com\0u@x.com\0pw"),
+            Err(SaslEnd::Malformed)
+        );
         assert_eq!(parse_plain(b"u@x.com\0pw"), Err(SaslEnd::Malformed));
     }
 

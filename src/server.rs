@@ -22,6 +22,8 @@ use crate::accounts::Accounts;
 use crate::config::Config;
 use crate::oauth::TokenManager;
 use crate::oauth::store::TokenStore;
+use crate::smtp::Extensions;
+use crate::smtp::pool::Pools;
 use crate::upstream::UpstreamTls;
 
 /// What every session needs, built once from the config.
@@ -30,6 +32,8 @@ pub struct Shared {
     pub accounts: Accounts,
     pub tokens: TokenManager,
     pub tls: UpstreamTls,
+    pub smtp_pools: Pools,
+    smtp_extensions: Extensions,
 }
 
 impl Shared {
@@ -39,8 +43,19 @@ impl Shared {
             accounts: Accounts::new(&config),
             tokens: TokenManager::new(&config, store)?,
             tls: UpstreamTls::new(&config)?,
+            smtp_pools: Pools::new(
+                config.smtp.max_connections_per_mailbox,
+                config.smtp.pool_idle_timeout,
+                config.smtp.pool_wait,
+            ),
+            smtp_extensions: Extensions::default(),
             config,
         })
+    }
+
+    /// The SMTP extensions to advertise in EHLO.
+    pub async fn smtp_extensions(&self) -> Vec<String> {
+        self.smtp_extensions.advertised(self).await
     }
 }
 
@@ -54,11 +69,11 @@ pub trait Protocol: Send + Sync + 'static {
     fn refuse_busy(stream: TcpStream) -> impl Future<Output = ()> + Send;
 }
 
-/// Runs the IMAP listener until SIGTERM/SIGINT, then drains.
+/// Runs the IMAP and SMTP listeners until SIGTERM/SIGINT, then drains.
 pub async fn run(config: Config) -> Result<(), String> {
     let shared = Arc::new(Shared::new(config)?);
     let state_dir = crate::config::state_dir(&shared.config);
-    crate::oauth::store::create_private_dir(&shared.tokens.store().dir().to_path_buf()).map_err(|e| {
+    crate::oauth::store::create_private_dir(shared.tokens.store().dir()).map_err(|e| {
         format!(
             "cannot create the state directory {}: {}",
             state_dir.display(),
@@ -66,7 +81,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         )
     })?;
 
-    let imap = bind(shared.config.imap.listen, "imap").await?;
+    let imap = bind(shared.config.imap.listen, "IMAP").await?;
+    let smtp = bind(shared.config.smtp.listen, "SMTP").await?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
@@ -78,8 +94,20 @@ pub async fn run(config: Config) -> Result<(), String> {
         tracker.clone(),
         shutdown.clone(),
     ));
+    tracker.spawn(accept_loop::<crate::smtp::Smtp>(
+        smtp,
+        shared.clone(),
+        limit.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    let reaper = {
+        let shared = shared.clone();
+        tokio::spawn(async move { shared.smtp_pools.reap_idle().await })
+    };
     info!(
         imap = %shared.config.imap.listen,
+        smtp = %shared.config.smtp.listen,
         state_dir = %state_dir.display(),
         accounts = shared.config.accounts.len(),
         "xoauth2-proxy is ready"
@@ -97,6 +125,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             humantime::format_duration(grace)
         );
     }
+    reaper.abort();
     Ok(())
 }
 
@@ -108,7 +137,9 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
         )
     })?;
     if !addr.ip().is_loopback() {
-        warn!("the {what} listener on {addr} is not on loopback and has no TLS: passwords cross the network in clear");
+        warn!(
+            "the {what} listener on {addr} is not on loopback and has no TLS: passwords cross the network in clear"
+        );
     }
     Ok(listener)
 }
@@ -134,7 +165,11 @@ async fn accept_loop<P: Protocol>(
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.
-                error!("accepting a {} connection failed: {}", P::NAME, crate::error::io_reason(&e));
+                error!(
+                    "accepting a {} connection failed: {}",
+                    P::NAME,
+                    crate::error::io_reason(&e)
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;

@@ -48,7 +48,11 @@ impl UpstreamTls {
     }
 
     /// Opens a TCP connection to `server`.
-    pub async fn connect(&self, server: &ServerAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    pub async fn connect(
+        &self,
+        server: &ServerAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream, UpstreamError> {
         let connect = TcpStream::connect((server.host.as_str(), server.port));
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(stream)) => {
@@ -121,8 +125,13 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
 
 /// Reads the PEM certificates in `path`; at least one is required.
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("cannot read {}: {}", path.display(), crate::error::io_reason(&e)))?;
+    let pem = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read {}: {}",
+            path.display(),
+            crate::error::io_reason(&e)
+        )
+    })?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;

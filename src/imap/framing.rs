@@ -22,7 +22,9 @@ pub enum FrameError {
     TooLong,
     /// A synchronising literal too large to accept; the client waits for our
     /// answer and sends nothing more for this command.
-    LiteralRefused { line: Vec<u8> },
+    LiteralRefused {
+        line: Vec<u8>,
+    },
     Closed,
     Io(std::io::Error),
 }
@@ -60,15 +62,21 @@ where
         }
         if synchronising {
             let writer = reader.get_mut();
-            writer.write_all(b"+ Ready for literal data\r\n").await.map_err(FrameError::Io)?;
+            writer
+                .write_all(b"+ Ready for literal data\r\n")
+                .await
+                .map_err(FrameError::Io)?;
             writer.flush().await.map_err(FrameError::Io)?;
         }
         let start = buf.len();
         buf.resize(start + n, 0);
-        reader.read_exact(&mut buf[start..]).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => FrameError::Closed,
-            _ => FrameError::Io(e),
-        })?;
+        reader
+            .read_exact(&mut buf[start..])
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => FrameError::Closed,
+                _ => FrameError::Io(e),
+            })?;
     }
 }
 
@@ -114,7 +122,8 @@ mod tests {
 
     #[tokio::test]
     async fn synchronising_literal_gets_a_continuation() {
-        let (mut server, client) = client_sent(b"a LOGIN {3}\r\nabc {2+}\r\nxy\r\nb NOOP\r\n").await;
+        let (mut server, client) =
+            client_sent(b"a LOGIN {3}\r\nabc {2+}\r\nxy\r\nb NOOP\r\n").await;
         let mut buf = Vec::new();
         read_command(&mut server, &mut buf).await.unwrap();
         assert_eq!(buf, b"a LOGIN {3}\r\nabc {2+}\r\nxy\r\n");
@@ -135,7 +144,10 @@ mod tests {
             read_command(&mut server, &mut buf).await,
             Err(FrameError::LiteralRefused { .. })
         ));
-        assert!(written(server, client).await.is_empty(), "no + for a refused literal");
+        assert!(
+            written(server, client).await.is_empty(),
+            "no + for a refused literal"
+        );
         let (mut server, _client) = client_sent(b"a LOGIN {999999+}\r\n").await;
         assert!(matches!(
             read_command(&mut server, &mut buf).await,

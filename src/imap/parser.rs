@@ -121,7 +121,9 @@ fn literal(i: &[u8]) -> Res<'_, Vec<u8>> {
     let (i, n) = delimited(
         char('{'),
         terminated(
-            map_res(digit1, |d: &[u8]| std::str::from_utf8(d).unwrap_or("x").parse::<usize>()),
+            map_res(digit1, |d: &[u8]| {
+                std::str::from_utf8(d).unwrap_or("x").parse::<usize>()
+            }),
             opt(char('+')),
         ),
         char('}'),
@@ -138,7 +140,11 @@ fn string(i: &[u8]) -> Res<'_, Vec<u8>> {
 
 /// `astring = 1*ASTRING-CHAR / string`
 fn astring(i: &[u8]) -> Res<'_, Vec<u8>> {
-    alt((map(take_while1(is_astring_char), |b: &[u8]| b.to_vec()), string)).parse(i)
+    alt((
+        map(take_while1(is_astring_char), |b: &[u8]| b.to_vec()),
+        string,
+    ))
+    .parse(i)
 }
 
 /// `base64 / "="` as sent after `AUTHENTICATE mech` (SASL-IR).
@@ -151,7 +157,10 @@ fn initial_response(i: &[u8]) -> Res<'_, Vec<u8>> {
 }
 
 fn fail<T>(i: &[u8]) -> Res<'_, T> {
-    Err(nom::Err::Error(nom::error::Error::new(i, nom::error::ErrorKind::Verify)))
+    Err(nom::Err::Error(nom::error::Error::new(
+        i,
+        nom::error::ErrorKind::Verify,
+    )))
 }
 
 fn end(i: &[u8]) -> Res<'_, ()> {
@@ -270,7 +279,10 @@ mod tests {
         assert_eq!(parse(b"1 capability\r\n").command, Command::Capability);
         assert_eq!(parse(b"2 NOOP\r\n").command, Command::Noop);
         assert_eq!(parse(b"3 LOGOUT\r\n").command, Command::Logout);
-        assert_eq!(parse(b"4 ID (\"name\" \"imapflow\")\r\n").command, Command::Id);
+        assert_eq!(
+            parse(b"4 ID (\"name\" \"imapflow\")\r\n").command,
+            Command::Id
+        );
         assert_eq!(parse(b"4 ID NIL\r\n").command, Command::Id);
         assert_eq!(
             parse(b"5 SELECT INBOX\r\n").command,

@@ -72,15 +72,21 @@ impl PreAuth {
     /// Runs the dialogue until the client logs in (the upstream session is
     /// returned) or the connection is to be closed (`None`).
     async fn dialogue(&mut self) -> std::io::Result<Option<ImapUpstream>> {
-        self.send(&format!("* OK [CAPABILITY {CAPABILITIES}] xoauth2-proxy ready\r\n"))
-            .await?;
+        self.send(&format!(
+            "* OK [CAPABILITY {CAPABILITIES}] xoauth2-proxy ready\r\n"
+        ))
+        .await?;
         let login_timeout = self.shared.config.server.login_timeout;
         let mut buf = Vec::new();
         loop {
-            let framed = tokio::time::timeout(login_timeout, read_command(&mut self.client, &mut buf)).await;
+            let framed =
+                tokio::time::timeout(login_timeout, read_command(&mut self.client, &mut buf)).await;
             match framed {
                 Err(_) => {
-                    info!("client sent nothing for {}; closing", humantime::format_duration(login_timeout));
+                    info!(
+                        "client sent nothing for {}; closing",
+                        humantime::format_duration(login_timeout)
+                    );
                     return self.bye("Autologout; idle for too long").await;
                 }
                 Ok(Err(FrameError::Closed)) => return Ok(None),
@@ -92,7 +98,8 @@ impl PreAuth {
                 }
                 Ok(Err(FrameError::LiteralRefused { line })) => {
                     let tag = parser::leading_tag(&line).unwrap_or_else(|| "*".into());
-                    self.send(&format!("{tag} BAD Literal too large\r\n")).await?;
+                    self.send(&format!("{tag} BAD Literal too large\r\n"))
+                        .await?;
                     if self.count_error() {
                         return self.bye("Too many errors").await;
                     }
@@ -261,7 +268,10 @@ impl PreAuth {
     }
 
     /// RFC 4616: `[authzid] NUL authcid NUL passwd`.
-    async fn sasl_plain(&mut self, initial: Option<Vec<u8>>) -> std::io::Result<Result<(String, Vec<u8>), SaslEnd>> {
+    async fn sasl_plain(
+        &mut self,
+        initial: Option<Vec<u8>>,
+    ) -> std::io::Result<Result<(String, Vec<u8>), SaslEnd>> {
         let message = match initial {
             Some(ir) => sasl::decode(&ir),
             None => self.sasl_response("").await?,
@@ -270,7 +280,10 @@ impl PreAuth {
     }
 
     /// The LOGIN mechanism: username, then password, each on request.
-    async fn sasl_login(&mut self, initial: Option<Vec<u8>>) -> std::io::Result<Result<(String, Vec<u8>), SaslEnd>> {
+    async fn sasl_login(
+        &mut self,
+        initial: Option<Vec<u8>>,
+    ) -> std::io::Result<Result<(String, Vec<u8>), SaslEnd>> {
         let username = match initial {
             Some(ir) => sasl::decode(&ir),
             None => self.sasl_response(sasl::LOGIN_USERNAME_PROMPT).await?,

@@ -29,7 +29,11 @@ pub struct ImapUpstream {
 }
 
 /// Opens `account`'s mailbox with `token`, within the upstream timeout.
-pub async fn open(shared: &Shared, account: &Account, token: &Secret) -> Result<ImapUpstream, UpstreamError> {
+pub async fn open(
+    shared: &Shared,
+    account: &Account,
+    token: &Secret,
+) -> Result<ImapUpstream, UpstreamError> {
     let provider = shared.config.provider(&account.provider);
     let server = &provider.imap_server;
     let timeout = shared.config.server.upstream_timeout;
@@ -45,10 +49,17 @@ pub async fn open(shared: &Shared, account: &Account, token: &Secret) -> Result<
             TlsMode::Starttls => {
                 let mut plain = BufReader::new(tcp);
                 session.greeting(&mut plain).await?;
-                plain.get_mut().write_all(b"x0 STARTTLS\r\n").await.map_err(lost)?;
+                plain
+                    .get_mut()
+                    .write_all(b"x0 STARTTLS\r\n")
+                    .await
+                    .map_err(lost)?;
                 session.expect_ok(&mut plain, "x0").await?;
                 let mut stream = BufReader::new(
-                    shared.tls.handshake(provider, server, plain.into_inner()).await?,
+                    shared
+                        .tls
+                        .handshake(provider, server, plain.into_inner())
+                        .await?,
                 );
                 // The pre-TLS capabilities no longer count (RFC 3501 §6.2.1).
                 session.capabilities.clear();
@@ -69,7 +80,10 @@ pub async fn open(shared: &Shared, account: &Account, token: &Secret) -> Result<
 }
 
 fn lost(e: std::io::Error) -> UpstreamError {
-    UpstreamError::Unreachable(format!("the IMAP server closed the connection: {}", crate::error::io_reason(&e)))
+    UpstreamError::Unreachable(format!(
+        "the IMAP server closed the connection: {}",
+        crate::error::io_reason(&e)
+    ))
 }
 
 /// What is learnt from the upstream while logging in.
@@ -87,7 +101,10 @@ enum Status {
 }
 
 impl Session {
-    async fn greeting<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S) -> Result<(), UpstreamError> {
+    async fn greeting<S: AsyncBufRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<(), UpstreamError> {
         self.read_line(stream).await?;
         let line = trim_eol(&self.line).to_vec();
         if line.starts_with(b"* OK") {
@@ -101,7 +118,11 @@ impl Session {
         }
     }
 
-    async fn send<S>(&mut self, stream: &mut BufReader<S>, bytes: &[u8]) -> Result<(), UpstreamError>
+    async fn send<S>(
+        &mut self,
+        stream: &mut BufReader<S>,
+        bytes: &[u8],
+    ) -> Result<(), UpstreamError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -110,21 +131,34 @@ impl Session {
     }
 
     /// Reads one response line; untagged literals are skipped whole.
-    async fn read_line<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S) -> Result<(), UpstreamError> {
+    async fn read_line<S: AsyncBufRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<(), UpstreamError> {
         self.line.clear();
-        read_line(stream, &mut self.line, MAX_RESPONSE_LINE).await.map_err(|e| match e {
-            LineError::TooLong => UpstreamError::Unreachable("the IMAP server sent an overlong line".into()),
-            LineError::Closed => UpstreamError::Unreachable("the IMAP server closed the connection".into()),
-            LineError::Io(e) => lost(e),
-        })?;
+        read_line(stream, &mut self.line, MAX_RESPONSE_LINE)
+            .await
+            .map_err(|e| match e {
+                LineError::TooLong => {
+                    UpstreamError::Unreachable("the IMAP server sent an overlong line".into())
+                }
+                LineError::Closed => {
+                    UpstreamError::Unreachable("the IMAP server closed the connection".into())
+                }
+                LineError::Io(e) => lost(e),
+            })?;
         // A literal inside an untagged response (rare during login): skip it.
         while let Some(n) = literal_at_end(&self.line) {
             let mut skip = stream.take(n as u64);
-            tokio::io::copy(&mut skip, &mut tokio::io::sink()).await.map_err(lost)?;
+            tokio::io::copy(&mut skip, &mut tokio::io::sink())
+                .await
+                .map_err(lost)?;
             let mut rest = Vec::new();
-            read_line(stream, &mut rest, MAX_RESPONSE_LINE).await.map_err(|_| {
-                UpstreamError::Unreachable("the IMAP server sent a broken literal".into())
-            })?;
+            read_line(stream, &mut rest, MAX_RESPONSE_LINE)
+                .await
+                .map_err(|_| {
+                    UpstreamError::Unreachable("the IMAP server sent a broken literal".into())
+                })?;
             self.line.truncate(self.line.len().saturating_sub(2));
             self.line.extend_from_slice(&rest);
         }
@@ -132,7 +166,11 @@ impl Session {
     }
 
     /// Reads until `tag`'s status line, collecting capabilities.
-    async fn tagged<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S, tag: &str) -> Result<(Status, Vec<u8>), UpstreamError> {
+    async fn tagged<S: AsyncBufRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        tag: &str,
+    ) -> Result<(Status, Vec<u8>), UpstreamError> {
         loop {
             self.read_line(stream).await?;
             let line = trim_eol(&self.line).to_vec();
@@ -146,7 +184,10 @@ impl Session {
                     quote_reply(&line)
                 )));
             }
-            let Some(rest) = line.strip_prefix(tag.as_bytes()).and_then(|r| r.strip_prefix(b" ")) else {
+            let Some(rest) = line
+                .strip_prefix(tag.as_bytes())
+                .and_then(|r| r.strip_prefix(b" "))
+            else {
                 continue;
             };
             let status = match rest.get(..3).map(|s| s.to_ascii_uppercase()) {
@@ -159,7 +200,11 @@ impl Session {
         }
     }
 
-    async fn expect_ok<S: AsyncBufRead + Unpin>(&mut self, stream: &mut S, tag: &str) -> Result<(), UpstreamError> {
+    async fn expect_ok<S: AsyncBufRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        tag: &str,
+    ) -> Result<(), UpstreamError> {
         match self.tagged(stream, tag).await? {
             (Status::Ok, _) => Ok(()),
             (_, line) => Err(UpstreamError::Unreachable(format!(
@@ -181,7 +226,9 @@ impl Session {
     }
 
     fn has(&self, capability: &str) -> bool {
-        self.capabilities.iter().any(|c| c.eq_ignore_ascii_case(capability))
+        self.capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(capability))
     }
 
     async fn authenticate(
@@ -199,7 +246,8 @@ impl Session {
             let command = format!("x3 AUTHENTICATE XOAUTH2 {}\r\n", sasl.expose());
             self.send(&mut stream, command.as_bytes()).await?;
         } else {
-            self.send(&mut stream, b"x3 AUTHENTICATE XOAUTH2\r\n").await?;
+            self.send(&mut stream, b"x3 AUTHENTICATE XOAUTH2\r\n")
+                .await?;
         }
         let mut sent_response = self.has("SASL-IR");
         self.capabilities.clear();
@@ -246,7 +294,8 @@ impl Session {
         if knew_capabilities {
             self.send(&mut stream, b"x4 NAMESPACE\r\n").await?;
         } else {
-            self.send(&mut stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n").await?;
+            self.send(&mut stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n")
+                .await?;
             self.tagged(&mut stream, "x5").await?;
         }
         match self.tagged(&mut stream, "x4").await? {
@@ -283,7 +332,11 @@ fn literal_at_end(line: &[u8]) -> Option<usize> {
     let line = trim_eol(line);
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|b| *b == b'{')?;
-    std::str::from_utf8(&inner[open + 1..]).ok()?.trim_end_matches('+').parse().ok()
+    std::str::from_utf8(&inner[open + 1..])
+        .ok()?
+        .trim_end_matches('+')
+        .parse()
+        .ok()
 }
 
 /// The post-login capabilities a client may see: no authentication

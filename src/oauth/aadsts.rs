@@ -33,8 +33,8 @@ pub fn classify(error: &str, code: Option<u32>) -> ErrorClass {
             return ErrorClass::GrantInvalid;
         }
         Some(
-            65001 | 700016 | 7000215 | 7000222 | 7000218 | 700025 | 50011 | 700022 | 70011
-            | 90002 | 900023 | 50020 | 50034 | 50057 | 53003 | 500011,
+            65001 | 700016 | 7000215 | 7000222 | 7000218 | 700025 | 50011 | 700022 | 70011 | 90002
+            | 900023 | 50020 | 50034 | 50057 | 53003 | 500011,
         ) => return ErrorClass::AppRefused,
         Some(_) | None => {}
     }
@@ -42,8 +42,12 @@ pub fn classify(error: &str, code: Option<u32>) -> ErrorClass {
         "invalid_grant" | "interaction_required" | "expired_token" | "authorization_declined" => {
             ErrorClass::GrantInvalid
         }
-        "invalid_client" | "unauthorized_client" | "invalid_scope" | "invalid_request"
-        | "consent_required" | "access_denied" => ErrorClass::AppRefused,
+        "invalid_client"
+        | "unauthorized_client"
+        | "invalid_scope"
+        | "invalid_request"
+        | "consent_required"
+        | "access_denied" => ErrorClass::AppRefused,
         _ => ErrorClass::Transient,
     }
 }
@@ -81,13 +85,17 @@ pub fn fix_it(code: u32) -> Option<&'static str> {
         700022 | 70011 => {
             "the requested scopes are invalid or mix resources: use only https://outlook.office.com/… scopes plus offline_access (no Graph scopes such as User.Read)"
         }
-        90002 | 900023 => "the tenant is not found: check `tenant` (a tenant ID, a verified domain, or organizations)",
+        90002 | 900023 => {
+            "the tenant is not found: check `tenant` (a tenant ID, a verified domain, or organizations)"
+        }
         50020 | 500011 => {
             "the account or resource is not in this tenant: check `tenant`, and that Exchange Online is licensed for the mailbox"
         }
         50034 => "the user account does not exist in this tenant",
         50057 => "the user account is disabled in Entra",
-        53003 => "a Conditional Access policy blocked the sign-in: ask the tenant admin to allow this app",
+        53003 => {
+            "a Conditional Access policy blocked the sign-in: ask the tenant admin to allow this app"
+        }
         _ => return None,
     })
 }
@@ -107,10 +115,22 @@ mod tests {
 
     #[test]
     fn revoked_grants_need_login_and_bad_secrets_are_app_errors() {
-        assert_eq!(classify("invalid_grant", Some(70000)), ErrorClass::GrantInvalid);
-        assert_eq!(classify("invalid_grant", Some(50076)), ErrorClass::GrantInvalid);
-        assert_eq!(classify("invalid_client", Some(7000215)), ErrorClass::AppRefused);
-        assert_eq!(classify("temporarily_unavailable", None), ErrorClass::Transient);
+        assert_eq!(
+            classify("invalid_grant", Some(70000)),
+            ErrorClass::GrantInvalid
+        );
+        assert_eq!(
+            classify("invalid_grant", Some(50076)),
+            ErrorClass::GrantInvalid
+        );
+        assert_eq!(
+            classify("invalid_client", Some(7000215)),
+            ErrorClass::AppRefused
+        );
+        assert_eq!(
+            classify("temporarily_unavailable", None),
+            ErrorClass::Transient
+        );
         assert!(fix_it(7000215).unwrap().contains("Secret ID"));
         assert!(fix_it(65001).unwrap().contains("consent"));
     }

@@ -15,8 +15,11 @@ use crate::config::{Account, Config, Flow};
 /// Runs the account's flow to the end and stores the grant. The error is one
 /// sentence for the user.
 pub async fn login(config: &Config, store: &TokenStore, account: &Account) -> Result<(), String> {
-    let provider = ProviderClient::new(config.provider(&account.provider), config.server.idp_timeout)
-        .map_err(|e| format!("provider `{}`: {e}", account.provider))?;
+    let provider = ProviderClient::new(
+        config.provider(&account.provider),
+        config.server.idp_timeout,
+    )
+    .map_err(|e| format!("provider `{}`: {e}", account.provider))?;
     let scopes = account.scopes(&provider.config);
     let grant = match account.flow {
         Flow::DeviceCode => device_code(&provider, &scopes).await?,
@@ -35,7 +38,11 @@ pub async fn login(config: &Config, store: &TokenStore, account: &Account) -> Re
     };
 
     let now = unix_now();
-    let mut stored = store.load(&account.username).ok().flatten().unwrap_or_default();
+    let mut stored = store
+        .load(&account.username)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     stored.account = account.username.clone();
     stored.flow = Some(account.flow);
     if grant.refresh_token.is_some() {
@@ -132,7 +139,11 @@ async fn authorization_code(provider: &ProviderClient, scopes: &[String]) -> Res
         .map_err(|e| format!("redirect_uri: {e}"))?;
     let host = redirect.host_str().unwrap_or_default().to_string();
     let port = redirect.port_or_known_default().unwrap_or(80);
-    let bind = if host == "localhost" { "127.0.0.1".to_string() } else { host.clone() };
+    let bind = if host == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        host.clone()
+    };
     let listener = tokio::net::TcpListener::bind((bind.as_str(), port))
         .await
         .map_err(|e| {
@@ -145,14 +156,19 @@ async fn authorization_code(provider: &ProviderClient, scopes: &[String]) -> Res
     let (url, state, verifier) = provider.authorize_url(scopes);
     say("To sign in, open this URL in a browser on this machine:");
     say(&url);
-    say(&format!("Waiting for the browser to return to {} …", provider.config.redirect_uri));
+    say(&format!(
+        "Waiting for the browser to return to {} …",
+        provider.config.redirect_uri
+    ));
 
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let (mut socket, _) = tokio::time::timeout(left, listener.accept())
             .await
-            .map_err(|_| "no sign-in arrived within 10 minutes; run `xoauth2-proxy login` again".to_string())?
+            .map_err(|_| {
+                "no sign-in arrived within 10 minutes; run `xoauth2-proxy login` again".to_string()
+            })?
             .map_err(|e| crate::error::io_reason(&e))?;
         let mut request = vec![0u8; 8192];
         let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut request))
@@ -172,10 +188,18 @@ async fn authorization_code(provider: &ProviderClient, scopes: &[String]) -> Res
                 .map(|(_, v)| v.into_owned())
         };
         let (body, outcome) = match (param("code"), param("state"), param("error")) {
-            (Some(code), Some(s), _) if s == state => ("Signed in. You can close this window.", Ok(code)),
+            (Some(code), Some(s), _) if s == state => {
+                ("Signed in. You can close this window.", Ok(code))
+            }
             (_, _, Some(error)) => {
                 let description = param("error_description").unwrap_or_default();
-                ("Sign-in failed; see the terminal.", Err(format!("the sign-in failed: {error}: {}", description.lines().next().unwrap_or_default())))
+                (
+                    "Sign-in failed; see the terminal.",
+                    Err(format!(
+                        "the sign-in failed: {error}: {}",
+                        description.lines().next().unwrap_or_default()
+                    )),
+                )
             }
             _ => {
                 let _ = respond(&mut socket, "Not a sign-in response.").await;

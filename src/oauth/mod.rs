@@ -101,13 +101,13 @@ impl TokenManager {
     /// A valid access token for `username`'s mailbox: the cached one while it
     /// is comfortably unexpired, else a new one from the identity provider.
     pub async fn access_token(&self, username: &str) -> Result<AccessToken, TokenError> {
-        let entry = self
-            .accounts
-            .get(&username.to_lowercase())
-            .ok_or_else(|| TokenError::NeedsLogin {
-                account: username.to_string(),
-                reason: "no such account".into(),
-            })?;
+        let entry =
+            self.accounts
+                .get(&username.to_lowercase())
+                .ok_or_else(|| TokenError::NeedsLogin {
+                    account: username.to_string(),
+                    reason: "no such account".into(),
+                })?;
         let mut cached = entry.state.lock().await;
         self.sync_from_disk(entry, &mut cached);
 
@@ -297,9 +297,18 @@ mod tests {
             ..Default::default()
         };
         assert!(usable_token(&grant, 1000 + 3000, true).is_some());
-        assert!(usable_token(&grant, 1000 + 3301, true).is_none(), "inside the 5 min window");
-        assert!(usable_token(&grant, 1000 + 3301, false).is_some(), "still valid");
-        assert!(usable_token(&grant, 1000 + 3600, false).is_none(), "expired");
+        assert!(
+            usable_token(&grant, 1000 + 3301, true).is_none(),
+            "inside the 5 min window"
+        );
+        assert!(
+            usable_token(&grant, 1000 + 3301, false).is_some(),
+            "still valid"
+        );
+        assert!(
+            usable_token(&grant, 1000 + 3600, false).is_none(),
+            "expired"
+        );
         assert_eq!(refresh_margin(0, 30), 10);
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use oauth2::basic::{BasicClient, BasicTokenResponse};
 use oauth2::{
-    AuthUrl, AuthType, AuthorizationCode, ClientId, ClientSecret, DeviceAuthorizationUrl,
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, DeviceAuthorizationUrl,
     EndpointMaybeSet, EndpointNotSet, EndpointSet, ErrorResponse, HttpClientError,
     PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
     StandardDeviceAuthorizationResponse, StandardErrorResponse, TokenResponse, TokenUrl,
@@ -85,7 +85,11 @@ impl ProviderClient {
     }
 
     /// Redeems a refresh token (the identity provider may rotate it).
-    pub async fn refresh(&self, refresh_token: &Secret, scopes: &[String]) -> Result<Grant, GrantError> {
+    pub async fn refresh(
+        &self,
+        refresh_token: &Secret,
+        scopes: &[String],
+    ) -> Result<Grant, GrantError> {
         let token = RefreshToken::new(refresh_token.expose().to_string());
         let response = self
             .oauth
@@ -144,10 +148,7 @@ impl ProviderClient {
         let request = self.oauth.exchange_device_code().map_err(|_| GrantError {
             class: ErrorClass::AppRefused,
             oauth_error: None,
-            message: format!(
-                "provider `{}` has no device_code_url",
-                self.config.name
-            ),
+            message: format!("provider `{}` has no device_code_url", self.config.name),
         })?;
         let response = request
             .add_scopes(scopes.iter().cloned().map(Scope::new))
@@ -178,7 +179,10 @@ impl ProviderClient {
 
     fn grant<T>(
         &self,
-        response: Result<BasicTokenResponse, RequestTokenError<HttpClientError<reqwest::Error>, StandardErrorResponse<T>>>,
+        response: Result<
+            BasicTokenResponse,
+            RequestTokenError<HttpClientError<reqwest::Error>, StandardErrorResponse<T>>,
+        >,
     ) -> Result<Grant, GrantError>
     where
         T: oauth2::ErrorResponseType + AsRef<str> + Send + Sync + 'static,

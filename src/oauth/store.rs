@@ -182,11 +182,18 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, vec!["a@b.c.json".to_string()], "no temporary files left");
+        assert_eq!(
+            names,
+            vec!["a@b.c.json".to_string()],
+            "no temporary files left"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(store.path("a@b.c")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(store.path("a@b.c"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }
@@ -194,7 +201,10 @@ mod tests {
     #[test]
     fn usernames_cannot_escape_the_folder() {
         let store = TokenStore::new(Path::new("/state"));
-        assert_eq!(store.path("../x/y").parent().unwrap(), Path::new("/state/tokens"));
+        assert_eq!(
+            store.path("../x/y").parent().unwrap(),
+            Path::new("/state/tokens")
+        );
         assert_eq!(
             store.path("../x/y").file_name().unwrap().to_str().unwrap(),
             "%2E.%2Fx%2Fy.json"
@@ -208,6 +218,11 @@ mod tests {
         assert!(store.load("x").unwrap().is_none());
         create_private_dir(store.dir()).unwrap();
         std::fs::write(store.path("x"), b"{not json").unwrap();
-        assert!(store.load("x").unwrap_err().contains("xoauth2-proxy login x"));
+        assert!(
+            store
+                .load("x")
+                .unwrap_err()
+                .contains("xoauth2-proxy login x")
+        );
     }
 }

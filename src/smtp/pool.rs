@@ -1,0 +1,262 @@
+//! Per-mailbox pools of authenticated upstream SMTP connections.
+//!
+//! Microsoft allows 3 concurrent SMTP connections per mailbox, while
+//! nodemailer's pool keeps 5 open for minutes. So client connections do not
+//! own upstream connections: a transaction leases one from its mailbox's pool
+//! for MAIL … end of DATA and gives it back, and the pool never holds more than
+//! `max_connections_per_mailbox` (a semaphore's permits; an idle connection
+//! keeps its permit). A transaction that finds every connection busy waits,
+//! up to `pool_wait`, for one to come back. Idle connections close after
+//! `pool_idle_timeout`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::upstream::{self, SmtpUpstream};
+use crate::config::Account;
+use crate::login::{LoginError, open_as};
+use crate::server::Shared;
+
+/// All mailboxes' pools.
+pub struct Pools {
+    pools: Mutex<HashMap<String, Arc<MailboxPool>>>,
+    max_per_mailbox: usize,
+    idle_timeout: Duration,
+    wait: Duration,
+}
+
+struct MailboxPool {
+    slots: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    leased: AtomicUsize,
+    /// Signalled whenever a connection is returned, added or closed.
+    changed: Notify,
+}
+
+struct Idle {
+    conn: SmtpUpstream,
+    permit: OwnedSemaphorePermit,
+    since: Instant,
+}
+
+/// An upstream connection lent to one transaction. Dropped without
+/// [`release`](Lease::release), the connection is closed (its state is unknown).
+pub struct Lease {
+    conn: Option<SmtpUpstream>,
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<MailboxPool>,
+}
+
+impl Lease {
+    pub fn conn(&mut self) -> &mut SmtpUpstream {
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until it ends")
+    }
+
+    /// Gives a clean connection (no transaction open) back to the pool.
+    pub fn release(mut self) {
+        let conn = self.conn.take().expect("held");
+        let permit = self.permit.take().expect("held");
+        self.pool.idle.lock().expect("not poisoned").push(Idle {
+            conn,
+            permit,
+            since: Instant::now(),
+        });
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Release moved both out; otherwise the connection closes here and
+        // its slot frees.
+        self.conn.take();
+        self.permit.take();
+        self.pool.leased.fetch_sub(1, Ordering::AcqRel);
+        self.pool.changed.notify_waiters();
+    }
+}
+
+/// No connection could be had for a transaction.
+#[derive(Debug)]
+pub enum LeaseError {
+    /// Every connection stayed busy for `pool_wait`.
+    Busy,
+    /// Opening a new connection failed.
+    Login(LoginError),
+}
+
+impl Pools {
+    pub fn new(max_per_mailbox: usize, idle_timeout: Duration, wait: Duration) -> Self {
+        Pools {
+            pools: Mutex::new(HashMap::new()),
+            max_per_mailbox,
+            idle_timeout,
+            wait,
+        }
+    }
+
+    fn pool(&self, account: &Account) -> Arc<MailboxPool> {
+        let key = format!("{}\0{}", account.provider, account.mailbox.to_lowercase());
+        self.pools
+            .lock()
+            .expect("not poisoned")
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(MailboxPool {
+                    slots: Arc::new(Semaphore::new(self.max_per_mailbox)),
+                    idle: Mutex::new(Vec::new()),
+                    leased: AtomicUsize::new(0),
+                    changed: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// Makes sure the mailbox has a working upstream connection, opening one
+    /// if it has none, so that a refused token or disabled SMTP AUTH surfaces
+    /// at the client's AUTH.
+    pub async fn ensure(&self, shared: &Shared, account: &Account) -> Result<(), LoginError> {
+        let pool = self.pool(account);
+        let deadline = Instant::now() + self.wait;
+        loop {
+            let changed = pool.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if pool.leased.load(Ordering::Acquire) > 0
+                || !pool.idle.lock().expect("not poisoned").is_empty()
+            {
+                return Ok(());
+            }
+            if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
+                let conn = open(shared, account).await;
+                let conn = match conn {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        drop(permit);
+                        pool.changed.notify_waiters();
+                        return Err(e);
+                    }
+                };
+                pool.idle.lock().expect("not poisoned").push(Idle {
+                    conn,
+                    permit,
+                    since: Instant::now(),
+                });
+                pool.changed.notify_waiters();
+                return Ok(());
+            }
+            // Every slot is taken by connections being opened right now:
+            // their outcome is ours.
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
+                return Err(LoginError::Unavailable);
+            }
+        }
+    }
+
+    /// Lends the mailbox's idle connection, or a new one while under the
+    /// limit, or waits for one to come back.
+    pub async fn lease(&self, shared: &Shared, account: &Account) -> Result<Lease, LeaseError> {
+        let pool = self.pool(account);
+        let deadline = Instant::now() + self.wait;
+        loop {
+            let changed = pool.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let idle = pool.idle.lock().expect("not poisoned").pop();
+            if let Some(Idle {
+                conn,
+                permit,
+                since,
+            }) = idle
+            {
+                if since.elapsed() < self.idle_timeout {
+                    return Ok(self.lent(&pool, conn, permit));
+                }
+                tokio::spawn(async move {
+                    conn.quit().await;
+                    drop(permit);
+                });
+                continue;
+            }
+            if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
+                return match open(shared, account).await {
+                    Ok(conn) => Ok(self.lent(&pool, conn, permit)),
+                    Err(e) => {
+                        drop(permit);
+                        pool.changed.notify_waiters();
+                        Err(LeaseError::Login(e))
+                    }
+                };
+            }
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
+                return Err(LeaseError::Busy);
+            }
+        }
+    }
+
+    fn lent(
+        &self,
+        pool: &Arc<MailboxPool>,
+        conn: SmtpUpstream,
+        permit: OwnedSemaphorePermit,
+    ) -> Lease {
+        pool.leased.fetch_add(1, Ordering::AcqRel);
+        Lease {
+            conn: Some(conn),
+            permit: Some(permit),
+            pool: pool.clone(),
+        }
+    }
+
+    /// Closes idle connections older than the idle timeout; runs forever.
+    pub async fn reap_idle(&self) {
+        let period =
+            (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            tokio::time::sleep(period).await;
+            let pools: Vec<_> = self
+                .pools
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .cloned()
+                .collect();
+            for pool in pools {
+                let expired: Vec<Idle> = {
+                    let mut idle = pool.idle.lock().expect("not poisoned");
+                    let (old, fresh) = idle
+                        .drain(..)
+                        .partition(|i| i.since.elapsed() >= self.idle_timeout);
+                    *idle = fresh;
+                    old
+                };
+                for Idle { conn, permit, .. } in expired {
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        conn.quit().await;
+                        drop(permit);
+                        pool.changed.notify_waiters();
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn open(shared: &Shared, account: &Account) -> Result<SmtpUpstream, LoginError> {
+    open_as(shared, account, |account, token| async move {
+        upstream::open(shared, &account, &token).await
+    })
+    .await
+}

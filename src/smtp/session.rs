@@ -1,0 +1,589 @@
+//! One SMTP client connection.
+//!
+//! The proxy answers the greeting, EHLO and AUTH itself. After AUTH it follows
+//! transactions: MAIL leases an upstream connection from the mailbox's pool,
+//! RCPT and DATA go through it, and the end of DATA (or RSET) gives it back.
+//! Commands and message content are forwarded as the client wrote them; the
+//! upstream's replies go back verbatim, so its enhanced status codes reach the
+//! client. A client may pipeline: commands are answered in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::command::{self, Command};
+use super::pool::{Lease, LeaseError};
+use super::upstream::{Reply, ReplyError, enhanced_code};
+use crate::config::Account;
+use crate::lines::{LineError, read_line, trim_eol};
+use crate::login::{self, LoginError};
+use crate::sasl::{self, SaslEnd};
+use crate::server::Shared;
+
+/// The longest command line accepted (an AUTH PLAIN initial response of a
+/// long address and password fits many times over).
+const MAX_LINE: usize = 16 * 1024;
+/// Errors tolerated before the connection is closed.
+const MAX_ERRORS: u32 = 10;
+const MAX_FAILED_LOGINS: u32 = 3;
+/// How long the upstream may take to accept a message (RFC 5321 §4.5.3.2.6).
+const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The proxy's own host name in greetings.
+const HOSTNAME: &str = "xoauth2-proxy";
+
+/// Serves one client connection to the end.
+pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
+    let mut session = Session {
+        client: BufReader::with_capacity(16 * 1024, stream),
+        shared,
+        account: None,
+        lease: None,
+        errors: 0,
+        failed_logins: 0,
+        line: Vec::new(),
+    };
+    if let Err(e) = session.dialogue().await {
+        debug!("client connection ended: {}", crate::error::io_reason(&e));
+    }
+    session.end_transaction().await;
+}
+
+struct Session {
+    client: BufReader<TcpStream>,
+    shared: Arc<Shared>,
+    account: Option<Account>,
+    /// The upstream connection of the transaction in progress, if any.
+    lease: Option<Lease>,
+    errors: u32,
+    failed_logins: u32,
+    line: Vec<u8>,
+}
+
+/// Whether the dialogue goes on after a command.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl Session {
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let stream = self.client.get_mut();
+        stream.write_all(bytes).await?;
+        // Pipelined commands still waiting get their replies in one go.
+        if self.client.buffer().is_empty() {
+            self.client.get_mut().flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn reply(&mut self, code: u16, text: &str) -> std::io::Result<()> {
+        self.send(format!("{code} {text}\r\n").as_bytes()).await
+    }
+
+    async fn close_with(&mut self, code: u16, text: &str) -> std::io::Result<Next> {
+        self.reply(code, text).await?;
+        self.client.get_mut().flush().await?;
+        let _ = self.client.get_mut().shutdown().await;
+        Ok(Next::Close)
+    }
+
+    async fn dialogue(&mut self) -> std::io::Result<()> {
+        self.reply(220, &format!("{HOSTNAME} ESMTP ready")).await?;
+        loop {
+            let timeout = if self.account.is_some() {
+                self.shared.config.smtp.client_idle_timeout
+            } else {
+                self.shared.config.server.login_timeout
+            };
+            self.line.clear();
+            let read = tokio::time::timeout(
+                timeout,
+                read_line(&mut self.client, &mut self.line, MAX_LINE),
+            )
+            .await;
+            let next = match read {
+                Err(_) => {
+                    info!(
+                        "client sent nothing for {}; closing",
+                        humantime::format_duration(timeout)
+                    );
+                    self.close_with(421, "4.4.2 Idle for too long; closing")
+                        .await?
+                }
+                Ok(Err(LineError::Closed)) => return Ok(()),
+                Ok(Err(LineError::Io(e))) => return Err(e),
+                Ok(Err(LineError::TooLong)) => {
+                    info!("client sent an overlong line; closing");
+                    self.reply(500, "5.5.2 Line too long").await?;
+                    self.close_with(421, "4.7.0 Closing").await?
+                }
+                Ok(Ok(())) => self.command().await?,
+            };
+            if let Next::Close = next {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answers the command in `self.line`.
+    async fn command(&mut self) -> std::io::Result<Next> {
+        let line = trim_eol(&self.line).to_vec();
+        let Some(command) = command::parse(&line) else {
+            return self
+                .error(501, "5.5.4 Syntax error in command or arguments")
+                .await;
+        };
+        match command {
+            Command::Ehlo => {
+                self.end_transaction().await;
+                let ehlo = self.ehlo().await;
+                self.send(ehlo.as_bytes()).await?;
+            }
+            Command::Helo => {
+                self.end_transaction().await;
+                self.reply(250, HOSTNAME).await?;
+            }
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => return self.auth(&mechanism, initial_response).await,
+            Command::Mail => return self.mail(&line).await,
+            Command::Rcpt => return self.rcpt(&line).await,
+            Command::Data => return self.data().await,
+            Command::Rset => {
+                self.end_transaction().await;
+                self.reply(250, "2.0.0 OK").await?;
+            }
+            Command::Noop => self.reply(250, "2.0.0 OK").await?,
+            Command::Quit => {
+                self.end_transaction().await;
+                return self.close_with(221, "2.0.0 Bye").await;
+            }
+            Command::Vrfy => {
+                self.reply(252, "2.5.0 Cannot VRFY; send the message")
+                    .await?
+            }
+            Command::Help => self.reply(214, "2.0.0 See RFC 5321").await?,
+            Command::StartTls => {
+                return self.error(502, "5.5.1 STARTTLS is not offered").await;
+            }
+            Command::Bdat => return self.error(502, "5.5.1 BDAT is not offered; use DATA").await,
+            Command::Unknown => return self.error(500, "5.5.2 Command not recognised").await,
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn error(&mut self, code: u16, text: &str) -> std::io::Result<Next> {
+        self.reply(code, text).await?;
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            return self.close_with(421, "4.7.0 Too many errors; closing").await;
+        }
+        Ok(Next::Continue)
+    }
+
+    /// The EHLO reply: AUTH always (nodemailer only authenticates when it is
+    /// advertised), and the upstream's extensions the proxy can pass on.
+    async fn ehlo(&mut self) -> String {
+        let mut lines = vec![format!("{HOSTNAME} Hello")];
+        lines.extend(self.shared.smtp_extensions().await);
+        lines.push("AUTH PLAIN LOGIN".to_string());
+        let last = lines.len() - 1;
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("250{}{l}\r\n", if i == last { ' ' } else { '-' }))
+            .collect()
+    }
+
+    async fn auth(&mut self, mechanism: &str, initial: Option<Vec<u8>>) -> std::io::Result<Next> {
+        if self.account.is_some() {
+            return self.error(503, "5.5.1 Already authenticated").await;
+        }
+        let credentials = match mechanism {
+            "PLAIN" => {
+                let message = match initial {
+                    Some(ir) => sasl::decode(&ir),
+                    None => self.sasl_response("").await?,
+                };
+                message.and_then(|m| sasl::parse_plain(&m))
+            }
+            "LOGIN" => {
+                let username = match initial {
+                    Some(ir) => sasl::decode(&ir),
+                    None => self.sasl_response(sasl::LOGIN_USERNAME_PROMPT).await?,
+                };
+                match sasl::login_username(username) {
+                    Ok(u) => self
+                        .sasl_response(sasl::LOGIN_PASSWORD_PROMPT)
+                        .await?
+                        .map(|p| (u, p)),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                return self
+                    .error(
+                        504,
+                        "5.5.4 Unrecognised authentication type; use PLAIN or LOGIN",
+                    )
+                    .await;
+            }
+        };
+        let (username, password) = match credentials {
+            Ok(c) => c,
+            Err(SaslEnd::Cancelled) => {
+                return self.error(501, "5.0.0 Authentication cancelled").await;
+            }
+            Err(SaslEnd::Malformed) => return self.error(501, "5.5.2 Invalid SASL response").await,
+        };
+
+        let shared = self.shared.clone();
+        let outcome = async {
+            let account = login::check_password(&shared, &username, &password).await?;
+            shared.smtp_pools.ensure(&shared, &account).await?;
+            Ok::<_, LoginError>(account)
+        }
+        .await;
+        match outcome {
+            Ok(account) => {
+                info!(mailbox = %account.mailbox, "logged in");
+                self.account = Some(account);
+                self.reply(235, "2.7.0 Authentication successful").await?;
+                Ok(Next::Continue)
+            }
+            Err(LoginError::Unavailable) => {
+                self.close_with(
+                    421,
+                    "4.7.0 The mail server or identity provider is unavailable; try again later",
+                )
+                .await
+            }
+            Err(e) => {
+                let answer = match e {
+                    LoginError::UpstreamRejected(reply) => {
+                        let code = enhanced_code(&reply).filter(|c| c.starts_with('5')).unwrap_or("5.7.8");
+                        format!("{code} The mail server refused the login: {}", reply.get(4..).unwrap_or(&reply))
+                    }
+                    LoginError::Refused => {
+                        "5.7.8 The identity provider refused the proxy's app registration; see the proxy's log".to_string()
+                    }
+                    _ => "5.7.8 Authentication credentials invalid".to_string(),
+                };
+                self.reply(535, &answer).await?;
+                self.failed_logins += 1;
+                if self.failed_logins >= MAX_FAILED_LOGINS {
+                    return self
+                        .close_with(421, "4.7.0 Too many failed logins; closing")
+                        .await;
+                }
+                Ok(Next::Continue)
+            }
+        }
+    }
+
+    /// Reads one SASL response line after a `334` prompt.
+    async fn sasl_response(&mut self, prompt: &str) -> std::io::Result<Result<Vec<u8>, SaslEnd>> {
+        self.send(format!("334 {prompt}\r\n").as_bytes()).await?;
+        self.client.get_mut().flush().await?;
+        let mut line = Vec::new();
+        let read = tokio::time::timeout(
+            self.shared.config.server.login_timeout,
+            read_line(&mut self.client, &mut line, MAX_LINE),
+        )
+        .await;
+        match read {
+            Ok(Ok(())) => Ok(sasl::decode(trim_eol(&line))),
+            Ok(Err(LineError::Io(e))) => Err(e),
+            Ok(Err(LineError::Closed)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Err(LineError::TooLong)) | Err(_) => Ok(Err(SaslEnd::Malformed)),
+        }
+    }
+
+    async fn mail(&mut self, line: &[u8]) -> std::io::Result<Next> {
+        let Some(account) = self.account.clone() else {
+            return self.error(530, "5.7.0 Authentication required").await;
+        };
+        if self.lease.is_some() {
+            return self
+                .error(503, "5.5.1 Sender already given; RSET first")
+                .await;
+        }
+        // A pooled connection may have been closed by the server while idle:
+        // nothing is committed before MAIL succeeds, so one retry is safe.
+        for attempt in 0..2 {
+            let mut lease = match self.shared.smtp_pools.lease(&self.shared, &account).await {
+                Ok(lease) => lease,
+                Err(LeaseError::Busy) => {
+                    warn!(mailbox = %account.mailbox, "every upstream connection stayed busy; try raising smtp.pool_wait");
+                    self.reply(
+                        451,
+                        "4.4.5 The mailbox's upstream connections are all busy; try again",
+                    )
+                    .await?;
+                    return Ok(Next::Continue);
+                }
+                Err(LeaseError::Login(LoginError::Unavailable)) => {
+                    self.reply(451, "4.4.1 The mail server is unavailable; try again later")
+                        .await?;
+                    return Ok(Next::Continue);
+                }
+                Err(LeaseError::Login(_)) => {
+                    self.reply(
+                        451,
+                        "4.7.0 The mail server refused the mailbox's login; see the proxy's log",
+                    )
+                    .await?;
+                    return Ok(Next::Continue);
+                }
+            };
+            match lease.conn().command(line).await {
+                Ok(reply) if reply.code == 421 && attempt == 0 => {
+                    debug!("pooled connection was closed by the server; retrying with another");
+                    continue;
+                }
+                Ok(reply) => {
+                    if reply.is_positive() {
+                        self.lease = Some(lease);
+                    } else if reply.code != 421 {
+                        // No transaction began: the connection is clean.
+                        lease.release();
+                    }
+                    self.send(&reply.raw).await?;
+                    return Ok(Next::Continue);
+                }
+                Err(e) if attempt == 0 => {
+                    debug!("pooled connection failed ({e}); retrying with another");
+                    continue;
+                }
+                Err(e) => {
+                    warn!("the SMTP server failed during MAIL: {e}");
+                    self.reply(
+                        451,
+                        "4.4.2 Lost the connection to the mail server; try again",
+                    )
+                    .await?;
+                    return Ok(Next::Continue);
+                }
+            }
+        }
+        unreachable!("the second attempt always answers")
+    }
+
+    async fn rcpt(&mut self, line: &[u8]) -> std::io::Result<Next> {
+        let Some(lease) = self.lease.as_mut() else {
+            return self.error(503, "5.5.1 Need MAIL before RCPT").await;
+        };
+        let reply = lease.conn().command(line).await;
+        self.relay_or_abort(reply).await
+    }
+
+    /// Passes an upstream reply on; a lost upstream aborts the transaction.
+    async fn relay_or_abort(&mut self, reply: Result<Reply, ReplyError>) -> std::io::Result<Next> {
+        match reply {
+            Ok(reply) => {
+                if reply.code == 421 {
+                    self.lease = None;
+                }
+                self.send(&reply.raw).await?;
+            }
+            Err(e) => {
+                warn!("the SMTP server failed mid-transaction: {e}");
+                self.lease = None;
+                self.reply(
+                    451,
+                    "4.4.2 Lost the connection to the mail server; transaction aborted",
+                )
+                .await?;
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn data(&mut self) -> std::io::Result<Next> {
+        let Some(lease) = self.lease.as_mut() else {
+            return self
+                .error(503, "5.5.1 Need MAIL and RCPT before DATA")
+                .await;
+        };
+        let reply = match lease.conn().command(b"DATA").await {
+            Ok(reply) if reply.code == 354 => reply,
+            other => return self.relay_or_abort(other).await,
+        };
+        self.send(&reply.raw).await?;
+        self.client.get_mut().flush().await?;
+
+        let mut lease = self.lease.take().expect("checked above");
+        let upstream_ok = pump_message(
+            &mut self.client,
+            &mut lease,
+            self.shared.config.smtp.client_idle_timeout,
+        )
+        .await?;
+        if !upstream_ok {
+            warn!("the SMTP server failed while receiving a message");
+            drop(lease);
+            self.reply(
+                451,
+                "4.4.2 Lost the connection to the mail server; message not sent",
+            )
+            .await?;
+            return Ok(Next::Continue);
+        }
+        match lease.conn().reply_within(DATA_END_TIMEOUT).await {
+            Ok(reply) => {
+                if reply.code == 421 {
+                    drop(lease);
+                } else {
+                    // The transaction is over, accepted or not: clean.
+                    lease.release();
+                }
+                self.send(&reply.raw).await?;
+            }
+            Err(e) => {
+                warn!("the SMTP server did not confirm a message: {e}");
+                drop(lease);
+                self.reply(
+                    451,
+                    "4.4.2 The mail server did not confirm the message; it may not have been sent",
+                )
+                .await?;
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Ends a transaction in progress with RSET, returning a clean upstream
+    /// connection to the pool (or closing one that fails).
+    async fn end_transaction(&mut self) {
+        if let Some(mut lease) = self.lease.take() {
+            match lease.conn().command(b"RSET").await {
+                Ok(reply) if reply.code == 250 => lease.release(),
+                _ => drop(lease),
+            }
+        }
+    }
+}
+
+/// Copies DATA content from the client to the upstream up to and including
+/// the `CRLF . CRLF` terminator, unaltered (dot-stuffing stays as it is).
+/// Returns whether the upstream took all of it; the client's content is read
+/// to its end either way, so the dialogue stays in step. An error is the
+/// client's (it stalled or left): the lease, dropped, closes the upstream
+/// connection rather than deliver a partial message.
+async fn pump_message(
+    client: &mut BufReader<TcpStream>,
+    lease: &mut Lease,
+    idle: Duration,
+) -> std::io::Result<bool> {
+    let mut end = EndOfData::default();
+    let mut upstream_ok = true;
+    loop {
+        let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
+            Ok(chunk) => chunk?,
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        };
+        if chunk.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let (n, done) = end.scan(chunk);
+        if upstream_ok {
+            let upstream = lease.conn().stream.get_mut();
+            if upstream.write_all(&chunk[..n]).await.is_err() {
+                upstream_ok = false;
+            }
+        }
+        client.consume(n);
+        if done {
+            break;
+        }
+    }
+    if upstream_ok && lease.conn().stream.get_mut().flush().await.is_err() {
+        upstream_ok = false;
+    }
+    Ok(upstream_ok)
+}
+
+/// Finds `CRLF . CRLF` across chunk boundaries. The CRLF that ended the
+/// DATA command counts, so a message may end at once with `.CRLF`.
+#[derive(Debug, Default)]
+struct EndOfData {
+    state: DotState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum DotState {
+    #[default]
+    LineStart,
+    Dot,
+    DotCr,
+    Cr,
+    Text,
+}
+
+impl EndOfData {
+    /// How many bytes of `chunk` belong to the message (terminator included),
+    /// and whether the terminator was among them.
+    fn scan(&mut self, chunk: &[u8]) -> (usize, bool) {
+        use DotState::*;
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.state == Text {
+                // Skip to the next CR in one go.
+                match chunk[i..].iter().position(|b| *b == b'\r') {
+                    Some(p) => i += p,
+                    None => return (chunk.len(), false),
+                }
+            }
+            let b = chunk[i];
+            self.state = match (self.state, b) {
+                (DotCr, b'\n') => {
+                    self.state = LineStart;
+                    return (i + 1, true);
+                }
+                (LineStart, b'.') => Dot,
+                (Dot, b'\r') => DotCr,
+                (Cr, b'\n') => LineStart,
+                (_, b'\r') => Cr,
+                _ => Text,
+            };
+            i += 1;
+        }
+        (chunk.len(), false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(parts: &[&[u8]]) -> Option<usize> {
+        let mut end = EndOfData::default();
+        let mut total = 0;
+        for part in parts {
+            let (n, done) = end.scan(part);
+            total += n;
+            if done {
+                return Some(total);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn finds_the_terminator_across_chunks() {
+        assert_eq!(
+            ends(&[b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n"]),
+            Some(23)
+        );
+        assert_eq!(ends(&[b"body\r", b"\n.", b"\r", b"\nQUIT"]), Some(9));
+        assert_eq!(ends(&[b".\r\n"]), Some(3), "an empty message");
+        assert_eq!(ends(&[b"a\r\n..stuffed\r\n.x\r\n"]), None);
+        assert_eq!(ends(&[b"a\n.\r\n"]), None, "a bare LF does not end a line");
+        assert_eq!(ends(&[b"a\r\r\n.\r\n"]), Some(7));
+    }
+}

@@ -1,0 +1,357 @@
+//! Upstream SMTP connections: TLS (STARTTLS on 587, implicit on 465),
+//! EHLO, AUTH XOAUTH2 as the account's mailbox, and replies read whole.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::config::{Account, Provider, TlsMode};
+use crate::lines::{LineError, read_line, trim_eol};
+use crate::secret::Secret;
+use crate::server::Shared;
+use crate::upstream::{UpstreamError, UpstreamStream, quote_reply, xoauth2};
+
+/// A reply line longer than this is a broken server.
+const MAX_REPLY_LINE: usize = 8 * 1024;
+/// Nor does a reply need more lines than this.
+const MAX_REPLY_LINES: usize = 100;
+
+const SMTP_AUTH_DISABLED_HINT: &str = "SMTP AUTH is disabled for this mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (or, tenant-wide, `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) in Exchange Online PowerShell";
+const SMTP_HINT: &str = "check that the app has SMTP.Send (delegated) or SMTP.SendAsApp plus an Exchange service principal with rights on the mailbox (app-only), and that `mailbox` is right";
+
+/// One complete reply: its code and its lines as received (CRLF included),
+/// ready to be passed on to the client verbatim.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub raw: Vec<u8>,
+}
+
+impl Reply {
+    /// A reply made by the proxy itself.
+    pub fn local(code: u16, text: &str) -> Reply {
+        Reply {
+            code,
+            raw: format!("{code} {text}\r\n").into_bytes(),
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// The reply as one printable line for logs.
+    pub fn text(&self) -> String {
+        quote_reply(self.raw.split(|b| *b == b'\n').next().unwrap_or_default())
+    }
+
+    /// The lines after the first, without their `250-`/`250 ` prefix (EHLO
+    /// keywords).
+    fn ehlo_keywords(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.raw)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.get(4..))
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+}
+
+/// Why a reply could not be read.
+#[derive(Debug)]
+pub enum ReplyError {
+    Io(std::io::Error),
+    Closed,
+    Malformed,
+    TimedOut,
+}
+
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyError::Io(e) => write!(f, "{}", crate::error::io_reason(e)),
+            ReplyError::Closed => f.write_str("the server closed the connection"),
+            ReplyError::Malformed => f.write_str("the server sent a malformed reply"),
+            ReplyError::TimedOut => f.write_str("the server did not answer in time"),
+        }
+    }
+}
+
+/// Reads one (possibly multi-line) reply.
+pub async fn read_reply<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<Reply, ReplyError> {
+    let mut raw = Vec::new();
+    for _ in 0..MAX_REPLY_LINES {
+        let start = raw.len();
+        read_line(stream, &mut raw, start + MAX_REPLY_LINE)
+            .await
+            .map_err(|e| match e {
+                LineError::Closed => ReplyError::Closed,
+                LineError::TooLong => ReplyError::Malformed,
+                LineError::Io(e) => ReplyError::Io(e),
+            })?;
+        let line = trim_eol(&raw[start..]);
+        let code = line
+            .get(..3)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.parse::<u16>().ok())
+            .filter(|c| (200..600).contains(c))
+            .ok_or(ReplyError::Malformed)?;
+        match line.get(3) {
+            Some(b'-') => continue,
+            None | Some(b' ') => return Ok(Reply { code, raw }),
+            Some(_) => return Err(ReplyError::Malformed),
+        }
+    }
+    Err(ReplyError::Malformed)
+}
+
+/// An authenticated upstream SMTP connection, between transactions or in one.
+pub struct SmtpUpstream {
+    pub stream: BufReader<UpstreamStream>,
+    /// EHLO keywords after login (`SIZE 157286400`, `PIPELINING`, …).
+    pub extensions: Vec<String>,
+    timeout: Duration,
+}
+
+impl SmtpUpstream {
+    /// Sends one command line (`line` without CRLF) and reads its reply.
+    pub async fn command(&mut self, line: &[u8]) -> Result<Reply, ReplyError> {
+        let timeout = self.timeout;
+        self.command_within(line, timeout).await
+    }
+
+    pub async fn command_within(
+        &mut self,
+        line: &[u8],
+        timeout: Duration,
+    ) -> Result<Reply, ReplyError> {
+        let exchange = async {
+            let stream = self.stream.get_mut();
+            stream.write_all(line).await.map_err(ReplyError::Io)?;
+            stream.write_all(b"\r\n").await.map_err(ReplyError::Io)?;
+            stream.flush().await.map_err(ReplyError::Io)?;
+            read_reply(&mut self.stream).await
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(ReplyError::TimedOut))
+    }
+
+    /// Reads a reply without sending anything (the answer to DATA content).
+    pub async fn reply_within(&mut self, timeout: Duration) -> Result<Reply, ReplyError> {
+        tokio::time::timeout(timeout, read_reply(&mut self.stream))
+            .await
+            .unwrap_or(Err(ReplyError::TimedOut))
+    }
+
+    /// Says goodbye; errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ = self.command_within(b"QUIT", Duration::from_secs(5)).await;
+    }
+}
+
+/// Connects to the provider's SMTP server, upgrades to TLS, and says EHLO:
+/// a connection ready for AUTH, with the server's EHLO keywords.
+async fn hello(shared: &Shared, provider: &Provider) -> Result<SmtpUpstream, UpstreamError> {
+    let server = &provider.smtp_server;
+    let timeout = shared.config.server.upstream_timeout;
+    let unreachable = |what: &str, e: ReplyError| {
+        UpstreamError::Unreachable(format!("SMTP server {server}: {what}: {e}"))
+    };
+    let tcp = shared.tls.connect(server, timeout).await?;
+    let ehlo = format!("EHLO {}", address_literal(&tcp));
+    let mut stream = match provider.smtp_tls {
+        TlsMode::Implicit => {
+            let mut tls = BufReader::new(shared.tls.handshake(provider, server, tcp).await?);
+            expect(&mut tls, None, 220)
+                .await
+                .map_err(|e| unreachable("greeting", e))?;
+            tls
+        }
+        TlsMode::Starttls => {
+            let mut plain = BufReader::new(tcp);
+            expect(&mut plain, None, 220)
+                .await
+                .map_err(|e| unreachable("greeting", e))?;
+            expect(&mut plain, Some(ehlo.as_bytes()), 250)
+                .await
+                .map_err(|e| unreachable("EHLO", e))?;
+            expect(&mut plain, Some(b"STARTTLS"), 220)
+                .await
+                .map_err(|e| unreachable("STARTTLS", e))?;
+            BufReader::new(
+                shared
+                    .tls
+                    .handshake(provider, server, plain.into_inner())
+                    .await?,
+            )
+        }
+    };
+    let hello = expect(&mut stream, Some(ehlo.as_bytes()), 250)
+        .await
+        .map_err(|e| unreachable("EHLO", e))?;
+    Ok(SmtpUpstream {
+        stream,
+        extensions: hello.ehlo_keywords(),
+        timeout,
+    })
+}
+
+/// The EHLO keywords of `provider`'s SMTP server, from a connection that
+/// says EHLO and QUIT without logging in.
+pub async fn probe_extensions(
+    shared: &Shared,
+    provider: &Provider,
+) -> Result<Vec<String>, UpstreamError> {
+    let timeout = shared.config.server.upstream_timeout;
+    let upstream = tokio::time::timeout(timeout, hello(shared, provider))
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::Unreachable(format!(
+                "the SMTP server {} timed out",
+                provider.smtp_server
+            )))
+        })?;
+    let extensions = upstream.extensions.clone();
+    tokio::spawn(upstream.quit());
+    Ok(extensions)
+}
+
+/// Opens an upstream SMTP connection and authenticates as `account`'s
+/// mailbox with `token`.
+pub async fn open(
+    shared: &Shared,
+    account: &Account,
+    token: &Secret,
+) -> Result<SmtpUpstream, UpstreamError> {
+    let provider = shared.config.provider(&account.provider);
+    let server = &provider.smtp_server;
+    let timeout = shared.config.server.upstream_timeout;
+    let unreachable = |what: &str, e: ReplyError| {
+        UpstreamError::Unreachable(format!("SMTP server {server}: {what}: {e}"))
+    };
+    let attempt = async {
+        let mut upstream = hello(shared, provider).await?;
+        // AUTH XOAUTH2, the response after the 334 as Microsoft documents it.
+        let sasl = xoauth2(&account.mailbox, token);
+        let mut reply = upstream
+            .command(b"AUTH XOAUTH2")
+            .await
+            .map_err(|e| unreachable("AUTH", e))?;
+        if reply.code == 334 {
+            reply = upstream
+                .command(sasl.expose().as_bytes())
+                .await
+                .map_err(|e| unreachable("AUTH", e))?;
+        }
+        if reply.code == 334 {
+            // A challenge after our response reports an error (base64 JSON,
+            // Google and Postfix): an empty line fetches the final reply.
+            reply = upstream
+                .command(b"")
+                .await
+                .map_err(|e| unreachable("AUTH", e))?;
+        }
+        match reply.code {
+            235 => Ok(upstream),
+            421 | 450..=499 => Err(UpstreamError::Unreachable(format!(
+                "SMTP server {server} answered AUTH with `{}`",
+                reply.text()
+            ))),
+            _ => {
+                let text = reply.text();
+                let hint = if text.contains("5.7.139") || text.contains("SmtpClientAuthentication")
+                {
+                    SMTP_AUTH_DISABLED_HINT
+                } else {
+                    SMTP_HINT
+                };
+                Err(UpstreamError::Rejected { reply: text, hint })
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Unreachable(format!(
+            "the SMTP server {server} did not complete the login within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+/// Sends `command` (if any) and expects a reply with `code`.
+async fn expect<S>(
+    stream: &mut BufReader<S>,
+    command: Option<&[u8]>,
+    code: u16,
+) -> Result<Reply, ReplyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Some(command) = command {
+        let s = stream.get_mut();
+        s.write_all(command).await.map_err(ReplyError::Io)?;
+        s.write_all(b"\r\n").await.map_err(ReplyError::Io)?;
+        s.flush().await.map_err(ReplyError::Io)?;
+    }
+    let reply = read_reply(stream).await?;
+    if reply.code == code {
+        Ok(reply)
+    } else {
+        Err(ReplyError::Io(std::io::Error::other(format!(
+            "unexpected reply `{}`",
+            reply.text()
+        ))))
+    }
+}
+
+/// `[127.0.0.1]`: the EHLO name of a host without a public name (RFC 5321 §4.1.3).
+fn address_literal(tcp: &tokio::net::TcpStream) -> String {
+    match tcp.local_addr().map(|a| a.ip()) {
+        Ok(std::net::IpAddr::V4(ip)) => format!("[{ip}]"),
+        Ok(std::net::IpAddr::V6(ip)) => format!("[IPv6:{ip}]"),
+        Err(_) => "[127.0.0.1]".to_string(),
+    }
+}
+
+/// The enhanced status code (`5.7.139`) in a reply text, if any.
+pub fn enhanced_code(text: &str) -> Option<&str> {
+    let candidate = text.get(4..)?.split_whitespace().next()?;
+    let mut parts = candidate.split('.');
+    let ok = parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
+        && parts.clone().count() == 2
+        && parts.all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+    ok.then_some(candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn multi_line_replies_are_read_whole() {
+        let mut input: &[u8] =
+            b"250-mock Hello\r\n250-SIZE 157286400\r\n250 PIPELINING\r\n354 go\r\n";
+        let reply = read_reply(&mut input).await.unwrap();
+        assert_eq!(reply.code, 250);
+        assert_eq!(reply.ehlo_keywords(), vec!["SIZE 157286400", "PIPELINING"]);
+        assert_eq!(read_reply(&mut input).await.unwrap().code, 354);
+        let mut bad: &[u8] = b"hello\r\n";
+        assert!(matches!(
+            read_reply(&mut bad).await,
+            Err(ReplyError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn enhanced_codes() {
+        assert_eq!(
+            enhanced_code(
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
+            ),
+            Some("5.7.139")
+        );
+        assert_eq!(enhanced_code("535 Authentication failed"), None);
+    }
+}
