@@ -290,31 +290,36 @@ impl Session {
 
         // Prove the session works; learn the capabilities if the OK did not
         // carry them. Both in one round trip.
-        let knew_capabilities = !self.capabilities.is_empty();
-        if knew_capabilities {
-            self.send(&mut stream, b"x4 NAMESPACE\r\n").await?;
-        } else {
+        let rejected = |line: &[u8]| UpstreamError::Rejected {
+            reply: quote_reply(line),
+            hint: IMAP_HINT,
+        };
+        if self.capabilities.is_empty() {
             self.send(&mut stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n")
                 .await?;
-            self.tagged(&mut stream, "x5").await?;
+            if let (Status::No | Status::Bad, line) = self.tagged(&mut stream, "x5").await? {
+                return Err(rejected(&line));
+            }
+        } else {
+            self.send(&mut stream, b"x4 NAMESPACE\r\n").await?;
         }
         match self.tagged(&mut stream, "x4").await? {
             (Status::Ok, _) => {}
             // A server without NAMESPACE may say BAD; Outlook's "not
             // connected" comes to a server that advertises it.
-            (Status::Bad, _) if !self.has("NAMESPACE") => {}
-            (_, line) => {
-                return Err(UpstreamError::Rejected {
-                    reply: quote_reply(&line),
-                    hint: IMAP_HINT,
-                });
-            }
+            (Status::Bad, line) if !self.has("NAMESPACE") && !is_not_connected(&line) => {}
+            (_, line) => return Err(rejected(&line)),
         }
         Ok(ImapUpstream {
             stream,
             capabilities: filter_capabilities(&self.capabilities),
         })
     }
+}
+
+/// Outlook's answer when the token is good but the mailbox cannot be opened.
+fn is_not_connected(line: &[u8]) -> bool {
+    find(&line.to_ascii_lowercase(), b"not connected").is_some()
 }
 
 fn words(bytes: &[u8]) -> Vec<String> {

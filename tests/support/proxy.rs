@@ -1,0 +1,293 @@
+//! Runs the real `xoauth2-proxy` binary, as users do: a config file, a state
+//! directory, the CLI. Its log (stderr) is captured for assertions and leak checks.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+/// The binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_xoauth2-proxy")
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One account line of the generated config.
+#[derive(Clone, Debug)]
+pub struct AccountSpec {
+    pub username: String,
+    pub password: String,
+    /// `password_hash` instead of `password` when true.
+    pub hashed: bool,
+    pub mailbox: Option<String>,
+    pub flow: &'static str,
+    pub provider: &'static str,
+}
+
+impl AccountSpec {
+    pub fn device(username: &str, password: &str) -> Self {
+        AccountSpec {
+            username: username.into(),
+            password: password.into(),
+            hashed: false,
+            mailbox: None,
+            flow: "device_code",
+            provider: "test",
+        }
+    }
+
+    pub fn app_only(username: &str, password: &str, mailbox: &str) -> Self {
+        AccountSpec {
+            mailbox: Some(mailbox.into()),
+            flow: "client_credentials",
+            ..AccountSpec::device(username, password)
+        }
+    }
+}
+
+/// What a generated config points at.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub idp_base: String,
+    pub tenant: String,
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    pub imap_port: u16,
+    pub smtp_port: u16,
+    pub ca_file: PathBuf,
+}
+
+/// A config text in the public format, with loopback listeners on free ports.
+pub fn config_text(
+    endpoints: &Endpoints,
+    accounts: &[AccountSpec],
+    imap_listen: u16,
+    smtp_listen: u16,
+    state_dir: &Path,
+) -> String {
+    let e = endpoints;
+    let base = format!("{}/{}/oauth2/v2.0", e.idp_base, e.tenant);
+    let secret = e
+        .client_secret
+        .as_ref()
+        .map(|s| format!("client_secret = \"{s}\"\n"))
+        .unwrap_or_default();
+    let mut text = format!(
+        r#"[server]
+state_dir = "{state}"
+auth_failure_delay = "200ms"
+login_timeout = "5s"
+upstream_timeout = "5s"
+idp_timeout = "3s"
+shutdown_grace = "2s"
+
+[imap]
+listen = "127.0.0.1:{imap_listen}"
+
+[smtp]
+listen = "127.0.0.1:{smtp_listen}"
+
+[providers.test]
+kind = "microsoft"
+tenant = "{tenant}"
+client_id = "{client_id}"
+{secret}authorize_url = "{base}/authorize"
+token_url = "{base}/token"
+device_code_url = "{base}/devicecode"
+imap_server = "localhost:{imap_port}"
+smtp_server = "localhost:{smtp_port}"
+ca_file = "{ca}"
+"#,
+        state = state_dir.display(),
+        tenant = e.tenant,
+        client_id = e.client_id,
+        imap_port = e.imap_port,
+        smtp_port = e.smtp_port,
+        ca = e.ca_file.display(),
+    );
+    for a in accounts {
+        let password = if a.hashed {
+            format!("password_hash = \"{}\"", hash_password(&a.password))
+        } else {
+            format!("password = \"{}\"", a.password)
+        };
+        let mailbox = a
+            .mailbox
+            .as_ref()
+            .map(|m| format!("mailbox = \"{m}\"\n"))
+            .unwrap_or_default();
+        text.push_str(&format!(
+            "\n[[accounts]]\nusername = \"{}\"\n{password}\nprovider = \"{}\"\n{mailbox}flow = \"{}\"\n",
+            a.username, a.provider, a.flow
+        ));
+    }
+    text
+}
+
+/// `xoauth2-proxy hash-password`, through the real CLI.
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new(binary())
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A running `xoauth2-proxy serve`.
+pub struct TestProxy {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub imap_addr: SocketAddr,
+    pub smtp_addr: SocketAddr,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<u8>>>,
+    rust_log: String,
+}
+
+impl TestProxy {
+    /// Writes a config for `accounts` against `endpoints` and starts the proxy.
+    pub async fn start(endpoints: &Endpoints, accounts: &[AccountSpec]) -> TestProxy {
+        Self::start_with(endpoints, accounts, "debug", |t| t).await
+    }
+
+    /// Like [`start`](Self::start), with a log filter and a last edit of the config text.
+    pub async fn start_with(
+        endpoints: &Endpoints,
+        accounts: &[AccountSpec],
+        rust_log: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let (imap, smtp) = (free_port(), free_port());
+        let text = edit(config_text(endpoints, accounts, imap, smtp, &state_dir));
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let mut proxy = TestProxy {
+            dir,
+            config_path,
+            state_dir,
+            imap_addr: SocketAddr::from(([127, 0, 0, 1], imap)),
+            smtp_addr: SocketAddr::from(([127, 0, 0, 1], smtp)),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            rust_log: rust_log.to_string(),
+        };
+        proxy.spawn().await;
+        proxy
+    }
+
+    async fn spawn(&mut self) {
+        let mut child = Command::new(binary())
+            .arg("serve")
+            .env("XOAUTH2_PROXY_CONFIG", &self.config_path)
+            .env_remove("XOAUTH2_PROXY_STATE_DIR")
+            .env("RUST_LOG", &self.rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the proxy binary starts");
+        let mut stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        self.child = Some(child);
+        self.wait_for_log("xoauth2-proxy is ready", Duration::from_secs(10))
+            .await;
+    }
+
+    /// Everything the proxy has logged so far.
+    pub fn logs(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the log contains `needle` (panics with the log otherwise).
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            if Instant::now() > deadline {
+                panic!(
+                    "the proxy never logged {needle:?}; its log:\n{}",
+                    self.logs()
+                );
+            }
+            if let Some(child) = &self.child {
+                let _ = child.id().expect("the proxy is still running");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the proxy with SIGTERM and waits for it; returns its exit status.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().unwrap() as i32;
+        send_signal(pid, 15);
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the proxy exits after SIGTERM")
+            .unwrap()
+    }
+
+    /// Stops and starts the proxy again with the same config and state.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    /// Starts a stopped proxy again with the same config and state.
+    pub async fn start_again(&mut self) {
+        self.log.lock().unwrap().clear();
+        self.spawn().await;
+    }
+
+    /// Runs another CLI subcommand against the same config and state.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .args(args)
+            .env("XOAUTH2_PROXY_CONFIG", &self.config_path)
+            .env_remove("XOAUTH2_PROXY_STATE_DIR")
+            .env("RUST_LOG", &self.rust_log)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
+fn send_signal(pid: i32, signal: i32) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
