@@ -801,6 +801,28 @@ provider = "contoso"
     }
 
     #[test]
+    fn the_example_config_parses_and_documents_every_key() {
+        let text = include_str!("../config.example.toml");
+        let c = Config::parse(Path::new("config.example.toml"), text).unwrap();
+        assert_eq!(c.accounts.len(), 2);
+        assert_eq!(c.smtp.max_connections_per_mailbox, 3);
+        // Every key the file format knows, commented out or not.
+        for key in [
+            "state_dir", "auth_failure_delay", "login_timeout", "upstream_timeout", "idp_timeout",
+            "max_connections", "shutdown_grace", "listen", "max_connections_per_mailbox",
+            "pool_wait", "pool_idle_timeout", "client_idle_timeout", "kind", "tenant", "client_id",
+            "client_secret", "client_secret_file", "authorize_url", "token_url", "device_code_url",
+            "redirect_uri", "scopes", "imap_server", "imap_tls", "smtp_server", "smtp_tls",
+            "ca_file", "username", "password_hash", "password", "provider", "mailbox", "flow",
+        ] {
+            assert!(
+                text.lines().any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} "))),
+                "config.example.toml does not document `{key}`"
+            );
+        }
+    }
+
+    #[test]
     fn server_addr_parses_host_and_port() {
         assert_eq!(
             parse_server_addr("[::1]:993"),
