@@ -808,15 +808,43 @@ provider = "contoso"
         assert_eq!(c.smtp.max_connections_per_mailbox, 3);
         // Every key the file format knows, commented out or not.
         for key in [
-            "state_dir", "auth_failure_delay", "login_timeout", "upstream_timeout", "idp_timeout",
-            "max_connections", "shutdown_grace", "listen", "max_connections_per_mailbox",
-            "pool_wait", "pool_idle_timeout", "client_idle_timeout", "kind", "tenant", "client_id",
-            "client_secret", "client_secret_file", "authorize_url", "token_url", "device_code_url",
-            "redirect_uri", "scopes", "imap_server", "imap_tls", "smtp_server", "smtp_tls",
-            "ca_file", "username", "password_hash", "password", "provider", "mailbox", "flow",
+            "state_dir",
+            "auth_failure_delay",
+            "login_timeout",
+            "upstream_timeout",
+            "idp_timeout",
+            "max_connections",
+            "shutdown_grace",
+            "listen",
+            "max_connections_per_mailbox",
+            "pool_wait",
+            "pool_idle_timeout",
+            "client_idle_timeout",
+            "kind",
+            "tenant",
+            "client_id",
+            "client_secret",
+            "client_secret_file",
+            "authorize_url",
+            "token_url",
+            "device_code_url",
+            "redirect_uri",
+            "scopes",
+            "imap_server",
+            "imap_tls",
+            "smtp_server",
+            "smtp_tls",
+            "ca_file",
+            "username",
+            "password_hash",
+            "password",
+            "provider",
+            "mailbox",
+            "flow",
         ] {
             assert!(
-                text.lines().any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} "))),
+                text.lines()
+                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} "))),
                 "config.example.toml does not document `{key}`"
             );
         }

@@ -41,28 +41,49 @@ async fn run(config: &std::path::Path, args: &[&str]) -> std::process::Output {
 async fn login_runs_the_device_flow_and_stores_the_grant() {
     let world = World::start().await;
     world.idp.set_device_user(USER);
-    world.idp.set_device_outcome(DeviceOutcome::ApproveAfterPolls(2));
+    world
+        .idp
+        .set_device_outcome(DeviceOutcome::ApproveAfterPolls(2));
     let (dir, config) = config_file(&world, &[AccountSpec::device(USER, "pw")]);
 
     let out = run(&config, &["login", USER]).await;
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.contains("https://microsoft.com/devicelogin"), "{stdout}");
+    assert!(
+        stdout.contains("https://microsoft.com/devicelogin"),
+        "{stdout}"
+    );
     assert!(stdout.contains("enter the code "), "{stdout}");
     assert!(stdout.contains("expires in 15 min"), "{stdout}");
-    assert!(stdout.contains(&format!("Account {USER} is authorised")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("Account {USER} is authorised")),
+        "{stdout}"
+    );
 
-    let request = world.idp.requests().into_iter().find(|r| r.path.ends_with("/devicecode")).unwrap();
+    let request = world
+        .idp
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/devicecode"))
+        .unwrap();
     assert_eq!(
         request.scope.as_deref(),
-        Some("https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access")
+        Some(
+            "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access"
+        )
     );
-    assert!(request.secret_presented, "a confidential app sends its secret (else AADSTS7000218)");
+    assert!(
+        request.secret_presented,
+        "a confidential app sends its secret (else AADSTS7000218)"
+    );
 
     // The stored grant is the provider's current one, in a private file.
     let file = dir.path().join("state/tokens").join(format!("{USER}.json"));
     let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    assert_eq!(stored["refresh_token"], world.idp.valid_refresh_tokens(USER)[0]);
+    assert_eq!(
+        stored["refresh_token"],
+        world.idp.valid_refresh_tokens(USER)[0]
+    );
     assert_eq!(stored["needs_login"], false);
 
     let status = run(&config, &["status", "--json"]).await;
@@ -76,10 +97,17 @@ async fn login_runs_the_device_flow_and_stores_the_grant() {
 async fn login_honours_slow_down() {
     let world = World::start().await;
     world.idp.set_device_user(USER);
-    world.idp.set_device_outcome(DeviceOutcome::SlowDownThenApprove);
+    world
+        .idp
+        .set_device_outcome(DeviceOutcome::SlowDownThenApprove);
     let (_dir, config) = config_file(&world, &[AccountSpec::device(USER, "pw")]);
     let out = run(&config, &["login", USER]).await;
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     assert!(world.idp.counts().device_polls >= 3);
 }
 
@@ -92,12 +120,20 @@ async fn login_reports_a_declined_or_expired_sign_in() {
     world.idp.set_device_outcome(DeviceOutcome::Decline);
     let out = run(&config, &["login", USER]).await;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("declined"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("declined"),
+        "{}",
+        text(&out.stderr)
+    );
 
     world.idp.set_device_outcome(DeviceOutcome::Expire);
     let out = run(&config, &["login", USER]).await;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("expired"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("expired"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let status = run(&config, &["status"]).await;
     assert!(text(&status.stdout).contains("needs login"));
@@ -143,13 +179,19 @@ async fn hash_password_prints_a_hash_the_proxy_accepts() {
     assert!(config.contains("password_hash = \"$argon2id$"));
     let mut c = support::world::LineClient::connect(proxy.imap_addr).await;
     c.read().await;
-    c.line(&format!("a LOGIN {USER} \"correct horse battery\"")).await;
+    c.line(&format!("a LOGIN {USER} \"correct horse battery\""))
+        .await;
     assert!(c.until("a ").await.last().unwrap().starts_with("a OK"));
     c.line("b LOGOUT").await;
     let mut c = support::world::LineClient::connect(proxy.imap_addr).await;
     c.read().await;
     c.line(&format!("a LOGIN {USER} \"correct horse\"")).await;
-    assert!(c.read().await.unwrap().starts_with("a NO [AUTHENTICATIONFAILED]"));
+    assert!(
+        c.read()
+            .await
+            .unwrap()
+            .starts_with("a NO [AUTHENTICATIONFAILED]")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -163,5 +205,10 @@ async fn sigterm_drains_and_exits_zero() {
     assert!(status.success(), "{status:?}");
     // The open session held the proxy up to shutdown_grace (2 s), no longer.
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(tokio::net::TcpStream::connect(proxy.imap_addr).await.is_err(), "no longer listening");
+    assert!(
+        tokio::net::TcpStream::connect(proxy.imap_addr)
+            .await
+            .is_err(),
+        "no longer listening"
+    );
 }

@@ -30,7 +30,9 @@ async fn logged_in(client: &mut LineClient) {
 async fn imapflow_connect_sequence_works_through_the_proxy() {
     let world = World::start().await;
     let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
-    world.imap.add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
+    world
+        .imap
+        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
 
     let out = run_imapflow(
         &json!({
@@ -46,13 +48,16 @@ async fn imapflow_connect_sequence_works_through_the_proxy() {
     let caps: Vec<String> = serde_json::from_value(out["capabilities"].clone()).unwrap();
     assert!(caps.iter().any(|c| c == "IDLE"), "{caps:?}");
     assert!(
-        !caps.iter().any(|c| c.starts_with("AUTH=") || c == "LOGINDISABLED" || c == "STARTTLS"),
+        !caps
+            .iter()
+            .any(|c| c.starts_with("AUTH=") || c == "LOGINDISABLED" || c == "STARTTLS"),
         "filtered capabilities: {caps:?}"
     );
     let seen = world.imap.commands_seen();
     for expected in ["NAMESPACE", "ENABLE", "SELECT", "IDLE", "FETCH", "APPEND"] {
         assert!(
-            seen.iter().any(|c| c.trim_start_matches("UID ") == expected),
+            seen.iter()
+                .any(|c| c.trim_start_matches("UID ") == expected),
             "upstream never saw {expected}: {seen:?}"
         );
     }
@@ -65,27 +70,47 @@ async fn preauth_commands_are_answered_by_the_proxy() {
     let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
     let mut c = LineClient::connect(proxy.imap_addr).await;
     let greeting = c.read().await.unwrap();
-    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4rev1"), "{greeting}");
-    assert!(greeting.contains("AUTH=PLAIN") && !greeting.contains("STARTTLS") && !greeting.contains("LOGINDISABLED"));
+    assert!(
+        greeting.starts_with("* OK [CAPABILITY IMAP4rev1"),
+        "{greeting}"
+    );
+    assert!(
+        greeting.contains("AUTH=PLAIN")
+            && !greeting.contains("STARTTLS")
+            && !greeting.contains("LOGINDISABLED")
+    );
 
     c.line("c1 CAPABILITY").await;
     let lines = c.until("c1 ").await;
-    assert!(lines[0].starts_with("* CAPABILITY ") && lines[0].contains("LITERAL+"), "{lines:?}");
+    assert!(
+        lines[0].starts_with("* CAPABILITY ") && lines[0].contains("LITERAL+"),
+        "{lines:?}"
+    );
     assert!(lines[1].starts_with("c1 OK"));
     c.line("c2 NOOP").await;
     assert!(c.read().await.unwrap().starts_with("c2 OK"));
     c.line("c3 ID (\"name\" \"imapflow\")").await;
     let lines = c.until("c3 ").await;
-    assert!(lines[0].starts_with("* ID (\"name\" \"xoauth2-proxy\""), "{lines:?}");
+    assert!(
+        lines[0].starts_with("* ID (\"name\" \"xoauth2-proxy\""),
+        "{lines:?}"
+    );
     c.line("c4 SELECT INBOX").await;
     assert!(c.read().await.unwrap().starts_with("c4 BAD"));
     c.line("c5 STARTTLS").await;
     assert!(c.read().await.unwrap().starts_with("c5 BAD"));
     c.line("c6 LOGOUT").await;
     let lines = c.until("c6 ").await;
-    assert!(lines[0].starts_with("* BYE") && lines[1].starts_with("c6 OK"), "{lines:?}");
+    assert!(
+        lines[0].starts_with("* BYE") && lines[1].starts_with("c6 OK"),
+        "{lines:?}"
+    );
     assert!(c.closed().await);
-    assert_eq!(world.imap.stats().connections, 0, "no upstream connection before login");
+    assert_eq!(
+        world.imap.stats().connections,
+        0,
+        "no upstream connection before login"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -108,23 +133,32 @@ async fn every_login_form_is_understood() {
     world.grant(&proxy, &AccountSpec::device(USER, PASS));
     // The awkward account gets its grant through the real `login` command.
     world.idp.set_device_user(USER);
-    world.idp.set_device_outcome(DeviceOutcome::ApproveAfterPolls(0));
+    world
+        .idp
+        .set_device_outcome(DeviceOutcome::ApproveAfterPolls(0));
     let login = proxy.cli(&["login", user]).await;
-    assert!(login.status.success(), "{}", String::from_utf8_lossy(&login.stderr));
+    assert!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
 
     let quoted = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
     // LOGIN with quoted strings and escapes.
     let mut c = LineClient::connect(proxy.imap_addr).await;
     c.read().await;
-    c.line(&format!("q1 LOGIN {} {}", quoted(user), quoted(pass))).await;
+    c.line(&format!("q1 LOGIN {} {}", quoted(user), quoted(pass)))
+        .await;
     assert!(c.until("q1 ").await.last().unwrap().starts_with("q1 OK"));
 
     // LOGIN with synchronising literals: the proxy asks for each with `+`.
     let mut c = LineClient::connect(proxy.imap_addr).await;
     c.read().await;
-    c.send(format!("s1 LOGIN {{{}}}\r\n", user.len()).as_bytes()).await;
+    c.send(format!("s1 LOGIN {{{}}}\r\n", user.len()).as_bytes())
+        .await;
     assert!(c.read().await.unwrap().starts_with("+ "));
-    c.send(format!("{user} {{{}}}\r\n", pass.len()).as_bytes()).await;
+    c.send(format!("{user} {{{}}}\r\n", pass.len()).as_bytes())
+        .await;
     assert!(c.read().await.unwrap().starts_with("+ "));
     c.send(format!("{pass}\r\n").as_bytes()).await;
     assert!(c.until("s1 ").await.last().unwrap().starts_with("s1 OK"));
@@ -132,8 +166,15 @@ async fn every_login_form_is_understood() {
     // LOGIN with LITERAL+ literals, all in one write.
     let mut c = LineClient::connect(proxy.imap_addr).await;
     c.read().await;
-    c.send(format!("n1 LOGIN {{{}+}}\r\n{user} {{{}+}}\r\n{pass}\r\n", user.len(), pass.len()).as_bytes())
-        .await;
+    c.send(
+        format!(
+            "n1 LOGIN {{{}+}}\r\n{user} {{{}+}}\r\n{pass}\r\n",
+            user.len(),
+            pass.len()
+        )
+        .as_bytes(),
+    )
+    .await;
     assert!(c.until("n1 ").await.last().unwrap().starts_with("n1 OK"));
 
     // LOGIN with atoms.
@@ -148,7 +189,13 @@ async fn every_login_form_is_understood() {
     c.line("p1 AUTHENTICATE PLAIN").await;
     assert_eq!(c.read().await.unwrap(), "+ ");
     c.line(&plain).await;
-    assert!(c.until("p1 ").await.last().unwrap().starts_with("p1 OK [CAPABILITY "));
+    assert!(
+        c.until("p1 ")
+            .await
+            .last()
+            .unwrap()
+            .starts_with("p1 OK [CAPABILITY ")
+    );
 
     // AUTHENTICATE PLAIN with SASL-IR.
     let mut c = LineClient::connect(proxy.imap_addr).await;
@@ -186,12 +233,23 @@ async fn wrong_password_and_unknown_user_get_authenticationfailed_after_a_delay(
         c.line(&format!("w1 LOGIN {user} {pass}")).await;
         let reply = c.read().await.unwrap();
         assert_eq!(reply, "w1 NO [AUTHENTICATIONFAILED] Authentication failed");
-        assert!(started.elapsed() >= Duration::from_millis(190), "answered without the delay");
+        assert!(
+            started.elapsed() >= Duration::from_millis(190),
+            "answered without the delay"
+        );
     }
-    assert_eq!(world.imap.stats().connections, 0, "the upstream never sees a wrong password");
+    assert_eq!(
+        world.imap.stats().connections,
+        0,
+        "the upstream never sees a wrong password"
+    );
     assert_eq!(world.idp.counts().refresh_grants, 0);
-    proxy.wait_for_log("wrong password", Duration::from_secs(5)).await;
-    proxy.wait_for_log("unknown user", Duration::from_secs(5)).await;
+    proxy
+        .wait_for_log("wrong password", Duration::from_secs(5))
+        .await;
+    proxy
+        .wait_for_log("unknown user", Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,11 +260,21 @@ async fn unauthorised_account_is_refused_at_once_and_told_to_login() {
     let mut c = LineClient::connect(proxy.imap_addr).await;
     c.read().await;
     c.line(&format!("u1 LOGIN {USER} {PASS}")).await;
-    assert_eq!(c.read().await.unwrap(), "u1 NO [AUTHENTICATIONFAILED] Authentication failed");
+    assert_eq!(
+        c.read().await.unwrap(),
+        "u1 NO [AUTHENTICATIONFAILED] Authentication failed"
+    );
     proxy
-        .wait_for_log(&format!("run `xoauth2-proxy login {USER}`"), Duration::from_secs(5))
+        .wait_for_log(
+            &format!("run `xoauth2-proxy login {USER}`"),
+            Duration::from_secs(5),
+        )
         .await;
-    assert_eq!(world.idp.counts().device_code_requests, 0, "a client login never starts a device flow");
+    assert_eq!(
+        world.idp.counts().device_code_requests,
+        0,
+        "a client login never starts a device flow"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -217,8 +285,13 @@ async fn revoked_grant_needs_login_and_status_says_so() {
     let mut c = LineClient::connect(proxy.imap_addr).await;
     c.read().await;
     c.line(&format!("r1 LOGIN {USER} {PASS}")).await;
-    assert_eq!(c.read().await.unwrap(), "r1 NO [AUTHENTICATIONFAILED] Authentication failed");
-    proxy.wait_for_log("AADSTS70000", Duration::from_secs(5)).await;
+    assert_eq!(
+        c.read().await.unwrap(),
+        "r1 NO [AUTHENTICATIONFAILED] Authentication failed"
+    );
+    proxy
+        .wait_for_log("AADSTS70000", Duration::from_secs(5))
+        .await;
 
     let status = proxy.cli(&["status", "--json"]).await;
     assert!(status.status.success());
@@ -226,7 +299,10 @@ async fn revoked_grant_needs_login_and_status_says_so() {
     assert_eq!(rows[0]["state"], "needs login", "{rows}");
     assert_eq!(rows[0]["needs_login"], true);
     let text = proxy.cli(&["status"]).await;
-    assert!(String::from_utf8_lossy(&text.stdout).contains(&format!("run `xoauth2-proxy login {USER}`")));
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains(&format!("run `xoauth2-proxy login {USER}`"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -281,8 +357,12 @@ async fn app_registration_errors_log_a_fix_it_sentence() {
     c.line(&format!("e1 LOGIN {USER} {PASS}")).await;
     let reply = c.read().await.unwrap();
     assert!(reply.starts_with("e1 NO [AUTHENTICATIONFAILED]"), "{reply}");
-    proxy.wait_for_log("AADSTS7000215", Duration::from_secs(5)).await;
-    proxy.wait_for_log("Secret ID", Duration::from_secs(5)).await;
+    proxy
+        .wait_for_log("AADSTS7000215", Duration::from_secs(5))
+        .await;
+    proxy
+        .wait_for_log("Secret ID", Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -296,7 +376,9 @@ async fn authenticated_but_not_connected_is_an_authentication_failure() {
     let reply = c.until("n1 ").await.pop().unwrap();
     assert!(reply.starts_with("n1 NO [AUTHENTICATIONFAILED]"), "{reply}");
     assert!(reply.contains("not connected"), "{reply}");
-    proxy.wait_for_log("Set-CASMailbox", Duration::from_secs(5)).await;
+    proxy
+        .wait_for_log("Set-CASMailbox", Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -337,8 +419,15 @@ async fn a_fresh_token_that_is_refused_is_reported() {
     c.read().await;
     c.line("f1 LOGIN x@contoso.com pw").await;
     let reply = c.until("f1 ").await.pop().unwrap();
-    assert!(reply.starts_with("f1 NO [AUTHENTICATIONFAILED] The mail server refused"), "{reply}");
-    assert_eq!(world.imap.stats().auth_failed, 1, "a fresh token is not retried");
+    assert!(
+        reply.starts_with("f1 NO [AUTHENTICATIONFAILED] The mail server refused"),
+        "{reply}"
+    );
+    assert_eq!(
+        world.imap.stats().auth_failed,
+        1,
+        "a fresh token is not retried"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -376,7 +465,10 @@ async fn hostile_input_gets_bad_and_a_closed_connection() {
         c.send(b"\x00\xff\x13garbage\r\n").await;
     }
     let lines = c.until("* BYE").await;
-    assert!(lines.iter().filter(|l| l.starts_with("* BAD")).count() >= 9, "{lines:?}");
+    assert!(
+        lines.iter().filter(|l| l.starts_with("* BAD")).count() >= 9,
+        "{lines:?}"
+    );
     assert!(c.closed().await);
 
     // A client that stalls.
@@ -414,7 +506,10 @@ async fn access_tokens_are_refreshed_ahead_of_expiry_and_rotation_is_persisted()
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }
 
@@ -474,7 +569,10 @@ async fn client_credentials_account_needs_no_login() {
     assert!(c.until("a1 ").await.last().unwrap().starts_with("a1 OK"));
     assert_eq!(world.idp.counts().client_credentials_grants, 1);
     let scope = world.idp.requests().last().unwrap().scope.clone();
-    assert_eq!(scope.as_deref(), Some("https://outlook.office365.com/.default"));
+    assert_eq!(
+        scope.as_deref(),
+        Some("https://outlook.office365.com/.default")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -482,7 +580,13 @@ async fn large_append_and_fetch_are_relayed_byte_for_byte() {
     let world = World::start().await;
     let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
     let big: Vec<u8> = (0..30 * 1024 * 1024u32)
-        .map(|i| if i % 77 == 76 { b'\n' } else { b'a' + (i % 23) as u8 })
+        .map(|i| {
+            if i % 77 == 76 {
+                b'\n'
+            } else {
+                b'a' + (i % 23) as u8
+            }
+        })
         .collect();
     let uid = world.imap.add_message(USER, big.clone());
     let mut c = LineClient::connect(proxy.imap_addr).await;
@@ -499,12 +603,16 @@ async fn large_append_and_fetch_are_relayed_byte_for_byte() {
     c.until("f1 ").await;
 
     let appended: Vec<u8> = big.iter().rev().copied().take(20 * 1024 * 1024).collect();
-    c.line(&format!("p1 APPEND INBOX {{{}}}", appended.len())).await;
+    c.line(&format!("p1 APPEND INBOX {{{}}}", appended.len()))
+        .await;
     assert!(c.read().await.unwrap().starts_with("+"));
     c.send(&appended).await;
     c.send(b"\r\n").await;
     assert!(c.until("p1 ").await.last().unwrap().starts_with("p1 OK"));
-    assert!(*world.imap.messages(USER).last().unwrap() == appended, "APPEND relayed byte for byte");
+    assert!(
+        *world.imap.messages(USER).last().unwrap() == appended,
+        "APPEND relayed byte for byte"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -513,7 +621,10 @@ async fn no_secret_reaches_the_log_at_any_level() {
     world.idp.set_access_token_lifetime(Duration::from_secs(2));
     let proxy = support::proxy::TestProxy::start_with(
         &world.endpoints,
-        &[AccountSpec::device(USER, PASS), AccountSpec::app_only("app@local", "app-pass-77", "shared@contoso.com")],
+        &[
+            AccountSpec::device(USER, PASS),
+            AccountSpec::app_only("app@local", "app-pass-77", "shared@contoso.com"),
+        ],
         "trace",
         |t| t,
     )
@@ -523,7 +634,8 @@ async fn no_secret_reaches_the_log_at_any_level() {
     for round in 0..2 {
         let mut c = LineClient::connect(proxy.imap_addr).await;
         c.read().await;
-        c.line(&format!("a{round} AUTHENTICATE PLAIN {plain}")).await;
+        c.line(&format!("a{round} AUTHENTICATE PLAIN {plain}"))
+            .await;
         c.until(&format!("a{round} ")).await;
         c.line("l1 LOGOUT").await;
         let mut c = LineClient::connect(proxy.imap_addr).await;
@@ -539,19 +651,35 @@ async fn no_secret_reaches_the_log_at_any_level() {
     c.read().await;
     c.line(&format!("r1 LOGIN {USER} {PASS}")).await;
     c.until("r1 ").await;
-    assert!(world.idp.counts().refresh_grants >= 2, "tokens were refreshed during the run");
+    assert!(
+        world.idp.counts().refresh_grants >= 2,
+        "tokens were refreshed during the run"
+    );
 
     let logs = proxy.logs();
-    assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "the log ran at a verbose level");
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "the log ran at a verbose level"
+    );
     let status = proxy.cli(&["status", "--json"]).await;
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     let mut secrets = world.secrets();
     secrets.extend([PASS.to_string(), "app-pass-77".to_string(), plain.clone()]);
     for token in world.tokens.all_tokens() {
-        secrets.push(b64(format!("user={USER}\x01auth=Bearer {token}\x01\x01").as_bytes()));
+        secrets.push(b64(
+            format!("user={USER}\x01auth=Bearer {token}\x01\x01").as_bytes()
+        ));
     }
     for secret in secrets.iter().filter(|s| s.len() >= 8) {
-        assert!(!logs.contains(secret.as_str()), "a secret reached the log: {}…", &secret[..8]);
-        assert!(!status.contains(secret.as_str()), "a secret reached status: {}…", &secret[..8]);
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret reached the log: {}…",
+            &secret[..8]
+        );
+        assert!(
+            !status.contains(secret.as_str()),
+            "a secret reached status: {}…",
+            &secret[..8]
+        );
     }
 }
