@@ -212,3 +212,54 @@ async fn sigterm_drains_and_exits_zero() {
         "no longer listening"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_runs_the_authorization_code_flow_with_a_loopback_redirect() {
+    use tokio::io::AsyncBufReadExt;
+    let world = World::start().await;
+    world.idp.set_device_user(USER);
+    let port = support::proxy::free_port();
+    let mut spec = AccountSpec::device(USER, "pw");
+    spec.flow = "authorization_code";
+    let (_dir, config) = config_file(&world, &[spec]);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "ca_file = ",
+        &format!("redirect_uri = \"http://127.0.0.1:{port}/\"\nca_file = "),
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let mut child = tokio::process::Command::new(binary())
+        .args(["login", USER, "--config"])
+        .arg(&config)
+        .env_remove("XOAUTH2_PROXY_STATE_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("login prints the URL");
+        if line.starts_with("http") {
+            break line;
+        }
+    };
+    assert!(url.contains("code_challenge="), "PKCE: {url}");
+    // The browser: the provider signs the user in and redirects to the loopback listener.
+    let page = reqwest::get(&url).await.unwrap();
+    assert!(page.status().is_success());
+    assert!(page.text().await.unwrap().contains("Signed in"));
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(world.idp.counts().authorization_code_grants, 1);
+    let status = run(&config, &["status", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(rows[0]["state"], "authorised", "{rows}");
+}
