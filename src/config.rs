@@ -19,6 +19,8 @@ use crate::secret::Secret;
 pub const DEFAULT_IMAP_LISTEN: &str = "127.0.0.1:1143";
 /// The default SMTP listener: loopback only.
 pub const DEFAULT_SMTP_LISTEN: &str = "127.0.0.1:1587";
+/// The default admin (health and metrics) listener: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8025";
 
 /// Scopes for the delegated flows (device code, authorization code). Fully
 /// qualified: a bare `IMAP.AccessAsUser.All` yields a Graph token that
@@ -49,6 +51,7 @@ pub struct Config {
     pub server: ServerSection,
     pub imap: ImapSection,
     pub smtp: SmtpSection,
+    pub admin: AdminSection,
     pub providers: BTreeMap<String, Provider>,
     pub accounts: Vec<Account>,
 }
@@ -131,6 +134,21 @@ impl Default for SmtpSection {
             pool_wait: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(60),
             client_idle_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// `/healthz` and `/metrics` over HTTP.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
         }
     }
 }
@@ -256,6 +274,8 @@ struct RawConfig {
     imap: ImapSection,
     #[serde(default)]
     smtp: SmtpSection,
+    #[serde(default)]
+    admin: AdminSection,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
@@ -472,6 +492,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         server: raw.server,
         imap: raw.imap,
         smtp: raw.smtp,
+        admin: raw.admin,
         providers,
         accounts,
     })

@@ -10,11 +10,13 @@
 //! transactions borrow pooled upstream connections ([`smtp::pool`]).
 
 pub mod accounts;
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod imap;
 pub mod lines;
 pub mod login;
+pub mod metrics;
 pub mod oauth;
 pub mod relay;
 pub mod sasl;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -69,55 +69,61 @@ pub trait Protocol: Send + Sync + 'static {
     fn refuse_busy(stream: TcpStream) -> impl Future<Output = ()> + Send;
 }
 
-/// Runs the IMAP and SMTP listeners until SIGTERM/SIGINT, then drains.
+/// The current [`Shared`]: replaced whole on reload, while live sessions
+/// keep the one they started with.
+type Current = watch::Receiver<Arc<Shared>>;
+
+/// Runs the IMAP, SMTP and admin listeners until SIGTERM/SIGINT, then drains.
+/// SIGHUP reloads the config file.
 pub async fn run(config: Config) -> Result<(), String> {
     let shared = Arc::new(Shared::new(config)?);
-    let state_dir = crate::config::state_dir(&shared.config);
-    crate::oauth::store::create_private_dir(shared.tokens.store().dir()).map_err(|e| {
-        format!(
-            "cannot create the state directory {}: {}",
-            state_dir.display(),
-            crate::error::io_reason(&e)
-        )
-    })?;
+    prepare_state_dir(&shared)?;
 
     let imap = bind(shared.config.imap.listen, "IMAP").await?;
     let smtp = bind(shared.config.smtp.listen, "SMTP").await?;
+    let admin = bind(shared.config.admin.listen, "admin HTTP").await?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
+    let (publish, current) = watch::channel(shared.clone());
 
     tracker.spawn(accept_loop::<crate::imap::Imap>(
         imap,
-        shared.clone(),
+        current.clone(),
         limit.clone(),
         tracker.clone(),
         shutdown.clone(),
     ));
     tracker.spawn(accept_loop::<crate::smtp::Smtp>(
         smtp,
-        shared.clone(),
+        current.clone(),
         limit.clone(),
         tracker.clone(),
         shutdown.clone(),
     ));
-    let reaper = {
-        let shared = shared.clone();
-        tokio::spawn(async move { shared.smtp_pools.reap_idle().await })
-    };
+    tokio::spawn(crate::admin::serve(admin, shutdown.clone()));
+    spawn_pool_reaper(&shared);
     info!(
         imap = %shared.config.imap.listen,
         smtp = %shared.config.smtp.listen,
-        state_dir = %state_dir.display(),
+        admin = %shared.config.admin.listen,
+        state_dir = %crate::config::state_dir(&shared.config).display(),
         accounts = shared.config.accounts.len(),
         "xoauth2-proxy is ready"
     );
+    let config_path = shared.config.path.clone();
+    let grace = shared.config.server.shutdown_grace;
+    drop(shared);
 
-    wait_for_signal().await;
+    loop {
+        match next_signal().await {
+            Signal::Stop => break,
+            Signal::Reload => reload(&config_path, &publish),
+        }
+    }
     info!("shutting down: no new connections; waiting for live sessions");
     shutdown.cancel();
     tracker.close();
-    let grace = shared.config.server.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(
             "{} session(s) still open after {}; closing them",
@@ -125,8 +131,68 @@ pub async fn run(config: Config) -> Result<(), String> {
             humantime::format_duration(grace)
         );
     }
-    reaper.abort();
     Ok(())
+}
+
+fn prepare_state_dir(shared: &Shared) -> Result<(), String> {
+    crate::oauth::store::create_private_dir(shared.tokens.store().dir()).map_err(|e| {
+        format!(
+            "cannot create the state directory {}: {}",
+            crate::config::state_dir(&shared.config).display(),
+            crate::error::io_reason(&e)
+        )
+    })
+}
+
+/// Loads the config again and, if it is good, puts it in force for new
+/// connections. A bad config is refused and the old one stays.
+fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("reload refused, the running config stays in force: {e}");
+            return;
+        }
+    };
+    let old = publish.borrow().clone();
+    for (what, before, after) in [
+        ("imap.listen", old.config.imap.listen, config.imap.listen),
+        ("smtp.listen", old.config.smtp.listen, config.smtp.listen),
+        ("admin.listen", old.config.admin.listen, config.admin.listen),
+    ] {
+        if before != after {
+            warn!("`{what}` changed to {after}; listeners move only on restart, still on {before}");
+        }
+    }
+    let shared = match Shared::new(config).and_then(|s| prepare_state_dir(&s).map(|_| s)) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            error!("reload refused, the running config stays in force: {e}");
+            return;
+        }
+    };
+    spawn_pool_reaper(&shared);
+    info!(
+        accounts = shared.config.accounts.len(),
+        providers = shared.config.providers.len(),
+        "config reloaded; live sessions keep the config they started with"
+    );
+    let _ = publish.send(shared);
+}
+
+/// Closes idle pooled SMTP connections; ends once that config is replaced
+/// and its last session is gone.
+fn spawn_pool_reaper(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        loop {
+            let Some(shared) = weak.upgrade() else { return };
+            let pause = shared.smtp_pools.reap_period();
+            shared.smtp_pools.reap_once();
+            drop(shared);
+            tokio::time::sleep(pause).await;
+        }
+    });
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
@@ -146,7 +212,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
 
 async fn accept_loop<P: Protocol>(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    current: Current,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -180,10 +246,16 @@ async fn accept_loop<P: Protocol>(
         let span = info_span!("conn", proto = P::NAME, id, %peer, account = tracing::field::Empty);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
-                let shared = shared.clone();
+                let shared = current.borrow().clone();
+                let gauge = crate::metrics::get()
+                    .connections
+                    .get_or_create(&crate::metrics::ProtocolLabels { protocol: P::NAME })
+                    .clone();
+                gauge.inc();
                 tracker.spawn(
                     async move {
                         P::serve(shared, stream).await;
+                        gauge.dec();
                         drop(permit);
                     }
                     .instrument(span),
@@ -197,18 +269,26 @@ async fn accept_loop<P: Protocol>(
     }
 }
 
-async fn wait_for_signal() {
+enum Signal {
+    Stop,
+    Reload,
+}
+
+async fn next_signal() -> Signal {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+        let mut hup = signal(SignalKind::hangup()).expect("can install a SIGHUP handler");
         tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => Signal::Stop,
+            _ = tokio::signal::ctrl_c() => Signal::Stop,
+            _ = hup.recv() => Signal::Reload,
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop
     }
 }

@@ -53,10 +53,12 @@ impl UpstreamTls {
         server: &ServerAddr,
         timeout: Duration,
     ) -> Result<TcpStream, UpstreamError> {
+        let started = std::time::Instant::now();
         let connect = TcpStream::connect((server.host.as_str(), server.port));
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
+                crate::metrics::get().upstream_connect(&server.to_string(), started.elapsed());
                 Ok(stream)
             }
             Ok(Err(e)) => Err(UpstreamError::Unreachable(format!(

@@ -44,7 +44,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
             return;
         }
     };
-    if let Err(e) = crate::relay::splice(session.client, upstream.stream).await {
+    if let Err(e) = crate::relay::splice("imap", session.client, upstream.stream).await {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
@@ -222,6 +222,7 @@ impl PreAuth {
             async move { upstream::open(&shared, &account, &token).await }
         })
         .await;
+        crate::metrics::get().login("imap", &outcome);
         let answer = match outcome {
             Ok((_, upstream)) => {
                 self.send(&format!(

@@ -70,8 +70,14 @@ pub async fn open(
         };
         session.authenticate(stream, &account.mailbox, token).await
     };
+    let started = std::time::Instant::now();
     match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
+        Ok(result) => {
+            if result.is_ok() {
+                crate::metrics::get().upstream_login(&server.to_string(), started.elapsed());
+            }
+            result
+        }
         Err(_) => Err(UpstreamError::Unreachable(format!(
             "the IMAP server {server} did not complete the login within {}",
             humantime::format_duration(timeout)

@@ -213,6 +213,7 @@ impl TokenManager {
         g.last_error = None;
         g.last_error_at = None;
         self.save(entry, cached);
+        count_token_request(&entry.account.username, "ok");
         info!(
             account = %entry.account.username,
             expires_in = grant.expires_in.as_secs(),
@@ -230,6 +231,14 @@ impl TokenManager {
         let username = &entry.account.username;
         cached.grant.last_error = Some(e.message.clone());
         cached.grant.last_error_at = Some(unix_now());
+        count_token_request(
+            username,
+            match e.class {
+                ErrorClass::GrantInvalid => "needs_login",
+                ErrorClass::AppRefused => "refused",
+                ErrorClass::Transient => "unavailable",
+            },
+        );
         let outcome = match e.class {
             ErrorClass::GrantInvalid if entry.account.flow.is_delegated() => {
                 cached.grant.needs_login = true;
@@ -262,6 +271,16 @@ impl TokenManager {
         self.save(entry, cached);
         outcome
     }
+}
+
+fn count_token_request(account: &str, outcome: &'static str) {
+    crate::metrics::get()
+        .token_requests
+        .get_or_create(&crate::metrics::TokenLabels {
+            account: account.to_string(),
+            outcome,
+        })
+        .inc();
 }
 
 /// The stored access token if it is valid now; with `ahead`, only if it is

@@ -7,7 +7,8 @@ pub mod session;
 pub mod upstream;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -45,10 +46,22 @@ const PASSED_ON: &[&str] = &[
     "DSN",
 ];
 
+/// After a failed probe, EHLO goes without the upstream's extensions for
+/// this long rather than make every client wait on an unreachable server.
+const PROBE_RETRY: Duration = Duration::from_secs(10);
+
 /// What the upstream SMTP servers offer, learnt once per provider.
 #[derive(Default)]
 pub struct Extensions {
-    known: Mutex<HashMap<String, Vec<String>>>,
+    /// Held across a probe, so that clients arriving together (nodemailer's
+    /// pool opens five connections at once) share one.
+    known: tokio::sync::Mutex<HashMap<String, Learnt>>,
+}
+
+enum Learnt {
+    Keywords(Vec<String>),
+    /// The probe failed at this time.
+    Failed(Instant),
 }
 
 impl Extensions {
@@ -63,28 +76,31 @@ impl Extensions {
             .collect();
         providers.sort();
         providers.dedup();
+        let mut known = self.known.lock().await;
         let mut sets = Vec::new();
         for name in providers {
-            let known = self.known.lock().expect("not poisoned").get(name).cloned();
-            let keywords = match known {
-                Some(k) => k,
-                None => {
-                    match upstream::probe_extensions(shared, shared.config.provider(name)).await {
-                        Ok(k) => {
-                            self.known
-                                .lock()
-                                .expect("not poisoned")
-                                .insert(name.to_string(), k.clone());
-                            k
-                        }
-                        Err(e) => {
-                            warn!("cannot learn the SMTP server's extensions: {e}");
-                            Vec::new()
-                        }
-                    }
+            match known.get(name) {
+                Some(Learnt::Keywords(k)) => {
+                    sets.push(k.clone());
+                    continue;
                 }
-            };
-            sets.push(keywords);
+                Some(Learnt::Failed(at)) if at.elapsed() < PROBE_RETRY => {
+                    sets.push(Vec::new());
+                    continue;
+                }
+                _ => {}
+            }
+            match upstream::probe_extensions(shared, shared.config.provider(name)).await {
+                Ok(k) => {
+                    known.insert(name.to_string(), Learnt::Keywords(k.clone()));
+                    sets.push(k);
+                }
+                Err(e) => {
+                    warn!("cannot learn the SMTP server's extensions: {e}");
+                    known.insert(name.to_string(), Learnt::Failed(Instant::now()));
+                    sets.push(Vec::new());
+                }
+            }
         }
         intersect(&sets)
     }

@@ -49,9 +49,16 @@ pub struct Lease {
     conn: Option<SmtpUpstream>,
     permit: Option<OwnedSemaphorePermit>,
     pool: Arc<MailboxPool>,
+    reused: bool,
 }
 
 impl Lease {
+    /// Whether the connection waited in the pool (and so may have been
+    /// closed by the server meanwhile) rather than being opened for this lease.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     pub fn conn(&mut self) -> &mut SmtpUpstream {
         self.conn
             .as_mut()
@@ -178,17 +185,21 @@ impl Pools {
             }) = idle
             {
                 if since.elapsed() < self.idle_timeout {
-                    return Ok(self.lent(&pool, conn, permit));
+                    return Ok(self.lent(&pool, conn, permit, true));
                 }
+                // Its slot frees once it is closed; waiters (this one among
+                // them) must hear of it.
+                let pool = pool.clone();
                 tokio::spawn(async move {
                     conn.quit().await;
                     drop(permit);
+                    pool.changed.notify_waiters();
                 });
                 continue;
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
                 return match open(shared, account).await {
-                    Ok(conn) => Ok(self.lent(&pool, conn, permit)),
+                    Ok(conn) => Ok(self.lent(&pool, conn, permit, false)),
                     Err(e) => {
                         drop(permit);
                         pool.changed.notify_waiters();
@@ -210,45 +221,41 @@ impl Pools {
         pool: &Arc<MailboxPool>,
         conn: SmtpUpstream,
         permit: OwnedSemaphorePermit,
+        reused: bool,
     ) -> Lease {
         pool.leased.fetch_add(1, Ordering::AcqRel);
         Lease {
             conn: Some(conn),
             permit: Some(permit),
             pool: pool.clone(),
+            reused,
         }
     }
 
-    /// Closes idle connections older than the idle timeout; runs forever.
-    pub async fn reap_idle(&self) {
-        let period =
-            (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
-        loop {
-            tokio::time::sleep(period).await;
-            let pools: Vec<_> = self
-                .pools
-                .lock()
-                .expect("not poisoned")
-                .values()
-                .cloned()
-                .collect();
-            for pool in pools {
-                let expired: Vec<Idle> = {
-                    let mut idle = pool.idle.lock().expect("not poisoned");
-                    let (old, fresh) = idle
-                        .drain(..)
-                        .partition(|i| i.since.elapsed() >= self.idle_timeout);
-                    *idle = fresh;
-                    old
-                };
-                for Idle { conn, permit, .. } in expired {
-                    let pool = pool.clone();
-                    tokio::spawn(async move {
-                        conn.quit().await;
-                        drop(permit);
-                        pool.changed.notify_waiters();
-                    });
-                }
+    /// How often [`reap_once`](Self::reap_once) should run.
+    pub fn reap_period(&self) -> Duration {
+        (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10))
+    }
+
+    /// Closes idle connections older than the idle timeout.
+    pub fn reap_once(&self) {
+        let pools: Vec<_> = self.pools.lock().expect("not poisoned").values().cloned().collect();
+        for pool in pools {
+            let expired: Vec<Idle> = {
+                let mut idle = pool.idle.lock().expect("not poisoned");
+                let (old, fresh) = idle
+                    .drain(..)
+                    .partition(|i| i.since.elapsed() >= self.idle_timeout);
+                *idle = fresh;
+                old
+            };
+            for Idle { conn, permit, .. } in expired {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    conn.quit().await;
+                    drop(permit);
+                    pool.changed.notify_waiters();
+                });
             }
         }
     }

@@ -179,6 +179,13 @@ impl Session {
 
     async fn error(&mut self, code: u16, text: &str) -> std::io::Result<Next> {
         self.reply(code, text).await?;
+        // After a refused MAIL, a pipelining client's RCPTs and DATA get 503
+        // in the normal course of things (nodemailer sends them all at once):
+        // from a logged-in client that is no sign of hostility, and a pooled
+        // connection lives long enough to collect many.
+        if code == 503 && self.account.is_some() {
+            return Ok(Next::Continue);
+        }
         self.errors += 1;
         if self.errors >= MAX_ERRORS {
             return self.close_with(421, "4.7.0 Too many errors; closing").await;
@@ -204,24 +211,31 @@ impl Session {
         if self.account.is_some() {
             return self.error(503, "5.5.1 Already authenticated").await;
         }
+        // `None` from a prompt: the connection is being closed.
         let credentials = match mechanism {
             "PLAIN" => {
                 let message = match initial {
                     Some(ir) => sasl::decode(&ir),
-                    None => self.sasl_response("").await?,
+                    None => match self.sasl_response("").await? {
+                        Some(m) => m,
+                        None => return Ok(Next::Close),
+                    },
                 };
                 message.and_then(|m| sasl::parse_plain(&m))
             }
             "LOGIN" => {
                 let username = match initial {
                     Some(ir) => sasl::decode(&ir),
-                    None => self.sasl_response(sasl::LOGIN_USERNAME_PROMPT).await?,
+                    None => match self.sasl_response(sasl::LOGIN_USERNAME_PROMPT).await? {
+                        Some(u) => u,
+                        None => return Ok(Next::Close),
+                    },
                 };
                 match sasl::login_username(username) {
-                    Ok(u) => self
-                        .sasl_response(sasl::LOGIN_PASSWORD_PROMPT)
-                        .await?
-                        .map(|p| (u, p)),
+                    Ok(u) => match self.sasl_response(sasl::LOGIN_PASSWORD_PROMPT).await? {
+                        Some(p) => p.map(|p| (u, p)),
+                        None => return Ok(Next::Close),
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -286,21 +300,41 @@ impl Session {
         }
     }
 
-    /// Reads one SASL response line after a `334` prompt.
-    async fn sasl_response(&mut self, prompt: &str) -> std::io::Result<Result<Vec<u8>, SaslEnd>> {
+    /// Reads one SASL response line after a `334` prompt. `None`: the client
+    /// stalled or sent an overlong line, and was told the connection closes
+    /// (the rest of such a line must not be read as commands).
+    async fn sasl_response(
+        &mut self,
+        prompt: &str,
+    ) -> std::io::Result<Option<Result<Vec<u8>, SaslEnd>>> {
         self.send(format!("334 {prompt}\r\n").as_bytes()).await?;
         self.client.get_mut().flush().await?;
         let mut line = Vec::new();
+        let timeout = self.shared.config.server.login_timeout;
         let read = tokio::time::timeout(
-            self.shared.config.server.login_timeout,
+            timeout,
             read_line(&mut self.client, &mut line, MAX_LINE),
         )
         .await;
         match read {
-            Ok(Ok(())) => Ok(sasl::decode(trim_eol(&line))),
+            Ok(Ok(())) => Ok(Some(sasl::decode(trim_eol(&line)))),
             Ok(Err(LineError::Io(e))) => Err(e),
             Ok(Err(LineError::Closed)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(Err(LineError::TooLong)) | Err(_) => Ok(Err(SaslEnd::Malformed)),
+            Ok(Err(LineError::TooLong)) => {
+                info!("client sent an overlong SASL response; closing");
+                self.reply(500, "5.5.2 Line too long").await?;
+                self.close_with(421, "4.7.0 Closing").await?;
+                Ok(None)
+            }
+            Err(_) => {
+                info!(
+                    "client sent no SASL response for {}; closing",
+                    humantime::format_duration(timeout)
+                );
+                self.close_with(421, "4.4.2 Idle for too long; closing")
+                    .await?;
+                Ok(None)
+            }
         }
     }
 
@@ -313,9 +347,12 @@ impl Session {
                 .error(503, "5.5.1 Sender already given; RSET first")
                 .await;
         }
-        // A pooled connection may have been closed by the server while idle:
-        // nothing is committed before MAIL succeeds, so one retry is safe.
-        for attempt in 0..2 {
+        // A pooled connection may have been closed by the server while idle
+        // (all of them, after a server restart): nothing is committed before
+        // MAIL succeeds, so another connection may be tried, as long as the
+        // failing one had waited in the pool. A fresh one failing is an answer.
+        let mut stale = 0;
+        loop {
             let mut lease = match self.shared.smtp_pools.lease(&self.shared, &account).await {
                 Ok(lease) => lease,
                 Err(LeaseError::Busy) => {
@@ -341,9 +378,11 @@ impl Session {
                     return Ok(Next::Continue);
                 }
             };
+            let retry = lease.reused() && stale < self.shared.config.smtp.max_connections_per_mailbox;
             match lease.conn().command(line).await {
-                Ok(reply) if reply.code == 421 && attempt == 0 => {
+                Ok(reply) if reply.code == 421 && retry => {
                     debug!("pooled connection was closed by the server; retrying with another");
+                    stale += 1;
                     continue;
                 }
                 Ok(reply) => {
@@ -356,8 +395,9 @@ impl Session {
                     self.send(&reply.raw).await?;
                     return Ok(Next::Continue);
                 }
-                Err(e) if attempt == 0 => {
+                Err(e) if retry => {
                     debug!("pooled connection failed ({e}); retrying with another");
+                    stale += 1;
                     continue;
                 }
                 Err(e) => {
@@ -371,7 +411,6 @@ impl Session {
                 }
             }
         }
-        unreachable!("the second attempt always answers")
     }
 
     async fn rcpt(&mut self, line: &[u8]) -> std::io::Result<Next> {

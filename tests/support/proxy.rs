@@ -158,6 +158,7 @@ pub struct TestProxy {
     pub state_dir: PathBuf,
     pub imap_addr: SocketAddr,
     pub smtp_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     child: Option<Child>,
     log: Arc<Mutex<Vec<u8>>>,
     rust_log: String,
@@ -178,8 +179,10 @@ impl TestProxy {
     ) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
-        let (imap, smtp) = (free_port(), free_port());
-        let text = edit(config_text(endpoints, accounts, imap, smtp, &state_dir));
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let mut text = config_text(endpoints, accounts, imap, smtp, &state_dir);
+        text.push_str(&format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"));
+        let text = edit(text);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, text).unwrap();
         let mut proxy = TestProxy {
@@ -188,6 +191,7 @@ impl TestProxy {
             state_dir,
             imap_addr: SocketAddr::from(([127, 0, 0, 1], imap)),
             smtp_addr: SocketAddr::from(([127, 0, 0, 1], smtp)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin)),
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             rust_log: rust_log.to_string(),
@@ -255,6 +259,12 @@ impl TestProxy {
             .await
             .expect("the proxy exits after SIGTERM")
             .unwrap()
+    }
+
+    /// Sends SIGHUP: reload the config file.
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+        send_signal(pid as i32, 1);
     }
 
     /// Stops and starts the proxy again with the same config and state.

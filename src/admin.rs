@@ -1,0 +1,68 @@
+//! The admin HTTP listener: `/healthz` and `/metrics`, apart from the mail ports.
+//!
+//! It starts after the mail listeners are bound and the config is loaded, so
+//! a 200 from `/healthz` means the proxy is ready to serve.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Serves admin requests until `shutdown`.
+pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(handle);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return Ok(response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        ));
+    }
+    Ok(match request.uri().path() {
+        "/healthz" => response(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/metrics" => response(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            crate::metrics::get().encode(),
+        ),
+        _ => response(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /healthz or /metrics\n".into(),
+        ),
+    })
+}

@@ -1,0 +1,208 @@
+//! Prometheus metrics, served on the admin listener at `/metrics`.
+//!
+//! One process-wide registry: counting must be possible from any corner of
+//! the data path without threading a handle through it, and every counter is
+//! an atomic add, cheap enough for the relay's hot path.
+
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::login::LoginError;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoginLabels {
+    pub protocol: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub protocol: &'static str,
+    /// `upstream` (client to server) or `downstream` (server to client).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub account: String,
+    /// `ok`, `needs_login`, `refused`, `unavailable`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    /// `host:port` of the upstream server.
+    pub server: String,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    pub logins: Family<LoginLabels, Counter>,
+    pub connections: Family<ProtocolLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter<u64, AtomicU64>>,
+    pub token_requests: Family<TokenLabels, Counter>,
+    pub upstream_connect_seconds: Family<ServerLabels, Histogram>,
+    pub upstream_login_seconds: Family<ServerLabels, Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~16 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("xoauth2_proxy");
+        let logins = Family::<LoginLabels, Counter>::default();
+        registry.register(
+            "logins",
+            "Client logins by protocol and outcome",
+            logins.clone(),
+        );
+        let connections = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Client connections open now",
+            connections.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "relayed_bytes",
+            "Bytes relayed after login, by direction",
+            bytes.clone(),
+        );
+        let token_requests = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "token_requests",
+            "Access token requests to the identity provider, by account and outcome",
+            token_requests.clone(),
+        );
+        let upstream_connect_seconds = Family::<ServerLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_connect_seconds",
+            "TCP connect to an upstream server",
+            upstream_connect_seconds.clone(),
+        );
+        let upstream_login_seconds = Family::<ServerLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_login_seconds",
+            "Opening an authenticated upstream session, connect included",
+            upstream_login_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            logins,
+            connections,
+            bytes,
+            token_requests,
+            upstream_connect_seconds,
+            upstream_login_seconds,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts a client login attempt.
+    pub fn login<T>(&self, protocol: &'static str, result: &Result<T, LoginError>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(LoginError::BadCredentials) => "bad_password",
+            Err(LoginError::NotAuthorised) => "not_authorised",
+            Err(LoginError::Refused) => "idp_refused",
+            Err(LoginError::UpstreamRejected(_)) => "upstream_rejected",
+            Err(LoginError::Unavailable) => "unavailable",
+        };
+        self.logins
+            .get_or_create(&LoginLabels { protocol, outcome })
+            .inc();
+    }
+
+    pub fn relayed(
+        &self,
+        protocol: &'static str,
+        direction: &'static str,
+    ) -> Counter<u64, AtomicU64> {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                protocol,
+                direction,
+            })
+            .clone()
+    }
+
+    pub fn upstream_connect(&self, server: &str, took: Duration) {
+        self.upstream_connect_seconds
+            .get_or_create(&ServerLabels {
+                server: server.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_login(&self, server: &str, took: Duration) {
+        self.upstream_login_seconds
+            .get_or_create(&ServerLabels {
+                server: server.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logins_are_counted_by_protocol_and_outcome() {
+        let m = Metrics::new();
+        m.login::<()>("imap", &Ok(()));
+        m.login::<()>("smtp", &Err(LoginError::BadCredentials));
+        m.relayed("imap", "downstream").inc_by(42);
+        m.upstream_connect("localhost:993", Duration::from_millis(3));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"outcome="bad_password""#), "{text}");
+        assert!(
+            text.contains(
+                r#"xoauth2_proxy_relayed_bytes_total{protocol="imap",direction="downstream"} 42"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("xoauth2_proxy_upstream_connect_seconds_bucket"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,135 @@
+//! Running the proxy as a service: health and metrics, reload on SIGHUP.
+
+mod support;
+
+use std::time::Duration;
+
+use support::proxy::AccountSpec;
+use support::world::{LineClient, World};
+
+const USER: &str = "sales@contoso.com";
+const PASS: &str = "first-pass";
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, content_type, response.text().await.unwrap())
+}
+
+async fn login(addr: std::net::SocketAddr, user: &str, pass: &str) -> String {
+    let mut c = LineClient::connect(addr).await;
+    c.read().await;
+    c.line(&format!("a LOGIN {user} {pass}")).await;
+    c.until("a ").await.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_metrics_are_served_on_the_admin_listener() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let (status, _, body) = get(proxy.admin_addr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    assert!(login(proxy.imap_addr, USER, PASS).await.starts_with("a OK"));
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    c.read().await;
+    c.line(&format!("a LOGIN {USER} {PASS}")).await;
+    c.until("a ").await;
+    c.line("b NOOP").await;
+    c.until("b ").await;
+    assert!(
+        login(proxy.imap_addr, USER, "wrong")
+            .await
+            .starts_with("a NO")
+    );
+
+    let (status, content_type, text) = get(proxy.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    for expected in [
+        r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 2"#,
+        r#"xoauth2_proxy_logins_total{protocol="imap",outcome="bad_password"} 1"#,
+        r#"xoauth2_proxy_token_requests_total{account="sales@contoso.com",outcome="ok"} 1"#,
+        r#"xoauth2_proxy_connections{protocol="imap"} "#,
+        "xoauth2_proxy_upstream_login_seconds_count",
+        "xoauth2_proxy_upstream_connect_seconds_bucket",
+    ] {
+        assert!(text.contains(expected), "missing {expected}:\n{text}");
+    }
+    let relayed = text
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                r#"xoauth2_proxy_relayed_bytes_total{protocol="imap",direction="upstream"}"#,
+            )
+        })
+        .expect("relayed bytes are counted");
+    assert!(
+        relayed.ends_with(" 8"),
+        "b NOOP\\r\\n is 8 bytes: {relayed}"
+    );
+    assert_eq!(get(proxy.admin_addr, "/nothing").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_applies_a_changed_account_and_keeps_live_sessions() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let mut live = LineClient::connect(proxy.imap_addr).await;
+    live.read().await;
+    live.line(&format!("a LOGIN {USER} {PASS}")).await;
+    assert!(live.until("a ").await.pop().unwrap().starts_with("a OK"));
+
+    let original = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let changed = format!(
+        "{}\n[[accounts]]\nusername = \"app@local\"\npassword = \"app-pass\"\nprovider = \"test\"\nmailbox = \"shared@contoso.com\"\nflow = \"client_credentials\"\n",
+        original.replace(
+            &format!("password = \"{PASS}\""),
+            "password = \"second-pass\""
+        )
+    );
+    std::fs::write(&proxy.config_path, changed).unwrap();
+    proxy.reload();
+    proxy
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .await;
+
+    live.line("b NOOP").await;
+    assert!(
+        live.until("b ").await.pop().unwrap().starts_with("b OK"),
+        "the live session survived"
+    );
+    assert!(login(proxy.imap_addr, USER, PASS).await.starts_with("a NO"));
+    assert!(
+        login(proxy.imap_addr, USER, "second-pass")
+            .await
+            .starts_with("a OK")
+    );
+    assert!(
+        login(proxy.imap_addr, "app@local", "app-pass")
+            .await
+            .starts_with("a OK")
+    );
+
+    // A broken config is refused; the running one stays.
+    std::fs::write(&proxy.config_path, "[[accounts]]\nusername = 1\n").unwrap();
+    proxy.reload();
+    proxy
+        .wait_for_log("reload refused", Duration::from_secs(10))
+        .await;
+    assert!(
+        login(proxy.imap_addr, USER, "second-pass")
+            .await
+            .starts_with("a OK")
+    );
+    live.line("c NOOP").await;
+    assert!(live.until("c ").await.pop().unwrap().starts_with("c OK"));
+}
