@@ -11,6 +11,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod imap;

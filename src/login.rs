@@ -73,9 +73,47 @@ pub async fn check_password(
     Ok(account)
 }
 
+/// Why [`open_with_token`] produced no session.
+#[derive(Debug)]
+pub enum OpenError {
+    Token(TokenError),
+    Upstream(UpstreamError),
+}
+
 /// Opens an upstream session as `account` with its access token. When the
 /// upstream refuses a cached token, the token is replaced once and the open
 /// retried; a fresh token that is refused is reported.
+pub async fn open_with_token<T, F, Fut>(
+    shared: &Shared,
+    account: &Account,
+    open: F,
+) -> Result<T, OpenError>
+where
+    F: Fn(Account, Secret) -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>>,
+{
+    let tokens = &shared.tokens;
+    let mut token = tokens
+        .access_token(&account.username)
+        .await
+        .map_err(OpenError::Token)?;
+    let mut result = open(account.clone(), token.token.clone()).await;
+    if let Err(UpstreamError::Rejected { reply, .. }) = &result {
+        if !token.fresh {
+            info!(reply = %reply, "upstream refused the cached token; getting a new one");
+            tokens.reject(&account.username, &token.token).await;
+            token = tokens
+                .access_token(&account.username)
+                .await
+                .map_err(OpenError::Token)?;
+            result = open(account.clone(), token.token.clone()).await;
+        }
+    }
+    result.map_err(OpenError::Upstream)
+}
+
+/// [`open_with_token`] for a client login: the failure is logged and reduced
+/// to what the client is told.
 pub async fn open_as<T, F, Fut>(
     shared: &Shared,
     account: &Account,
@@ -85,49 +123,27 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    let mut token = access_token(shared, account).await?;
-    let mut result = open(account.clone(), token.token.clone()).await;
-    if let Err(UpstreamError::Rejected { reply, .. }) = &result {
-        if !token.fresh {
-            info!(reply = %reply, "upstream refused the cached token; getting a new one");
-            shared.tokens.reject(&account.username, &token.token).await;
-            token = access_token(shared, account).await?;
-            result = open(account.clone(), token.token.clone()).await;
-        }
-    }
-    result.map_err(|e| match e {
-        UpstreamError::Rejected { reply, hint } => {
-            warn!(mailbox = %account.mailbox, "the upstream server refused the login: {reply} — {hint}");
-            LoginError::UpstreamRejected(reply)
-        }
-        UpstreamError::Unreachable(reason) => {
-            warn!("{reason}");
-            LoginError::Unavailable
-        }
-    })
-}
-
-async fn access_token(
-    shared: &Shared,
-    account: &Account,
-) -> Result<crate::oauth::AccessToken, LoginError> {
-    shared
-        .tokens
-        .access_token(&account.username)
-        .await
-        .map_err(|e| {
+    open_with_token(shared, account, open).await.map_err(|e| match e {
+        OpenError::Token(e) => {
             match &e {
                 TokenError::NeedsLogin { .. } => warn!("{e}"),
-                TokenError::Refused(_) | TokenError::Unavailable(_) => {
-                    info!("no access token: {e}")
-                }
+                TokenError::Refused(_) | TokenError::Unavailable(_) => info!("no access token: {e}"),
             }
             match e {
                 TokenError::NeedsLogin { .. } => LoginError::NotAuthorised,
                 TokenError::Refused(_) => LoginError::Refused,
                 TokenError::Unavailable(_) => LoginError::Unavailable,
             }
-        })
+        }
+        OpenError::Upstream(UpstreamError::Rejected { reply, hint }) => {
+            warn!(mailbox = %account.mailbox, "the upstream server refused the login: {reply} — {hint}");
+            LoginError::UpstreamRejected(reply)
+        }
+        OpenError::Upstream(UpstreamError::Unreachable(reason)) => {
+            warn!("{reason}");
+            LoginError::Unavailable
+        }
+    })
 }
 
 /// A username as it may appear in a log line: printable and bounded.

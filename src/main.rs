@@ -39,6 +39,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validate the config, then reach the identity provider and the mail servers
+    /// for every account and say what to fix.
+    Check,
     /// Read a password from stdin (one line) and print its argon2id hash for `password_hash`.
     HashPassword,
 }
@@ -116,6 +119,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(Failure::Runtime)
         }
         Command::Status { json } => status(&load_config(&cli)?, *json),
+        Command::Check => {
+            let config = load_config(&cli)?;
+            println!("config {} is valid", config.path.display());
+            match runtime().block_on(xoauth2_proxy::check::run(config)) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Failure::Runtime("some checks failed; see above".into())),
+                Err(e) => Err(Failure::Runtime(e)),
+            }
+        }
     }
 }
 

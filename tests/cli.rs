@@ -263,3 +263,50 @@ async fn login_runs_the_authorization_code_flow_with_a_loopback_redirect() {
     let rows: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(rows[0]["state"], "authorised", "{rows}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reaches_every_party_and_says_what_to_fix() {
+    let world = World::start().await;
+    let proxy = world
+        .proxy(&[
+            AccountSpec::device(USER, "pw"),
+            AccountSpec::app_only("app@local", "pw2", "shared@contoso.com"),
+        ])
+        .await;
+    let out = proxy.cli(&["check"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert_eq!(
+        stdout.matches("logged in with XOAUTH2").count(),
+        4,
+        "{stdout}\n{:?}\n{:?}",
+        world.idp.requests(),
+        world
+            .imap
+            .tokens_seen()
+            .iter()
+            .map(|t| t.len())
+            .collect::<Vec<_>>()
+    );
+    assert!(!stdout.contains("PROBLEM"), "{stdout}");
+
+    world.smtp.set_auth_disabled(USER, true);
+    world.idp.revoke_grants("shared@contoso.com");
+    let out = proxy.cli(&["check"]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("SmtpClientAuthenticationDisabled"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("IMAP localhost:"), "{stdout}");
+
+    world.idp.revoke_grants(USER);
+    world.smtp.set_auth_disabled(USER, false);
+    let out = proxy.cli(&["check"]).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("run `xoauth2-proxy login {USER}`")),
+        "{stdout}"
+    );
+}

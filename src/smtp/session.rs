@@ -132,6 +132,7 @@ impl Session {
     /// Answers the command in `self.line`.
     async fn command(&mut self) -> std::io::Result<Next> {
         let line = trim_eol(&self.line).to_vec();
+        tracing::trace!("command {}", String::from_utf8_lossy(&line));
         let Some(command) = command::parse(&line) else {
             return self
                 .error(501, "5.5.4 Syntax error in command or arguments")

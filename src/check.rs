@@ -1,0 +1,92 @@
+//! `xoauth2-proxy check`: what a user runs after editing the config, to learn
+//! in plain words whether each account will work and, if not, what to fix.
+
+use crate::config::Config;
+use crate::login::{OpenError, open_with_token};
+use crate::server::Shared;
+use crate::upstream::UpstreamError;
+
+/// Checks every account against the identity provider and the upstream
+/// servers, printing one line per step. Returns whether all passed.
+pub async fn run(config: Config) -> Result<bool, String> {
+    let shared = Shared::new(config)?;
+    let mut all_ok = true;
+    let state = crate::config::state_dir(&shared.config);
+    match crate::oauth::store::create_private_dir(shared.tokens.store().dir()) {
+        Ok(()) => say(
+            true,
+            &format!("state directory {} is usable", state.display()),
+        ),
+        Err(e) => {
+            all_ok = false;
+            say(
+                false,
+                &format!(
+                    "state directory {}: {}",
+                    state.display(),
+                    crate::error::io_reason(&e)
+                ),
+            );
+        }
+    }
+    if shared.config.accounts.is_empty() {
+        say(false, "no [[accounts]] are configured");
+        return Ok(false);
+    }
+    for account in &shared.config.accounts {
+        let provider = shared.config.provider(&account.provider);
+        println!(
+            "{} → mailbox {} (provider {}, {:?})",
+            account.username, account.mailbox, account.provider, account.flow
+        );
+        let imap = open_with_token(&shared, account, |account, token| {
+            let shared = &shared;
+            async move {
+                crate::imap::upstream::open(shared, &account, &token)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await;
+        all_ok &= report(&format!("IMAP {}", provider.imap_server), imap);
+        let smtp = open_with_token(&shared, account, |account, token| {
+            let shared = &shared;
+            async move {
+                let conn = crate::smtp::upstream::open(shared, &account, &token).await?;
+                conn.quit().await;
+                Ok(())
+            }
+        })
+        .await;
+        all_ok &= report(&format!("SMTP {}", provider.smtp_server), smtp);
+    }
+    Ok(all_ok)
+}
+
+fn report(what: &str, result: Result<(), OpenError>) -> bool {
+    match result {
+        Ok(()) => {
+            say(true, &format!("{what}: logged in with XOAUTH2"));
+            true
+        }
+        Err(OpenError::Token(e)) => {
+            say(false, &format!("{what}: no access token: {e}"));
+            false
+        }
+        Err(OpenError::Upstream(UpstreamError::Unreachable(reason))) => {
+            say(false, &format!("{what}: {reason}"));
+            false
+        }
+        Err(OpenError::Upstream(UpstreamError::Rejected { reply, hint })) => {
+            say(
+                false,
+                &format!("{what}: the server refused the login ({reply}); {hint}"),
+            );
+            false
+        }
+    }
+}
+
+fn say(ok: bool, line: &str) {
+    println!("  {} {line}", if ok { "ok     " } else { "PROBLEM" });
+}
