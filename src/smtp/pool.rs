@@ -239,7 +239,13 @@ impl Pools {
 
     /// Closes idle connections older than the idle timeout.
     pub fn reap_once(&self) {
-        let pools: Vec<_> = self.pools.lock().expect("not poisoned").values().cloned().collect();
+        let pools: Vec<_> = self
+            .pools
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
         for pool in pools {
             let expired: Vec<Idle> = {
                 let mut idle = pool.idle.lock().expect("not poisoned");

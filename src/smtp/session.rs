@@ -132,7 +132,6 @@ impl Session {
     /// Answers the command in `self.line`.
     async fn command(&mut self) -> std::io::Result<Next> {
         let line = trim_eol(&self.line).to_vec();
-        tracing::trace!("command {}", String::from_utf8_lossy(&line));
         let Some(command) = command::parse(&line) else {
             return self
                 .error(501, "5.5.4 Syntax error in command or arguments")
@@ -312,11 +311,8 @@ impl Session {
         self.client.get_mut().flush().await?;
         let mut line = Vec::new();
         let timeout = self.shared.config.server.login_timeout;
-        let read = tokio::time::timeout(
-            timeout,
-            read_line(&mut self.client, &mut line, MAX_LINE),
-        )
-        .await;
+        let read =
+            tokio::time::timeout(timeout, read_line(&mut self.client, &mut line, MAX_LINE)).await;
         match read {
             Ok(Ok(())) => Ok(Some(sasl::decode(trim_eol(&line)))),
             Ok(Err(LineError::Io(e))) => Err(e),
@@ -379,7 +375,8 @@ impl Session {
                     return Ok(Next::Continue);
                 }
             };
-            let retry = lease.reused() && stale < self.shared.config.smtp.max_connections_per_mailbox;
+            let retry =
+                lease.reused() && stale < self.shared.config.smtp.max_connections_per_mailbox;
             match lease.conn().command(line).await {
                 Ok(reply) if reply.code == 421 && retry => {
                     debug!("pooled connection was closed by the server; retrying with another");

@@ -281,8 +281,15 @@ impl MockSmtpUpstream {
         let mut slot = self.shared.listener.lock().unwrap();
         if stopped {
             let old = slot.listener.take();
+            // The accept loop may be waiting on the old listener, whose
+            // registration is dropped without a wake-up: wake it, so that it
+            // parks on the slot instead and sees the listener come back.
+            let waker = slot.waker.take();
             drop(slot);
             drop(old);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
             return;
         }
         if slot.listener.is_some() {
@@ -411,12 +418,10 @@ async fn accept_loop(shared: Arc<Shared>) {
     loop {
         let accepted = poll_fn(|cx| {
             let mut slot = shared.listener.lock().unwrap();
+            slot.waker = Some(cx.waker().clone());
             match slot.listener.as_ref() {
                 Some(listener) => listener.poll_accept(cx),
-                None => {
-                    slot.waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+                None => Poll::Pending,
             }
         })
         .await;
