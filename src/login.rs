@@ -26,8 +26,10 @@ pub enum LoginError {
     NotAuthorised,
     /// The identity provider refuses the app registration.
     Refused,
-    /// The identity provider or the upstream server cannot be reached now.
-    Unavailable,
+    /// The identity provider cannot be reached now (or answers nonsense).
+    IdpUnavailable,
+    /// The upstream server cannot be reached now.
+    UpstreamUnavailable,
     /// The upstream refused a fresh token; the server's reply.
     UpstreamRejected(String),
 }
@@ -132,7 +134,7 @@ where
             match e {
                 TokenError::NeedsLogin { .. } => LoginError::NotAuthorised,
                 TokenError::Refused(_) => LoginError::Refused,
-                TokenError::Unavailable(_) => LoginError::Unavailable,
+                TokenError::Unavailable(_) => LoginError::IdpUnavailable,
             }
         }
         OpenError::Upstream(UpstreamError::Rejected { reply, hint }) => {
@@ -141,7 +143,7 @@ where
         }
         OpenError::Upstream(UpstreamError::Unreachable(reason)) => {
             warn!("{reason}");
-            LoginError::Unavailable
+            LoginError::UpstreamUnavailable
         }
     })
 }

@@ -134,7 +134,8 @@ impl Metrics {
             Err(LoginError::NotAuthorised) => "not_authorised",
             Err(LoginError::Refused) => "idp_refused",
             Err(LoginError::UpstreamRejected(_)) => "upstream_rejected",
-            Err(LoginError::Unavailable) => "unavailable",
+            Err(LoginError::IdpUnavailable) => "idp_unavailable",
+            Err(LoginError::UpstreamUnavailable) => "upstream_unavailable",
         };
         self.logins
             .get_or_create(&LoginLabels { protocol, outcome })

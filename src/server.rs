@@ -32,7 +32,9 @@ pub struct Shared {
     pub accounts: Accounts,
     pub tokens: TokenManager,
     pub tls: UpstreamTls,
-    pub smtp_pools: Pools,
+    /// Shared with the configs that replace this one on reload, so that a
+    /// mailbox never has more upstream connections than its limit.
+    pub smtp_pools: Arc<Pools>,
     smtp_extensions: Extensions,
 }
 
@@ -43,11 +45,11 @@ impl Shared {
             accounts: Accounts::new(&config),
             tokens: TokenManager::new(&config, store)?,
             tls: UpstreamTls::new(&config)?,
-            smtp_pools: Pools::new(
+            smtp_pools: Arc::new(Pools::new(
                 config.smtp.max_connections_per_mailbox,
                 config.smtp.pool_idle_timeout,
                 config.smtp.pool_wait,
-            ),
+            )),
             smtp_extensions: Extensions::default(),
             config,
         })
@@ -164,8 +166,20 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
             warn!("`{what}` changed to {after}; listeners move only on restart, still on {before}");
         }
     }
+    let pools_unchanged = {
+        let (a, b) = (&old.config.smtp, &config.smtp);
+        a.max_connections_per_mailbox == b.max_connections_per_mailbox
+            && a.pool_wait == b.pool_wait
+            && a.pool_idle_timeout == b.pool_idle_timeout
+    };
+    if !pools_unchanged {
+        warn!("the [smtp] pool settings changed; they apply from the next restart");
+    }
     let shared = match Shared::new(config).and_then(|s| prepare_state_dir(&s).map(|_| s)) {
-        Ok(s) => Arc::new(s),
+        Ok(mut s) => {
+            s.smtp_pools = old.smtp_pools.clone();
+            Arc::new(s)
+        }
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
             return;

@@ -241,7 +241,7 @@ impl PreAuth {
             Err(LoginError::UpstreamRejected(reply)) => {
                 format!("NO [AUTHENTICATIONFAILED] The mail server refused the login: {reply}")
             }
-            Err(LoginError::Unavailable) => {
+            Err(LoginError::IdpUnavailable | LoginError::UpstreamUnavailable) => {
                 "NO [UNAVAILABLE] The mail server or identity provider is unavailable; try again later".to_string()
             }
         };

@@ -163,7 +163,7 @@ impl Pools {
                 .await
                 .is_err()
             {
-                return Err(LoginError::Unavailable);
+                return Err(LoginError::UpstreamUnavailable);
             }
         }
     }

@@ -263,6 +263,7 @@ impl Session {
             Ok::<_, LoginError>(account)
         }
         .await;
+        crate::metrics::get().login("smtp", &outcome);
         match outcome {
             Ok(account) => {
                 info!(mailbox = %account.mailbox, "logged in");
@@ -270,12 +271,16 @@ impl Session {
                 self.reply(235, "2.7.0 Authentication successful").await?;
                 Ok(Next::Continue)
             }
-            Err(LoginError::Unavailable) => {
+            Err(LoginError::IdpUnavailable) => {
                 self.close_with(
                     421,
-                    "4.7.0 The mail server or identity provider is unavailable; try again later",
+                    "4.7.0 The identity provider is unavailable; try again later",
                 )
                 .await
+            }
+            Err(LoginError::UpstreamUnavailable) => {
+                self.close_with(421, "4.4.1 The mail server is unavailable; try again later")
+                    .await
             }
             Err(e) => {
                 let answer = match e {
@@ -361,9 +366,17 @@ impl Session {
                     .await?;
                     return Ok(Next::Continue);
                 }
-                Err(LeaseError::Login(LoginError::Unavailable)) => {
+                Err(LeaseError::Login(LoginError::UpstreamUnavailable)) => {
                     self.reply(451, "4.4.1 The mail server is unavailable; try again later")
                         .await?;
+                    return Ok(Next::Continue);
+                }
+                Err(LeaseError::Login(LoginError::IdpUnavailable)) => {
+                    self.reply(
+                        451,
+                        "4.7.0 The identity provider is unavailable; try again later",
+                    )
+                    .await?;
                     return Ok(Next::Continue);
                 }
                 Err(LeaseError::Login(_)) => {
