@@ -310,3 +310,27 @@ async fn check_reaches_every_party_and_says_what_to_fix() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_never_spend_the_same_refresh_token() {
+    let world = World::start().await;
+    world.idp.set_response_delay(Duration::from_millis(800));
+    let proxy = world.proxy(&[AccountSpec::device(USER, "pw")]).await;
+    // `check` in another process and a client login through `serve`, at once:
+    // both need a new access token from the one rotating refresh token.
+    let check = proxy.cli(&["check"]);
+    let client = async {
+        let mut c = support::world::LineClient::connect(proxy.imap_addr).await;
+        c.read().await;
+        c.line(&format!("a LOGIN {USER} pw")).await;
+        c.until("a ").await.pop().unwrap()
+    };
+    let (check, reply) = tokio::join!(check, client);
+    assert!(reply.starts_with("a OK"), "{reply}");
+    assert!(check.status.success(), "{}", text(&check.stdout));
+    assert_eq!(
+        world.idp.counts().refresh_grants,
+        1,
+        "one redemption, shared through the store"
+    );
+}

@@ -111,8 +111,23 @@ impl TokenManager {
         let mut cached = entry.state.lock().await;
         self.sync_from_disk(entry, &mut cached);
 
-        let now = unix_now();
-        if let Some(token) = usable_token(&cached.grant, now, true) {
+        if let Some(token) = usable_token(&cached.grant, unix_now(), true) {
+            return Ok(AccessToken {
+                token,
+                fresh: false,
+            });
+        }
+        // Another process may be redeeming this grant right now: wait for it,
+        // then use what it stored rather than spend the refresh token twice.
+        let _file_lock = match self.store.lock(&entry.account.username).await {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                warn!(account = %entry.account.username, "{e}; going on without it");
+                None
+            }
+        };
+        self.sync_from_disk(entry, &mut cached);
+        if let Some(token) = usable_token(&cached.grant, unix_now(), true) {
             return Ok(AccessToken {
                 token,
                 fresh: false,

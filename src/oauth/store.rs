@@ -95,6 +95,38 @@ impl TokenStore {
             .ok()
     }
 
+    /// Takes the account's lock file, held while a grant is redeemed, so that
+    /// two processes (`serve` and `login`, `check`, or a config reloaded while
+    /// sessions of the old one live) never spend the same refresh token.
+    pub async fn lock(&self, username: &str) -> Result<GrantLock, String> {
+        let path = self.path(username).with_extension("lock");
+        create_private_dir(&self.dir).map_err(|e| crate::error::io_reason(&e))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options.open(&path).map_err(|e| {
+            format!(
+                "cannot open lock file {}: {}",
+                path.display(),
+                crate::error::io_reason(&e)
+            )
+        })?;
+        tokio::task::spawn_blocking(move || file.lock().map(|()| GrantLock { _file: file }))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| {
+                format!(
+                    "cannot lock {}: {}",
+                    path.display(),
+                    crate::error::io_reason(&e)
+                )
+            })
+    }
+
     /// Replaces `username`'s grant atomically.
     pub fn save(&self, username: &str, grant: &StoredGrant) -> Result<(), String> {
         let path = self.path(username);
@@ -127,6 +159,11 @@ impl TokenStore {
         }
         Ok(())
     }
+}
+
+/// Held while a grant is being redeemed; released when dropped.
+pub struct GrantLock {
+    _file: std::fs::File,
 }
 
 fn private_file_options() -> std::fs::OpenOptions {
