@@ -37,6 +37,42 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
     }
 }
 
+/// Asks the admin listener at `addr` for `/healthz`; `Ok` on a 200.
+pub async fn probe(addr: std::net::SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A wildcard listen address is reached on loopback.
+    let target = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        ip if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await?;
+        stream
+            .write_all(
+                format!("GET /healthz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await {
+        Ok(Ok(response)) if response.starts_with(b"HTTP/1.1 200") => Ok(()),
+        Ok(Ok(_)) => Err(format!("the proxy at {target} is not healthy")),
+        Ok(Err(e)) => Err(format!(
+            "no proxy answers at {target}: {}",
+            crate::error::io_reason(&e)
+        )),
+        Err(_) => Err(format!("the proxy at {target} did not answer within 5 s")),
+    }
+}
+
 async fn handle(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = |status: StatusCode, content_type: &str, body: String| {
         Response::builder()

@@ -42,6 +42,9 @@ enum Command {
     /// Validate the config, then reach the identity provider and the mail servers
     /// for every account and say what to fix.
     Check,
+    /// Exit 0 if the running proxy's admin listener answers /healthz, else 1
+    /// (for container health checks, where there is no curl).
+    Health,
     /// Read a password from stdin (one line) and print its argon2id hash for `password_hash`.
     HashPassword,
 }
@@ -119,6 +122,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(Failure::Runtime)
         }
         Command::Status { json } => status(&load_config(&cli)?, *json),
+        Command::Health => {
+            let config = load_config(&cli)?;
+            runtime()
+                .block_on(xoauth2_proxy::admin::probe(config.admin.listen))
+                .map_err(Failure::Runtime)
+        }
         Command::Check => {
             let config = load_config(&cli)?;
             println!("config {} is valid", config.path.display());

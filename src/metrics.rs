@@ -126,6 +126,21 @@ impl Metrics {
         out
     }
 
+    /// Creates the per-protocol series at zero, so that a fresh proxy's
+    /// `/metrics` already shows them.
+    pub fn register_protocols(&self, protocols: &[&'static str]) {
+        for &protocol in protocols {
+            let _ = self.connections.get_or_create(&ProtocolLabels { protocol });
+            let _ = self.logins.get_or_create(&LoginLabels {
+                protocol,
+                outcome: "ok",
+            });
+            for direction in ["upstream", "downstream"] {
+                self.relayed(protocol, direction);
+            }
+        }
+    }
+
     /// Counts a client login attempt.
     pub fn login<T>(&self, protocol: &'static str, result: &Result<T, LoginError>) {
         let outcome = match result {

@@ -83,6 +83,16 @@ pub async fn run(config: Config) -> Result<(), String> {
 
     let imap = bind(shared.config.imap.listen, "IMAP").await?;
     let smtp = bind(shared.config.smtp.listen, "SMTP").await?;
+    for (what, addr) in [
+        ("IMAP", shared.config.imap.listen),
+        ("SMTP", shared.config.smtp.listen),
+    ] {
+        if !addr.ip().is_loopback() {
+            warn!(
+                "the {what} listener on {addr} is not on loopback and has no TLS: passwords cross the network in clear (fine on a private container network)"
+            );
+        }
+    }
     let admin = bind(shared.config.admin.listen, "admin HTTP").await?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -103,6 +113,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         tracker.clone(),
         shutdown.clone(),
     ));
+    crate::metrics::get().register_protocols(&["imap", "smtp"]);
     tokio::spawn(crate::admin::serve(admin, shutdown.clone()));
     spawn_pool_reaper(&shared);
     info!(
@@ -216,11 +227,6 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
             crate::error::io_reason(&e)
         )
     })?;
-    if !addr.ip().is_loopback() {
-        warn!(
-            "the {what} listener on {addr} is not on loopback and has no TLS: passwords cross the network in clear"
-        );
-    }
     Ok(listener)
 }
 

@@ -133,3 +133,19 @@ async fn reload_applies_a_changed_account_and_keeps_live_sessions() {
     live.line("c NOOP").await;
     assert!(live.until("c ").await.pop().unwrap().starts_with("c OK"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_subcommand_probes_the_running_proxy() {
+    let world = World::start().await;
+    let mut proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let (_, _, fresh) = get(proxy.admin_addr, "/metrics").await;
+    assert!(
+        fresh.contains(r#"xoauth2_proxy_connections{protocol="smtp"} 0"#),
+        "{fresh}"
+    );
+    assert!(proxy.cli(&["health"]).await.status.success());
+    proxy.stop().await;
+    let out = proxy.cli(&["health"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no proxy answers"));
+}
