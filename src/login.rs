@@ -125,27 +125,45 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    open_with_token(shared, account, open).await.map_err(|e| match e {
-        OpenError::Token(e) => {
-            match &e {
-                TokenError::NeedsLogin { .. } => warn!("{e}"),
-                TokenError::Refused(_) | TokenError::Unavailable(_) => info!("no access token: {e}"),
+    open_with_token(shared, account, open)
+        .await
+        .map_err(|e| match e {
+            OpenError::Token(e) => token_error(e),
+            OpenError::Upstream(UpstreamError::Rejected { reply, hint }) => {
+                warn!(mailbox = %account.mailbox, "the upstream server refused the login: {reply} — {hint}");
+                LoginError::UpstreamRejected(reply)
             }
-            match e {
-                TokenError::NeedsLogin { .. } => LoginError::NotAuthorised,
-                TokenError::Refused(_) => LoginError::Refused,
-                TokenError::Unavailable(_) => LoginError::IdpUnavailable,
+            OpenError::Upstream(UpstreamError::Unreachable(reason)) => {
+                warn!("{reason}");
+                LoginError::UpstreamUnavailable
             }
-        }
-        OpenError::Upstream(UpstreamError::Rejected { reply, hint }) => {
-            warn!(mailbox = %account.mailbox, "the upstream server refused the login: {reply} — {hint}");
-            LoginError::UpstreamRejected(reply)
-        }
-        OpenError::Upstream(UpstreamError::Unreachable(reason)) => {
-            warn!("{reason}");
-            LoginError::UpstreamUnavailable
-        }
-    })
+        })
+}
+
+/// Checks that `account` still has a usable grant: free while the cached
+/// access token is fresh, a refresh near its expiry. A login that will be
+/// served by an already authenticated upstream connection (the SMTP pool)
+/// must still not outlive a revoked grant.
+pub async fn check_grant(shared: &Shared, account: &Account) -> Result<(), LoginError> {
+    shared
+        .tokens
+        .access_token(&account.username)
+        .await
+        .map(|_| ())
+        .map_err(token_error)
+}
+
+/// Logs a token failure and reduces it to what the client is told.
+fn token_error(e: TokenError) -> LoginError {
+    match &e {
+        TokenError::NeedsLogin { .. } => warn!("{e}"),
+        TokenError::Refused(_) | TokenError::Unavailable(_) => info!("no access token: {e}"),
+    }
+    match e {
+        TokenError::NeedsLogin { .. } => LoginError::NotAuthorised,
+        TokenError::Refused(_) => LoginError::Refused,
+        TokenError::Unavailable(_) => LoginError::IdpUnavailable,
+    }
 }
 
 /// A username as it may appear in a log line: printable and bounded.

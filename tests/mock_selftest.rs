@@ -523,6 +523,112 @@ async fn idp_failure_modes() {
     assert_eq!(statuses, vec![503, 200, 400, 0, 200]);
 }
 
+async fn get_json(url: &str) -> Value {
+    let text = http()
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .unwrap();
+    serde_json::from_str(&text).unwrap_or(Value::String(text))
+}
+
+/// RFC 7662 introspection (what Dovecot's `oauth2` passdb asks) and the control
+/// hooks the end-to-end suite drives the standalone IdP with.
+#[tokio::test(flavor = "multi_thread")]
+async fn introspection_and_control_hooks() {
+    let (tokens, idp) = idp().await;
+    let introspect = |token: String| {
+        let url = format!("{}/introspect", idp.base_url());
+        async move { post(&url, &[("token", token.as_str())]).await }
+    };
+    let mailbox = tokens.issue(
+        Subject::Mailbox("sales@contoso.com".into()),
+        Duration::from_secs(60),
+    );
+    let app = tokens.issue(Subject::App, Duration::from_secs(60));
+
+    let (s, v) = introspect(mailbox.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["active"], true);
+    assert_eq!(v["email"], "sales@contoso.com");
+    assert!(v["exp"].as_u64().unwrap() > v["iat"].as_u64().unwrap());
+    assert_eq!(
+        introspect("not-a-token".into()).await.1,
+        json!({"active": false})
+    );
+    // App-only tokens name the configured app mailbox, and are inactive without one.
+    assert_eq!(introspect(app.clone()).await.1["active"], false);
+    idp.set_app_mailbox(Some("notify@contoso.com"));
+    assert_eq!(
+        introspect(app.clone()).await.1["email"],
+        "notify@contoso.com"
+    );
+
+    let control = |path: &str| format!("{}/control/{path}", idp.base_url());
+    let rt = idp.issue_refresh_token("sales@contoso.com");
+    let refresh_tokens = || async {
+        get_json(&control("refresh-tokens?mailbox=sales%40contoso.com")).await["refresh_tokens"]
+            .clone()
+    };
+    assert_eq!(refresh_tokens().await, json!([rt]));
+
+    // Revoking access tokens only: the refresh token still works.
+    let (s, _) = post(
+        &control("revoke-access-tokens"),
+        &[("mailbox", "sales@contoso.com")],
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(introspect(mailbox.clone()).await.1["active"], false);
+    assert_eq!(refresh_tokens().await, json!([rt]));
+    // Revoking the grant: refresh tokens go too; app tokens stay.
+    let fresh = tokens.issue(
+        Subject::Mailbox("sales@contoso.com".into()),
+        Duration::from_secs(60),
+    );
+    let (s, _) = post(&control("revoke"), &[("mailbox", "sales@contoso.com")]).await;
+    assert_eq!(s, 200);
+    assert_eq!(introspect(fresh).await.1["active"], false);
+    assert_eq!(refresh_tokens().await, json!([]));
+    assert_eq!(introspect(app).await.1["active"], true);
+
+    let (s, _) = post(&control("device-user"), &[("mailbox", "ops@contoso.com")]).await;
+    assert_eq!(s, 200);
+    let code = start_device(&idp, CLIENT, Some(SECRET)).await;
+    for _ in 0..2 {
+        poll(&idp, &code).await;
+    }
+    let (s, v) = poll(&idp, &code).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = introspect(v["access_token"].as_str().unwrap().to_string()).await;
+    assert_eq!(v["email"], "ops@contoso.com");
+
+    let counts = get_json(&control("counts")).await;
+    assert_eq!(counts["introspections"], 8, "{counts}");
+    assert_eq!(counts["introspections_active"], 4, "{counts}");
+    assert_eq!(counts["device_polls"], 3, "{counts}");
+    assert_eq!(idp.counts().introspections, 8);
+    let requests = get_json(&control("requests")).await;
+    assert_eq!(
+        requests["requests"].as_array().unwrap().len(),
+        4,
+        "{requests}"
+    );
+    let secrets = get_json(&control("secrets")).await;
+    assert!(
+        secrets["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == &json!(rt))
+    );
+    let (s, _) = post(&control("nothing-here"), &[]).await;
+    assert_eq!(s, 404);
+}
+
 // ---------------------------------------------------------------------------
 // IMAP
 

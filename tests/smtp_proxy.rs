@@ -1106,3 +1106,33 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_pool_does_not_outlive_a_revoked_grant() {
+    let world = World::start().await;
+    world.idp.set_access_token_lifetime(Duration::from_secs(3));
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    // Warm the mailbox's pool: one authenticated upstream connection stays idle.
+    let mut c = logged_in(&proxy).await;
+    let (wire, _) = message("before the revocation");
+    let r = send_message(
+        &mut c,
+        &format!("MAIL FROM:<{USER}>"),
+        &["RCPT TO:<a@example.net>"],
+        &wire,
+    )
+    .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    cmd(&mut c, "QUIT").await;
+
+    world.idp.revoke_grants(USER);
+    // Once the cached token is due for renewal, the grant is asked for again.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let mut c = connect(&proxy).await;
+    cmd(&mut c, "EHLO client.example").await;
+    let r = cmd(&mut c, &format!("AUTH PLAIN {}", plain())).await;
+    assert!(r.last().starts_with("535 5.7.8"), "{r:?}");
+    proxy
+        .wait_for_log(&format!("run `xoauth2-proxy login {USER}`"), T)
+        .await;
+}

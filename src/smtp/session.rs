@@ -259,6 +259,7 @@ impl Session {
         let shared = self.shared.clone();
         let outcome = async {
             let account = login::check_password(&shared, &username, &password).await?;
+            login::check_grant(&shared, &account).await?;
             shared.smtp_pools.ensure(&shared, &account).await?;
             Ok::<_, LoginError>(account)
         }

@@ -18,6 +18,17 @@
 //!   (e.g. a bare `IMAP.AccessAsUser.All`, which Entra reads as Graph) is handed out but is
 //!   not in the [`TokenBook`], so the mock upstreams reject it like Exchange does.
 //!
+//! For real mail servers (the end-to-end suite runs it as `examples/test_idp.rs`):
+//! - `POST /introspect` — RFC 7662 token introspection, form `token=…` →
+//!   `{"active":true,"email":"<mailbox>",…}` or `{"active":false}`, as Dovecot's `oauth2`
+//!   passdb asks it. An app-only (client credentials) token is reported as the mailbox
+//!   set with [`MockIdp::set_app_mailbox`], and as inactive when none is set.
+//! - `/control/…` — test-only hooks: `GET counts`, `GET refresh-tokens?mailbox=…`,
+//!   `GET requests`, `GET secrets`, `POST revoke` (form `mailbox=…`: every grant and
+//!   access token of the mailbox), `POST revoke-access-tokens` (form `mailbox=…`: its
+//!   access tokens only; the refresh token still works), `POST device-user` (form
+//!   `mailbox=…`).
+//!
 //! Every response carries `Connection: close`; one request per connection.
 
 use std::collections::{HashMap, HashSet};
@@ -80,6 +91,10 @@ pub struct IdpCounts {
     /// Token/devicecode requests that got an error, a garbage body or no answer;
     /// `authorization_pending` and `slow_down` are not failures.
     pub failed: u32,
+    /// Requests to the introspection endpoint (whatever their answer).
+    pub introspections: u32,
+    /// Introspections answered `"active": true`.
+    pub introspections_active: u32,
 }
 
 /// One request to the token or devicecode endpoint, as recorded (never the secret).
@@ -135,6 +150,7 @@ struct Inner {
     counts: IdpCounts,
     requests: Vec<TokenRequest>,
     secrets: Vec<String>,
+    app_mailbox: Option<String>,
 }
 
 struct Shared {
@@ -161,7 +177,12 @@ impl Drop for MockIdp {
 
 impl MockIdp {
     pub async fn start(tokens: TokenBook) -> MockIdp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind IdP");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), tokens).await
+    }
+
+    /// Starts a mock IdP listening on `addr` (port 0: any free port).
+    pub async fn start_on(addr: SocketAddr, tokens: TokenBook) -> MockIdp {
+        let listener = TcpListener::bind(addr).await.expect("bind IdP");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             tokens,
@@ -181,6 +202,7 @@ impl MockIdp {
                 counts: IdpCounts::default(),
                 requests: Vec::new(),
                 secrets: Vec::new(),
+                app_mailbox: None,
             }),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -265,6 +287,12 @@ impl MockIdp {
 
     pub fn set_access_token_lifetime(&self, lifetime: Duration) {
         self.lock().access_lifetime = lifetime;
+    }
+
+    /// The mailbox that introspection names for app-only (client credentials)
+    /// tokens; `None`: such tokens are reported inactive.
+    pub fn set_app_mailbox(&self, mailbox: Option<&str>) {
+        self.lock().app_mailbox = mailbox.map(str::to_string);
     }
 
     pub fn set_mode(&self, mode: IdpMode) {
@@ -559,6 +587,10 @@ async fn serve_connection(
         Some((p, q)) => (p.to_string(), q.to_string()),
         None => (req.target.clone(), String::new()),
     };
+    if let Some(resp) = test_hooks(&shared, &req, &path, &query) {
+        write_response(&mut stream, &resp).await;
+        return;
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let endpoint = match segments.as_slice() {
         [tenant, "oauth2", "v2.0", ep] if !tenant.is_empty() => *ep,
@@ -588,6 +620,139 @@ async fn serve_connection(
         ),
     };
     write_response(&mut stream, &resp).await;
+}
+
+/// The introspection endpoint and the control hooks; `None` for other paths.
+fn test_hooks(shared: &Arc<Shared>, req: &Request, path: &str, query: &str) -> Option<Response> {
+    let form = || parse_form(&String::from_utf8_lossy(&req.body));
+    let resp = match (req.method.as_str(), path) {
+        ("POST", "/introspect") => introspect(shared, &form()),
+        ("GET", "/control/counts") => {
+            let c = shared.inner.lock().unwrap().counts.clone();
+            Response::json(
+                200,
+                &json!({
+                    "device_code_requests": c.device_code_requests,
+                    "device_polls": c.device_polls,
+                    "refresh_grants": c.refresh_grants,
+                    "client_credentials_grants": c.client_credentials_grants,
+                    "authorization_code_grants": c.authorization_code_grants,
+                    "failed": c.failed,
+                    "introspections": c.introspections,
+                    "introspections_active": c.introspections_active,
+                }),
+            )
+        }
+        ("GET", "/control/refresh-tokens") => {
+            let q = parse_form(query);
+            let mailbox = q.get("mailbox").cloned().unwrap_or_default();
+            let inner = shared.inner.lock().unwrap();
+            let valid: Vec<&String> = inner
+                .refresh
+                .iter()
+                .filter(|(_, g)| g.mailbox.eq_ignore_ascii_case(&mailbox))
+                .map(|(t, _)| t)
+                .collect();
+            Response::json(200, &json!({ "refresh_tokens": valid }))
+        }
+        ("GET", "/control/requests") => {
+            let inner = shared.inner.lock().unwrap();
+            let list: Vec<Value> = inner
+                .requests
+                .iter()
+                .map(|r| {
+                    json!({
+                        "path": r.path,
+                        "grant_type": r.grant_type,
+                        "client_id": r.client_id,
+                        "scope": r.scope,
+                        "secret_presented": r.secret_presented,
+                        "status": r.status,
+                        "error": r.error,
+                    })
+                })
+                .collect();
+            Response::json(200, &json!({ "requests": list }))
+        }
+        ("GET", "/control/secrets") => {
+            let mut all = shared.inner.lock().unwrap().secrets.clone();
+            all.extend(shared.tokens.all_tokens());
+            Response::json(200, &json!({ "secrets": all }))
+        }
+        ("POST", "/control/revoke") => match form().get("mailbox") {
+            Some(mailbox) => {
+                shared
+                    .inner
+                    .lock()
+                    .unwrap()
+                    .refresh
+                    .retain(|_, g| !g.mailbox.eq_ignore_ascii_case(mailbox));
+                shared.tokens.revoke_mailbox(mailbox);
+                Response::json(200, &json!({ "revoked": mailbox }))
+            }
+            None => Response::json(400, &json!({ "error": "form field `mailbox` missing" })),
+        },
+        ("POST", "/control/revoke-access-tokens") => match form().get("mailbox") {
+            Some(mailbox) => {
+                shared.tokens.revoke_mailbox(mailbox);
+                Response::json(200, &json!({ "revoked_access_tokens": mailbox }))
+            }
+            None => Response::json(400, &json!({ "error": "form field `mailbox` missing" })),
+        },
+        ("POST", "/control/device-user") => match form().get("mailbox") {
+            Some(mailbox) => {
+                shared.inner.lock().unwrap().device_user = mailbox.clone();
+                Response::json(200, &json!({ "device_user": mailbox }))
+            }
+            None => Response::json(400, &json!({ "error": "form field `mailbox` missing" })),
+        },
+        (_, "/introspect") => Response::text(
+            405,
+            "text/html; charset=utf-8",
+            "<html><body>Method not allowed</body></html>",
+        ),
+        _ if path.starts_with("/control/") => Response::text(
+            404,
+            "text/html; charset=utf-8",
+            "<html><body>Not found</body></html>",
+        ),
+        _ => return None,
+    };
+    Some(resp)
+}
+
+/// RFC 7662: is the token active, and whose mailbox may it open (`email`, which
+/// Dovecot compares with the `user=` of the XOAUTH2 string).
+fn introspect(shared: &Arc<Shared>, form: &HashMap<String, String>) -> Response {
+    let found = form
+        .get("token")
+        .and_then(|t| shared.tokens.lookup(t.trim()));
+    let mut inner = shared.inner.lock().unwrap();
+    inner.counts.introspections += 1;
+    let mailbox = match found {
+        Some((Subject::Mailbox(m), left)) => Some((m, left)),
+        Some((Subject::App, left)) => inner.app_mailbox.clone().map(|m| (m, left)),
+        None => None,
+    };
+    let Some((mailbox, left)) = mailbox else {
+        return Response::json(200, &json!({ "active": false }));
+    };
+    inner.counts.introspections_active += 1;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    Response::json(
+        200,
+        &json!({
+            "active": true,
+            "email": mailbox,
+            "sub": mailbox,
+            "token_type": "Bearer",
+            "exp": now + left.as_secs(),
+            "iat": now,
+        }),
+    )
 }
 
 /// Handles a token or devicecode request; `None` means "never answer" (Hang).

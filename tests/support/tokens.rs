@@ -54,6 +54,15 @@ impl TokenBook {
         }
     }
 
+    /// Who `token` speaks for and how long it has left, while it is unexpired
+    /// and unrevoked (what an RFC 7662 introspection endpoint reports).
+    pub fn lookup(&self, token: &str) -> Option<(Subject, Duration)> {
+        let book = self.inner.lock().unwrap();
+        let issued = book.get(token)?;
+        let left = issued.expires_at.checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then(|| (issued.subject.clone(), left))
+    }
+
     /// Revokes every token issued for `subject`.
     pub fn revoke(&self, subject: &Subject) {
         self.inner
