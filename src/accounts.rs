@@ -56,10 +56,11 @@ impl Accounts {
     pub async fn verify(&self, username: &str, password: &[u8]) -> Option<Account> {
         let entry = self.by_name.get(&username.to_lowercase())?.clone();
         let digest = self.digest(password);
-        if let Some(known) = *entry.verified.lock().expect("not poisoned") {
-            if bool::from(known.ct_eq(&digest)) {
-                return Some(entry.account.clone());
-            }
+        let known = *entry.verified.lock().expect("not poisoned");
+        if let Some(known) = known
+            && bool::from(known.ct_eq(&digest))
+        {
+            return Some(entry.account.clone());
         }
         let ok = match &entry.account.password {
             LocalPassword::Plain(expected) => {

@@ -100,16 +100,16 @@ where
         .await
         .map_err(OpenError::Token)?;
     let mut result = open(account.clone(), token.token.clone()).await;
-    if let Err(UpstreamError::Rejected { reply, .. }) = &result {
-        if !token.fresh {
-            info!(reply = %reply, "upstream refused the cached token; getting a new one");
-            tokens.reject(&account.username, &token.token).await;
-            token = tokens
-                .access_token(&account.username)
-                .await
-                .map_err(OpenError::Token)?;
-            result = open(account.clone(), token.token.clone()).await;
-        }
+    if let Err(UpstreamError::Rejected { reply, .. }) = &result
+        && !token.fresh
+    {
+        info!(reply = %reply, "upstream refused the cached token; getting a new one");
+        tokens.reject(&account.username, &token.token).await;
+        token = tokens
+            .access_token(&account.username)
+            .await
+            .map_err(OpenError::Token)?;
+        result = open(account.clone(), token.token.clone()).await;
     }
     result.map_err(OpenError::Upstream)
 }
