@@ -88,6 +88,14 @@ impl Drop for Lease {
     }
 }
 
+/// Whether [`Pools::ensure`] opened a connection, and so used the account's
+/// token just now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Yes,
+    No,
+}
+
 /// No connection could be had for a transaction.
 #[derive(Debug)]
 pub enum LeaseError {
@@ -127,7 +135,7 @@ impl Pools {
     /// Makes sure the mailbox has a working upstream connection, opening one
     /// if it has none, so that a refused token or disabled SMTP AUTH surfaces
     /// at the client's AUTH.
-    pub async fn ensure(&self, shared: &Shared, account: &Account) -> Result<(), LoginError> {
+    pub async fn ensure(&self, shared: &Shared, account: &Account) -> Result<Opened, LoginError> {
         let pool = self.pool(account);
         let deadline = Instant::now() + self.wait;
         loop {
@@ -137,7 +145,7 @@ impl Pools {
             if pool.leased.load(Ordering::Acquire) > 0
                 || !pool.idle.lock().expect("not poisoned").is_empty()
             {
-                return Ok(());
+                return Ok(Opened::No);
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
                 let conn = open(shared, account).await;
@@ -155,7 +163,7 @@ impl Pools {
                     since: Instant::now(),
                 });
                 pool.changed.notify_waiters();
-                return Ok(());
+                return Ok(Opened::Yes);
             }
             // Every slot is taken by connections being opened right now:
             // their outcome is ours.

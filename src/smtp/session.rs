@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::command::{self, Command};
-use super::pool::{Lease, LeaseError};
+use super::pool::{Lease, LeaseError, Opened};
 use super::upstream::{Reply, ReplyError, enhanced_code};
 use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
@@ -259,8 +259,11 @@ impl Session {
         let shared = self.shared.clone();
         let outcome = async {
             let account = login::check_password(&shared, &username, &password).await?;
-            login::check_grant(&shared, &account).await?;
-            shared.smtp_pools.ensure(&shared, &account).await?;
+            // A pool already warm for the mailbox proves the mailbox works,
+            // not that this account's grant is still good.
+            if shared.smtp_pools.ensure(&shared, &account).await? == Opened::No {
+                login::check_grant(&shared, &account).await?;
+            }
             Ok::<_, LoginError>(account)
         }
         .await;
