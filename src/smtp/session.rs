@@ -38,7 +38,7 @@ const HOSTNAME: &str = "xoauth2-proxy";
 /// Serves one client connection to the end.
 pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
     let mut session = Session {
-        client: BufReader::with_capacity(16 * 1024, stream),
+        client: BufReader::with_capacity(64 * 1024, stream),
         shared,
         account: None,
         lease: None,
@@ -562,51 +562,59 @@ async fn pump_message(
     Ok(upstream_ok)
 }
 
-/// Finds `CRLF . CRLF` across chunk boundaries. The CRLF that ended the
-/// DATA command counts, so a message may end at once with `.CRLF`.
-#[derive(Debug, Default)]
+/// The end of DATA content (RFC 5321 §4.1.1.4).
+const END_OF_DATA: &[u8] = b"\r\n.\r\n";
+
+/// Finds `CRLF . CRLF` across chunk boundaries with `memmem`, remembering
+/// the last four bytes of what came before. The CRLF that ended the DATA
+/// command counts, so a message may end at once with `.CRLF`.
+#[derive(Debug)]
 struct EndOfData {
-    state: DotState,
+    tail: [u8; 4],
+    tail_len: usize,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum DotState {
-    #[default]
-    LineStart,
-    Dot,
-    DotCr,
-    Cr,
-    Text,
+impl Default for EndOfData {
+    fn default() -> Self {
+        EndOfData {
+            tail: *b"\r\n\0\0",
+            tail_len: 2,
+        }
+    }
 }
 
 impl EndOfData {
     /// How many bytes of `chunk` belong to the message (terminator included),
     /// and whether the terminator was among them.
     fn scan(&mut self, chunk: &[u8]) -> (usize, bool) {
-        use DotState::*;
-        let mut i = 0;
-        while i < chunk.len() {
-            if self.state == Text {
-                // Skip to the next CR in one go.
-                match chunk[i..].iter().position(|b| *b == b'\r') {
-                    Some(p) => i += p,
-                    None => return (chunk.len(), false),
-                }
-            }
-            let b = chunk[i];
-            self.state = match (self.state, b) {
-                (DotCr, b'\n') => {
-                    self.state = LineStart;
-                    return (i + 1, true);
-                }
-                (LineStart, b'.') => Dot,
-                (Dot, b'\r') => DotCr,
-                (Cr, b'\n') => LineStart,
-                (_, b'\r') => Cr,
-                _ => Text,
-            };
-            i += 1;
+        // A terminator that begins before this chunk ends within its first
+        // four bytes.
+        let head = &chunk[..chunk.len().min(4)];
+        let mut joined = [0u8; 8];
+        joined[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+        joined[self.tail_len..self.tail_len + head.len()].copy_from_slice(head);
+        let joined = &joined[..self.tail_len + head.len()];
+        if let Some(p) = memchr::memmem::find(joined, END_OF_DATA) {
+            // Five bytes cannot fit in `head`: the match starts in the tail.
+            let end = p + END_OF_DATA.len() - self.tail_len;
+            *self = EndOfData::default();
+            return (end, true);
         }
+        if let Some(p) = memchr::memmem::find(chunk, END_OF_DATA) {
+            *self = EndOfData::default();
+            return (p + END_OF_DATA.len(), true);
+        }
+        let mut last = [0u8; 8];
+        let n = joined.len().min(4);
+        if chunk.len() >= 4 {
+            last[..4].copy_from_slice(&chunk[chunk.len() - 4..]);
+            self.tail_len = 4;
+        } else {
+            // `joined` is the old tail plus the whole (short) chunk.
+            last[..n].copy_from_slice(&joined[joined.len() - n..]);
+            self.tail_len = n;
+        }
+        self.tail.copy_from_slice(&last[..4]);
         (chunk.len(), false)
     }
 }
@@ -626,6 +634,24 @@ mod tests {
             }
         }
         None
+    }
+
+    #[test]
+    fn every_split_finds_the_same_end() {
+        let message: &[u8] = b"a\r\n..b\r\n.c\r\n\r\n.\r\nNEXT";
+        let expected = Some(17);
+        assert_eq!(ends(&[message]), expected);
+        for i in 0..message.len() {
+            for j in i..message.len() {
+                assert_eq!(
+                    ends(&[&message[..i], &message[i..j], &message[j..]]),
+                    expected,
+                    "{i} {j}"
+                );
+            }
+        }
+        let bytes: Vec<&[u8]> = message.chunks(1).collect();
+        assert_eq!(ends(&bytes), expected);
     }
 
     #[test]

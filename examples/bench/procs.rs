@@ -1,0 +1,349 @@
+//! The proxies under test, each in its own process: xoauth2-proxy (the
+//! release binary, with a generated config and a seeded grant, as after
+//! `xoauth2-proxy login`) and email-oauth2-proxy (PyPI `emailproxy`,
+//! headless, in a virtualenv of its own).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::world::{CLIENT_ID, CLIENT_SECRET, MAILBOX, PASSWORD, TENANT, WorldInfo};
+
+/// The peer's version this harness was written and checked against.
+pub const EMAILPROXY_VERSION: &str = "2026.7.3";
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("bound")
+        .port()
+}
+
+/// A proxy process: where it listens and its pid.
+pub struct Running {
+    pub imap: SocketAddr,
+    pub smtp: SocketAddr,
+    pub pid: u32,
+    pub log: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// SIGTERM, then SIGKILL after 10 s.
+    pub async fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status();
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+}
+
+/// Waits until `addr` accepts a TCP connection (and closes it at once).
+async fn wait_listening(
+    addr: SocketAddr,
+    running: &mut Running,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if running.exited() {
+            return Err(format!(
+                "it exited at start; its log:\n{}",
+                running.log_text()
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "not listening after {timeout:?}; its log:\n{}",
+                running.log_text()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `xoauth2-proxy hash-password`.
+pub fn hash_password(bin: &Path, password: &str) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(bin)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    writeln!(child.stdin.take().expect("piped"), "{password}").map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err("hash-password failed".into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Where a proxy's upstream is, for the config.
+pub struct Upstream<'a> {
+    pub world: &'a WorldInfo,
+    /// A refresh token for the grant file (each is good for one proxy).
+    pub refresh_token: String,
+    pub imap: (String, u16),
+    pub smtp: (String, u16),
+    /// `implicit` or `starttls`.
+    pub smtp_tls: &'a str,
+}
+
+impl<'a> Upstream<'a> {
+    pub fn standin(world: &'a WorldInfo, refresh_token: String) -> Self {
+        Upstream {
+            world,
+            refresh_token,
+            imap: ("localhost".into(), world.imap_port),
+            smtp: ("localhost".into(), world.smtp_port),
+            smtp_tls: "implicit",
+        }
+    }
+}
+
+/// Starts `xoauth2-proxy serve` against `upstream` with room for
+/// `max_connections` clients, its account holding a grant.
+pub async fn start_ours(
+    bin: &Path,
+    password_hash: &str,
+    upstream: &Upstream<'_>,
+    max_connections: usize,
+) -> Result<Running, String> {
+    // Newer builds have an admin listener (default 127.0.0.1:8025): give it a
+    // free port; an older build that does not know the section is started without.
+    match start_ours_with(bin, password_hash, upstream, max_connections, true).await {
+        Err(e) if e.contains("admin") => {
+            start_ours_with(bin, password_hash, upstream, max_connections, false).await
+        }
+        other => other,
+    }
+}
+
+async fn start_ours_with(
+    bin: &Path,
+    password_hash: &str,
+    upstream: &Upstream<'_>,
+    max_connections: usize,
+    admin: bool,
+) -> Result<Running, String> {
+    let w = upstream.world;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let state = dir.path().join("state");
+    let (imap, smtp) = (free_port(), free_port());
+    let base = format!("{}/{TENANT}/oauth2/v2.0", w.idp_base);
+    let admin = if admin {
+        format!("\n[admin]\nlisten = \"127.0.0.1:{}\"\n", free_port())
+    } else {
+        String::new()
+    };
+    let config = format!(
+        r#"[server]
+state_dir = "{state}"
+max_connections = {max_connections}
+shutdown_grace = "1s"
+
+[imap]
+listen = "127.0.0.1:{imap}"
+
+[smtp]
+listen = "127.0.0.1:{smtp}"
+{admin}
+[providers.bench]
+kind = "microsoft"
+tenant = "{TENANT}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+authorize_url = "{base}/authorize"
+token_url = "{base}/token"
+device_code_url = "{base}/devicecode"
+imap_server = "{ih}:{ip}"
+smtp_server = "{sh}:{sp}"
+smtp_tls = "{smtp_tls}"
+ca_file = "{ca}"
+
+[[accounts]]
+username = "{MAILBOX}"
+password_hash = "{password_hash}"
+provider = "bench"
+flow = "device_code"
+"#,
+        state = state.display(),
+        ih = upstream.imap.0,
+        ip = upstream.imap.1,
+        sh = upstream.smtp.0,
+        sp = upstream.smtp.1,
+        smtp_tls = upstream.smtp_tls,
+        ca = w.ca_file,
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+    // The grant, as `xoauth2-proxy login` leaves it.
+    let tokens = state.join("tokens");
+    std::fs::create_dir_all(&tokens).map_err(|e| e.to_string())?;
+    let grant = serde_json::json!({
+        "account": MAILBOX,
+        "flow": "device_code",
+        "refresh_token": upstream.refresh_token,
+        "needs_login": false,
+    });
+    std::fs::write(
+        tokens.join(format!("{}.json", MAILBOX.to_lowercase())),
+        grant.to_string(),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let log = dir.path().join("proxy.log");
+    let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let child = Command::new(bin)
+        .arg("serve")
+        .env("XOAUTH2_PROXY_CONFIG", &config_path)
+        .env_remove("XOAUTH2_PROXY_STATE_DIR")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let mut running = Running {
+        imap: SocketAddr::from(([127, 0, 0, 1], imap)),
+        smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
+        pid: child.id().unwrap_or(0),
+        log,
+        child: Some(child),
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !running.log_text().contains("xoauth2-proxy is ready") {
+        if running.exited() || Instant::now() > deadline {
+            return Err(format!(
+                "xoauth2-proxy did not start; its log:\n{}",
+                running.log_text()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(running)
+}
+
+/// The virtualenv holding email-oauth2-proxy, made (with `pip install
+/// emailproxy==VERSION`) if it is not there yet. Returns its `emailproxy` script.
+pub fn ensure_emailproxy(python: &str, venv: &Path, version: &str) -> Result<PathBuf, String> {
+    let script = venv.join("bin/emailproxy");
+    let pip = venv.join("bin/pip");
+    let installed = std::process::Command::new(&pip)
+        .args(["show", "emailproxy"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("Version: {version}")))
+        .unwrap_or(false);
+    if installed && script.exists() {
+        return Ok(script);
+    }
+    eprintln!(
+        "bench: installing emailproxy=={version} into {}",
+        venv.display()
+    );
+    let status = std::process::Command::new(python)
+        .args(["-m", "venv"])
+        .arg(venv)
+        .status()
+        .map_err(|e| format!("{python} -m venv: {e}"))?;
+    if !status.success() {
+        return Err(format!("`{python} -m venv {}` failed", venv.display()));
+    }
+    let status = std::process::Command::new(&pip)
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("emailproxy=={version}"))
+        .status()
+        .map_err(|e| format!("pip: {e}"))?;
+    if !status.success() || !script.exists() {
+        return Err(format!("`pip install emailproxy=={version}` failed"));
+    }
+    Ok(script)
+}
+
+/// Starts email-oauth2-proxy headless against the stand-in: IMAP (implicit
+/// TLS upstream) and SMTP (implicit TLS upstream), one account using the
+/// client-credentials flow at the mock identity provider.
+pub async fn start_peer(script: &Path, world: &WorldInfo) -> Result<Running, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (imap, smtp) = (free_port(), free_port());
+    let config = format!(
+        "[IMAP-{imap}]\nserver_address = localhost\nserver_port = {wi}\nlocal_address = 127.0.0.1\n\n\
+         [SMTP-{smtp}]\nserver_address = localhost\nserver_port = {ws}\nserver_starttls = False\nlocal_address = 127.0.0.1\n\n\
+         [{MAILBOX}]\ntoken_url = {base}/{TENANT}/oauth2/v2.0/token\n\
+         oauth2_scope = https://outlook.office365.com/.default\noauth2_flow = client_credentials\n\
+         client_id = {CLIENT_ID}\nclient_secret = {CLIENT_SECRET}\n",
+        wi = world.imap_port,
+        ws = world.smtp_port,
+        base = world.idp_base,
+    );
+    let config_path = dir.path().join("emailproxy.config");
+    std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+    let log = dir.path().join("emailproxy.log");
+    let child = Command::new(script)
+        .arg("--no-gui")
+        .arg("--config-file")
+        .arg(&config_path)
+        .arg("--log-file")
+        .arg(&log)
+        // Python's ssl module trusts the test CA through this.
+        .env("SSL_CERT_FILE", &world.ca_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", script.display()))?;
+    let mut running = Running {
+        imap: SocketAddr::from(([127, 0, 0, 1], imap)),
+        smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
+        pid: child.id().unwrap_or(0),
+        log,
+        child: Some(child),
+        _dir: dir,
+    };
+    let imap_addr = running.imap;
+    let smtp_addr = running.smtp;
+    wait_listening(imap_addr, &mut running, Duration::from_secs(30))
+        .await
+        .map_err(|e| format!("email-oauth2-proxy: {e}"))?;
+    wait_listening(smtp_addr, &mut running, Duration::from_secs(30))
+        .await
+        .map_err(|e| format!("email-oauth2-proxy: {e}"))?;
+    Ok(running)
+}
+
+/// The password the clients use at either proxy.
+pub fn password() -> &'static str {
+    PASSWORD
+}
