@@ -151,7 +151,7 @@ pub fn xoauth2(mailbox: &str, token: &Secret) -> Secret {
 }
 
 /// The text of an upstream reply to quote in logs and client messages:
-/// printable, bounded, and never a SASL challenge payload.
+/// printable and bounded. Callers never pass SASL challenge lines.
 pub fn quote_reply(line: &[u8]) -> String {
     let text = String::from_utf8_lossy(crate::lines::trim_eol(line));
     let mut quoted: String = text

@@ -82,7 +82,7 @@ where
 
 /// `Some((n, synchronising))` when `line` ends with `{n}` or `{n+}` before
 /// its CRLF.
-fn literal_announced(line: &[u8]) -> Option<(usize, bool)> {
+pub(crate) fn literal_announced(line: &[u8]) -> Option<(usize, bool)> {
     let line = crate::lines::trim_eol(line);
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|b| *b == b'{')?;

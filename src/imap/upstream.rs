@@ -154,7 +154,7 @@ impl Session {
                 LineError::Io(e) => lost(e),
             })?;
         // A literal inside an untagged response (rare during login): skip it.
-        while let Some(n) = literal_at_end(&self.line) {
+        while let Some((n, _)) = super::framing::literal_announced(&self.line) {
             let mut skip = stream.take(n as u64);
             tokio::io::copy(&mut skip, &mut tokio::io::sink())
                 .await
@@ -336,18 +336,7 @@ fn words(bytes: &[u8]) -> Vec<String> {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn literal_at_end(line: &[u8]) -> Option<usize> {
-    let line = trim_eol(line);
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    std::str::from_utf8(&inner[open + 1..])
-        .ok()?
-        .trim_end_matches('+')
-        .parse()
-        .ok()
+    memchr::memmem::find(haystack, needle)
 }
 
 /// The post-login capabilities a client may see: no authentication

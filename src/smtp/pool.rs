@@ -148,15 +148,7 @@ impl Pools {
                 return Ok(Opened::No);
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
-                let conn = open(shared, account).await;
-                let conn = match conn {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        drop(permit);
-                        pool.changed.notify_waiters();
-                        return Err(e);
-                    }
-                };
+                let (conn, permit) = open(shared, account, &pool, permit).await?;
                 pool.idle.lock().expect("not poisoned").push(Idle {
                     conn,
                     permit,
@@ -206,13 +198,9 @@ impl Pools {
                 continue;
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
-                return match open(shared, account).await {
-                    Ok(conn) => Ok(self.lent(&pool, conn, permit, false)),
-                    Err(e) => {
-                        drop(permit);
-                        pool.changed.notify_waiters();
-                        Err(LeaseError::Login(e))
-                    }
+                return match open(shared, account, &pool, permit).await {
+                    Ok((conn, permit)) => Ok(self.lent(&pool, conn, permit, false)),
+                    Err(e) => Err(LeaseError::Login(e)),
                 };
             }
             if tokio::time::timeout_at(deadline.into(), changed)
@@ -275,9 +263,24 @@ impl Pools {
     }
 }
 
-async fn open(shared: &Shared, account: &Account) -> Result<SmtpUpstream, LoginError> {
-    open_as(shared, account, |account, token| async move {
+/// Opens a connection in the slot `permit` holds. On failure the slot is
+/// freed and the pool's waiters are told.
+async fn open(
+    shared: &Shared,
+    account: &Account,
+    pool: &MailboxPool,
+    permit: OwnedSemaphorePermit,
+) -> Result<(SmtpUpstream, OwnedSemaphorePermit), LoginError> {
+    let opened = open_as(shared, account, |account, token| async move {
         upstream::open(shared, &account, &token).await
     })
-    .await
+    .await;
+    match opened {
+        Ok(conn) => Ok((conn, permit)),
+        Err(e) => {
+            drop(permit);
+            pool.changed.notify_waiters();
+            Err(e)
+        }
+    }
 }

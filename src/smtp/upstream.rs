@@ -28,14 +28,6 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// A reply made by the proxy itself.
-    pub fn local(code: u16, text: &str) -> Reply {
-        Reply {
-            code,
-            raw: format!("{code} {text}\r\n").into_bytes(),
-        }
-    }
-
     pub fn is_positive(&self) -> bool {
         (200..400).contains(&self.code)
     }
