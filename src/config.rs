@@ -605,7 +605,7 @@ fn validate_provider(path: &Path, name: &str, p: RawProvider) -> Result<Provider
         check_scopes(path, &key("scopes"), scopes)?;
     }
     if let Some(ca) = &p.ca_file {
-        crate::upstream::load_ca_file(ca).map_err(|e| ConfigError::at(path, &key("ca_file"), e))?;
+        crate::tls::load_ca_file(ca).map_err(|e| ConfigError::at(path, &key("ca_file"), e))?;
     }
 
     Ok(Provider {

@@ -76,3 +76,27 @@ mod tests {
         assert_eq!(decode(b"not base64!"), Err(SaslEnd::Malformed));
     }
 }
+
+/// The SASL XOAUTH2 initial response, base64-encoded:
+/// `user=<mailbox>^Aauth=Bearer <token>^A^A`. It holds the token: never log it.
+pub fn xoauth2(mailbox: &str, token: &crate::secret::Secret) -> crate::secret::Secret {
+    let raw = format!("user={mailbox}\x01auth=Bearer {}\x01\x01", token.expose());
+    crate::secret::Secret::new(base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+#[cfg(test)]
+mod xoauth2_tests {
+    use super::*;
+
+    #[test]
+    fn xoauth2_string_has_microsofts_shape() {
+        let b64 = xoauth2(
+            "shared@contoso.com",
+            &crate::secret::Secret::new("tok".into()),
+        );
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.expose())
+            .unwrap();
+        assert_eq!(raw, b"user=shared@contoso.com\x01auth=Bearer tok\x01\x01");
+    }
+}

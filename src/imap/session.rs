@@ -15,10 +15,13 @@ use tracing::{debug, info};
 use super::framing::{FrameError, read_command};
 use super::parser::{self, Command};
 use super::upstream::{self, ImapUpstream};
+use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::sasl::{self, SaslEnd};
-use crate::server::Shared;
+use crate::secret::Secret;
+use crate::shared::Shared;
+use crate::upstream::UpstreamError;
 
 /// What the proxy offers before login.
 pub const CAPABILITIES: &str = "IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN AUTH=LOGIN";
@@ -217,11 +220,10 @@ impl PreAuth {
         password: &[u8],
     ) -> std::io::Result<Option<ImapUpstream>> {
         let shared = self.shared.clone();
-        let outcome = login::login(&shared, username, password, |account, token| {
-            let shared = shared.clone();
-            async move { upstream::open(&shared, &account, &token).await }
-        })
-        .await;
+        let (accounts, tokens) = (&shared.accounts, &shared.tokens);
+        let delay = shared.config.server.auth_failure_delay;
+        let open = |account, token| open_upstream(shared.clone(), account, token);
+        let outcome = login::login(accounts, delay, tokens, username, password, open).await;
         crate::metrics::get().login("imap", &outcome);
         let answer = match outcome {
             Ok((_, upstream)) => {
@@ -296,4 +298,16 @@ impl PreAuth {
         let password = self.sasl_response(sasl::LOGIN_PASSWORD_PROMPT).await?;
         Ok(password.map(|p| (username, p)))
     }
+}
+
+/// Opens `account`'s mailbox upstream with `token` and the handles of the
+/// config in force.
+async fn open_upstream(
+    shared: Arc<Shared>,
+    account: Account,
+    token: Secret,
+) -> Result<ImapUpstream, UpstreamError> {
+    let provider = shared.config.provider(&account.provider);
+    let timeout = shared.config.server.upstream_timeout;
+    upstream::open(&shared.tls, provider, timeout, &account.mailbox, &token).await
 }

@@ -15,13 +15,14 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::command::{self, Command};
-use super::pool::{Lease, LeaseError, Opened};
-use super::upstream::{Reply, ReplyError, enhanced_code};
+use super::extensions::Extensions;
+use super::pool::{Lease, LeaseError, Opened, Pools};
+use super::upstream::{self, Reply, ReplyError, SmtpUpstream, enhanced_code};
 use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
-use crate::login::{self, LoginError};
+use crate::login::{self, LoginError, open_as};
 use crate::sasl::{self, SaslEnd};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -36,10 +37,17 @@ const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 const HOSTNAME: &str = "xoauth2-proxy";
 
 /// Serves one client connection to the end.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
+pub async fn run(
+    shared: Arc<Shared>,
+    pools: Arc<Pools>,
+    extensions: Arc<Extensions>,
+    stream: TcpStream,
+) {
     let mut session = Session {
         client: BufReader::with_capacity(64 * 1024, stream),
         shared,
+        pools,
+        extensions,
         account: None,
         lease: None,
         errors: 0,
@@ -55,6 +63,9 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
 struct Session {
     client: BufReader<TcpStream>,
     shared: Arc<Shared>,
+    /// The process's upstream connection pools.
+    pools: Arc<Pools>,
+    extensions: Arc<Extensions>,
     account: Option<Account>,
     /// The upstream connection of the transaction in progress, if any.
     lease: Option<Lease>,
@@ -197,7 +208,8 @@ impl Session {
     /// advertised), and the upstream's extensions the proxy can pass on.
     async fn ehlo(&mut self) -> String {
         let mut lines = vec![format!("{HOSTNAME} Hello")];
-        lines.extend(self.shared.smtp_extensions().await);
+        let (config, tls) = (&self.shared.config, &self.shared.tls);
+        lines.extend(self.extensions.advertised(config, tls).await);
         lines.push("AUTH PLAIN LOGIN".to_string());
         let last = lines.len() - 1;
         lines
@@ -256,13 +268,16 @@ impl Session {
             Err(SaslEnd::Malformed) => return self.error(501, "5.5.2 Invalid SASL response").await,
         };
 
-        let shared = self.shared.clone();
+        let (shared, pools) = (self.shared.clone(), self.pools.clone());
         let outcome = async {
-            let account = login::check_password(&shared, &username, &password).await?;
+            let delay = shared.config.server.auth_failure_delay;
+            let account =
+                login::check_password(&shared.accounts, delay, &username, &password).await?;
             // A pool already warm for the mailbox proves the mailbox works,
             // not that this account's grant is still good.
-            if shared.smtp_pools.ensure(&shared, &account).await? == Opened::No {
-                login::check_grant(&shared, &account).await?;
+            let opener = || open_pooled(&shared, &account);
+            if pools.ensure(&account, opener).await? == Opened::No {
+                login::check_grant(&shared.tokens, &account).await?;
             }
             Ok::<_, LoginError>(account)
         }
@@ -359,7 +374,8 @@ impl Session {
         // failing one had waited in the pool. A fresh one failing is an answer.
         let mut stale = 0;
         loop {
-            let mut lease = match self.shared.smtp_pools.lease(&self.shared, &account).await {
+            let opener = || open_pooled(&self.shared, &account);
+            let mut lease = match self.pools.lease(&account, opener).await {
                 Ok(lease) => lease,
                 Err(LeaseError::Busy) => {
                     warn!(mailbox = %account.mailbox, "every upstream connection stayed busy; try raising smtp.pool_wait");
@@ -521,6 +537,17 @@ impl Session {
             }
         }
     }
+}
+
+/// Logs in a new pooled upstream connection for `account` with the
+/// handles of the config in force.
+async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream, LoginError> {
+    let timeout = shared.config.server.upstream_timeout;
+    open_as(&shared.tokens, account, |account, token| async move {
+        let provider = shared.config.provider(&account.provider);
+        upstream::open(&shared.tls, provider, timeout, &account.mailbox, &token).await
+    })
+    .await
 }
 
 /// Copies DATA content from the client to the upstream up to and including
