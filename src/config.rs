@@ -571,25 +571,16 @@ fn local_password(
 
 /// A flow needs what its grant is obtained with from the provider.
 fn check_flow(t: &Table, flow: Flow, provider: &Provider) -> Result<(), ConfigError> {
-    if flow == Flow::ClientCredentials && provider.client_secret.is_none() {
-        return Err(t.error(
-            "flow",
-            format!(
-                "client_credentials needs a client_secret or client_secret_file in provider `{}`",
-                provider.name
-            ),
-        ));
-    }
-    if flow == Flow::DeviceCode && provider.device_code_url.is_none() {
-        return Err(t.error(
-            "flow",
-            format!(
-                "device_code needs device_code_url in provider `{}`",
-                provider.name
-            ),
-        ));
-    }
-    Ok(())
+    let needs = match flow {
+        Flow::ClientCredentials if provider.client_secret.is_none() => {
+            "client_credentials needs a client_secret or client_secret_file"
+        }
+        Flow::DeviceCode if provider.device_code_url.is_none() => {
+            "device_code needs device_code_url"
+        }
+        _ => return Ok(()),
+    };
+    Err(t.error("flow", format!("{needs} in provider `{}`", provider.name)))
 }
 
 // ---- providers ----------------------------------------------------------------

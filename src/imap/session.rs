@@ -5,6 +5,11 @@
 //! LOGINDISABLED with only AUTH=XOAUTH2, which would make clients refuse to
 //! log in; and STARTTLS is never offered, because clients upgrade
 //! opportunistically and the proxy listens on loopback in the clear.
+//!
+//! `PreAuth::request` reads one command within the limits that hold before
+//! login; `PreAuth::command` hands it to one small method per command.
+//! AUTHENTICATE runs through [`crate::sasl`], which SMTP shares, and a failed
+//! login becomes a reply in `refusal` alone.
 
 use std::sync::Arc;
 
@@ -211,6 +216,8 @@ impl PreAuth {
             .await
     }
 
+    /// A username that is not UTF-8 names no account: it is refused as an
+    /// unknown user would be, at once, as there is nothing to look up.
     async fn login(
         &mut self,
         tag: &str,

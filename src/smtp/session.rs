@@ -6,6 +6,10 @@
 //! Commands and message content are forwarded as the client wrote them; the
 //! upstream's replies go back verbatim, so its enhanced status codes reach the
 //! client. A client may pipeline: commands are answered in order.
+//!
+//! `Session::command` hands each command to one small method; AUTH runs
+//! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
+//! reply in `refusal` alone.
 
 use std::sync::Arc;
 use std::time::Duration;
