@@ -388,8 +388,8 @@ impl Session {
     ) -> Result<(Lease, Reply), MailError> {
         let mut stale = 0;
         loop {
-            let mut lease = (self.shared.smtp_pools.lease(&self.shared, account).await)
-                .map_err(MailError::Lease)?;
+            let leased = self.shared.smtp_pools.lease(&self.shared, account).await;
+            let mut lease = leased.map_err(MailError::Lease)?;
             let retry =
                 lease.reused() && stale < self.shared.config.smtp.max_connections_per_mailbox;
             match lease.conn().command(line).await {
