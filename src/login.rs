@@ -53,7 +53,7 @@ impl<T> From<&Result<T, LoginError>> for LoginOutcome {
 /// Checks the local password against `accounts` (a failure takes
 /// `failure_delay`) and opens an authenticated upstream session for the
 /// account with `open(account, token)`, the token from `tokens`.
-pub async fn login<T, F, Fut>(
+pub async fn log_in<T, F, Fut>(
     accounts: &Accounts,
     failure_delay: Duration,
     tokens: &TokenManager,

@@ -13,6 +13,8 @@ use std::future::Future;
 
 use base64::Engine;
 
+use crate::secret::Secret;
+
 /// `base64("Username:")`, the LOGIN mechanism's first prompt.
 pub const LOGIN_USERNAME_PROMPT: &str = "VXNlcm5hbWU6";
 /// `base64("Password:")`, the LOGIN mechanism's second prompt.
@@ -153,6 +155,13 @@ pub fn parse_plain(message: &[u8]) -> Result<Credentials, SaslError> {
     })
 }
 
+/// The SASL XOAUTH2 initial response, base64-encoded:
+/// `user=<mailbox>^Aauth=Bearer <token>^A^A`. It holds the token: never log it.
+pub fn xoauth2(mailbox: &str, token: &Secret) -> Secret {
+    let raw = format!("user={mailbox}\x01auth=Bearer {}\x01\x01", token.expose());
+    Secret::new(base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,25 +263,10 @@ mod tests {
         assert_eq!(Mechanism::named("LOGIN"), Some(Mechanism::Login));
         assert_eq!(Mechanism::named("CRAM-MD5"), None);
     }
-}
-
-/// The SASL XOAUTH2 initial response, base64-encoded:
-/// `user=<mailbox>^Aauth=Bearer <token>^A^A`. It holds the token: never log it.
-pub fn xoauth2(mailbox: &str, token: &crate::secret::Secret) -> crate::secret::Secret {
-    let raw = format!("user={mailbox}\x01auth=Bearer {}\x01\x01", token.expose());
-    crate::secret::Secret::new(base64::engine::general_purpose::STANDARD.encode(raw))
-}
-
-#[cfg(test)]
-mod xoauth2_tests {
-    use super::*;
 
     #[test]
     fn xoauth2_string_has_microsofts_shape() {
-        let b64 = xoauth2(
-            "shared@contoso.com",
-            &crate::secret::Secret::new("tok".into()),
-        );
+        let b64 = xoauth2("shared@contoso.com", &Secret::new("tok".into()));
         let raw = base64::engine::general_purpose::STANDARD
             .decode(b64.expose())
             .unwrap();

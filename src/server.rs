@@ -74,7 +74,7 @@ pub async fn run(
         current,
         limit,
         tracker: tracker.clone(),
-        shutdown: stop.clone(),
+        stop: stop.clone(),
     };
 
     tracker.spawn(accepting.clone().accept_loop(imap, Arc::new(Imap)));
@@ -173,7 +173,8 @@ struct Accepting {
     current: Current,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    /// Cancelled when the caller's shutdown future completes.
+    stop: CancellationToken,
 }
 
 impl Accepting {
@@ -184,13 +185,13 @@ impl Accepting {
             current,
             limit,
             tracker,
-            shutdown,
+            stop,
         } = self;
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut backoff = Duration::from_millis(10);
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {

@@ -278,7 +278,7 @@ impl PreAuth {
         let (accounts, tokens) = (&shared.accounts, &shared.tokens);
         let delay = shared.config.server.auth_failure_delay;
         let open = |account, token| open_upstream(shared.clone(), account, token);
-        let outcome = login::login(accounts, delay, tokens, username, password, open).await;
+        let outcome = login::log_in(accounts, delay, tokens, username, password, open).await;
         crate::metrics::get().login("imap", &outcome);
         match outcome {
             Ok((_, upstream)) => {

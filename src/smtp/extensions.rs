@@ -26,9 +26,10 @@ const PASSED_ON: &[&str] = &[
 /// this long rather than make every client wait on an unreachable server.
 const PROBE_RETRY: Duration = Duration::from_secs(10);
 
-/// What the upstream SMTP servers offer, learnt once per server (address
-/// and TLS mode): a reload that points a provider elsewhere asks the new
-/// server, and one that keeps it asks nobody again.
+/// What the upstream SMTP servers offer, learnt once per provider and
+/// server (address and TLS mode, each provider over its own TLS settings): a
+/// reload that points a provider elsewhere asks the new server, and one that
+/// keeps it asks nobody again.
 #[derive(Default)]
 pub struct Extensions {
     /// Held across a probe, so that clients arriving together (nodemailer's
@@ -51,10 +52,8 @@ impl Extensions {
             .iter()
             .map(|a| {
                 let p = config.provider(&a.provider);
-                (
-                    format!("{} {:?}", p.smtp_server, p.smtp_tls),
-                    p.name.as_str(),
-                )
+                let key = format!("{} {} {:?}", p.name, p.smtp_server, p.smtp_tls);
+                (key, p.name.as_str())
             })
             .collect();
         servers.sort();

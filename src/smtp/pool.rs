@@ -115,6 +115,11 @@ impl Pools {
         }
     }
 
+    /// The most upstream connections a mailbox may have at once.
+    pub fn max_per_mailbox(&self) -> usize {
+        self.max_per_mailbox
+    }
+
     fn pool(&self, account: &Account) -> Arc<MailboxPool> {
         let key = format!("{}\0{}", account.provider, account.mailbox.to_lowercase());
         self.pools

@@ -101,7 +101,7 @@ impl Awaiting {
     }
 
     /// What the client sent when it sent nothing in time.
-    fn nothing(self) -> &'static str {
+    fn silence(self) -> &'static str {
         match self {
             Awaiting::Command => "nothing",
             Awaiting::SaslResponse => "no SASL response",
@@ -116,7 +116,7 @@ enum Received {
     /// The client closed the connection.
     Hangup,
     /// The proxy closed the connection after telling the client why.
-    Refused,
+    Closed,
 }
 
 /// When a login is made: at AUTH, or at MAIL when the mailbox's pool opens
@@ -173,7 +173,7 @@ impl Session {
             };
             let next = match self.read_line_within(timeout, Awaiting::Command).await? {
                 Received::Line => self.command().await?,
-                Received::Hangup | Received::Refused => Next::Close,
+                Received::Hangup | Received::Closed => Next::Close,
             };
             if let Next::Close = next {
                 return Ok(());
@@ -203,17 +203,17 @@ impl Session {
                 info!("client sent an overlong {}; closing", awaiting.noun());
                 self.reply(500, "5.5.2 Line too long").await?;
                 self.close_with(421, "4.7.0 Closing").await?;
-                Ok(Received::Refused)
+                Ok(Received::Closed)
             }
             Err(_) => {
                 info!(
                     "client sent {} for {}; closing",
-                    awaiting.nothing(),
+                    awaiting.silence(),
                     humantime::format_duration(timeout)
                 );
                 self.close_with(421, "4.4.2 Idle for too long; closing")
                     .await?;
-                Ok(Received::Refused)
+                Ok(Received::Closed)
             }
         }
     }
@@ -405,8 +405,7 @@ impl Session {
             let opener = || open_pooled(&self.shared, account);
             let leased = self.pools.lease(account, opener).await;
             let mut lease = leased.map_err(MailError::Lease)?;
-            let retry =
-                lease.reused() && stale < self.shared.config.smtp.max_connections_per_mailbox;
+            let retry = lease.reused() && stale < self.pools.max_per_mailbox();
             match lease.conn().command(line).await {
                 Ok(reply) if reply.code == 421 && retry => {
                     debug!("pooled connection was closed by the server; retrying with another");
@@ -604,7 +603,7 @@ impl Challenge for Session {
         {
             Received::Line => Ok(trim_eol(&self.line).to_vec()),
             Received::Hangup => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
-            Received::Refused => Err(SaslError::Closed),
+            Received::Closed => Err(SaslError::Closed),
         }
     }
 }
