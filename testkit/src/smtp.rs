@@ -53,8 +53,9 @@ use tokio::task::AbortHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::pki::TestPki;
-use super::tokens::TokenBook;
+use crate::parse_xoauth2;
+use crate::pki::TestPki;
+use crate::tokens::TokenBook;
 
 /// The host name the mock announces.
 pub const HOSTNAME: &str = "mock.outlook.office365.com";
@@ -634,23 +635,6 @@ fn decode_b64(text: &str) -> Option<Vec<u8>> {
         .decode(text)
         .or_else(|_| STANDARD_NO_PAD.decode(text))
         .ok()
-}
-
-/// `user=<mailbox>\x01auth=Bearer <token>\x01\x01` → (mailbox, token).
-fn parse_xoauth2(raw: &[u8]) -> Option<(String, String)> {
-    let text = std::str::from_utf8(raw).ok()?;
-    let body = text.strip_suffix("\x01\x01")?;
-    let mut user = None;
-    let mut token = None;
-    for part in body.split('\x01') {
-        if let Some(u) = part.strip_prefix("user=") {
-            user = Some(u.to_string());
-        } else if let Some(a) = part.strip_prefix("auth=") {
-            let t = strip_prefix_ci(a, "Bearer ")?;
-            token = Some(t.to_string());
-        }
-    }
-    Some((user?, token?))
 }
 
 impl Session {
