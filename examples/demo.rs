@@ -16,26 +16,6 @@
 //! the proxy to the demo mailbox is delivered to its INBOX. It prints how to
 //! point a mail client at it, and `curl` lines to try.
 
-#[allow(dead_code)]
-#[path = "../tests/support/tokens.rs"]
-mod tokens;
-
-#[allow(dead_code)]
-#[path = "../tests/support/pki.rs"]
-mod pki;
-
-#[allow(dead_code)]
-#[path = "../tests/support/idp.rs"]
-mod idp;
-
-#[allow(dead_code)]
-#[path = "../tests/support/imap_upstream.rs"]
-mod imap_upstream;
-
-#[allow(dead_code)]
-#[path = "../tests/support/smtp_upstream.rs"]
-mod smtp_upstream;
-
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
@@ -44,10 +24,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use idp::{DeviceOutcome, MockIdp};
-use imap_upstream::MockImapUpstream;
-use smtp_upstream::{MockSmtpUpstream, UpstreamTls};
-use tokens::TokenBook;
+use testkit::idp::{DeviceOutcome, MockIdp};
+use testkit::imap::MockImapUpstream;
+use testkit::smtp::{MockSmtpUpstream, UpstreamTls};
+use testkit::tokens::TokenBook;
 use xoauth2_proxy::config::{self, Config};
 use xoauth2_proxy::oauth::store::TokenStore;
 
@@ -106,7 +86,7 @@ fn main() -> ExitCode {
 
 /// The stand-ins, kept alive while the proxy serves.
 struct StandIns {
-    pki: pki::TestPki,
+    pki: testkit::pki::TestPki,
     idp: MockIdp,
     imap: Arc<MockImapUpstream>,
     smtp: Arc<MockSmtpUpstream>,
@@ -175,14 +155,14 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 async fn start_stand_ins() -> StandIns {
-    let pki = pki::TestPki::new();
+    let pki = testkit::pki::TestPki::new();
     let tokens = TokenBook::default();
     let idp = MockIdp::start(tokens.clone()).await;
     idp.register_client(CLIENT_ID, Some(CLIENT_SECRET));
     idp.set_device_user(USER);
     idp.set_device_outcome(DeviceOutcome::ApproveAfterPolls(1));
-    let imap = Arc::new(imap_upstream::start(&pki, tokens.clone()).await);
-    let smtp = Arc::new(smtp_upstream::start(&pki, tokens, UpstreamTls::StartTls).await);
+    let imap = Arc::new(testkit::imap::start(&pki, tokens.clone()).await);
+    let smtp = Arc::new(testkit::smtp::start(&pki, tokens, UpstreamTls::StartTls).await);
     StandIns {
         pki,
         idp,

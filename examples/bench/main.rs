@@ -17,31 +17,12 @@
 //! with min–max. Everything stays on loopback, and every loop is bounded in
 //! count and time. See docs/benchmarks.md.
 
-#[allow(dead_code)]
-#[path = "../tests/support/tokens.rs"]
-mod tokens;
-
-#[allow(dead_code)]
-#[path = "../tests/support/idp.rs"]
-mod idp;
-
-#[allow(dead_code)]
-#[path = "../tests/support/pki.rs"]
-mod pki;
-
-#[path = "bench/client.rs"]
 mod client;
-#[path = "bench/dovecot.rs"]
 mod dovecot;
-#[path = "bench/measure.rs"]
 mod measure;
-#[path = "bench/procs.rs"]
 mod procs;
-#[path = "bench/report.rs"]
 mod report;
-#[path = "bench/standin.rs"]
 mod standin;
-#[path = "bench/world.rs"]
 mod world;
 
 use std::path::{Path, PathBuf};

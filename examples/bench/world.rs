@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::idp::MockIdp;
-use crate::pki::TestPki;
-use crate::tokens::{Subject, TokenBook};
+use testkit::idp::MockIdp;
+use testkit::pki::TestPki;
+use testkit::tokens::{Subject, TokenBook};
 
 pub const TENANT: &str = "contoso.onmicrosoft.com";
 pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";

@@ -15,25 +15,3 @@ pub fn literal_announced(line: &[u8]) -> Option<(usize, bool)> {
     let n = digits.parse().ok().filter(|_| well_formed)?;
     Some((n, synchronising))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::literal_announced;
-
-    #[test]
-    fn literals_at_the_end_of_a_line() {
-        let cases: &[(&[u8], Option<(usize, bool)>)] = &[
-            (b"a LOGIN {12}\r\n", Some((12, true))),
-            (b"a LOGIN {12+}\r\n", Some((12, false))),
-            (b"* 1 FETCH (BODY[] {3}", Some((3, true))),
-            (b"a APPEND INBOX ~{7}", Some((7, true))),
-            (b"a LOGIN {}\r\n", None),
-            (b"a LOGIN {1x}\r\n", None),
-            (b"a LOGIN {12345678901}\r\n", None),
-            (b"a NOOP\r\n", None),
-        ];
-        for (line, expected) in cases {
-            assert_eq!(literal_announced(line), *expected, "{line:?}");
-        }
-    }
-}

@@ -243,11 +243,6 @@ impl MockSmtpUpstream {
         self.addr.port()
     }
 
-    /// `127.0.0.1:<port>`, as a config's `smtp_server` wants it.
-    pub fn host_port(&self) -> String {
-        self.addr.to_string()
-    }
-
     pub fn set_failure_style(&self, style: FailureStyle) {
         self.shared.cfg.lock().unwrap().failure_style = style;
     }

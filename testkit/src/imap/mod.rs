@@ -72,7 +72,6 @@ struct Config {
     not_connected: bool,
     hang: bool,
     expire_sessions: bool,
-    extra_capabilities: Vec<String>,
 }
 
 struct Shared {
@@ -149,7 +148,6 @@ impl MockImapUpstream {
                 not_connected: false,
                 hang: false,
                 expire_sessions: false,
-                extra_capabilities: Vec::new(),
             }),
             store: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
@@ -186,11 +184,6 @@ impl MockImapUpstream {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
-    }
-
-    /// `127.0.0.1:<port>`, as a config's `imap_server` wants it.
-    pub fn host_port(&self) -> String {
-        self.addr.to_string()
     }
 
     /// Waits until `pred(stats)` holds and returns those stats. Panics after `timeout`.
@@ -240,13 +233,6 @@ impl MockImapUpstream {
 
     pub fn set_hang(&self, on: bool) {
         self.shared.config.lock().unwrap().hang = on;
-    }
-
-    /// Extra capabilities appended to the post-auth CAPABILITY list (e.g. `IMAP4rev2`,
-    /// `COMPRESS=DEFLATE`, to check that the proxy filters them). Advertised only.
-    pub fn set_extra_capabilities(&self, caps: &[&str]) {
-        self.shared.config.lock().unwrap().extra_capabilities =
-            caps.iter().map(|c| c.to_string()).collect();
     }
 
     /// `true`: close the listener (new connections are refused; any that slip in are

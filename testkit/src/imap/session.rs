@@ -229,18 +229,9 @@ impl Session {
         match cmd.name.as_str() {
             "CAPABILITY" => {
                 let caps = if authed {
-                    let extra = self
-                        .shared
-                        .config
-                        .lock()
-                        .unwrap()
-                        .extra_capabilities
-                        .join(" ");
-                    format!("{POST_AUTH_CAPABILITIES} {extra}")
-                        .trim()
-                        .to_string()
+                    POST_AUTH_CAPABILITIES
                 } else {
-                    PRE_AUTH_CAPABILITIES.to_string()
+                    PRE_AUTH_CAPABILITIES
                 };
                 self.put(&format!("* CAPABILITY {caps}"));
                 self.tagged(&tag, "OK CAPABILITY completed.");
