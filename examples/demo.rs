@@ -6,7 +6,7 @@
 //! cargo run --example demo -- --imap-port 2143 --smtp-port 2587 --admin-port 9025
 //! ```
 //!
-//! It starts the tests' stand-ins (tests/support/): an identity provider
+//! It starts the tests' stand-ins (the testkit crate): an identity provider
 //! speaking Microsoft identity platform v2.0, a TLS IMAP server and a STARTTLS
 //! SMTP server that accept only XOAUTH2 with the tokens that provider issued,
 //! and a throw-away CA for their certificates. It writes a proxy config for

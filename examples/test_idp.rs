@@ -14,7 +14,7 @@
 //! killed. Test-only, loopback only: besides the Microsoft endpoints
 //! (`/{tenant}/oauth2/v2.0/devicecode`, `/token`, `/authorize`) it has control
 //! endpoints under `/control/` that revoke grants and read counters
-//! (see tests/support/idp.rs).
+//! (see testkit/src/idp/).
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -69,7 +69,7 @@ pub async fn run(
     if !answer.contains("\"active\":true") {
         return Err(
             "the mock identity provider has no RFC 7662 introspection endpoint (POST /introspect) in this \
-             build of tests/support/idp.rs, which Dovecot needs to check XOAUTH2 tokens"
+             build of testkit/src/idp/, which Dovecot needs to check XOAUTH2 tokens"
                 .into(),
         );
     }

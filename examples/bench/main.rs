@@ -10,7 +10,7 @@
 //! It builds and runs the release binary `target/release/xoauth2-proxy`
 //! with a generated config; starts, in a process of its own, a fast TLS
 //! IMAP/SMTP stand-in that checks XOAUTH2 (examples/bench/standin.rs) and the
-//! tests' mock identity provider (tests/support/idp.rs); installs
+//! tests' mock identity provider (testkit/src/idp/); installs
 //! email-oauth2-proxy (PyPI `emailproxy`) into target/bench/ and runs it
 //! headless against the same stand-in and identity provider; and drives all
 //! the clients itself. Runs alternate between the paths; figures are medians

@@ -1,6 +1,6 @@
 //! The upstream side of the benchmark, in a process of its own (so that its
 //! sockets, memory and CPU are not the client's): a throw-away CA, the tests'
-//! mock identity provider (tests/support/idp.rs) and the TLS IMAP/SMTP
+//! mock identity provider (testkit/src/idp/) and the TLS IMAP/SMTP
 //! stand-in, sharing one book of issued tokens.
 //!
 //! The benchmark starts it as `bench --world …`; it prints one JSON line
