@@ -294,10 +294,7 @@ async fn measure(
                 match transfer_once(&path, kind, &append, plan.fetch_bytes, None).await {
                     Ok(sample) => {
                         this_rep[slot(path.via)] = Some(sample.mbps);
-                        th.mbps.push(sample.mbps);
-                        th.cpu.add(&sample.proxy);
-                        th.client_cpu.add(&sample.client);
-                        th.bytes += sample.bytes;
+                        sample.add_to(th);
                     }
                     Err(e) => th.errors.push(e),
                 }

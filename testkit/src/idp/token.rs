@@ -157,12 +157,7 @@ pub(super) fn authenticate_client(
     require_secret_for_confidential: bool,
 ) -> Result<bool, Response> {
     let Some(client_id) = client_id else {
-        return Err(aad_error(
-            400,
-            "invalid_request",
-            900144,
-            "The request body must contain the following parameter: 'client_id'.",
-        ));
+        return Err(missing("client_id"));
     };
     if let (Some(form_id), Some((basic_id, _))) = (form.get("client_id"), basic)
         && form_id != basic_id
@@ -237,16 +232,7 @@ pub(super) fn device_authorization(
     // The devicecode endpoint does not require the secret, but a wrong one is refused.
     authenticate_client(inner, form, client_id, basic, false)?;
     let client_id = client_id.unwrap_or_default().to_string();
-    let scope = form.get("scope").cloned().unwrap_or_default();
-    if scope.trim().is_empty() {
-        return Err(aad_error(
-            400,
-            "invalid_request",
-            900144,
-            "The request body must contain the following parameter: 'scope'.",
-        ));
-    }
-    check_scope(&scope, false)?;
+    let scope = required_scope(form, false)?;
     let device_code = new_secret(inner, "DAQABIQEAAADW6jl31mB3T7ugrWTT8pFe", 260);
     let user_code: String = random_text(9)
         .chars()
@@ -290,24 +276,14 @@ pub(super) fn token_grant(
 ) -> Result<Response, Response> {
     let grant_type = form.get("grant_type").map(String::as_str).unwrap_or("");
     if grant_type.is_empty() {
-        return Err(aad_error(
-            400,
-            "invalid_request",
-            900144,
-            "The request body must contain the following parameter: 'grant_type'.",
-        ));
+        return Err(missing("grant_type"));
     }
     let confidential = authenticate_client(inner, form, client_id, basic, true)?;
     let client_id = client_id.unwrap_or_default().to_string();
     match grant_type {
         "urn:ietf:params:oauth:grant-type:device_code" => {
             let Some(code) = form.get("device_code") else {
-                return Err(aad_error(
-                    400,
-                    "invalid_request",
-                    900144,
-                    "The request body must contain the following parameter: 'device_code'.",
-                ));
+                return Err(missing("device_code"));
             };
             let outcome = inner.device_outcome.clone();
             let Some(device) = inner.devices.get_mut(code) else {
@@ -383,12 +359,7 @@ pub(super) fn token_grant(
         }
         "refresh_token" => {
             let Some(rt) = form.get("refresh_token") else {
-                return Err(aad_error(
-                    400,
-                    "invalid_request",
-                    900144,
-                    "The request body must contain the following parameter: 'refresh_token'.",
-                ));
+                return Err(missing("refresh_token"));
             };
             let valid = inner
                 .refresh
@@ -420,16 +391,7 @@ pub(super) fn token_grant(
                     &default_text(7000218, &client_id),
                 ));
             }
-            let scope = form.get("scope").cloned().unwrap_or_default();
-            if scope.trim().is_empty() {
-                return Err(aad_error(
-                    400,
-                    "invalid_request",
-                    900144,
-                    "The request body must contain the following parameter: 'scope'.",
-                ));
-            }
-            check_scope(&scope, true)?;
+            let scope = required_scope(form, true)?;
             let lifetime = inner.access_lifetime;
             let access = if targets_exchange(&scope) {
                 tokens.issue(Subject::App, lifetime)
@@ -450,12 +412,7 @@ pub(super) fn token_grant(
         }
         "authorization_code" => {
             let Some(code) = form.get("code") else {
-                return Err(aad_error(
-                    400,
-                    "invalid_request",
-                    900144,
-                    "The request body must contain the following parameter: 'code'.",
-                ));
+                return Err(missing("code"));
             };
             if inner.redeemed_codes.contains(code) {
                 return Err(aad_error(
@@ -608,6 +565,29 @@ pub(super) fn targets_exchange(scope: &str) -> bool {
         .split_whitespace()
         .filter_map(scope_resource)
         .any(|r| r == "https://outlook.office.com" || r == "https://outlook.office365.com")
+}
+
+/// AADSTS900144: a required parameter is missing from the request.
+fn missing(parameter: &str) -> Response {
+    aad_error(
+        400,
+        "invalid_request",
+        900144,
+        &format!("The request body must contain the following parameter: '{parameter}'."),
+    )
+}
+
+/// The request's `scope`, present and valid for the grant.
+fn required_scope(
+    form: &HashMap<String, String>,
+    client_credentials: bool,
+) -> Result<String, Response> {
+    let scope = form.get("scope").cloned().unwrap_or_default();
+    if scope.trim().is_empty() {
+        return Err(missing("scope"));
+    }
+    check_scope(&scope, client_credentials)?;
+    Ok(scope)
 }
 
 pub(super) fn check_scope(scope: &str, client_credentials: bool) -> Result<(), Response> {
