@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use crate::client::{self, Credentials, Route};
 use crate::report::{Results, Via, slot};
 use crate::world::{MAILBOX, WorldInfo};
-use crate::{Path_, Transfer, procs, rotated, say, transfer_once};
+use crate::{Transfer, Way, procs, rotated, say, transfer_once};
 
 /// What the Dovecot run does.
 pub struct Plan {
@@ -257,7 +257,7 @@ async fn measure(
     world: &WorldInfo,
 ) -> Result<Results, String> {
     let ours = procs::start_ours(bin, password_hash, upstream, 256).await?;
-    let direct = Path_ {
+    let direct = Way {
         via: Via::Direct,
         imap: Route::Tls {
             addr,

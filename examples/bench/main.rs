@@ -298,7 +298,7 @@ fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
 
 /// One way to the mailbox: its routes, how it logs in, and whose CPU to count.
 #[derive(Clone)]
-struct Path_ {
+struct Way {
     via: Via,
     imap: Route,
     smtp: Route,
@@ -314,8 +314,8 @@ fn password_credentials() -> Credentials {
     }
 }
 
-fn proxied(via: Via, running: &procs::Running) -> Path_ {
-    Path_ {
+fn proxied(via: Via, running: &procs::Running) -> Way {
+    Way {
         via,
         imap: Route::Plain(running.imap),
         smtp: Route::Plain(running.smtp),
@@ -344,7 +344,7 @@ async fn run(args: Args) -> Result<(), String> {
     let info = world.info.clone();
     let tls = tls_config(Path::new(&info.ca_file))?;
     let connector = client::connector(tls.clone());
-    let direct = Path_ {
+    let direct = Way {
         via: Via::Direct,
         imap: Route::Tls {
             addr: ([127, 0, 0, 1], info.imap_port).into(),
@@ -548,7 +548,7 @@ fn plan_for_dovecot(plan: &Plan) -> dovecot::Plan {
 
 /// The order of the paths for repetition `rep`: rotated, so that each path
 /// runs first, second and last equally often.
-fn rotated(paths: &[Path_], rep: usize) -> Vec<Path_> {
+fn rotated(paths: &[Way], rep: usize) -> Vec<Way> {
     let mut v = paths.to_vec();
     if !v.is_empty() {
         let k = rep % v.len();
@@ -642,7 +642,7 @@ impl Sample {
 
 /// One timed transfer on a fresh, logged-in session: (MB/s, proxy CPU during it, bytes).
 async fn transfer_once(
-    path: &Path_,
+    path: &Way,
     kind: Transfer,
     data: &[u8],
     fetch_bytes: usize,
@@ -693,12 +693,7 @@ fn set_of(results: &mut Results, kind: Transfer) -> &mut [report::Throughput; 3]
     }
 }
 
-async fn throughput(
-    plan: &Plan,
-    paths: &[Path_],
-    results: &mut Results,
-    upstream_pid: Option<u32>,
-) {
+async fn throughput(plan: &Plan, paths: &[Way], results: &mut Results, upstream_pid: Option<u32>) {
     let append = client::message(plan.append_bytes, "appended");
     let mail = client::message(plan.smtp_bytes, "sent");
     let mut upstream_cpu = Cpu::default();
@@ -748,7 +743,7 @@ async fn throughput(
     results.upstream_cpu = Some((upstream_cpu, upstream_bytes));
 }
 
-async fn logins(plan: &Plan, paths: &[Path_], results: &mut Results) {
+async fn logins(plan: &Plan, paths: &[Way], results: &mut Results) {
     const BLOCKS: usize = 10;
     say(&format!(
         "login latency: {} cycles per path ({} through email-oauth2-proxy)",
@@ -796,7 +791,7 @@ struct Wave {
 /// time. Gives up opening more after `setup` or after `max_failures`
 /// failures in a row.
 async fn open_wave(
-    path: &Path_,
+    path: &Way,
     n: usize,
     parallel: usize,
     setup: Duration,
@@ -867,7 +862,7 @@ async fn open_wave(
 /// steady state of a proxy whose sessions come and go (freed memory that is
 /// reused has been written to, and counts in RSS).
 async fn idle_tier(
-    path: &Path_,
+    path: &Way,
     n: usize,
     idle_secs: u64,
     parallel: usize,
