@@ -29,8 +29,10 @@
 //!   access tokens only; the refresh token still works), `POST device-user` (form
 //!   `mailbox=…`).
 //!
-//! HTTP is served by hyper; every response carries `Connection: close`, one
-//! request per connection.
+//! HTTP is served by hyper (`http`: the endpoint table, requests, responses);
+//! every response carries `Connection: close`, one request per connection. The
+//! endpoints live in `token`, `authorize` and `control`; Microsoft's error shape
+//! in `aadsts`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -11,6 +11,11 @@
 //! The session is a small state machine over a line/literal framed reader:
 //! a command is one line, plus, for every line ending in `{n}`/`{n+}`, n literal
 //! bytes and the rest of the command on the next line.
+//!
+//! This module holds the server (listener, faults, counters, the test-facing
+//! [`MockImapUpstream`]); `session` reads commands, dispatches them and does
+//! AUTHENTICATE and IDLE; `commands`, `fetch` and `search` answer the rest;
+//! `mailbox` is the message store and `parse` the command syntax.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -32,6 +32,10 @@
 //!   [`MockSmtpUpstream::wait_for_stats`] rather than read [`MockSmtpUpstream::stats`].
 //! - **`set_hang(true)`** affects connections accepted afterwards: they are accepted
 //!   and held open, but never greeted (they count in `connections_total`).
+//!
+//! This module holds the server and the test-facing [`MockSmtpUpstream`];
+//! `session` is one connection's reader and command loop, `auth` its AUTH and
+//! `transaction` MAIL, RCPT, DATA and BDAT.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
