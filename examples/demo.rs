@@ -26,6 +26,7 @@ use clap::Parser;
 
 use testkit::idp::{DeviceOutcome, MockIdp};
 use testkit::imap::MockImapUpstream;
+use testkit::pki;
 use testkit::smtp::{MockSmtpUpstream, UpstreamTls};
 use testkit::tokens::TokenBook;
 use xoauth2_proxy::config::{self, Config};
@@ -86,7 +87,7 @@ fn main() -> ExitCode {
 
 /// The stand-ins, kept alive while the proxy serves.
 struct StandIns {
-    pki: testkit::pki::TestPki,
+    pki: pki::TestPki,
     idp: MockIdp,
     imap: Arc<MockImapUpstream>,
     smtp: Arc<MockSmtpUpstream>,
@@ -155,7 +156,7 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 async fn start_stand_ins() -> StandIns {
-    let pki = testkit::pki::TestPki::new();
+    let pki = pki::TestPki::new();
     let tokens = TokenBook::default();
     let idp = MockIdp::start(tokens.clone()).await;
     idp.register_client(CLIENT_ID, Some(CLIENT_SECRET));
