@@ -12,7 +12,7 @@
 //! and a throw-away CA for their certificates. It writes a proxy config for
 //! them, runs the device-code `login` (the stand-in approves it by itself),
 //! puts a welcome message in the INBOX, and serves the proxy (the library's
-//! `server::run`, as `xoauth2-proxy serve` does) until Ctrl-C. Mail sent through
+//! `run`, as `xoauth2-proxy serve` does) until Ctrl-C. Mail sent through
 //! the proxy to the demo mailbox is delivered to its INBOX. It prints how to
 //! point a mail client at it, and `curl` lines to try.
 
@@ -29,8 +29,7 @@ use testkit::imap::MockImapUpstream;
 use testkit::pki;
 use testkit::smtp::{MockSmtpUpstream, UpstreamTls};
 use testkit::tokens::TokenBook;
-use xoauth2_proxy::config::{self, Config};
-use xoauth2_proxy::oauth::store::TokenStore;
+use xoauth2_proxy::{Config, Listeners, TokenStore, state_dir};
 
 /// The mailbox a mail client logs in to, through the proxy.
 const USER: &str = "sales@demo.test";
@@ -132,11 +131,18 @@ async fn run(args: Args) -> Result<(), String> {
         .account(USER)
         .cloned()
         .expect("the demo account is configured");
-    let store = TokenStore::new(&config::state_dir(&config));
-    xoauth2_proxy::oauth::login::login(&config, &store, &account).await?;
+    let store = TokenStore::new(&state_dir(&config));
+    xoauth2_proxy::authorize(&config, &store, &account).await?;
 
     tokio::spawn(deliver(stand_ins.smtp.clone(), stand_ins.imap.clone()));
-    let server = tokio::spawn(xoauth2_proxy::server::run(config));
+    let listeners = Listeners::bind(&config)
+        .await
+        .map_err(|e| with_port_hint(e, &args))?;
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let no_reloads = tokio::sync::mpsc::channel(1).1;
+    let server = tokio::spawn(xoauth2_proxy::run(listeners, config, ctrl_c, no_reloads));
     let ready = wait_until_ready(args.admin_port, &server).await;
     if !ready && !server.is_finished() {
         server.abort();
@@ -175,7 +181,7 @@ async fn start_stand_ins() -> StandIns {
 /// The proxy's config: the public format, pointed at the stand-ins.
 fn config_text(args: &Args, s: &StandIns, dir: &Path, secret: &Path) -> String {
     let base = format!("{}/{TENANT}/oauth2/v2.0", s.idp.base_url());
-    let hash = xoauth2_proxy::accounts::hash_password(PASSWORD.as_bytes());
+    let hash = xoauth2_proxy::hash_password(PASSWORD.as_bytes());
     format!(
         r#"# Written by `cargo run --example demo`; see config.example.toml for every key.
 [server]

@@ -64,12 +64,14 @@ pub async fn probe(addr: std::net::SocketAddr) -> Result<(), String> {
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await {
         Ok(Ok(response)) if response.starts_with(b"HTTP/1.1 200") => Ok(()),
-        Ok(Ok(_)) => Err(format!("the proxy at {target} is not healthy")),
+        Ok(Ok(_)) => Err(format!("the proxy at {target} is not healthy; see its log")),
         Ok(Err(e)) => Err(format!(
-            "no proxy answers at {target}: {}",
+            "no proxy answers at {target}: {}; is `xoauth2-proxy serve` running with this config?",
             crate::error::io_reason(&e)
         )),
-        Err(_) => Err(format!("the proxy at {target} did not answer within 5 s")),
+        Err(_) => Err(format!(
+            "the proxy at {target} did not answer within 5 s; see its log"
+        )),
     }
 }
 

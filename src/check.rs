@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::login::{OpenError, open_with_token};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::upstream::UpstreamError;
 
 /// Checks every account against the identity provider and the upstream
@@ -22,7 +22,7 @@ pub async fn run(config: Config) -> Result<bool, String> {
             say(
                 false,
                 &format!(
-                    "state directory {}: {}",
+                    "state directory {}: {}; make it writable by this user or set `state_dir` in [server]",
                     state.display(),
                     crate::error::io_reason(&e)
                 ),
@@ -30,7 +30,10 @@ pub async fn run(config: Config) -> Result<bool, String> {
         }
     }
     if shared.config.accounts.is_empty() {
-        say(false, "no [[accounts]] are configured");
+        say(
+            false,
+            "no [[accounts]] are configured; add one (config.example.toml shows how)",
+        );
         return Ok(false);
     }
     for account in &shared.config.accounts {
@@ -39,23 +42,20 @@ pub async fn run(config: Config) -> Result<bool, String> {
             "{} → mailbox {} (provider {}, {:?})",
             account.username, account.mailbox, account.provider, account.flow
         );
-        let imap = open_with_token(&shared, account, |account, token| {
-            let shared = &shared;
-            async move {
-                crate::imap::upstream::open(shared, &account, &token)
-                    .await
-                    .map(|_| ())
-            }
+        let (tls, timeout) = (&shared.tls, shared.config.server.upstream_timeout);
+        let imap = open_with_token(&shared.tokens, account, |account, token| async move {
+            crate::imap::upstream::open(tls, provider, timeout, &account.mailbox, &token)
+                .await
+                .map(|_| ())
         })
         .await;
         all_ok &= report(&format!("IMAP {}", provider.imap_server), imap);
-        let smtp = open_with_token(&shared, account, |account, token| {
-            let shared = &shared;
-            async move {
-                let conn = crate::smtp::upstream::open(shared, &account, &token).await?;
-                conn.quit().await;
-                Ok(())
-            }
+        let smtp = open_with_token(&shared.tokens, account, |account, token| async move {
+            let conn =
+                crate::smtp::upstream::open(tls, provider, timeout, &account.mailbox, &token)
+                    .await?;
+            conn.quit().await;
+            Ok(())
         })
         .await;
         all_ok &= report(&format!("SMTP {}", provider.smtp_server), smtp);

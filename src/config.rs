@@ -161,6 +161,43 @@ pub enum ProviderKind {
     Custom,
 }
 
+/// What a provider kind implies where the file is silent.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProviderDefaults {
+    pub authorize_url: Option<String>,
+    pub token_url: Option<String>,
+    pub device_code_url: Option<String>,
+    pub imap_server: Option<&'static str>,
+    pub smtp_server: Option<&'static str>,
+}
+
+impl ProviderKind {
+    /// The endpoints and mail servers of a well-known kind; `tenant` is the
+    /// Microsoft directory. A custom provider has none: the file gives them.
+    pub fn defaults(self, tenant: &str) -> ProviderDefaults {
+        match self {
+            ProviderKind::Microsoft => {
+                let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+                ProviderDefaults {
+                    authorize_url: Some(format!("{base}/authorize")),
+                    token_url: Some(format!("{base}/token")),
+                    device_code_url: Some(format!("{base}/devicecode")),
+                    imap_server: Some("outlook.office365.com:993"),
+                    smtp_server: Some("smtp.office365.com:587"),
+                }
+            }
+            ProviderKind::Google => ProviderDefaults {
+                authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".to_string()),
+                token_url: Some("https://oauth2.googleapis.com/token".to_string()),
+                device_code_url: Some("https://oauth2.googleapis.com/device/code".to_string()),
+                imap_server: Some("imap.gmail.com:993"),
+                smtp_server: Some("smtp.gmail.com:587"),
+            },
+            ProviderKind::Custom => ProviderDefaults::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsMode {
@@ -379,114 +416,13 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 }
 
 fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
-    if raw.smtp.max_connections_per_mailbox == 0 {
-        return Err(ConfigError::at(
-            path,
-            "smtp.max_connections_per_mailbox",
-            "must be at least 1",
-        ));
-    }
-    if raw.server.max_connections == 0 {
-        return Err(ConfigError::at(
-            path,
-            "server.max_connections",
-            "must be at least 1",
-        ));
-    }
+    check_limits(path, &raw.server, &raw.smtp)?;
     let mut providers = BTreeMap::new();
     for (name, p) in raw.providers {
         let provider = validate_provider(path, &name, p)?;
         providers.insert(name, provider);
     }
-
-    let mut seen = HashSet::new();
-    let mut accounts = Vec::new();
-    for (i, a) in raw.accounts.into_iter().enumerate() {
-        let key = |field: &str| format!("accounts[{i}].{field}");
-        if a.username.trim().is_empty() {
-            return Err(ConfigError::at(path, &key("username"), "must not be empty"));
-        }
-        if !seen.insert(a.username.to_ascii_lowercase()) {
-            return Err(ConfigError::at(
-                path,
-                &key("username"),
-                format!("`{}` is configured twice", a.username),
-            ));
-        }
-        let password = match (a.password_hash, a.password) {
-            (Some(hash), None) => {
-                argon2::PasswordHash::new(&hash).map_err(|_| {
-                    ConfigError::at(
-                        path,
-                        &key("password_hash"),
-                        "is not an argon2 hash string; make one with `xoauth2-proxy hash-password`",
-                    )
-                })?;
-                LocalPassword::Hash(hash)
-            }
-            (None, Some(plain)) => LocalPassword::Plain(plain),
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::at(
-                    path,
-                    &key("password_hash"),
-                    "give either password_hash or password, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::at(
-                    path,
-                    &key("password_hash"),
-                    "is missing; make one with `xoauth2-proxy hash-password`",
-                ));
-            }
-        };
-        let Some(provider) = providers.get(&a.provider) else {
-            return Err(ConfigError::at(
-                path,
-                &key("provider"),
-                format!(
-                    "no provider `{}` is configured under [providers]",
-                    a.provider
-                ),
-            ));
-        };
-        if a.flow == Flow::ClientCredentials && provider.client_secret.is_none() {
-            return Err(ConfigError::at(
-                path,
-                &key("flow"),
-                format!(
-                    "client_credentials needs a client_secret or client_secret_file in provider `{}`",
-                    a.provider
-                ),
-            ));
-        }
-        if a.flow == Flow::DeviceCode && provider.device_code_url.is_none() {
-            return Err(ConfigError::at(
-                path,
-                &key("flow"),
-                format!(
-                    "device_code needs device_code_url in provider `{}`",
-                    a.provider
-                ),
-            ));
-        }
-        if let Some(scopes) = &a.scopes {
-            check_scopes(path, &key("scopes"), scopes)?;
-        }
-        let mailbox = a.mailbox.unwrap_or_else(|| a.username.clone());
-        if mailbox.trim().is_empty() {
-            return Err(ConfigError::at(path, &key("mailbox"), "must not be empty"));
-        }
-        accounts.push(Account {
-            username: a.username,
-            password,
-            provider: a.provider,
-            mailbox,
-            flow: a.flow,
-            scopes: a.scopes,
-        });
-    }
-
+    let accounts = validate_accounts(path, raw.accounts, &providers)?;
     Ok(Config {
         path: path.to_path_buf(),
         server: raw.server,
@@ -498,159 +434,338 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     })
 }
 
-fn validate_provider(path: &Path, name: &str, p: RawProvider) -> Result<Provider, ConfigError> {
-    let key = |field: &str| format!("providers.{name}.{field}");
-    if p.client_id.trim().is_empty() {
-        return Err(ConfigError::at(
-            path,
-            &key("client_id"),
-            "must not be empty",
-        ));
-    }
-    let client_secret = match (p.client_secret, p.client_secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::at(
-                path,
-                &key("client_secret"),
-                "give either client_secret or client_secret_file, not both",
-            ));
-        }
-        (Some(s), None) => Some(s),
-        (None, Some(file)) => {
-            let text = std::fs::read_to_string(&file).map_err(|e| {
-                ConfigError::at(
-                    path,
-                    &key("client_secret_file"),
-                    format!(
-                        "cannot read {}: {}",
-                        file.display(),
-                        crate::error::io_reason(&e)
-                    ),
-                )
-            })?;
-            let secret = text.trim();
-            if secret.is_empty() {
-                return Err(ConfigError::at(
-                    path,
-                    &key("client_secret_file"),
-                    format!("{} is empty", file.display()),
-                ));
-            }
-            Some(Secret::new(secret.to_string()))
-        }
-        (None, None) => None,
-    };
-
-    let tenant = p.tenant.unwrap_or_else(|| "organizations".to_string());
-    let (authorize_url, token_url, device_code_url, imap_default, smtp_default) = match p.kind {
-        ProviderKind::Microsoft => {
-            let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
-            (
-                Some(format!("{base}/authorize")),
-                Some(format!("{base}/token")),
-                Some(format!("{base}/devicecode")),
-                Some("outlook.office365.com:993"),
-                Some("smtp.office365.com:587"),
-            )
-        }
-        ProviderKind::Google => (
-            Some("https://accounts.google.com/o/oauth2/v2/auth".to_string()),
-            Some("https://oauth2.googleapis.com/token".to_string()),
-            Some("https://oauth2.googleapis.com/device/code".to_string()),
-            Some("imap.gmail.com:993"),
-            Some("smtp.gmail.com:587"),
-        ),
-        ProviderKind::Custom => (None, None, None, None, None),
-    };
-    let url = |field: &str, given: Option<String>, default: Option<String>| {
-        let Some(url) = given.or(default) else {
-            return Ok(None);
-        };
-        check_url(path, &key(field), &url)?;
-        Ok::<_, ConfigError>(Some(url))
-    };
-    let authorize_url = url("authorize_url", p.authorize_url, authorize_url)?;
-    let token_url = url("token_url", p.token_url, token_url)?;
-    let device_code_url = url("device_code_url", p.device_code_url, device_code_url)?;
-    let redirect_uri = url(
-        "redirect_uri",
-        p.redirect_uri,
-        Some("http://localhost:8400/".to_string()),
-    )?
-    .expect("has a default");
-
-    let required = |field: &str, v: Option<String>| {
-        v.ok_or_else(|| ConfigError::at(path, &key(field), "is required for kind = \"custom\""))
-    };
-    let authorize_url = required("authorize_url", authorize_url)?;
-    let token_url = required("token_url", token_url)?;
-
-    let server = |field: &str, given: Option<String>, default: Option<&str>| {
-        let text = given.or(default.map(str::to_string)).ok_or_else(|| {
-            ConfigError::at(path, &key(field), "is required for kind = \"custom\"")
-        })?;
-        parse_server_addr(&text)
-            .ok_or_else(|| ConfigError::at(path, &key(field), "must be HOST:PORT"))
-    };
-    let imap_server = server("imap_server", p.imap_server, imap_default)?;
-    let smtp_server = server("smtp_server", p.smtp_server, smtp_default)?;
-    let imap_tls = p.imap_tls.unwrap_or(TlsMode::Implicit);
-    let smtp_tls = p.smtp_tls.unwrap_or(if smtp_server.port == 465 {
-        TlsMode::Implicit
-    } else {
-        TlsMode::Starttls
-    });
-
-    if let Some(scopes) = &p.scopes {
-        check_scopes(path, &key("scopes"), scopes)?;
-    }
-    if let Some(ca) = &p.ca_file {
-        crate::upstream::load_ca_file(ca).map_err(|e| ConfigError::at(path, &key("ca_file"), e))?;
-    }
-
-    Ok(Provider {
-        name: name.to_string(),
-        kind: p.kind,
-        client_id: p.client_id,
-        client_secret,
-        authorize_url,
-        token_url,
-        device_code_url,
-        redirect_uri,
-        scopes: p.scopes,
-        imap_server,
-        imap_tls,
-        smtp_server,
-        smtp_tls,
-        ca_file: p.ca_file,
-    })
+/// A table of the file (`providers.NAME`, `accounts[N]`), so that an error
+/// names the key it is about.
+struct Table<'a> {
+    file: &'a Path,
+    name: String,
 }
 
-fn check_scopes(path: &Path, key: &str, scopes: &[String]) -> Result<(), ConfigError> {
-    if scopes.is_empty()
-        || scopes
-            .iter()
-            .any(|s| s.trim().is_empty() || s.contains(' '))
-    {
+impl Table<'_> {
+    fn error(&self, field: &str, what: impl fmt::Display) -> ConfigError {
+        ConfigError::at(self.file, &format!("{}.{field}", self.name), what)
+    }
+}
+
+/// Limits of zero would refuse every client or every message.
+fn check_limits(
+    path: &Path,
+    server: &ServerSection,
+    smtp: &SmtpSection,
+) -> Result<(), ConfigError> {
+    if smtp.max_connections_per_mailbox == 0 {
         return Err(ConfigError::at(
             path,
-            key,
-            "must be a non-empty list of scopes without spaces",
+            "smtp.max_connections_per_mailbox",
+            "must be at least 1",
+        ));
+    }
+    if server.max_connections == 0 {
+        return Err(ConfigError::at(
+            path,
+            "server.max_connections",
+            "must be at least 1",
         ));
     }
     Ok(())
 }
 
+// ---- accounts -----------------------------------------------------------------
+
+fn validate_accounts(
+    path: &Path,
+    raw: Vec<RawAccount>,
+    providers: &BTreeMap<String, Provider>,
+) -> Result<Vec<Account>, ConfigError> {
+    let mut seen = HashSet::new();
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let table = Table {
+                file: path,
+                name: format!("accounts[{i}]"),
+            };
+            validate_account(&table, a, providers, &mut seen)
+        })
+        .collect()
+}
+
+/// One account; `seen` holds the usernames before it, lower-cased.
+fn validate_account(
+    t: &Table,
+    a: RawAccount,
+    providers: &BTreeMap<String, Provider>,
+    seen: &mut HashSet<String>,
+) -> Result<Account, ConfigError> {
+    check_username(t, &a.username, seen)?;
+    let password = local_password(t, a.password_hash, a.password)?;
+    let Some(provider) = providers.get(&a.provider) else {
+        return Err(t.error(
+            "provider",
+            format!(
+                "no provider `{}` is configured under [providers]",
+                a.provider
+            ),
+        ));
+    };
+    check_flow(t, a.flow, provider)?;
+    if let Some(scopes) = &a.scopes {
+        check_scopes(t, "scopes", scopes)?;
+    }
+    let mailbox = a.mailbox.unwrap_or_else(|| a.username.clone());
+    if mailbox.trim().is_empty() {
+        return Err(t.error("mailbox", "must not be empty"));
+    }
+    Ok(Account {
+        username: a.username,
+        password,
+        provider: a.provider,
+        mailbox,
+        flow: a.flow,
+        scopes: a.scopes,
+    })
+}
+
+/// Usernames are compared case-insensitively at login, so they must differ
+/// in more than case.
+fn check_username(
+    t: &Table,
+    username: &str,
+    seen: &mut HashSet<String>,
+) -> Result<(), ConfigError> {
+    if username.trim().is_empty() {
+        return Err(t.error("username", "must not be empty"));
+    }
+    if !seen.insert(username.to_ascii_lowercase()) {
+        return Err(t.error("username", format!("`{username}` is configured twice")));
+    }
+    Ok(())
+}
+
+fn local_password(
+    t: &Table,
+    hash: Option<String>,
+    plain: Option<Secret>,
+) -> Result<LocalPassword, ConfigError> {
+    match (hash, plain) {
+        (Some(hash), None) => {
+            argon2::PasswordHash::new(&hash).map_err(|_| {
+                t.error(
+                    "password_hash",
+                    "is not an argon2 hash string; make one with `xoauth2-proxy hash-password`",
+                )
+            })?;
+            Ok(LocalPassword::Hash(hash))
+        }
+        (None, Some(plain)) => Ok(LocalPassword::Plain(plain)),
+        (Some(_), Some(_)) => Err(t.error(
+            "password_hash",
+            "give either password_hash or password, not both",
+        )),
+        (None, None) => Err(t.error(
+            "password_hash",
+            "is missing; make one with `xoauth2-proxy hash-password`",
+        )),
+    }
+}
+
+/// A flow needs what its grant is obtained with from the provider.
+fn check_flow(t: &Table, flow: Flow, provider: &Provider) -> Result<(), ConfigError> {
+    let needs = match flow {
+        Flow::ClientCredentials if provider.client_secret.is_none() => {
+            "client_credentials needs a client_secret or client_secret_file"
+        }
+        Flow::DeviceCode if provider.device_code_url.is_none() => {
+            "device_code needs device_code_url"
+        }
+        _ => return Ok(()),
+    };
+    Err(t.error("flow", format!("{needs} in provider `{}`", provider.name)))
+}
+
+// ---- providers ----------------------------------------------------------------
+
+/// The Entra tenant when the file names none: any work or school account.
+const DEFAULT_TENANT: &str = "organizations";
+/// The authorization code flow's loopback redirect when the file names none.
+const DEFAULT_REDIRECT_URI: &str = "http://localhost:8400/";
+
+fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Provider, ConfigError> {
+    let t = Table {
+        file: path,
+        name: format!("providers.{name}"),
+    };
+    if p.client_id.trim().is_empty() {
+        return Err(t.error("client_id", "must not be empty"));
+    }
+    let client_secret = client_secret(&t, p.client_secret.take(), p.client_secret_file.take())?;
+    let defaults = p
+        .kind
+        .defaults(p.tenant.as_deref().unwrap_or(DEFAULT_TENANT));
+    let endpoints = endpoints(&t, &p, &defaults)?;
+    let servers = mail_servers(&t, &p, &defaults)?;
+    if let Some(scopes) = &p.scopes {
+        check_scopes(&t, "scopes", scopes)?;
+    }
+    if let Some(ca) = &p.ca_file {
+        crate::tls::load_ca_file(ca).map_err(|e| t.error("ca_file", e))?;
+    }
+    Ok(Provider {
+        name: name.to_string(),
+        kind: p.kind,
+        client_id: p.client_id,
+        client_secret,
+        authorize_url: endpoints.authorize_url,
+        token_url: endpoints.token_url,
+        device_code_url: endpoints.device_code_url,
+        redirect_uri: endpoints.redirect_uri,
+        scopes: p.scopes,
+        imap_server: servers.imap_server,
+        imap_tls: servers.imap_tls,
+        smtp_server: servers.smtp_server,
+        smtp_tls: servers.smtp_tls,
+        ca_file: p.ca_file,
+    })
+}
+
+/// `client_secret`, or the contents of `client_secret_file` (kept out of
+/// a config file that may be shared), or neither.
+fn client_secret(
+    t: &Table,
+    inline: Option<Secret>,
+    file: Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(t.error(
+            "client_secret",
+            "give either client_secret or client_secret_file, not both",
+        )),
+        (Some(s), None) => Ok(Some(s)),
+        (None, Some(file)) => read_secret_file(t, &file).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+fn read_secret_file(t: &Table, file: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        t.error(
+            "client_secret_file",
+            format!(
+                "cannot read {}: {}",
+                file.display(),
+                crate::error::io_reason(&e)
+            ),
+        )
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(t.error("client_secret_file", format!("{} is empty", file.display())));
+    }
+    Ok(Secret::new(secret.to_string()))
+}
+
+/// A provider's identity provider endpoints, checked.
+struct Endpoints {
+    authorize_url: String,
+    token_url: String,
+    device_code_url: Option<String>,
+    redirect_uri: String,
+}
+
+/// Each endpoint as given, else the kind's default; every URL is checked
+/// before a missing one is reported.
+fn endpoints(
+    t: &Table,
+    p: &RawProvider,
+    defaults: &ProviderDefaults,
+) -> Result<Endpoints, ConfigError> {
+    let url = |field: &str, given: &Option<String>, default: &Option<String>| {
+        let Some(url) = given.as_ref().or(default.as_ref()) else {
+            return Ok(None);
+        };
+        check_url(t, field, url)?;
+        Ok::<_, ConfigError>(Some(url.clone()))
+    };
+    let authorize_url = url("authorize_url", &p.authorize_url, &defaults.authorize_url)?;
+    let token_url = url("token_url", &p.token_url, &defaults.token_url)?;
+    let device_code_url = url(
+        "device_code_url",
+        &p.device_code_url,
+        &defaults.device_code_url,
+    )?;
+    let redirect_uri = url(
+        "redirect_uri",
+        &p.redirect_uri,
+        &Some(DEFAULT_REDIRECT_URI.into()),
+    )?
+    .expect("has a default");
+    let required = |field: &str, v: Option<String>| {
+        v.ok_or_else(|| t.error(field, "is required for kind = \"custom\""))
+    };
+    Ok(Endpoints {
+        authorize_url: required("authorize_url", authorize_url)?,
+        token_url: required("token_url", token_url)?,
+        device_code_url,
+        redirect_uri,
+    })
+}
+
+/// A provider's upstream IMAP and SMTP servers with their TLS modes.
+struct MailServers {
+    imap_server: ServerAddr,
+    imap_tls: TlsMode,
+    smtp_server: ServerAddr,
+    smtp_tls: TlsMode,
+}
+
+fn mail_servers(
+    t: &Table,
+    p: &RawProvider,
+    defaults: &ProviderDefaults,
+) -> Result<MailServers, ConfigError> {
+    let server = |field: &str, given: &Option<String>, default: Option<&str>| {
+        let text = given
+            .as_deref()
+            .or(default)
+            .ok_or_else(|| t.error(field, "is required for kind = \"custom\""))?;
+        parse_server_addr(text).ok_or_else(|| t.error(field, "must be HOST:PORT"))
+    };
+    let imap_server = server("imap_server", &p.imap_server, defaults.imap_server)?;
+    let smtp_server = server("smtp_server", &p.smtp_server, defaults.smtp_server)?;
+    // Port 465 is SMTP over TLS from the first byte; others start plain.
+    let smtp_tls = p.smtp_tls.unwrap_or(if smtp_server.port == 465 {
+        TlsMode::Implicit
+    } else {
+        TlsMode::Starttls
+    });
+    Ok(MailServers {
+        imap_server,
+        imap_tls: p.imap_tls.unwrap_or(TlsMode::Implicit),
+        smtp_server,
+        smtp_tls,
+    })
+}
+
+fn check_scopes(t: &Table, field: &str, scopes: &[String]) -> Result<(), ConfigError> {
+    if scopes.is_empty()
+        || scopes
+            .iter()
+            .any(|s| s.trim().is_empty() || s.contains(' '))
+    {
+        return Err(t.error(field, "must be a non-empty list of scopes without spaces"));
+    }
+    Ok(())
+}
+
 /// URLs must be https, except http to a loopback host (test and local IdPs).
-fn check_url(path: &Path, key: &str, url: &str) -> Result<(), ConfigError> {
+fn check_url(t: &Table, field: &str, url: &str) -> Result<(), ConfigError> {
     let parsed = reqwest::Url::parse(url)
-        .map_err(|e| ConfigError::at(path, key, format!("`{url}` is not a URL ({e})")))?;
+        .map_err(|e| t.error(field, format!("`{url}` is not a URL ({e})")))?;
     match parsed.scheme() {
         "https" => Ok(()),
         "http" if is_loopback_host(parsed.host_str().unwrap_or_default()) => Ok(()),
-        _ => Err(ConfigError::at(
-            path,
-            key,
+        _ => Err(t.error(
+            field,
             format!("`{url}` must use https (http is allowed only for loopback hosts)"),
         )),
     }
@@ -869,6 +984,34 @@ provider = "contoso"
                 "config.example.toml does not document `{key}`"
             );
         }
+    }
+
+    #[test]
+    fn each_kind_brings_its_endpoints_and_custom_needs_them_given() {
+        let ms = ProviderKind::Microsoft.defaults("contoso.com");
+        assert_eq!(
+            ms.device_code_url.as_deref(),
+            Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/devicecode")
+        );
+        assert_eq!(
+            ProviderKind::Google.defaults("ignored").imap_server,
+            Some("imap.gmail.com:993")
+        );
+        assert_eq!(
+            ProviderKind::Custom.defaults("ignored"),
+            ProviderDefaults::default()
+        );
+        let err = parse(&MINIMAL.replace(
+            "client_id = \"abc\"",
+            "client_id = \"abc\"\nkind = \"custom\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("providers.contoso.authorize_url")
+                && err.contains("is required for kind = \"custom\""),
+            "{err}"
+        );
     }
 
     #[test]

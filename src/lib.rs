@@ -2,26 +2,57 @@
 //! know a username and a password reach Microsoft 365 mailboxes, which demand
 //! OAuth 2.0 (SASL XOAUTH2).
 //!
-//! The data path, as the modules follow it: a listener ([`server`]) accepts a
-//! client; the protocol's pre-login dialogue ([`imap`], [`smtp`]) reads its credentials;
-//! [`login`] checks them against the configured [`accounts`], gets an access
-//! token from the [`oauth`] token manager, and opens the mailbox through
-//! [`upstream`]; after that, [`relay`] pipes IMAP bytes both ways, and SMTP
-//! transactions borrow pooled upstream connections ([`smtp::pool`]).
+//! The data path, as the modules follow it: a listener (`server`) accepts a
+//! client; the protocol's pre-login dialogue (`imap`, `smtp`) reads its credentials;
+//! `login` checks them against the configured `accounts`, gets an access
+//! token from the `oauth` token manager, and opens the mailbox through
+//! `upstream`; after that, `relay` pipes IMAP bytes both ways, and SMTP
+//! transactions borrow pooled upstream connections (`smtp::pool`).
+//!
+//! # Layers
+//!
+//! A file imports only from its own module tree and from layers below its
+//! own, never from its layer or above, so no two files import each other in a
+//! circle; `.ci/check-layers.py` checks both in CI. From the bottom up:
+//!
+//! <!-- layers: `.ci/check-layers.py` reads this list; one layer per line -->
+//! 1. `error`, `secret`, `lines`, `metrics`: leaves that import nothing of the crate (`metrics` owns its label types)
+//! 2. `sasl`, `tls`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup
+//! 3. `config`: the config file, validated
+//! 4. `accounts`, `oauth`, `upstream`, `relay`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe
+//! 5. `login`, `shared`: the login path; what the sessions of one config share, and the `Protocol` trait
+//! 6. `imap`, `smtp`, `admin`: what the listeners speak
+//! 7. `server`, `check`: the listeners, reload and drain; `xoauth2-proxy check`
+//!
+//! <!-- end of layers -->
+//!
+//! The binary (`src/main.rs`: the command line, signals, `status`) sits on
+//! top and uses only what this file re-exports.
 
-pub mod accounts;
-pub mod admin;
-pub mod check;
-pub mod config;
-pub mod error;
-pub mod imap;
 pub mod lines;
-pub mod login;
-pub mod metrics;
-pub mod oauth;
-pub mod relay;
 pub mod sasl;
 pub mod secret;
-pub mod server;
-pub mod smtp;
-pub mod upstream;
+
+pub(crate) mod accounts;
+pub(crate) mod admin;
+pub(crate) mod check;
+pub(crate) mod config;
+pub(crate) mod error;
+pub(crate) mod imap;
+pub(crate) mod login;
+pub(crate) mod metrics;
+pub(crate) mod oauth;
+pub(crate) mod relay;
+pub(crate) mod server;
+pub(crate) mod shared;
+pub(crate) mod smtp;
+pub(crate) mod tls;
+pub(crate) mod upstream;
+
+pub use accounts::hash_password;
+pub use admin::probe as probe_health;
+pub use check::run as check_accounts;
+pub use config::{Account, Config, Flow, LocalPassword, default_config_path, state_dir};
+pub use oauth::authorize::authorize;
+pub use oauth::store::{StoredGrant, TokenStore, unix_now};
+pub use server::{Listeners, run};

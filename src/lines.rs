@@ -52,6 +52,25 @@ pub fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// `Some((n, synchronising))` when `line` ends with an IMAP literal
+/// announcement, `{n}` or LITERAL+'s `{n+}`, before its CRLF. Client
+/// commands and upstream responses announce literals alike.
+pub fn literal_announced(line: &[u8]) -> Option<(usize, bool)> {
+    let line = trim_eol(line);
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|b| *b == b'{')?;
+    let spec = &inner[open + 1..];
+    let (digits, synchronising) = match spec.strip_suffix(b"+") {
+        Some(d) => (d, false),
+        None => (spec, true),
+    };
+    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some((n, synchronising))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +92,14 @@ mod tests {
             read_line(&mut empty, &mut buf, 64).await,
             Err(LineError::Closed)
         ));
+    }
+
+    #[test]
+    fn announcements() {
+        assert_eq!(literal_announced(b"a LOGIN {12}\r\n"), Some((12, true)));
+        assert_eq!(literal_announced(b"a LOGIN {12+}\r\n"), Some((12, false)));
+        assert_eq!(literal_announced(b"a LOGIN {}\r\n"), None);
+        assert_eq!(literal_announced(b"a LOGIN {1x}\r\n"), None);
+        assert_eq!(literal_announced(b"a NOOP\r\n"), None);
     }
 }

@@ -7,14 +7,15 @@
 //! logged) happens here, once.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::accounts::Accounts;
 use crate::config::Account;
-use crate::oauth::TokenError;
+use crate::metrics::LoginOutcome;
+use crate::oauth::{TokenError, TokenManager};
 use crate::secret::Secret;
-use crate::server::Shared;
 use crate::upstream::UpstreamError;
 
 /// What went wrong, in the terms the client is told about.
@@ -34,10 +35,28 @@ pub enum LoginError {
     UpstreamRejected(String),
 }
 
-/// Checks the local password and opens an authenticated upstream session for
-/// the account with `open(account, token)`.
+/// The `logins` metric's outcome label for a login's result.
+impl<T> From<&Result<T, LoginError>> for LoginOutcome {
+    fn from(result: &Result<T, LoginError>) -> Self {
+        match result {
+            Ok(_) => LoginOutcome::Ok,
+            Err(LoginError::BadCredentials) => LoginOutcome::BadPassword,
+            Err(LoginError::NotAuthorised) => LoginOutcome::NotAuthorised,
+            Err(LoginError::Refused) => LoginOutcome::IdpRefused,
+            Err(LoginError::UpstreamRejected(_)) => LoginOutcome::UpstreamRejected,
+            Err(LoginError::IdpUnavailable) => LoginOutcome::IdpUnavailable,
+            Err(LoginError::UpstreamUnavailable) => LoginOutcome::UpstreamUnavailable,
+        }
+    }
+}
+
+/// Checks the local password against `accounts` (a failure takes
+/// `failure_delay`) and opens an authenticated upstream session for the
+/// account with `open(account, token)`, the token from `tokens`.
 pub async fn login<T, F, Fut>(
-    shared: &Shared,
+    accounts: &Accounts,
+    failure_delay: Duration,
+    tokens: &TokenManager,
     username: &str,
     password: &[u8],
     open: F,
@@ -46,24 +65,25 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    let account = check_password(shared, username, password).await?;
-    let session = open_as(shared, &account, open).await?;
+    let account = check_password(accounts, failure_delay, username, password).await?;
+    let session = open_as(tokens, &account, open).await?;
     info!(mailbox = %account.mailbox, "logged in");
     Ok((account, session))
 }
 
 /// The account for `username` if `password` is its local password. A
-/// failure takes at least `auth_failure_delay`, whatever the check cost, so
-/// unknown users and wrong passwords look alike.
+/// failure takes at least `failure_delay` (`server.auth_failure_delay`),
+/// whatever the check cost, so unknown users and wrong passwords look alike.
 pub async fn check_password(
-    shared: &Shared,
+    accounts: &Accounts,
+    failure_delay: Duration,
     username: &str,
     password: &[u8],
 ) -> Result<Account, LoginError> {
     let started = Instant::now();
-    let Some(account) = shared.accounts.verify(username, password).await else {
-        tokio::time::sleep_until((started + shared.config.server.auth_failure_delay).into()).await;
-        let why = if shared.accounts.knows(username) {
+    let Some(account) = accounts.verify(username, password).await else {
+        tokio::time::sleep_until((started + failure_delay).into()).await;
+        let why = if accounts.knows(username) {
             "wrong password"
         } else {
             "unknown user"
@@ -86,7 +106,7 @@ pub enum OpenError {
 /// upstream refuses a cached token, the token is replaced once and the open
 /// retried; a fresh token that is refused is reported.
 pub async fn open_with_token<T, F, Fut>(
-    shared: &Shared,
+    tokens: &TokenManager,
     account: &Account,
     open: F,
 ) -> Result<T, OpenError>
@@ -94,7 +114,6 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    let tokens = &shared.tokens;
     let mut token = tokens
         .access_token(&account.username)
         .await
@@ -117,7 +136,7 @@ where
 /// [`open_with_token`] for a client login: the failure is logged and reduced
 /// to what the client is told.
 pub async fn open_as<T, F, Fut>(
-    shared: &Shared,
+    tokens: &TokenManager,
     account: &Account,
     open: F,
 ) -> Result<T, LoginError>
@@ -125,7 +144,7 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    open_with_token(shared, account, open)
+    open_with_token(tokens, account, open)
         .await
         .map_err(|e| match e {
             OpenError::Token(e) => token_error(e),
@@ -144,9 +163,8 @@ where
 /// access token is fresh, a refresh near its expiry. A login that will be
 /// served by an already authenticated upstream connection (the SMTP pool)
 /// must still not outlive a revoked grant.
-pub async fn check_grant(shared: &Shared, account: &Account) -> Result<(), LoginError> {
-    shared
-        .tokens
+pub async fn check_grant(tokens: &TokenManager, account: &Account) -> Result<(), LoginError> {
+    tokens
         .access_token(&account.username)
         .await
         .map(|_| ())

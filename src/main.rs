@@ -7,9 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use xoauth2_proxy::config::{self, Config, Flow};
-use xoauth2_proxy::oauth::login::describe;
-use xoauth2_proxy::oauth::store::{StoredGrant, TokenStore, unix_now};
+use tokio::sync::mpsc;
+use xoauth2_proxy::{
+    Config, Flow, Listeners, LocalPassword, StoredGrant, TokenStore, default_config_path,
+    state_dir, unix_now,
+};
 
 /// Local IMAP/SMTP proxy: mail clients log in with a plain password, the proxy
 /// opens their Microsoft 365 mailbox with OAuth 2.0 (SASL XOAUTH2).
@@ -82,10 +84,7 @@ fn init_logging() {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
-    let path = cli
-        .config
-        .clone()
-        .unwrap_or_else(config::default_config_path);
+    let path = cli.config.clone().unwrap_or_else(default_config_path);
     Config::load(&path).map_err(|e| Failure::Usage(e.to_string()))
 }
 
@@ -102,9 +101,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve => {
             let config = load_config(&cli)?;
             warn_plain_passwords(&config);
-            runtime()
-                .block_on(xoauth2_proxy::server::run(config))
-                .map_err(Failure::Runtime)
+            runtime().block_on(serve(config)).map_err(Failure::Runtime)
         }
         Command::Login { account } => {
             let config = load_config(&cli)?;
@@ -114,24 +111,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     config.path.display()
                 )));
             };
-            let store = TokenStore::new(&config::state_dir(&config));
+            let store = TokenStore::new(&state_dir(&config));
             runtime()
-                .block_on(xoauth2_proxy::oauth::login::login(
-                    &config, &store, &account,
-                ))
+                .block_on(xoauth2_proxy::authorize(&config, &store, &account))
                 .map_err(Failure::Runtime)
         }
         Command::Status { json } => status(&load_config(&cli)?, *json),
         Command::Health => {
             let config = load_config(&cli)?;
             runtime()
-                .block_on(xoauth2_proxy::admin::probe(config.admin.listen))
+                .block_on(xoauth2_proxy::probe_health(config.admin.listen))
                 .map_err(Failure::Runtime)
         }
         Command::Check => {
             let config = load_config(&cli)?;
             println!("config {} is valid", config.path.display());
-            match runtime().block_on(xoauth2_proxy::check::run(config)) {
+            match runtime().block_on(xoauth2_proxy::check_accounts(config)) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(Failure::Runtime("some checks failed; see above".into())),
                 Err(e) => Err(Failure::Runtime(e)),
@@ -140,9 +135,58 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// Binds the listeners and serves until SIGTERM or SIGINT; SIGHUP reloads
+/// the config file.
+async fn serve(config: Config) -> Result<(), String> {
+    let listeners = Listeners::bind(&config).await?;
+    // Installed before the proxy says it is ready, so that a SIGHUP right
+    // after never meets the default action (exit).
+    let (reload, reloads) = mpsc::channel(1);
+    let stop = signals(reload)?;
+    xoauth2_proxy::run(listeners, config, stop, reloads).await
+}
+
+/// Installs the signal handlers. The future completes on SIGTERM or SIGINT;
+/// until then each SIGHUP asks for a reload (one waiting is enough: a reload
+/// reads the file as it is then).
+fn signals(
+    reload: mpsc::Sender<()>,
+) -> Result<impl std::future::Future<Output = ()> + Send, String> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| {
+                format!("cannot install a {name} handler ({e}); please report this as a bug")
+            })
+        };
+        let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+        let mut hup = install(SignalKind::hangup(), "SIGHUP")?;
+        Ok(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => return,
+                    _ = int.recv() => return,
+                    _ = hup.recv() => {
+                        let _ = reload.try_send(());
+                    }
+                }
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        drop(reload);
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
 fn warn_plain_passwords(config: &Config) {
     for a in &config.accounts {
-        if matches!(a.password, config::LocalPassword::Plain(_)) {
+        if matches!(a.password, LocalPassword::Plain(_)) {
             tracing::warn!(
                 account = %a.username,
                 "the local password is stored in plain text; replace `password` with `password_hash` from `xoauth2-proxy hash-password`"
@@ -158,18 +202,18 @@ fn hash_password() -> Result<(), Failure> {
         let _ = std::io::stderr().flush();
     }
     let mut line = String::new();
-    stdin
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| Failure::Runtime(format!("cannot read the password: {e}")))?;
+    stdin.lock().read_line(&mut line).map_err(|e| {
+        Failure::Runtime(format!(
+            "cannot read the password from stdin ({e}); pipe it in as one line"
+        ))
+    })?;
     let password = line.trim_end_matches(['\r', '\n']);
     if password.is_empty() {
-        return Err(Failure::Usage("no password given on stdin".into()));
+        return Err(Failure::Usage(
+            "no password given on stdin; type it at the prompt or pipe it in as one line".into(),
+        ));
     }
-    println!(
-        "{}",
-        xoauth2_proxy::accounts::hash_password(password.as_bytes())
-    );
+    println!("{}", xoauth2_proxy::hash_password(password.as_bytes()));
     Ok(())
 }
 
@@ -190,7 +234,7 @@ struct AccountStatus {
 }
 
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
-    let store = TokenStore::new(&config::state_dir(config));
+    let store = TokenStore::new(&state_dir(config));
     let now = unix_now();
     let mut rows = Vec::new();
     let mut problems = Vec::new();
@@ -257,6 +301,16 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
         eprintln!("warning: {p}");
     }
     Ok(())
+}
+
+/// How `status` names the state of an account's grant.
+fn describe(grant: Option<&StoredGrant>, flow: Flow) -> &'static str {
+    match (flow, grant) {
+        (Flow::ClientCredentials, _) => "app-only (no login needed)",
+        (_, None) => "needs login",
+        (_, Some(g)) if g.needs_login || g.refresh_token.is_none() => "needs login",
+        (_, Some(_)) => "authorised",
+    }
 }
 
 fn ago(seconds: u64) -> String {

@@ -292,7 +292,11 @@ fn git_version() -> String {
 
 /// The TLS client configuration of the direct path: trusts the test CA only.
 fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let ca = xoauth2_proxy::upstream::load_ca_file(ca_file)?;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ca = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", ca_file.display()))?;
     Ok(testkit::pki::client_config_trusting(ca))
 }
 

@@ -9,7 +9,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::lines::{LineError, read_line};
+use crate::lines::{LineError, literal_announced, read_line};
 
 /// The largest pre-authentication command, literals included. A LOGIN with
 /// a long address and password is a few hundred bytes.
@@ -80,24 +80,6 @@ where
     }
 }
 
-/// `Some((n, synchronising))` when `line` ends with `{n}` or `{n+}` before
-/// its CRLF.
-pub(crate) fn literal_announced(line: &[u8]) -> Option<(usize, bool)> {
-    let line = crate::lines::trim_eol(line);
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    let spec = &inner[open + 1..];
-    let (digits, synchronising) = match spec.strip_suffix(b"+") {
-        Some(d) => (d, false),
-        None => (spec, true),
-    };
-    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some((n, synchronising))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,14 +135,5 @@ mod tests {
             read_command(&mut server, &mut buf).await,
             Err(FrameError::TooLong)
         ));
-    }
-
-    #[test]
-    fn announcements() {
-        assert_eq!(literal_announced(b"a LOGIN {12}\r\n"), Some((12, true)));
-        assert_eq!(literal_announced(b"a LOGIN {12+}\r\n"), Some((12, false)));
-        assert_eq!(literal_announced(b"a LOGIN {}\r\n"), None);
-        assert_eq!(literal_announced(b"a LOGIN {1x}\r\n"), None);
-        assert_eq!(literal_announced(b"a NOOP\r\n"), None);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::server::{Protocol, Shared};
+use crate::shared::{Protocol, Shared};
 
 /// The IMAP listener's protocol.
 pub struct Imap;
@@ -18,7 +18,7 @@ pub struct Imap;
 impl Protocol for Imap {
     const NAME: &'static str = "imap";
 
-    async fn serve(shared: Arc<Shared>, stream: TcpStream) {
+    async fn serve(&self, shared: Arc<Shared>, stream: TcpStream) {
         session::run(shared, stream).await
     }
 

@@ -5,6 +5,11 @@
 //! LOGINDISABLED with only AUTH=XOAUTH2, which would make clients refuse to
 //! log in; and STARTTLS is never offered, because clients upgrade
 //! opportunistically and the proxy listens on loopback in the clear.
+//!
+//! `PreAuth::request` reads one command within the limits that hold before
+//! login; `PreAuth::command` hands it to one small method per command.
+//! AUTHENTICATE runs through [`crate::sasl`], which SMTP shares, and a failed
+//! login becomes a reply in `refusal` alone.
 
 use std::sync::Arc;
 
@@ -15,10 +20,13 @@ use tracing::{debug, info};
 use super::framing::{FrameError, read_command};
 use super::parser::{self, Command};
 use super::upstream::{self, ImapUpstream};
+use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
-use crate::sasl::{self, SaslEnd};
-use crate::server::Shared;
+use crate::sasl::{self, Challenge, SaslError};
+use crate::secret::Secret;
+use crate::shared::Shared;
+use crate::upstream::UpstreamError;
 
 /// What the proxy offers before login.
 pub const CAPABILITIES: &str = "IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN AUTH=LOGIN";
@@ -37,8 +45,8 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
         failed_logins: 0,
     };
     let upstream = match session.dialogue().await {
-        Ok(Some(upstream)) => upstream,
-        Ok(None) => return,
+        Ok(Next::Relay(upstream)) => upstream,
+        Ok(_) => return,
         Err(e) => {
             debug!("client connection failed: {}", crate::error::io_reason(&e));
             return;
@@ -56,6 +64,17 @@ struct PreAuth {
     failed_logins: u32,
 }
 
+/// Where the dialogue goes after a command.
+enum Next {
+    /// Read the next command.
+    Continue,
+    /// The client logged in: relay to this upstream session (boxed: it is
+    /// large, and the other answers are not).
+    Relay(Box<ImapUpstream>),
+    /// Close the connection (the client was told why, or has left).
+    Close,
+}
+
 impl PreAuth {
     async fn send(&mut self, text: &str) -> std::io::Result<()> {
         let stream = self.client.get_mut();
@@ -63,195 +82,249 @@ impl PreAuth {
         stream.flush().await
     }
 
-    async fn bye(&mut self, text: &str) -> std::io::Result<Option<ImapUpstream>> {
-        self.send(&format!("* BYE {text}\r\n")).await?;
-        let _ = self.client.get_mut().shutdown().await;
-        Ok(None)
+    /// Sends `text` and reads the next command.
+    async fn answer(&mut self, text: &str) -> std::io::Result<Next> {
+        self.send(text).await?;
+        Ok(Next::Continue)
     }
 
-    /// Runs the dialogue until the client logs in (the upstream session is
-    /// returned) or the connection is to be closed (`None`).
-    async fn dialogue(&mut self) -> std::io::Result<Option<ImapUpstream>> {
+    /// Answers a client's mistake; too many of them close the connection.
+    async fn error(&mut self, text: &str) -> std::io::Result<Next> {
+        self.send(text).await?;
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            return self.bye("Too many errors").await;
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn bye(&mut self, text: &str) -> std::io::Result<Next> {
+        self.send(&format!("* BYE {text}\r\n")).await?;
+        let _ = self.client.get_mut().shutdown().await;
+        Ok(Next::Close)
+    }
+
+    /// Runs the dialogue until the client logs in ([`Next::Relay`]) or the
+    /// connection is to be closed.
+    async fn dialogue(&mut self) -> std::io::Result<Next> {
         self.send(&format!(
             "* OK [CAPABILITY {CAPABILITIES}] xoauth2-proxy ready\r\n"
         ))
         .await?;
-        let login_timeout = self.shared.config.server.login_timeout;
         let mut buf = Vec::new();
         loop {
-            let framed =
-                tokio::time::timeout(login_timeout, read_command(&mut self.client, &mut buf)).await;
-            match framed {
-                Err(_) => {
-                    info!(
-                        "client sent nothing for {}; closing",
-                        humantime::format_duration(login_timeout)
-                    );
-                    return self.bye("Autologout; idle for too long").await;
-                }
-                Ok(Err(FrameError::Closed)) => return Ok(None),
-                Ok(Err(FrameError::Io(e))) => return Err(e),
-                Ok(Err(FrameError::TooLong)) => {
-                    info!("client sent an overlong command; closing");
-                    self.send("* BAD Command line too long\r\n").await?;
-                    return self.bye("Too much data before login").await;
-                }
-                Ok(Err(FrameError::LiteralRefused { line })) => {
-                    let tag = parser::leading_tag(&line).unwrap_or_else(|| "*".into());
-                    self.send(&format!("{tag} BAD Literal too large\r\n"))
-                        .await?;
-                    if self.count_error() {
-                        return self.bye("Too many errors").await;
-                    }
-                    continue;
-                }
-                Ok(Ok(())) => {}
-            }
-
-            let request = match parser::command(&buf) {
-                Ok((_, request)) => request,
-                Err(_) => {
-                    let tag = parser::leading_tag(&buf).unwrap_or_else(|| "*".into());
-                    self.send(&format!("{tag} BAD Syntax error\r\n")).await?;
-                    if self.count_error() {
-                        return self.bye("Too many errors").await;
-                    }
-                    continue;
-                }
-            };
-            let tag = request.tag;
-            match request.command {
-                Command::Capability => {
-                    self.send(&format!(
-                        "* CAPABILITY {CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n"
-                    ))
-                    .await?
-                }
-                Command::Noop => self.send(&format!("{tag} OK NOOP completed\r\n")).await?,
-                Command::Logout => {
-                    self.send(&format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n"))
-                        .await?;
-                    return Ok(None);
-                }
-                Command::Id => {
-                    self.send(&format!(
-                        "* ID (\"name\" \"xoauth2-proxy\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
-                        env!("CARGO_PKG_VERSION")
-                    ))
-                    .await?
-                }
-                Command::StartTls => {
-                    self.send(&format!("{tag} BAD STARTTLS is not offered\r\n")).await?
-                }
-                Command::Login { username, password } => {
-                    let Ok(username) = String::from_utf8(username) else {
-                        self.send(&format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n"))
-                            .await?;
-                        continue;
-                    };
-                    if let Some(upstream) = self.login(&tag, "LOGIN", &username, &password).await? {
-                        return Ok(Some(upstream));
-                    }
-                }
-                Command::Authenticate {
-                    mechanism,
-                    initial_response,
-                } => {
-                    let credentials = match mechanism.as_str() {
-                        "PLAIN" => self.sasl_plain(initial_response).await?,
-                        "LOGIN" => self.sasl_login(initial_response).await?,
-                        _ => {
-                            self.send(&format!(
-                                "{tag} NO Unsupported authentication mechanism (use PLAIN or LOGIN)\r\n"
-                            ))
-                            .await?;
-                            continue;
-                        }
-                    };
-                    match credentials {
-                        Ok((username, password)) => {
-                            if let Some(upstream) =
-                                self.login(&tag, "AUTHENTICATE", &username, &password).await?
-                            {
-                                return Ok(Some(upstream));
-                            }
-                        }
-                        Err(SaslEnd::Cancelled) => {
-                            self.send(&format!("{tag} BAD AUTHENTICATE cancelled\r\n")).await?
-                        }
-                        Err(SaslEnd::Malformed) => {
-                            self.send(&format!("{tag} BAD Invalid SASL response\r\n")).await?;
-                            if self.count_error() {
-                                return self.bye("Too many errors").await;
-                            }
-                        }
-                    }
-                }
-                Command::Other(name) => {
-                    self.send(&format!("{tag} BAD {name} is not valid before login\r\n"))
-                        .await?;
-                    if self.count_error() {
-                        return self.bye("Too many errors").await;
-                    }
-                }
-            }
-            if self.failed_logins >= MAX_FAILED_LOGINS {
-                return self.bye("Too many failed logins").await;
+            match self.request(&mut buf).await? {
+                Next::Continue => {}
+                end => return Ok(end),
             }
         }
     }
 
-    /// Counts an error; true when the client has made too many.
-    fn count_error(&mut self) -> bool {
-        self.errors += 1;
-        self.errors >= MAX_ERRORS
+    /// Reads one command within the login timeout and answers it.
+    async fn request(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Next> {
+        let login_timeout = self.shared.config.server.login_timeout;
+        match tokio::time::timeout(login_timeout, read_command(&mut self.client, buf)).await {
+            Err(_) => {
+                info!(
+                    "client sent nothing for {}; closing",
+                    humantime::format_duration(login_timeout)
+                );
+                self.bye("Autologout; idle for too long").await
+            }
+            Ok(Err(e)) => self.unframed(e).await,
+            Ok(Ok(())) => self.command(buf).await,
+        }
+    }
+
+    /// Answers input that is not a whole command within the limits.
+    async fn unframed(&mut self, e: FrameError) -> std::io::Result<Next> {
+        match e {
+            FrameError::Closed => Ok(Next::Close),
+            FrameError::Io(e) => Err(e),
+            FrameError::TooLong => {
+                info!("client sent an overlong command; closing");
+                self.send("* BAD Command line too long\r\n").await?;
+                self.bye("Too much data before login").await
+            }
+            FrameError::LiteralRefused { line } => {
+                let tag = parser::leading_tag(&line).unwrap_or_else(|| "*".into());
+                self.error(&format!("{tag} BAD Literal too large\r\n"))
+                    .await
+            }
+        }
+    }
+
+    /// Parses the framed command in `buf` and dispatches it.
+    async fn command(&mut self, buf: &[u8]) -> std::io::Result<Next> {
+        let request = match parser::command(buf) {
+            Ok((_, request)) => request,
+            Err(_) => {
+                let tag = parser::leading_tag(buf).unwrap_or_else(|| "*".into());
+                return self.error(&format!("{tag} BAD Syntax error\r\n")).await;
+            }
+        };
+        let tag = request.tag;
+        match request.command {
+            Command::Capability => self.capability(&tag).await,
+            Command::Noop => self.noop(&tag).await,
+            Command::Logout => self.logout(&tag).await,
+            Command::Id => self.id(&tag).await,
+            Command::StartTls => self.starttls(&tag).await,
+            Command::Login { username, password } => self.login(&tag, username, &password).await,
+            Command::Authenticate {
+                mechanism,
+                initial_response,
+            } => self.authenticate(&tag, &mechanism, initial_response).await,
+            Command::Other(name) => self.not_before_login(&tag, &name).await,
+        }
+    }
+
+    async fn capability(&mut self, tag: &str) -> std::io::Result<Next> {
+        self.answer(&format!(
+            "* CAPABILITY {CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n"
+        ))
+        .await
+    }
+
+    async fn noop(&mut self, tag: &str) -> std::io::Result<Next> {
+        self.answer(&format!("{tag} OK NOOP completed\r\n")).await
+    }
+
+    async fn logout(&mut self, tag: &str) -> std::io::Result<Next> {
+        self.send(&format!(
+            "* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n"
+        ))
+        .await?;
+        Ok(Next::Close)
+    }
+
+    /// RFC 2971: the proxy names itself; the client's parameters are not used.
+    async fn id(&mut self, tag: &str) -> std::io::Result<Next> {
+        self.answer(&format!(
+            "* ID (\"name\" \"xoauth2-proxy\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .await
+    }
+
+    /// Not offered (see the module comment), but answered without counting
+    /// as an error.
+    async fn starttls(&mut self, tag: &str) -> std::io::Result<Next> {
+        self.answer(&format!("{tag} BAD STARTTLS is not offered\r\n"))
+            .await
+    }
+
+    async fn not_before_login(&mut self, tag: &str, name: &str) -> std::io::Result<Next> {
+        self.error(&format!("{tag} BAD {name} is not valid before login\r\n"))
+            .await
+    }
+
+    /// A username that is not UTF-8 names no account: it is refused as an
+    /// unknown user would be, at once, as there is nothing to look up.
+    async fn login(
+        &mut self,
+        tag: &str,
+        username: Vec<u8>,
+        password: &[u8],
+    ) -> std::io::Result<Next> {
+        let Ok(username) = String::from_utf8(username) else {
+            let refusal = refusal(&LoginError::BadCredentials);
+            return self.answer(&format!("{tag} {refusal}\r\n")).await;
+        };
+        self.log_in(tag, "LOGIN", &username, password).await
+    }
+
+    async fn authenticate(
+        &mut self,
+        tag: &str,
+        mechanism: &str,
+        initial_response: Option<Vec<u8>>,
+    ) -> std::io::Result<Next> {
+        let Some(mechanism) = sasl::Mechanism::named(mechanism) else {
+            return self
+                .answer(&format!(
+                    "{tag} NO Unsupported authentication mechanism (use PLAIN or LOGIN)\r\n"
+                ))
+                .await;
+        };
+        match sasl::credentials(self, mechanism, initial_response).await {
+            Ok(c) => {
+                self.log_in(tag, "AUTHENTICATE", &c.username, &c.password)
+                    .await
+            }
+            Err(SaslError::Cancelled) => {
+                self.answer(&format!("{tag} BAD AUTHENTICATE cancelled\r\n"))
+                    .await
+            }
+            Err(SaslError::Malformed) => {
+                self.error(&format!("{tag} BAD Invalid SASL response\r\n"))
+                    .await
+            }
+            Err(SaslError::Closed) => Ok(Next::Close),
+            Err(SaslError::Io(e)) => Err(e),
+        }
     }
 
     /// Logs in upstream; on success tells the client OK with the upstream's
-    /// capabilities and returns the session, else tells it why not.
-    async fn login(
+    /// capabilities and relays, else tells it why not.
+    async fn log_in(
         &mut self,
         tag: &str,
         command: &str,
         username: &str,
         password: &[u8],
-    ) -> std::io::Result<Option<ImapUpstream>> {
+    ) -> std::io::Result<Next> {
         let shared = self.shared.clone();
-        let outcome = login::login(&shared, username, password, |account, token| {
-            let shared = shared.clone();
-            async move { upstream::open(&shared, &account, &token).await }
-        })
-        .await;
+        let (accounts, tokens) = (&shared.accounts, &shared.tokens);
+        let delay = shared.config.server.auth_failure_delay;
+        let open = |account, token| open_upstream(shared.clone(), account, token);
+        let outcome = login::login(accounts, delay, tokens, username, password, open).await;
         crate::metrics::get().login("imap", &outcome);
-        let answer = match outcome {
+        match outcome {
             Ok((_, upstream)) => {
                 self.send(&format!(
                     "{tag} OK [CAPABILITY {}] {command} completed\r\n",
                     upstream.capabilities
                 ))
                 .await?;
-                return Ok(Some(upstream));
+                Ok(Next::Relay(Box::new(upstream)))
             }
-            Err(LoginError::BadCredentials | LoginError::NotAuthorised) => {
-                "NO [AUTHENTICATIONFAILED] Authentication failed".to_string()
-            }
-            Err(LoginError::Refused) => {
-                "NO [AUTHENTICATIONFAILED] The identity provider refused the proxy's app registration; see the proxy's log".to_string()
-            }
-            Err(LoginError::UpstreamRejected(reply)) => {
-                format!("NO [AUTHENTICATIONFAILED] The mail server refused the login: {reply}")
-            }
-            Err(LoginError::IdpUnavailable | LoginError::UpstreamUnavailable) => {
-                "NO [UNAVAILABLE] The mail server or identity provider is unavailable; try again later".to_string()
-            }
-        };
-        self.failed_logins += 1;
-        self.send(&format!("{tag} {answer}\r\n")).await?;
-        Ok(None)
+            Err(e) => self.login_failed(tag, &e).await,
+        }
     }
 
-    /// Reads one SASL response line (base64, or `*` to cancel).
-    async fn sasl_response(&mut self, prompt: &str) -> std::io::Result<Result<Vec<u8>, SaslEnd>> {
+    async fn login_failed(&mut self, tag: &str, e: &LoginError) -> std::io::Result<Next> {
+        self.failed_logins += 1;
+        self.send(&format!("{tag} {}\r\n", refusal(e))).await?;
+        if self.failed_logins >= MAX_FAILED_LOGINS {
+            return self.bye("Too many failed logins").await;
+        }
+        Ok(Next::Continue)
+    }
+}
+
+/// The one place a failed login becomes an IMAP reply (after the tag).
+fn refusal(e: &LoginError) -> String {
+    match e {
+        LoginError::BadCredentials | LoginError::NotAuthorised => {
+            "NO [AUTHENTICATIONFAILED] Authentication failed".to_string()
+        }
+        LoginError::Refused => {
+            "NO [AUTHENTICATIONFAILED] The identity provider refused the proxy's app registration; see the proxy's log".to_string()
+        }
+        LoginError::UpstreamRejected(reply) => {
+            format!("NO [AUTHENTICATIONFAILED] The mail server refused the login: {reply}")
+        }
+        LoginError::IdpUnavailable | LoginError::UpstreamUnavailable => {
+            "NO [UNAVAILABLE] The mail server or identity provider is unavailable; try again later".to_string()
+        }
+    }
+}
+
+impl Challenge for PreAuth {
+    /// `+ prompt`, then one line within the login timeout. A response too
+    /// long or too late is malformed: the client is told so and may go on.
+    async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {
         self.send(&format!("+ {prompt}\r\n")).await?;
         let mut line = Vec::new();
         let read = tokio::time::timeout(
@@ -260,40 +333,24 @@ impl PreAuth {
         )
         .await;
         match read {
-            Ok(Ok(())) => {}
-            Ok(Err(LineError::Io(e))) => return Err(e),
-            Ok(Err(LineError::Closed)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(Err(LineError::TooLong)) | Err(_) => return Ok(Err(SaslEnd::Malformed)),
+            Ok(Ok(())) => Ok(trim_eol(&line).to_vec()),
+            Ok(Err(LineError::Io(e))) => Err(e.into()),
+            Ok(Err(LineError::Closed)) => {
+                Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
+            }
+            Ok(Err(LineError::TooLong)) | Err(_) => Err(SaslError::Malformed),
         }
-        Ok(sasl::decode(trim_eol(&line)))
     }
+}
 
-    /// RFC 4616: `[authzid] NUL authcid NUL passwd`.
-    async fn sasl_plain(
-        &mut self,
-        initial: Option<Vec<u8>>,
-    ) -> std::io::Result<Result<(String, Vec<u8>), SaslEnd>> {
-        let message = match initial {
-            Some(ir) => sasl::decode(&ir),
-            None => self.sasl_response("").await?,
-        };
-        Ok(message.and_then(|m| sasl::parse_plain(&m)))
-    }
-
-    /// The LOGIN mechanism: username, then password, each on request.
-    async fn sasl_login(
-        &mut self,
-        initial: Option<Vec<u8>>,
-    ) -> std::io::Result<Result<(String, Vec<u8>), SaslEnd>> {
-        let username = match initial {
-            Some(ir) => sasl::decode(&ir),
-            None => self.sasl_response(sasl::LOGIN_USERNAME_PROMPT).await?,
-        };
-        let username = match sasl::login_username(username) {
-            Ok(u) => u,
-            Err(e) => return Ok(Err(e)),
-        };
-        let password = self.sasl_response(sasl::LOGIN_PASSWORD_PROMPT).await?;
-        Ok(password.map(|p| (username, p)))
-    }
+/// Opens `account`'s mailbox upstream with `token` and the handles of the
+/// config in force.
+async fn open_upstream(
+    shared: Arc<Shared>,
+    account: Account,
+    token: Secret,
+) -> Result<ImapUpstream, UpstreamError> {
+    let provider = shared.config.provider(&account.provider);
+    let timeout = shared.config.server.upstream_timeout;
+    upstream::open(&shared.tls, provider, timeout, &account.mailbox, &token).await
 }

@@ -7,13 +7,15 @@
 //! a challenge (`+ <base64 JSON>`, Dovecot and Google) that must be answered
 //! with an empty line before the final NO arrives.
 
+use std::time::Duration;
+
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::config::{Account, TlsMode};
+use crate::config::{Provider, TlsMode};
 use crate::lines::{LineError, read_line, trim_eol};
+use crate::sasl::xoauth2;
 use crate::secret::Secret;
-use crate::server::Shared;
-use crate::upstream::{UpstreamError, UpstreamStream, quote_reply, xoauth2};
+use crate::upstream::{UpstreamError, UpstreamStream, UpstreamTls, quote_reply};
 
 /// Upstream response lines are bounded too: a server can misbehave.
 const MAX_RESPONSE_LINE: usize = 64 * 1024;
@@ -28,21 +30,22 @@ pub struct ImapUpstream {
     pub capabilities: String,
 }
 
-/// Opens `account`'s mailbox with `token`, within the upstream timeout.
+/// Opens `mailbox` on `provider`'s IMAP server with `token`, all within
+/// `timeout`.
 pub async fn open(
-    shared: &Shared,
-    account: &Account,
+    tls: &UpstreamTls,
+    provider: &Provider,
+    timeout: Duration,
+    mailbox: &str,
     token: &Secret,
 ) -> Result<ImapUpstream, UpstreamError> {
-    let provider = shared.config.provider(&account.provider);
     let server = &provider.imap_server;
-    let timeout = shared.config.server.upstream_timeout;
     let attempt = async {
-        let tcp = shared.tls.connect(server, timeout).await?;
+        let tcp = tls.connect(server, timeout).await?;
         let mut session = Session::default();
         let stream = match provider.imap_tls {
             TlsMode::Implicit => {
-                let mut stream = BufReader::new(shared.tls.handshake(provider, server, tcp).await?);
+                let mut stream = BufReader::new(tls.handshake(provider, server, tcp).await?);
                 session.greeting(&mut stream).await?;
                 stream
             }
@@ -55,12 +58,8 @@ pub async fn open(
                     .await
                     .map_err(lost)?;
                 session.expect_ok(&mut plain, "x0").await?;
-                let mut stream = BufReader::new(
-                    shared
-                        .tls
-                        .handshake(provider, server, plain.into_inner())
-                        .await?,
-                );
+                let mut stream =
+                    BufReader::new(tls.handshake(provider, server, plain.into_inner()).await?);
                 // The pre-TLS capabilities no longer count (RFC 3501 §6.2.1).
                 session.capabilities.clear();
                 session.send(&mut stream, b"x1 CAPABILITY\r\n").await?;
@@ -68,7 +67,7 @@ pub async fn open(
                 stream
             }
         };
-        session.authenticate(stream, &account.mailbox, token).await
+        session.authenticate(stream, mailbox, token).await
     };
     let started = std::time::Instant::now();
     match tokio::time::timeout(timeout, attempt).await {
@@ -154,7 +153,7 @@ impl Session {
                 LineError::Io(e) => lost(e),
             })?;
         // A literal inside an untagged response (rare during login): skip it.
-        while let Some((n, _)) = super::framing::literal_announced(&self.line) {
+        while let Some((n, _)) = crate::lines::literal_announced(&self.line) {
             let mut skip = stream.take(n as u64);
             tokio::io::copy(&mut skip, &mut tokio::io::sink())
                 .await

@@ -7,7 +7,7 @@
 //! handed out, so a crash never loses the grant.
 
 pub mod aadsts;
-pub mod login;
+pub mod authorize;
 pub mod provider;
 pub mod store;
 

@@ -46,18 +46,20 @@ impl ProviderClient {
     pub fn new(config: &Provider, timeout: Duration) -> Result<Self, String> {
         let mut oauth = BasicClient::new(ClientId::new(config.client_id.clone()))
             .set_auth_type(AuthType::RequestBody)
-            .set_auth_uri(AuthUrl::new(config.authorize_url.clone()).map_err(|e| e.to_string())?)
-            .set_token_uri(TokenUrl::new(config.token_url.clone()).map_err(|e| e.to_string())?)
+            .set_auth_uri(
+                AuthUrl::new(config.authorize_url.clone()).map_err(bad_url("authorize_url"))?,
+            )
+            .set_token_uri(TokenUrl::new(config.token_url.clone()).map_err(bad_url("token_url"))?)
             .set_device_authorization_url_option(
                 config
                     .device_code_url
                     .clone()
                     .map(DeviceAuthorizationUrl::new)
                     .transpose()
-                    .map_err(|e| e.to_string())?,
+                    .map_err(bad_url("device_code_url"))?,
             )
             .set_redirect_uri(
-                RedirectUrl::new(config.redirect_uri.clone()).map_err(|e| e.to_string())?,
+                RedirectUrl::new(config.redirect_uri.clone()).map_err(bad_url("redirect_uri"))?,
             );
         if let Some(secret) = &config.client_secret {
             oauth = oauth.set_client_secret(ClientSecret::new(secret.expose().to_string()));
@@ -68,15 +70,23 @@ impl ProviderClient {
             .connect_timeout(timeout)
             .user_agent(concat!("xoauth2-proxy/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &config.ca_file {
-            for der in crate::upstream::load_ca_file(ca)? {
+            for der in crate::tls::load_ca_file(ca)? {
                 let cert = reqwest::Certificate::from_der(&der)
-                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+                    .map_err(|e| {
+                    format!(
+                        "{} holds a certificate the HTTPS client cannot use ({e}); put the CA's PEM certificate in `ca_file`",
+                        ca.display()
+                    )
+                })?;
                 http = http.add_root_certificate(cert);
             }
         }
-        let http = http
-            .build()
-            .map_err(|e| format!("cannot set up HTTPS: {}", crate::error::chain(&e)))?;
+        let http = http.build().map_err(|e| {
+            format!(
+                "cannot set up HTTPS: {}; check `ca_file`, else please report this as a bug",
+                crate::error::chain(&e)
+            )
+        })?;
         Ok(ProviderClient {
             config: config.clone(),
             oauth,
@@ -262,6 +272,11 @@ impl ProviderClient {
             },
         }
     }
+}
+
+/// The sentence for a provider URL in the config that does not parse.
+fn bad_url(key: &'static str) -> impl Fn(oauth2::url::ParseError) -> String {
+    move |e| format!("`{key}` is not a valid URL ({e}); correct it in the config")
 }
 
 fn describe_http_error(e: &HttpClientError<reqwest::Error>) -> String {

@@ -80,7 +80,7 @@ impl TokenStore {
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!(
-                "cannot read token file {}: {}",
+                "cannot read token file {}: {}; {FIX_PERMISSIONS}",
                 path.display(),
                 crate::error::io_reason(&e)
             )),
@@ -100,7 +100,13 @@ impl TokenStore {
     /// sessions of the old one live) never spend the same refresh token.
     pub async fn lock(&self, username: &str) -> Result<GrantLock, String> {
         let path = self.path(username).with_extension("lock");
-        create_private_dir(&self.dir).map_err(|e| crate::error::io_reason(&e))?;
+        create_private_dir(&self.dir).map_err(|e| {
+            format!(
+                "cannot create the state directory {}: {}; {FIX_PERMISSIONS}",
+                self.dir.display(),
+                crate::error::io_reason(&e)
+            )
+        })?;
         let mut options = std::fs::OpenOptions::new();
         options.read(true).write(true).create(true).truncate(false);
         #[cfg(unix)]
@@ -110,17 +116,17 @@ impl TokenStore {
         }
         let file = options.open(&path).map_err(|e| {
             format!(
-                "cannot open lock file {}: {}",
+                "cannot open lock file {}: {}; {FIX_PERMISSIONS}",
                 path.display(),
                 crate::error::io_reason(&e)
             )
         })?;
         tokio::task::spawn_blocking(move || file.lock().map(|()| GrantLock { _file: file }))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("waiting for the lock on {} failed: {e}", path.display()))?
             .map_err(|e| {
                 format!(
-                    "cannot lock {}: {}",
+                    "cannot lock {}: {}; {FIX_PERMISSIONS}",
                     path.display(),
                     crate::error::io_reason(&e)
                 )
@@ -132,7 +138,7 @@ impl TokenStore {
         let path = self.path(username);
         let fail = |what: &str, e: std::io::Error| {
             format!(
-                "cannot {what} token file {}: {}",
+                "cannot {what} token file {}: {}; {FIX_PERMISSIONS}",
                 path.display(),
                 crate::error::io_reason(&e)
             )
@@ -160,6 +166,9 @@ impl TokenStore {
         Ok(())
     }
 }
+
+/// What to do when the state directory or a file in it cannot be used.
+const FIX_PERMISSIONS: &str = "check that the state directory is writable by the user the proxy runs as (or set `state_dir` in [server])";
 
 /// Held while a grant is being redeemed; released when dropped.
 pub struct GrantLock {

@@ -2,28 +2,62 @@
 //! an upstream connection from the mailbox's pool.
 
 pub mod command;
+pub mod extensions;
 pub mod pool;
 pub mod session;
 pub mod upstream;
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::warn;
 
-use crate::server::{Protocol, Shared};
+use crate::config::SmtpSection;
+use crate::shared::{Protocol, Shared};
+use extensions::Extensions;
+use pool::Pools;
 
-/// The SMTP listener's protocol.
-pub struct Smtp;
+/// The SMTP listener's protocol, with what lives as long as the listener:
+/// the per-mailbox connection pools (a reload does not empty them) and what
+/// the upstream servers offer.
+pub struct Smtp {
+    pools: Arc<Pools>,
+    extensions: Arc<Extensions>,
+}
+
+impl Smtp {
+    /// Pools sized by `[smtp]` as the process starts; later changes apply
+    /// from the next restart. Starts the one task that closes idle pooled
+    /// connections; it ends when this value is dropped. Call it inside the
+    /// runtime.
+    pub fn new(settings: &SmtpSection) -> Self {
+        let pools = Arc::new(Pools::new(
+            settings.max_connections_per_mailbox,
+            settings.pool_idle_timeout,
+            settings.pool_wait,
+        ));
+        let weak = Arc::downgrade(&pools);
+        tokio::spawn(async move {
+            loop {
+                let Some(pools) = weak.upgrade() else { return };
+                let pause = pools.reap_period();
+                pools.reap_once();
+                drop(pools);
+                tokio::time::sleep(pause).await;
+            }
+        });
+        Smtp {
+            pools,
+            extensions: Arc::default(),
+        }
+    }
+}
 
 impl Protocol for Smtp {
     const NAME: &'static str = "smtp";
 
-    async fn serve(shared: Arc<Shared>, stream: TcpStream) {
-        session::run(shared, stream).await
+    async fn serve(&self, shared: Arc<Shared>, stream: TcpStream) {
+        session::run(shared, self.pools.clone(), self.extensions.clone(), stream).await
     }
 
     async fn refuse_busy(mut stream: TcpStream) {
@@ -31,145 +65,5 @@ impl Protocol for Smtp {
             .write_all(b"421 4.3.2 Too many connections; try again later\r\n")
             .await;
         let _ = stream.shutdown().await;
-    }
-}
-
-/// EHLO keywords the proxy passes on when the upstream offers them. It does
-/// not offer CHUNKING (BDAT) or BINARYMIME (clients use DATA), STARTTLS or
-/// AUTH mechanisms of the upstream.
-const PASSED_ON: &[&str] = &[
-    "SIZE",
-    "8BITMIME",
-    "SMTPUTF8",
-    "PIPELINING",
-    "ENHANCEDSTATUSCODES",
-    "DSN",
-];
-
-/// After a failed probe, EHLO goes without the upstream's extensions for
-/// this long rather than make every client wait on an unreachable server.
-const PROBE_RETRY: Duration = Duration::from_secs(10);
-
-/// What the upstream SMTP servers offer, learnt once per provider.
-#[derive(Default)]
-pub struct Extensions {
-    /// Held across a probe, so that clients arriving together (nodemailer's
-    /// pool opens five connections at once) share one.
-    known: tokio::sync::Mutex<HashMap<String, Learnt>>,
-}
-
-enum Learnt {
-    Keywords(Vec<String>),
-    /// The probe failed at this time.
-    Failed(Instant),
-}
-
-impl Extensions {
-    /// The keywords to advertise: those every configured SMTP upstream
-    /// offers (the smallest SIZE); each upstream is asked once.
-    pub async fn advertised(&self, shared: &Shared) -> Vec<String> {
-        let mut providers: Vec<&str> = shared
-            .config
-            .accounts
-            .iter()
-            .map(|a| a.provider.as_str())
-            .collect();
-        providers.sort();
-        providers.dedup();
-        let mut known = self.known.lock().await;
-        let mut sets = Vec::new();
-        for name in providers {
-            match known.get(name) {
-                Some(Learnt::Keywords(k)) => {
-                    sets.push(k.clone());
-                    continue;
-                }
-                Some(Learnt::Failed(at)) if at.elapsed() < PROBE_RETRY => {
-                    sets.push(Vec::new());
-                    continue;
-                }
-                _ => {}
-            }
-            match upstream::probe_extensions(shared, shared.config.provider(name)).await {
-                Ok(k) => {
-                    known.insert(name.to_string(), Learnt::Keywords(k.clone()));
-                    sets.push(k);
-                }
-                Err(e) => {
-                    warn!("cannot learn the SMTP server's extensions: {e}");
-                    known.insert(name.to_string(), Learnt::Failed(Instant::now()));
-                    sets.push(Vec::new());
-                }
-            }
-        }
-        intersect(&sets)
-    }
-}
-
-fn intersect(sets: &[Vec<String>]) -> Vec<String> {
-    let keyword = |k: &str| {
-        k.split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_ascii_uppercase()
-    };
-    let mut out = Vec::new();
-    for wanted in PASSED_ON {
-        let found: Vec<&String> = sets
-            .iter()
-            .filter_map(|set| set.iter().find(|k| keyword(k) == *wanted))
-            .collect();
-        if sets.is_empty() || found.len() != sets.len() {
-            continue;
-        }
-        if *wanted == "SIZE" {
-            let smallest = found
-                .iter()
-                .filter_map(|k| k.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .min();
-            out.push(match smallest {
-                Some(n) => format!("SIZE {n}"),
-                None => "SIZE".to_string(),
-            });
-        } else {
-            out.push(wanted.to_string());
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offers_what_every_upstream_offers() {
-        let ms: Vec<String> = [
-            "SIZE 157286400",
-            "PIPELINING",
-            "DSN",
-            "ENHANCEDSTATUSCODES",
-            "AUTH LOGIN XOAUTH2",
-            "8BITMIME",
-            "BINARYMIME",
-            "CHUNKING",
-            "SMTPUTF8",
-        ]
-        .map(String::from)
-        .to_vec();
-        let small: Vec<String> = ["SIZE 1000", "8BITMIME"].map(String::from).to_vec();
-        assert_eq!(
-            intersect(std::slice::from_ref(&ms)),
-            vec![
-                "SIZE 157286400",
-                "8BITMIME",
-                "SMTPUTF8",
-                "PIPELINING",
-                "ENHANCEDSTATUSCODES",
-                "DSN"
-            ]
-        );
-        assert_eq!(intersect(&[ms, small]), vec!["SIZE 1000", "8BITMIME"]);
-        assert!(intersect(&[]).is_empty());
     }
 }

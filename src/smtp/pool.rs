@@ -10,16 +10,16 @@
 //! `pool_idle_timeout`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::upstream::{self, SmtpUpstream};
+use super::upstream::SmtpUpstream;
 use crate::config::Account;
-use crate::login::{LoginError, open_as};
-use crate::server::Shared;
+use crate::login::LoginError;
 
 /// All mailboxes' pools.
 pub struct Pools {
@@ -134,8 +134,12 @@ impl Pools {
 
     /// Makes sure the mailbox has a working upstream connection, opening one
     /// if it has none, so that a refused token or disabled SMTP AUTH surfaces
-    /// at the client's AUTH.
-    pub async fn ensure(&self, shared: &Shared, account: &Account) -> Result<Opened, LoginError> {
+    /// at the client's AUTH. `open` logs in a new upstream connection.
+    pub async fn ensure<F, Fut>(&self, account: &Account, open: F) -> Result<Opened, LoginError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<SmtpUpstream, LoginError>>,
+    {
         let pool = self.pool(account);
         let deadline = Instant::now() + self.wait;
         loop {
@@ -148,7 +152,7 @@ impl Pools {
                 return Ok(Opened::No);
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
-                let (conn, permit) = open(shared, account, &pool, permit).await?;
+                let (conn, permit) = open_in_slot(&open, &pool, permit).await?;
                 pool.idle.lock().expect("not poisoned").push(Idle {
                     conn,
                     permit,
@@ -169,8 +173,12 @@ impl Pools {
     }
 
     /// Lends the mailbox's idle connection, or a new one while under the
-    /// limit, or waits for one to come back.
-    pub async fn lease(&self, shared: &Shared, account: &Account) -> Result<Lease, LeaseError> {
+    /// limit (logged in with `open`), or waits for one to come back.
+    pub async fn lease<F, Fut>(&self, account: &Account, open: F) -> Result<Lease, LeaseError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<SmtpUpstream, LoginError>>,
+    {
         let pool = self.pool(account);
         let deadline = Instant::now() + self.wait;
         loop {
@@ -198,7 +206,7 @@ impl Pools {
                 continue;
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
-                return match open(shared, account, &pool, permit).await {
+                return match open_in_slot(&open, &pool, permit).await {
                     Ok((conn, permit)) => Ok(self.lent(&pool, conn, permit, false)),
                     Err(e) => Err(LeaseError::Login(e)),
                 };
@@ -263,19 +271,18 @@ impl Pools {
     }
 }
 
-/// Opens a connection in the slot `permit` holds. On failure the slot is
-/// freed and the pool's waiters are told.
-async fn open(
-    shared: &Shared,
-    account: &Account,
+/// Opens a connection with `open` in the slot `permit` holds. On failure
+/// the slot is freed and the pool's waiters are told.
+async fn open_in_slot<F, Fut>(
+    open: &F,
     pool: &MailboxPool,
     permit: OwnedSemaphorePermit,
-) -> Result<(SmtpUpstream, OwnedSemaphorePermit), LoginError> {
-    let opened = open_as(shared, account, |account, token| async move {
-        upstream::open(shared, &account, &token).await
-    })
-    .await;
-    match opened {
+) -> Result<(SmtpUpstream, OwnedSemaphorePermit), LoginError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<SmtpUpstream, LoginError>>,
+{
+    match open().await {
         Ok(conn) => Ok((conn, permit)),
         Err(e) => {
             drop(permit);

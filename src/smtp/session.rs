@@ -6,6 +6,10 @@
 //! Commands and message content are forwarded as the client wrote them; the
 //! upstream's replies go back verbatim, so its enhanced status codes reach the
 //! client. A client may pipeline: commands are answered in order.
+//!
+//! `Session::command` hands each command to one small method; AUTH runs
+//! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
+//! reply in `refusal` alone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +19,14 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::command::{self, Command};
-use super::pool::{Lease, LeaseError, Opened};
-use super::upstream::{Reply, ReplyError, enhanced_code};
+use super::extensions::Extensions;
+use super::pool::{Lease, LeaseError, Opened, Pools};
+use super::upstream::{self, Reply, ReplyError, SmtpUpstream, enhanced_code};
 use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
-use crate::login::{self, LoginError};
-use crate::sasl::{self, SaslEnd};
-use crate::server::Shared;
+use crate::login::{self, LoginError, open_as};
+use crate::sasl::{self, Challenge, Credentials, SaslError};
+use crate::shared::Shared;
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -36,10 +41,17 @@ const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 const HOSTNAME: &str = "xoauth2-proxy";
 
 /// Serves one client connection to the end.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
+pub async fn run(
+    shared: Arc<Shared>,
+    pools: Arc<Pools>,
+    extensions: Arc<Extensions>,
+    stream: TcpStream,
+) {
     let mut session = Session {
         client: BufReader::with_capacity(64 * 1024, stream),
         shared,
+        pools,
+        extensions,
         account: None,
         lease: None,
         errors: 0,
@@ -55,6 +67,9 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
 struct Session {
     client: BufReader<TcpStream>,
     shared: Arc<Shared>,
+    /// The process's upstream connection pools.
+    pools: Arc<Pools>,
+    extensions: Arc<Extensions>,
     account: Option<Account>,
     /// The upstream connection of the transaction in progress, if any.
     lease: Option<Lease>,
@@ -67,6 +82,57 @@ struct Session {
 enum Next {
     Continue,
     Close,
+}
+
+/// What the proxy is waiting for, named in the log when it does not come.
+#[derive(Clone, Copy)]
+enum Awaiting {
+    Command,
+    SaslResponse,
+}
+
+impl Awaiting {
+    /// What a line that is too long was meant to be.
+    fn noun(self) -> &'static str {
+        match self {
+            Awaiting::Command => "line",
+            Awaiting::SaslResponse => "SASL response",
+        }
+    }
+
+    /// What the client sent when it sent nothing in time.
+    fn nothing(self) -> &'static str {
+        match self {
+            Awaiting::Command => "nothing",
+            Awaiting::SaslResponse => "no SASL response",
+        }
+    }
+}
+
+/// How a bounded read of a client line ended.
+enum Received {
+    /// A whole line is in `Session::line`.
+    Line,
+    /// The client closed the connection.
+    Hangup,
+    /// The proxy closed the connection after telling the client why.
+    Refused,
+}
+
+/// When a login is made: at AUTH, or at MAIL when the mailbox's pool opens
+/// another upstream connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LoginAt {
+    Auth,
+    Mail,
+}
+
+/// Why MAIL found no upstream to pass its reply on from.
+enum MailError {
+    /// No connection could be leased.
+    Lease(LeaseError),
+    /// A fresh connection failed at MAIL.
+    Lost(ReplyError),
 }
 
 impl Session {
@@ -91,6 +157,12 @@ impl Session {
         Ok(Next::Close)
     }
 
+    /// Sends one reply and reads the next command.
+    async fn answer(&mut self, code: u16, text: &str) -> std::io::Result<Next> {
+        self.reply(code, text).await?;
+        Ok(Next::Continue)
+    }
+
     async fn dialogue(&mut self) -> std::io::Result<()> {
         self.reply(220, &format!("{HOSTNAME} ESMTP ready")).await?;
         loop {
@@ -99,29 +171,9 @@ impl Session {
             } else {
                 self.shared.config.server.login_timeout
             };
-            self.line.clear();
-            let read = tokio::time::timeout(
-                timeout,
-                read_line(&mut self.client, &mut self.line, MAX_LINE),
-            )
-            .await;
-            let next = match read {
-                Err(_) => {
-                    info!(
-                        "client sent nothing for {}; closing",
-                        humantime::format_duration(timeout)
-                    );
-                    self.close_with(421, "4.4.2 Idle for too long; closing")
-                        .await?
-                }
-                Ok(Err(LineError::Closed)) => return Ok(()),
-                Ok(Err(LineError::Io(e))) => return Err(e),
-                Ok(Err(LineError::TooLong)) => {
-                    info!("client sent an overlong line; closing");
-                    self.reply(500, "5.5.2 Line too long").await?;
-                    self.close_with(421, "4.7.0 Closing").await?
-                }
-                Ok(Ok(())) => self.command().await?,
+            let next = match self.read_line_within(timeout, Awaiting::Command).await? {
+                Received::Line => self.command().await?,
+                Received::Hangup | Received::Refused => Next::Close,
             };
             if let Next::Close = next {
                 return Ok(());
@@ -129,7 +181,44 @@ impl Session {
         }
     }
 
-    /// Answers the command in `self.line`.
+    /// Reads one line into `self.line` within `timeout`. A line too long or
+    /// too late is answered here and the connection closed: the rest of such
+    /// a line must not be read as commands.
+    async fn read_line_within(
+        &mut self,
+        timeout: Duration,
+        awaiting: Awaiting,
+    ) -> std::io::Result<Received> {
+        self.line.clear();
+        let read = tokio::time::timeout(
+            timeout,
+            read_line(&mut self.client, &mut self.line, MAX_LINE),
+        )
+        .await;
+        match read {
+            Ok(Ok(())) => Ok(Received::Line),
+            Ok(Err(LineError::Closed)) => Ok(Received::Hangup),
+            Ok(Err(LineError::Io(e))) => Err(e),
+            Ok(Err(LineError::TooLong)) => {
+                info!("client sent an overlong {}; closing", awaiting.noun());
+                self.reply(500, "5.5.2 Line too long").await?;
+                self.close_with(421, "4.7.0 Closing").await?;
+                Ok(Received::Refused)
+            }
+            Err(_) => {
+                info!(
+                    "client sent {} for {}; closing",
+                    awaiting.nothing(),
+                    humantime::format_duration(timeout)
+                );
+                self.close_with(421, "4.4.2 Idle for too long; closing")
+                    .await?;
+                Ok(Received::Refused)
+            }
+        }
+    }
+
+    /// Parses the command in `self.line` and dispatches it.
     async fn command(&mut self) -> std::io::Result<Next> {
         let line = trim_eol(&self.line).to_vec();
         let Some(command) = command::parse(&line) else {
@@ -138,43 +227,27 @@ impl Session {
                 .await;
         };
         match command {
-            Command::Ehlo => {
-                self.end_transaction().await;
-                let ehlo = self.ehlo().await;
-                self.send(ehlo.as_bytes()).await?;
-            }
-            Command::Helo => {
-                self.end_transaction().await;
-                self.reply(250, HOSTNAME).await?;
-            }
+            Command::Ehlo => self.ehlo().await,
+            Command::Helo => self.helo().await,
             Command::Auth {
                 mechanism,
                 initial_response,
-            } => return self.auth(&mechanism, initial_response).await,
-            Command::Mail => return self.mail(&line).await,
-            Command::Rcpt => return self.rcpt(&line).await,
-            Command::Data => return self.data().await,
-            Command::Rset => {
-                self.end_transaction().await;
-                self.reply(250, "2.0.0 OK").await?;
-            }
-            Command::Noop => self.reply(250, "2.0.0 OK").await?,
-            Command::Quit => {
-                self.end_transaction().await;
-                return self.close_with(221, "2.0.0 Bye").await;
-            }
+            } => self.auth(&mechanism, initial_response).await,
+            Command::Mail => self.mail(&line).await,
+            Command::Rcpt => self.rcpt(&line).await,
+            Command::Data => self.data().await,
+            Command::Rset => self.rset().await,
+            Command::Noop => self.answer(250, "2.0.0 OK").await,
+            Command::Quit => self.quit().await,
             Command::Vrfy => {
-                self.reply(252, "2.5.0 Cannot VRFY; send the message")
-                    .await?
+                self.answer(252, "2.5.0 Cannot VRFY; send the message")
+                    .await
             }
-            Command::Help => self.reply(214, "2.0.0 See RFC 5321").await?,
-            Command::StartTls => {
-                return self.error(502, "5.5.1 STARTTLS is not offered").await;
-            }
-            Command::Bdat => return self.error(502, "5.5.1 BDAT is not offered; use DATA").await,
-            Command::Unknown => return self.error(500, "5.5.2 Command not recognised").await,
+            Command::Help => self.answer(214, "2.0.0 See RFC 5321").await,
+            Command::StartTls => self.error(502, "5.5.1 STARTTLS is not offered").await,
+            Command::Bdat => self.error(502, "5.5.1 BDAT is not offered; use DATA").await,
+            Command::Unknown => self.error(500, "5.5.2 Command not recognised").await,
         }
-        Ok(Next::Continue)
     }
 
     async fn error(&mut self, code: u16, text: &str) -> std::io::Result<Next> {
@@ -193,11 +266,20 @@ impl Session {
         Ok(Next::Continue)
     }
 
+    /// EHLO ends a transaction in progress (RFC 5321 §4.1.4), like HELO.
+    async fn ehlo(&mut self) -> std::io::Result<Next> {
+        self.end_transaction().await;
+        let ehlo = self.ehlo_reply().await;
+        self.send(ehlo.as_bytes()).await?;
+        Ok(Next::Continue)
+    }
+
     /// The EHLO reply: AUTH always (nodemailer only authenticates when it is
     /// advertised), and the upstream's extensions the proxy can pass on.
-    async fn ehlo(&mut self) -> String {
+    async fn ehlo_reply(&mut self) -> String {
         let mut lines = vec![format!("{HOSTNAME} Hello")];
-        lines.extend(self.shared.smtp_extensions().await);
+        let (config, tls) = (&self.shared.config, &self.shared.tls);
+        lines.extend(self.extensions.advertised(config, tls).await);
         lines.push("AUTH PLAIN LOGIN".to_string());
         let last = lines.len() - 1;
         lines
@@ -207,141 +289,89 @@ impl Session {
             .collect()
     }
 
+    async fn helo(&mut self) -> std::io::Result<Next> {
+        self.end_transaction().await;
+        self.answer(250, HOSTNAME).await
+    }
+
+    async fn rset(&mut self) -> std::io::Result<Next> {
+        self.end_transaction().await;
+        self.answer(250, "2.0.0 OK").await
+    }
+
+    async fn quit(&mut self) -> std::io::Result<Next> {
+        self.end_transaction().await;
+        self.close_with(221, "2.0.0 Bye").await
+    }
+
     async fn auth(&mut self, mechanism: &str, initial: Option<Vec<u8>>) -> std::io::Result<Next> {
         if self.account.is_some() {
             return self.error(503, "5.5.1 Already authenticated").await;
         }
-        // `None` from a prompt: the connection is being closed.
-        let credentials = match mechanism {
-            "PLAIN" => {
-                let message = match initial {
-                    Some(ir) => sasl::decode(&ir),
-                    None => match self.sasl_response("").await? {
-                        Some(m) => m,
-                        None => return Ok(Next::Close),
-                    },
-                };
-                message.and_then(|m| sasl::parse_plain(&m))
-            }
-            "LOGIN" => {
-                let username = match initial {
-                    Some(ir) => sasl::decode(&ir),
-                    None => match self.sasl_response(sasl::LOGIN_USERNAME_PROMPT).await? {
-                        Some(u) => u,
-                        None => return Ok(Next::Close),
-                    },
-                };
-                match sasl::login_username(username) {
-                    Ok(u) => match self.sasl_response(sasl::LOGIN_PASSWORD_PROMPT).await? {
-                        Some(p) => p.map(|p| (u, p)),
-                        None => return Ok(Next::Close),
-                    },
-                    Err(e) => Err(e),
-                }
-            }
-            _ => {
-                return self
-                    .error(
-                        504,
-                        "5.5.4 Unrecognised authentication type; use PLAIN or LOGIN",
-                    )
-                    .await;
-            }
+        let Some(mechanism) = sasl::Mechanism::named(mechanism) else {
+            return self
+                .error(
+                    504,
+                    "5.5.4 Unrecognised authentication type; use PLAIN or LOGIN",
+                )
+                .await;
         };
-        let (username, password) = match credentials {
+        let credentials = match sasl::credentials(self, mechanism, initial).await {
             Ok(c) => c,
-            Err(SaslEnd::Cancelled) => {
+            Err(SaslError::Cancelled) => {
                 return self.error(501, "5.0.0 Authentication cancelled").await;
             }
-            Err(SaslEnd::Malformed) => return self.error(501, "5.5.2 Invalid SASL response").await,
-        };
-
-        let shared = self.shared.clone();
-        let outcome = async {
-            let account = login::check_password(&shared, &username, &password).await?;
-            // A pool already warm for the mailbox proves the mailbox works,
-            // not that this account's grant is still good.
-            if shared.smtp_pools.ensure(&shared, &account).await? == Opened::No {
-                login::check_grant(&shared, &account).await?;
+            Err(SaslError::Malformed) => {
+                return self.error(501, "5.5.2 Invalid SASL response").await;
             }
-            Ok::<_, LoginError>(account)
-        }
-        .await;
+            Err(SaslError::Closed) => return Ok(Next::Close),
+            Err(SaslError::Io(e)) => return Err(e),
+        };
+        let outcome = self.log_in(&credentials).await;
         crate::metrics::get().login("smtp", &outcome);
         match outcome {
-            Ok(account) => {
-                info!(mailbox = %account.mailbox, "logged in");
-                self.account = Some(account);
-                self.reply(235, "2.7.0 Authentication successful").await?;
-                Ok(Next::Continue)
-            }
-            Err(LoginError::IdpUnavailable) => {
-                self.close_with(
-                    421,
-                    "4.7.0 The identity provider is unavailable; try again later",
-                )
-                .await
-            }
-            Err(LoginError::UpstreamUnavailable) => {
-                self.close_with(421, "4.4.1 The mail server is unavailable; try again later")
-                    .await
-            }
-            Err(e) => {
-                let answer = match e {
-                    LoginError::UpstreamRejected(reply) => {
-                        let code = enhanced_code(&reply).filter(|c| c.starts_with('5')).unwrap_or("5.7.8");
-                        format!("{code} The mail server refused the login: {}", reply.get(4..).unwrap_or(&reply))
-                    }
-                    LoginError::Refused => {
-                        "5.7.8 The identity provider refused the proxy's app registration; see the proxy's log".to_string()
-                    }
-                    _ => "5.7.8 Authentication credentials invalid".to_string(),
-                };
-                self.reply(535, &answer).await?;
-                self.failed_logins += 1;
-                if self.failed_logins >= MAX_FAILED_LOGINS {
-                    return self
-                        .close_with(421, "4.7.0 Too many failed logins; closing")
-                        .await;
-                }
-                Ok(Next::Continue)
-            }
+            Ok(account) => self.logged_in(account).await,
+            Err(e) => self.login_failed(&e).await,
         }
     }
 
-    /// Reads one SASL response line after a `334` prompt. `None`: the client
-    /// stalled or sent an overlong line, and was told the connection closes
-    /// (the rest of such a line must not be read as commands).
-    async fn sasl_response(
-        &mut self,
-        prompt: &str,
-    ) -> std::io::Result<Option<Result<Vec<u8>, SaslEnd>>> {
-        self.send(format!("334 {prompt}\r\n").as_bytes()).await?;
-        self.client.get_mut().flush().await?;
-        let mut line = Vec::new();
-        let timeout = self.shared.config.server.login_timeout;
-        let read =
-            tokio::time::timeout(timeout, read_line(&mut self.client, &mut line, MAX_LINE)).await;
-        match read {
-            Ok(Ok(())) => Ok(Some(sasl::decode(trim_eol(&line)))),
-            Ok(Err(LineError::Io(e))) => Err(e),
-            Ok(Err(LineError::Closed)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(Err(LineError::TooLong)) => {
-                info!("client sent an overlong SASL response; closing");
-                self.reply(500, "5.5.2 Line too long").await?;
-                self.close_with(421, "4.7.0 Closing").await?;
-                Ok(None)
-            }
-            Err(_) => {
-                info!(
-                    "client sent no SASL response for {}; closing",
-                    humantime::format_duration(timeout)
-                );
-                self.close_with(421, "4.4.2 Idle for too long; closing")
-                    .await?;
-                Ok(None)
-            }
+    /// Checks the password and that the mailbox can be served now, so that a
+    /// refused token or disabled SMTP AUTH surfaces at AUTH, not at MAIL.
+    async fn log_in(&self, credentials: &Credentials) -> Result<Account, LoginError> {
+        let shared = &self.shared;
+        let delay = shared.config.server.auth_failure_delay;
+        let (username, password) = (&credentials.username, &credentials.password);
+        let account = login::check_password(&shared.accounts, delay, username, password).await?;
+        // A pool already warm for the mailbox proves the mailbox works,
+        // not that this account's grant is still good.
+        let opener = || open_pooled(shared, &account);
+        if self.pools.ensure(&account, opener).await? == Opened::No {
+            login::check_grant(&shared.tokens, &account).await?;
         }
+        Ok(account)
+    }
+
+    async fn logged_in(&mut self, account: Account) -> std::io::Result<Next> {
+        info!(mailbox = %account.mailbox, "logged in");
+        self.account = Some(account);
+        self.answer(235, "2.7.0 Authentication successful").await
+    }
+
+    /// An unavailable service ends the session; a refusal counts towards
+    /// the failed logins a connection may have.
+    async fn login_failed(&mut self, e: &LoginError) -> std::io::Result<Next> {
+        let (code, text) = refusal(e, LoginAt::Auth);
+        if code == 421 {
+            return self.close_with(code, &text).await;
+        }
+        self.reply(code, &text).await?;
+        self.failed_logins += 1;
+        if self.failed_logins >= MAX_FAILED_LOGINS {
+            return self
+                .close_with(421, "4.7.0 Too many failed logins; closing")
+                .await;
+        }
+        Ok(Next::Continue)
     }
 
     async fn mail(&mut self, line: &[u8]) -> std::io::Result<Next> {
@@ -353,79 +383,75 @@ impl Session {
                 .error(503, "5.5.1 Sender already given; RSET first")
                 .await;
         }
-        // A pooled connection may have been closed by the server while idle
-        // (all of them, after a server restart): nothing is committed before
-        // MAIL succeeds, so another connection may be tried, as long as the
-        // failing one had waited in the pool. A fresh one failing is an answer.
+        match self.begin_transaction(&account, line).await {
+            Ok((lease, reply)) => self.mail_answered(lease, reply).await,
+            Err(e) => self.mail_failed(&account, e).await,
+        }
+    }
+
+    /// Sends MAIL on a leased upstream connection; returns the lease with
+    /// the upstream's reply. A pooled connection may have been closed by the
+    /// server while idle (all of them, after a server restart): nothing is
+    /// committed before MAIL succeeds, so another connection may be tried, as
+    /// long as the failing one had waited in the pool. A fresh one failing
+    /// is an answer.
+    async fn begin_transaction(
+        &self,
+        account: &Account,
+        line: &[u8],
+    ) -> Result<(Lease, Reply), MailError> {
         let mut stale = 0;
         loop {
-            let mut lease = match self.shared.smtp_pools.lease(&self.shared, &account).await {
-                Ok(lease) => lease,
-                Err(LeaseError::Busy) => {
-                    warn!(mailbox = %account.mailbox, "every upstream connection stayed busy; try raising smtp.pool_wait");
-                    self.reply(
-                        451,
-                        "4.4.5 The mailbox's upstream connections are all busy; try again",
-                    )
-                    .await?;
-                    return Ok(Next::Continue);
-                }
-                Err(LeaseError::Login(LoginError::UpstreamUnavailable)) => {
-                    self.reply(451, "4.4.1 The mail server is unavailable; try again later")
-                        .await?;
-                    return Ok(Next::Continue);
-                }
-                Err(LeaseError::Login(LoginError::IdpUnavailable)) => {
-                    self.reply(
-                        451,
-                        "4.7.0 The identity provider is unavailable; try again later",
-                    )
-                    .await?;
-                    return Ok(Next::Continue);
-                }
-                Err(LeaseError::Login(_)) => {
-                    self.reply(
-                        451,
-                        "4.7.0 The mail server refused the mailbox's login; see the proxy's log",
-                    )
-                    .await?;
-                    return Ok(Next::Continue);
-                }
-            };
+            let opener = || open_pooled(&self.shared, account);
+            let leased = self.pools.lease(account, opener).await;
+            let mut lease = leased.map_err(MailError::Lease)?;
             let retry =
                 lease.reused() && stale < self.shared.config.smtp.max_connections_per_mailbox;
             match lease.conn().command(line).await {
                 Ok(reply) if reply.code == 421 && retry => {
                     debug!("pooled connection was closed by the server; retrying with another");
-                    stale += 1;
-                    continue;
-                }
-                Ok(reply) => {
-                    if reply.is_positive() {
-                        self.lease = Some(lease);
-                    } else if reply.code != 421 {
-                        // No transaction began: the connection is clean.
-                        lease.release();
-                    }
-                    self.send(&reply.raw).await?;
-                    return Ok(Next::Continue);
                 }
                 Err(e) if retry => {
                     debug!("pooled connection failed ({e}); retrying with another");
-                    stale += 1;
-                    continue;
                 }
-                Err(e) => {
-                    warn!("the SMTP server failed during MAIL: {e}");
-                    self.reply(
-                        451,
-                        "4.4.2 Lost the connection to the mail server; try again",
-                    )
-                    .await?;
-                    return Ok(Next::Continue);
-                }
+                Ok(reply) => return Ok((lease, reply)),
+                Err(e) => return Err(MailError::Lost(e)),
             }
+            stale += 1;
         }
+    }
+
+    /// Passes MAIL's reply on; a positive one begins the transaction.
+    async fn mail_answered(&mut self, lease: Lease, reply: Reply) -> std::io::Result<Next> {
+        if reply.is_positive() {
+            self.lease = Some(lease);
+        } else if reply.code != 421 {
+            // No transaction began: the connection is clean.
+            lease.release();
+        }
+        self.send(&reply.raw).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn mail_failed(&mut self, account: &Account, e: MailError) -> std::io::Result<Next> {
+        let (code, text) = match e {
+            MailError::Lease(LeaseError::Busy) => {
+                warn!(mailbox = %account.mailbox, "every upstream connection stayed busy; try raising smtp.pool_wait");
+                (
+                    451,
+                    "4.4.5 The mailbox's upstream connections are all busy; try again".to_string(),
+                )
+            }
+            MailError::Lease(LeaseError::Login(e)) => refusal(&e, LoginAt::Mail),
+            MailError::Lost(e) => {
+                warn!("the SMTP server failed during MAIL: {e}");
+                (
+                    451,
+                    "4.4.2 Lost the connection to the mail server; try again".to_string(),
+                )
+            }
+        };
+        self.answer(code, &text).await
     }
 
     async fn rcpt(&mut self, line: &[u8]) -> std::io::Result<Next> {
@@ -470,23 +496,26 @@ impl Session {
         };
         self.send(&reply.raw).await?;
         self.client.get_mut().flush().await?;
+        let lease = self.lease.take().expect("checked above");
+        self.relay_message(lease).await?;
+        Ok(Next::Continue)
+    }
 
-        let mut lease = self.lease.take().expect("checked above");
-        let upstream_ok = pump_message(
-            &mut self.client,
-            &mut lease,
-            self.shared.config.smtp.client_idle_timeout,
-        )
-        .await?;
+    /// Copies the message upstream and passes on the upstream's verdict. The
+    /// connection goes back to the pool only if the transaction ended
+    /// cleanly; otherwise the lease, dropped, closes it.
+    async fn relay_message(&mut self, mut lease: Lease) -> std::io::Result<()> {
+        let idle = self.shared.config.smtp.client_idle_timeout;
+        let upstream_ok = pump_message(&mut self.client, &mut lease, idle).await?;
         if !upstream_ok {
             warn!("the SMTP server failed while receiving a message");
             drop(lease);
-            self.reply(
-                451,
-                "4.4.2 Lost the connection to the mail server; message not sent",
-            )
-            .await?;
-            return Ok(Next::Continue);
+            return self
+                .reply(
+                    451,
+                    "4.4.2 Lost the connection to the mail server; message not sent",
+                )
+                .await;
         }
         match lease.conn().reply_within(DATA_END_TIMEOUT).await {
             Ok(reply) => {
@@ -496,7 +525,7 @@ impl Session {
                     // The transaction is over, accepted or not: clean.
                     lease.release();
                 }
-                self.send(&reply.raw).await?;
+                self.send(&reply.raw).await
             }
             Err(e) => {
                 warn!("the SMTP server did not confirm a message: {e}");
@@ -505,10 +534,9 @@ impl Session {
                     451,
                     "4.4.2 The mail server did not confirm the message; it may not have been sent",
                 )
-                .await?;
+                .await
             }
         }
-        Ok(Next::Continue)
     }
 
     /// Ends a transaction in progress with RSET, returning a clean upstream
@@ -521,6 +549,75 @@ impl Session {
             }
         }
     }
+}
+
+/// The one place a failed login becomes an SMTP reply. At AUTH an
+/// unavailable service ends the session (421) and a refusal is final (535);
+/// at MAIL the client has logged in already, so any failure is the
+/// transaction's, and temporary (451).
+fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
+    let unavailable = if at == LoginAt::Auth { 421 } else { 451 };
+    match (e, at) {
+        (LoginError::IdpUnavailable, _) => (
+            unavailable,
+            "4.7.0 The identity provider is unavailable; try again later".to_string(),
+        ),
+        (LoginError::UpstreamUnavailable, _) => (
+            unavailable,
+            "4.4.1 The mail server is unavailable; try again later".to_string(),
+        ),
+        (_, LoginAt::Mail) => (
+            451,
+            "4.7.0 The mail server refused the mailbox's login; see the proxy's log".to_string(),
+        ),
+        (LoginError::UpstreamRejected(reply), LoginAt::Auth) => {
+            let code = enhanced_code(reply)
+                .filter(|c| c.starts_with('5'))
+                .unwrap_or("5.7.8");
+            let text = reply.get(4..).unwrap_or(reply);
+            (
+                535,
+                format!("{code} The mail server refused the login: {text}"),
+            )
+        }
+        (LoginError::Refused, LoginAt::Auth) => (
+            535,
+            "5.7.8 The identity provider refused the proxy's app registration; see the proxy's log"
+                .to_string(),
+        ),
+        (LoginError::BadCredentials | LoginError::NotAuthorised, LoginAt::Auth) => {
+            (535, "5.7.8 Authentication credentials invalid".to_string())
+        }
+    }
+}
+
+impl Challenge for Session {
+    /// `334 prompt`, then one line within the login timeout. A response too
+    /// long or too late closes the connection (see `read_line_within`).
+    async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {
+        self.send(format!("334 {prompt}\r\n").as_bytes()).await?;
+        self.client.get_mut().flush().await?;
+        let timeout = self.shared.config.server.login_timeout;
+        match self
+            .read_line_within(timeout, Awaiting::SaslResponse)
+            .await?
+        {
+            Received::Line => Ok(trim_eol(&self.line).to_vec()),
+            Received::Hangup => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Received::Refused => Err(SaslError::Closed),
+        }
+    }
+}
+
+/// Logs in a new pooled upstream connection for `account` with the
+/// handles of the config in force.
+async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream, LoginError> {
+    let timeout = shared.config.server.upstream_timeout;
+    open_as(&shared.tokens, account, |account, token| async move {
+        let provider = shared.config.provider(&account.provider);
+        upstream::open(&shared.tls, provider, timeout, &account.mailbox, &token).await
+    })
+    .await
 }
 
 /// Copies DATA content from the client to the upstream up to and including

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::config::{Account, Provider, TlsMode};
+use crate::config::{Provider, TlsMode};
 use crate::lines::{LineError, read_line, trim_eol};
+use crate::sasl::xoauth2;
 use crate::secret::Secret;
-use crate::server::Shared;
-use crate::upstream::{UpstreamError, UpstreamStream, quote_reply, xoauth2};
+use crate::upstream::{UpstreamError, UpstreamStream, UpstreamTls, quote_reply};
 
 /// A reply line longer than this is a broken server.
 const MAX_REPLY_LINE: usize = 8 * 1024;
@@ -50,23 +50,26 @@ impl Reply {
     }
 }
 
-/// Why a reply could not be read.
-#[derive(Debug)]
-pub enum ReplyError {
-    Io(std::io::Error),
-    Closed,
-    Malformed,
-    TimedOut,
-}
+/// Why a reply could not be read, as a sentence: callers only report it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ReplyError(String);
 
-impl std::fmt::Display for ReplyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplyError::Io(e) => write!(f, "{}", crate::error::io_reason(e)),
-            ReplyError::Closed => f.write_str("the server closed the connection"),
-            ReplyError::Malformed => f.write_str("the server sent a malformed reply"),
-            ReplyError::TimedOut => f.write_str("the server did not answer in time"),
-        }
+impl ReplyError {
+    fn io(e: std::io::Error) -> Self {
+        ReplyError(crate::error::io_reason(&e))
+    }
+
+    fn closed() -> Self {
+        ReplyError("the server closed the connection".into())
+    }
+
+    fn malformed() -> Self {
+        ReplyError("the server sent a malformed reply".into())
+    }
+
+    fn timed_out() -> Self {
+        ReplyError("the server did not answer in time".into())
     }
 }
 
@@ -78,9 +81,9 @@ pub async fn read_reply<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<Reply
         read_line(stream, &mut raw, start + MAX_REPLY_LINE)
             .await
             .map_err(|e| match e {
-                LineError::Closed => ReplyError::Closed,
-                LineError::TooLong => ReplyError::Malformed,
-                LineError::Io(e) => ReplyError::Io(e),
+                LineError::Closed => ReplyError::closed(),
+                LineError::TooLong => ReplyError::malformed(),
+                LineError::Io(e) => ReplyError::io(e),
             })?;
         let line = trim_eol(&raw[start..]);
         let code = line
@@ -88,14 +91,14 @@ pub async fn read_reply<S: AsyncBufRead + Unpin>(stream: &mut S) -> Result<Reply
             .and_then(|c| std::str::from_utf8(c).ok())
             .and_then(|c| c.parse::<u16>().ok())
             .filter(|c| (200..600).contains(c))
-            .ok_or(ReplyError::Malformed)?;
+            .ok_or_else(ReplyError::malformed)?;
         match line.get(3) {
             Some(b'-') => continue,
             None | Some(b' ') => return Ok(Reply { code, raw }),
-            Some(_) => return Err(ReplyError::Malformed),
+            Some(_) => return Err(ReplyError::malformed()),
         }
     }
-    Err(ReplyError::Malformed)
+    Err(ReplyError::malformed())
 }
 
 /// An authenticated upstream SMTP connection, between transactions or in one.
@@ -120,21 +123,21 @@ impl SmtpUpstream {
     ) -> Result<Reply, ReplyError> {
         let exchange = async {
             let stream = self.stream.get_mut();
-            stream.write_all(line).await.map_err(ReplyError::Io)?;
-            stream.write_all(b"\r\n").await.map_err(ReplyError::Io)?;
-            stream.flush().await.map_err(ReplyError::Io)?;
+            stream.write_all(line).await.map_err(ReplyError::io)?;
+            stream.write_all(b"\r\n").await.map_err(ReplyError::io)?;
+            stream.flush().await.map_err(ReplyError::io)?;
             read_reply(&mut self.stream).await
         };
         tokio::time::timeout(timeout, exchange)
             .await
-            .unwrap_or(Err(ReplyError::TimedOut))
+            .unwrap_or_else(|_| Err(ReplyError::timed_out()))
     }
 
     /// Reads a reply without sending anything (the answer to DATA content).
     pub async fn reply_within(&mut self, timeout: Duration) -> Result<Reply, ReplyError> {
         tokio::time::timeout(timeout, read_reply(&mut self.stream))
             .await
-            .unwrap_or(Err(ReplyError::TimedOut))
+            .unwrap_or_else(|_| Err(ReplyError::timed_out()))
     }
 
     /// Says goodbye; errors do not matter any more.
@@ -145,21 +148,24 @@ impl SmtpUpstream {
 
 /// Connects to the provider's SMTP server, upgrades to TLS, and says EHLO:
 /// a connection ready for AUTH, with the server's EHLO keywords.
-async fn hello(shared: &Shared, provider: &Provider) -> Result<SmtpUpstream, UpstreamError> {
+async fn hello(
+    tls: &UpstreamTls,
+    provider: &Provider,
+    timeout: Duration,
+) -> Result<SmtpUpstream, UpstreamError> {
     let server = &provider.smtp_server;
-    let timeout = shared.config.server.upstream_timeout;
     let unreachable = |what: &str, e: ReplyError| {
         UpstreamError::Unreachable(format!("SMTP server {server}: {what}: {e}"))
     };
-    let tcp = shared.tls.connect(server, timeout).await?;
+    let tcp = tls.connect(server, timeout).await?;
     let ehlo = format!("EHLO {}", address_literal(&tcp));
     let mut stream = match provider.smtp_tls {
         TlsMode::Implicit => {
-            let mut tls = BufReader::new(shared.tls.handshake(provider, server, tcp).await?);
-            expect(&mut tls, None, 220)
+            let mut stream = BufReader::new(tls.handshake(provider, server, tcp).await?);
+            expect(&mut stream, None, 220)
                 .await
                 .map_err(|e| unreachable("greeting", e))?;
-            tls
+            stream
         }
         TlsMode::Starttls => {
             let mut plain = BufReader::new(tcp);
@@ -172,12 +178,7 @@ async fn hello(shared: &Shared, provider: &Provider) -> Result<SmtpUpstream, Ups
             expect(&mut plain, Some(b"STARTTLS"), 220)
                 .await
                 .map_err(|e| unreachable("STARTTLS", e))?;
-            BufReader::new(
-                shared
-                    .tls
-                    .handshake(provider, server, plain.into_inner())
-                    .await?,
-            )
+            BufReader::new(tls.handshake(provider, server, plain.into_inner()).await?)
         }
     };
     let hello = expect(&mut stream, Some(ehlo.as_bytes()), 250)
@@ -193,11 +194,11 @@ async fn hello(shared: &Shared, provider: &Provider) -> Result<SmtpUpstream, Ups
 /// The EHLO keywords of `provider`'s SMTP server, from a connection that
 /// says EHLO and QUIT without logging in.
 pub async fn probe_extensions(
-    shared: &Shared,
+    tls: &UpstreamTls,
     provider: &Provider,
+    timeout: Duration,
 ) -> Result<Vec<String>, UpstreamError> {
-    let timeout = shared.config.server.upstream_timeout;
-    let upstream = tokio::time::timeout(timeout, hello(shared, provider))
+    let upstream = tokio::time::timeout(timeout, hello(tls, provider, timeout))
         .await
         .unwrap_or_else(|_| {
             Err(UpstreamError::Unreachable(format!(
@@ -210,23 +211,23 @@ pub async fn probe_extensions(
     Ok(extensions)
 }
 
-/// Opens an upstream SMTP connection and authenticates as `account`'s
-/// mailbox with `token`.
+/// Opens an upstream SMTP connection to `provider`'s server and
+/// authenticates as `mailbox` with `token`, all within `timeout`.
 pub async fn open(
-    shared: &Shared,
-    account: &Account,
+    tls: &UpstreamTls,
+    provider: &Provider,
+    timeout: Duration,
+    mailbox: &str,
     token: &Secret,
 ) -> Result<SmtpUpstream, UpstreamError> {
-    let provider = shared.config.provider(&account.provider);
     let server = &provider.smtp_server;
-    let timeout = shared.config.server.upstream_timeout;
     let unreachable = |what: &str, e: ReplyError| {
         UpstreamError::Unreachable(format!("SMTP server {server}: {what}: {e}"))
     };
     let attempt = async {
-        let mut upstream = hello(shared, provider).await?;
+        let mut upstream = hello(tls, provider, timeout).await?;
         // AUTH XOAUTH2, the response after the 334 as Microsoft documents it.
-        let sasl = xoauth2(&account.mailbox, token);
+        let sasl = xoauth2(mailbox, token);
         let mut reply = upstream
             .command(b"AUTH XOAUTH2")
             .await
@@ -283,18 +284,15 @@ where
 {
     if let Some(command) = command {
         let s = stream.get_mut();
-        s.write_all(command).await.map_err(ReplyError::Io)?;
-        s.write_all(b"\r\n").await.map_err(ReplyError::Io)?;
-        s.flush().await.map_err(ReplyError::Io)?;
+        s.write_all(command).await.map_err(ReplyError::io)?;
+        s.write_all(b"\r\n").await.map_err(ReplyError::io)?;
+        s.flush().await.map_err(ReplyError::io)?;
     }
     let reply = read_reply(stream).await?;
     if reply.code == code {
         Ok(reply)
     } else {
-        Err(ReplyError::Io(std::io::Error::other(format!(
-            "unexpected reply `{}`",
-            reply.text()
-        ))))
+        Err(ReplyError(format!("unexpected reply `{}`", reply.text())))
     }
 }
 
@@ -330,10 +328,10 @@ mod tests {
         assert_eq!(reply.ehlo_keywords(), vec!["SIZE 157286400", "PIPELINING"]);
         assert_eq!(read_reply(&mut input).await.unwrap().code, 354);
         let mut bad: &[u8] = b"hello\r\n";
-        assert!(matches!(
-            read_reply(&mut bad).await,
-            Err(ReplyError::Malformed)
-        ));
+        assert_eq!(
+            read_reply(&mut bad).await.unwrap_err().to_string(),
+            "the server sent a malformed reply"
+        );
     }
 
     #[test]

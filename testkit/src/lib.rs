@@ -14,13 +14,12 @@
 //!
 //! Wire formats the tests and the mocks both speak have one home each:
 //! [`xoauth2`] builds a SASL XOAUTH2 initial response (through the proxy's own
-//! builder), [`parse_xoauth2`] reads one, [`literal_announced`] finds an IMAP
-//! literal at the end of a line.
+//! builder), [`parse_xoauth2`] reads one, [`literal_announced`] (the proxy's
+//! own) finds an IMAP literal at the end of a line.
 
 mod dates;
 pub mod idp;
 pub mod imap;
-mod literal;
 pub mod node;
 pub mod pki;
 pub mod proxy;
@@ -29,5 +28,6 @@ pub mod smtp;
 pub mod tokens;
 pub mod world;
 
-pub use literal::literal_announced;
 pub use sasl::{parse_xoauth2, xoauth2};
+/// The proxy's own parser, so that the mocks, the tests and the product agree.
+pub use xoauth2_proxy::lines::literal_announced;

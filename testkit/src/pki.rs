@@ -126,8 +126,7 @@ impl Default for TestPki {
 }
 
 /// A client configuration that trusts `roots` and nothing else (for a
-/// process that has only the test CA's PEM file, read with
-/// `xoauth2_proxy::upstream::load_ca_file`).
+/// process that has only the test CA's PEM file).
 pub fn client_config_trusting(
     roots: impl IntoIterator<Item = CertificateDer<'static>>,
 ) -> Arc<rustls::ClientConfig> {

@@ -6,7 +6,7 @@ use xoauth2_proxy::secret::Secret;
 
 /// The base64 XOAUTH2 initial response `user=<user>^Aauth=Bearer <token>^A^A`.
 pub fn xoauth2(user: &str, token: &str) -> String {
-    xoauth2_proxy::upstream::xoauth2(user, &Secret::new(token.to_string()))
+    xoauth2_proxy::sasl::xoauth2(user, &Secret::new(token.to_string()))
         .expose()
         .to_string()
 }

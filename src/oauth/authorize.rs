@@ -1,4 +1,5 @@
-//! `xoauth2-proxy login ACCOUNT`: obtaining a grant once, interactively.
+//! `xoauth2-proxy login ACCOUNT`: authorising an account once, interactively
+//! (device code or browser sign-in), or obtaining an app-only token.
 //!
 //! Works without a terminal (stdin closed, output to a pipe), so scripts and
 //! containers can run it: everything the user must do is printed as plain lines.
@@ -9,12 +10,16 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::provider::{Grant, GrantError, ProviderClient};
-use super::store::{StoredGrant, TokenStore, unix_now};
+use super::store::{TokenStore, unix_now};
 use crate::config::{Account, Config, Flow};
 
 /// Runs the account's flow to the end and stores the grant. The error is one
 /// sentence for the user.
-pub async fn login(config: &Config, store: &TokenStore, account: &Account) -> Result<(), String> {
+pub async fn authorize(
+    config: &Config,
+    store: &TokenStore,
+    account: &Account,
+) -> Result<(), String> {
     let provider = ProviderClient::new(
         config.provider(&account.provider),
         config.server.idp_timeout,
@@ -135,8 +140,12 @@ fn minutes(d: Duration) -> String {
 /// The authorization code flow with PKCE: print the URL, receive the redirect
 /// on the loopback `redirect_uri`, redeem the code.
 async fn authorization_code(provider: &ProviderClient, scopes: &[String]) -> Result<Grant, String> {
-    let redirect = reqwest::Url::parse(&provider.config.redirect_uri)
-        .map_err(|e| format!("redirect_uri: {e}"))?;
+    let redirect = reqwest::Url::parse(&provider.config.redirect_uri).map_err(|e| {
+        format!(
+            "`redirect_uri` {} is not a URL ({e}); set it to a loopback URL registered in Entra",
+            provider.config.redirect_uri
+        )
+    })?;
     let host = redirect.host_str().unwrap_or_default().to_string();
     let port = redirect.port_or_known_default().unwrap_or(80);
     let bind = if host == "localhost" {
@@ -169,7 +178,12 @@ async fn authorization_code(provider: &ProviderClient, scopes: &[String]) -> Res
             .map_err(|_| {
                 "no sign-in arrived within 10 minutes; run `xoauth2-proxy login` again".to_string()
             })?
-            .map_err(|e| crate::error::io_reason(&e))?;
+            .map_err(|e| {
+                format!(
+                    "cannot accept the browser's redirect: {}; run `xoauth2-proxy login` again",
+                    crate::error::io_reason(&e)
+                )
+            })?;
         let mut request = vec![0u8; 8192];
         let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut request))
             .await
@@ -222,14 +236,4 @@ async fn respond(socket: &mut tokio::net::TcpStream, body: &str) -> std::io::Res
     );
     socket.write_all(response.as_bytes()).await?;
     socket.shutdown().await
-}
-
-/// How `status` names the state of an account's grant.
-pub fn describe(grant: Option<&StoredGrant>, flow: Flow) -> &'static str {
-    match (flow, grant) {
-        (Flow::ClientCredentials, _) => "app-only (no login needed)",
-        (_, None) => "needs login",
-        (_, Some(g)) if g.needs_login || g.refresh_token.is_none() => "needs login",
-        (_, Some(_)) => "authorised",
-    }
 }
