@@ -6,7 +6,7 @@
 //! cargo run --example demo -- --imap-port 2143 --smtp-port 2587 --admin-port 9025
 //! ```
 //!
-//! It starts the tests' stand-ins (tests/support/): an identity provider
+//! It starts the tests' stand-ins (the testkit crate): an identity provider
 //! speaking Microsoft identity platform v2.0, a TLS IMAP server and a STARTTLS
 //! SMTP server that accept only XOAUTH2 with the tokens that provider issued,
 //! and a throw-away CA for their certificates. It writes a proxy config for
@@ -16,26 +16,6 @@
 //! the proxy to the demo mailbox is delivered to its INBOX. It prints how to
 //! point a mail client at it, and `curl` lines to try.
 
-#[allow(dead_code)]
-#[path = "../tests/support/tokens.rs"]
-mod tokens;
-
-#[allow(dead_code)]
-#[path = "../tests/support/pki.rs"]
-mod pki;
-
-#[allow(dead_code)]
-#[path = "../tests/support/idp.rs"]
-mod idp;
-
-#[allow(dead_code)]
-#[path = "../tests/support/imap_upstream.rs"]
-mod imap_upstream;
-
-#[allow(dead_code)]
-#[path = "../tests/support/smtp_upstream.rs"]
-mod smtp_upstream;
-
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
@@ -44,10 +24,11 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use idp::{DeviceOutcome, MockIdp};
-use imap_upstream::MockImapUpstream;
-use smtp_upstream::{MockSmtpUpstream, UpstreamTls};
-use tokens::TokenBook;
+use testkit::idp::{DeviceOutcome, MockIdp};
+use testkit::imap::MockImapUpstream;
+use testkit::pki;
+use testkit::smtp::{MockSmtpUpstream, UpstreamTls};
+use testkit::tokens::TokenBook;
 use xoauth2_proxy::{Config, Listeners, TokenStore, state_dir};
 
 /// The mailbox a mail client logs in to, through the proxy.
@@ -187,8 +168,8 @@ async fn start_stand_ins() -> StandIns {
     idp.register_client(CLIENT_ID, Some(CLIENT_SECRET));
     idp.set_device_user(USER);
     idp.set_device_outcome(DeviceOutcome::ApproveAfterPolls(1));
-    let imap = Arc::new(imap_upstream::start(&pki, tokens.clone()).await);
-    let smtp = Arc::new(smtp_upstream::start(&pki, tokens, UpstreamTls::StartTls).await);
+    let imap = Arc::new(testkit::imap::start(&pki, tokens.clone()).await);
+    let smtp = Arc::new(testkit::smtp::start(&pki, tokens, UpstreamTls::StartTls).await);
     StandIns {
         pki,
         idp,

@@ -14,15 +14,7 @@
 //! killed. Test-only, loopback only: besides the Microsoft endpoints
 //! (`/{tenant}/oauth2/v2.0/devicecode`, `/token`, `/authorize`) it has control
 //! endpoints under `/control/` that revoke grants and read counters
-//! (see tests/support/idp.rs).
-
-#[allow(dead_code)]
-#[path = "../tests/support/tokens.rs"]
-mod tokens;
-
-#[allow(dead_code)]
-#[path = "../tests/support/idp.rs"]
-mod idp;
+//! (see testkit/src/idp/).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -30,8 +22,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use idp::{DeviceOutcome, MockIdp};
-use tokens::TokenBook;
+use testkit::idp::{DeviceOutcome, MockIdp};
+use testkit::tokens::TokenBook;
 
 /// A mock Microsoft identity platform v2.0 (device code, refresh token rotation,
 /// client credentials, AADSTS errors) with RFC 7662 introspection, on loopback.

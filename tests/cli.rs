@@ -1,13 +1,11 @@
 //! The command line as scripts and users meet it: `login` (device code),
 //! `status`, `hash-password`, and config errors.
 
-mod support;
-
 use std::time::Duration;
 
-use support::idp::DeviceOutcome;
-use support::proxy::{AccountSpec, TestProxy, binary, config_text};
-use support::world::World;
+use testkit::idp::DeviceOutcome;
+use testkit::proxy::{AccountSpec, TestProxy, binary, config_text};
+use testkit::world::World;
 
 const USER: &str = "sales@contoso.com";
 
@@ -177,13 +175,13 @@ async fn hash_password_prints_a_hash_the_proxy_accepts() {
     let proxy = world.proxy(&[spec]).await;
     let config = std::fs::read_to_string(&proxy.config_path).unwrap();
     assert!(config.contains("password_hash = \"$argon2id$"));
-    let mut c = support::world::LineClient::connect(proxy.imap_addr).await;
+    let mut c = testkit::world::LineClient::connect(proxy.imap_addr).await;
     c.read().await;
     c.line(&format!("a LOGIN {USER} \"correct horse battery\""))
         .await;
     assert!(c.until("a ").await.last().unwrap().starts_with("a OK"));
     c.line("b LOGOUT").await;
-    let mut c = support::world::LineClient::connect(proxy.imap_addr).await;
+    let mut c = testkit::world::LineClient::connect(proxy.imap_addr).await;
     c.read().await;
     c.line(&format!("a LOGIN {USER} \"correct horse\"")).await;
     assert!(
@@ -198,7 +196,7 @@ async fn hash_password_prints_a_hash_the_proxy_accepts() {
 async fn sigterm_drains_and_exits_zero() {
     let world = World::start().await;
     let mut proxy: TestProxy = world.proxy(&[AccountSpec::device(USER, "pw")]).await;
-    let mut c = support::world::LineClient::connect(proxy.imap_addr).await;
+    let mut c = testkit::world::LineClient::connect(proxy.imap_addr).await;
     c.read().await;
     let started = std::time::Instant::now();
     let status = proxy.stop().await;
@@ -218,7 +216,7 @@ async fn login_runs_the_authorization_code_flow_with_a_loopback_redirect() {
     use tokio::io::AsyncBufReadExt;
     let world = World::start().await;
     world.idp.set_device_user(USER);
-    let port = support::proxy::free_port();
+    let port = testkit::proxy::free_port();
     let mut spec = AccountSpec::device(USER, "pw");
     spec.flow = "authorization_code";
     let (_dir, config) = config_file(&world, &[spec]);
@@ -320,7 +318,7 @@ async fn two_processes_never_spend_the_same_refresh_token() {
     // both need a new access token from the one rotating refresh token.
     let check = proxy.cli(&["check"]);
     let client = async {
-        let mut c = support::world::LineClient::connect(proxy.imap_addr).await;
+        let mut c = testkit::world::LineClient::connect(proxy.imap_addr).await;
         c.read().await;
         c.line(&format!("a LOGIN {USER} pw")).await;
         c.until("a ").await.pop().unwrap()

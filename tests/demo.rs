@@ -6,8 +6,6 @@
 //! It runs the example's binary, which `cargo test` builds with the other
 //! targets (alone, `cargo test --test demo` builds it first).
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -17,8 +15,8 @@ use base64::Engine;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use support::proxy::free_port;
-use support::world::LineClient;
+use testkit::proxy::free_port;
+use testkit::world::LineClient;
 
 /// target/debug/examples/demo, beside the proxy binary's folder, built if it
 /// is missing or older than its sources (`cargo test --test demo` alone does

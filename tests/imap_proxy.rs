@@ -1,17 +1,16 @@
 //! The IMAP side, end to end through the real binary: mock identity provider
 //! and mock TLS upstream on loopback, clients by hand and imapflow.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::json;
-use support::idp::{DeviceOutcome, IdpMode};
-use support::imap_upstream::{FailureStyle, run_imapflow};
-use support::proxy::AccountSpec;
-use support::tokens::Subject;
-use support::world::{LineClient, World};
+use testkit::idp::{DeviceOutcome, IdpMode};
+use testkit::imap::FailureStyle;
+use testkit::node::imapflow as run_imapflow;
+use testkit::proxy::AccountSpec;
+use testkit::tokens::Subject;
+use testkit::world::{LineClient, World};
 
 const USER: &str = "sales@contoso.com";
 const PASS: &str = "local-pass-9f3k";
@@ -119,7 +118,7 @@ async fn every_login_form_is_understood() {
     let user = "o\"brien\\x@contoso.com";
     let pass = "p\\a\"ss {word}";
     // An account with an awkward username and password, written by hand.
-    let proxy = support::proxy::TestProxy::start_with(
+    let proxy = testkit::proxy::TestProxy::start_with(
         &world.endpoints,
         &[AccountSpec::device(USER, PASS)],
         "debug",
@@ -256,7 +255,7 @@ async fn wrong_password_and_unknown_user_get_authenticationfailed_after_a_delay(
 async fn unauthorised_account_is_refused_at_once_and_told_to_login() {
     let world = World::start().await;
     let spec = AccountSpec::device(USER, PASS);
-    let proxy = support::proxy::TestProxy::start(&world.endpoints, &[spec]).await;
+    let proxy = testkit::proxy::TestProxy::start(&world.endpoints, &[spec]).await;
     let mut c = LineClient::connect(proxy.imap_addr).await;
     c.read().await;
     c.line(&format!("u1 LOGIN {USER} {PASS}")).await;
@@ -407,7 +406,7 @@ async fn a_fresh_token_that_is_refused_is_reported() {
     let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
     world.imap.set_failure_style(FailureStyle::Challenge);
     // A mailbox the token does not cover: every token is refused.
-    let proxy2 = support::proxy::TestProxy::start_with(&world.endpoints, &[], "debug", |t| {
+    let proxy2 = testkit::proxy::TestProxy::start_with(&world.endpoints, &[], "debug", |t| {
         format!("{t}\n[[accounts]]\nusername = \"x@contoso.com\"\npassword = \"pw\"\nprovider = \"test\"\nmailbox = \"other@contoso.com\"\n")
     })
     .await;
@@ -433,7 +432,7 @@ async fn a_fresh_token_that_is_refused_is_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_gets_bad_and_a_closed_connection() {
     let world = World::start().await;
-    let proxy = support::proxy::TestProxy::start_with(
+    let proxy = testkit::proxy::TestProxy::start_with(
         &world.endpoints,
         &[AccountSpec::device(USER, PASS)],
         "debug",
@@ -619,7 +618,7 @@ async fn large_append_and_fetch_are_relayed_byte_for_byte() {
 async fn no_secret_reaches_the_log_at_any_level() {
     let world = World::start().await;
     world.idp.set_access_token_lifetime(Duration::from_secs(2));
-    let proxy = support::proxy::TestProxy::start_with(
+    let proxy = testkit::proxy::TestProxy::start_with(
         &world.endpoints,
         &[
             AccountSpec::device(USER, PASS),
@@ -666,9 +665,7 @@ async fn no_secret_reaches_the_log_at_any_level() {
     let mut secrets = world.secrets();
     secrets.extend([PASS.to_string(), "app-pass-77".to_string(), plain.clone()]);
     for token in world.tokens.all_tokens() {
-        secrets.push(b64(
-            format!("user={USER}\x01auth=Bearer {token}\x01\x01").as_bytes()
-        ));
+        secrets.push(testkit::xoauth2(USER, &token));
     }
     for secret in secrets.iter().filter(|s| s.len() >= 8) {
         assert!(

@@ -1,8 +1,6 @@
 //! Checks the test mocks themselves (identity provider, IMAP upstream, imapflow
 //! driver) without the proxy, so that a failing proxy test can trust them.
 
-mod support;
-
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -11,10 +9,11 @@ use sha2::Digest;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use support::idp::{DeviceOutcome, IdpMode, MockIdp};
-use support::imap_upstream::{self, FailureStyle, MockImapUpstream};
-use support::pki::TestPki;
-use support::tokens::{Subject, TokenBook};
+use testkit::idp::{DeviceOutcome, IdpMode, MockIdp};
+use testkit::imap::{self, FailureStyle, MockImapUpstream};
+use testkit::pki::TestPki;
+use testkit::tokens::{Subject, TokenBook};
+use testkit::xoauth2;
 
 const TENANT: &str = "organizations";
 const CLIENT: &str = "11111111-2222-3333-4444-555555555555";
@@ -675,15 +674,10 @@ async fn cmd(c: &mut Tls, tag: &str, text: &str) -> Vec<String> {
     }
 }
 
-fn xoauth2(user: &str, token: &str) -> String {
-    base64::engine::general_purpose::STANDARD
-        .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
-}
-
 async fn imap_setup() -> (TestPki, TokenBook, MockImapUpstream) {
     let pki = TestPki::new();
     let tokens = TokenBook::default();
-    let up = imap_upstream::start(&pki, tokens.clone()).await;
+    let up = imap::start(&pki, tokens.clone()).await;
     (pki, tokens, up)
 }
 
@@ -1081,7 +1075,7 @@ async fn imapflow_direct_to_mock_upstream() {
         "appendSize": 3 * 1024 * 1024,
     });
     let started = std::time::Instant::now();
-    let out = imap_upstream::run_imapflow(&args, 40).await;
+    let out = testkit::node::imapflow(&args, 40).await;
     assert_eq!(out["ok"], true, "{out}");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(out["exists"], 2);
@@ -1135,7 +1129,7 @@ async fn imapflow_direct_to_mock_upstream() {
     let mut args = args;
     args["accessToken"] = json!("not-a-token");
     args["steps"] = json!([]);
-    let out = imap_upstream::run_imapflow(&args, 30).await;
+    let out = testkit::node::imapflow(&args, 30).await;
     assert_eq!(out["ok"], false, "{out}");
     assert_eq!(out["authenticationFailed"], true, "{out}");
     assert_eq!(out["responseStatus"], "NO", "{out}");
@@ -1145,7 +1139,7 @@ async fn imapflow_direct_to_mock_upstream() {
     up.set_not_connected(true);
     args["accessToken"] =
         json!(tokens.issue(Subject::Mailbox(mailbox.into()), Duration::from_secs(60)));
-    let out = imap_upstream::run_imapflow(&args, 30).await;
+    let out = testkit::node::imapflow(&args, 30).await;
     assert_eq!(out["ok"], false, "{out}");
     assert_eq!(out["authenticationFailed"], true, "{out}");
     assert!(
@@ -1159,4 +1153,51 @@ async fn imapflow_direct_to_mock_upstream() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------
+// The wire helpers the kit shares with the tests
+
+#[test]
+fn an_xoauth2_response_that_is_built_is_read_back() {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(xoauth2("sales@contoso.com", "tok"))
+        .unwrap();
+    assert_eq!(raw, b"user=sales@contoso.com\x01auth=Bearer tok\x01\x01");
+    assert_eq!(
+        testkit::parse_xoauth2(&raw),
+        Some(("sales@contoso.com".to_string(), "tok".to_string()))
+    );
+}
+
+#[test]
+fn malformed_xoauth2_responses_are_refused() {
+    for raw in [
+        &b"user=a\x01auth=Bearer t\x01"[..],
+        b"user=\x01auth=Bearer t\x01\x01",
+        b"user=a\x01auth=Bearer \x01\x01",
+        b"user=a\x01auth=Basic t\x01\x01",
+        b"auth=Bearer t\x01\x01",
+    ] {
+        assert_eq!(testkit::parse_xoauth2(raw), None, "{raw:?}");
+    }
+    assert!(testkit::parse_xoauth2(b"user=a\x01auth=bearer t\x01\x01").is_some());
+}
+
+#[test]
+fn literals_are_found_at_the_end_of_a_line() {
+    type Case = (&'static [u8], Option<(usize, bool)>);
+    let cases: &[Case] = &[
+        (b"a LOGIN {12}\r\n", Some((12, true))),
+        (b"a LOGIN {12+}\r\n", Some((12, false))),
+        (b"* 1 FETCH (BODY[] {3}", Some((3, true))),
+        (b"a APPEND INBOX ~{7}", Some((7, true))),
+        (b"a LOGIN {}\r\n", None),
+        (b"a LOGIN {1x}\r\n", None),
+        (b"a LOGIN {12345678901}\r\n", None),
+        (b"a NOOP\r\n", None),
+    ];
+    for (line, expected) in cases {
+        assert_eq!(testkit::literal_announced(line), *expected, "{line:?}");
+    }
 }

@@ -1,8 +1,5 @@
 //! Tests of the mock SMTP upstream itself, so that proxy tests can trust it.
 
-mod support;
-
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -13,9 +10,11 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use support::pki::TestPki;
-use support::smtp_upstream::{self, FailureStyle, MockSmtpUpstream, UpstreamTls};
-use support::tokens::{Subject, TokenBook};
+use testkit::node::nodemailer;
+use testkit::pki::TestPki;
+use testkit::smtp::{self, FailureStyle, MockSmtpUpstream, UpstreamTls};
+use testkit::tokens::{Subject, TokenBook};
+use testkit::xoauth2;
 
 const USER: &str = "user@example.com";
 const T: Duration = Duration::from_secs(10);
@@ -123,10 +122,6 @@ async fn connect_tls(pki: &TestPki, mock: &MockSmtpUpstream) -> (Client<Tls>, Re
     (c, ehlo)
 }
 
-fn xoauth2(user: &str, token: &str) -> String {
-    STANDARD.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
-}
-
 async fn authed(pki: &TestPki, mock: &MockSmtpUpstream, token: &str) -> Client<Tls> {
     let (mut c, _) = connect_tls(pki, mock).await;
     let r = c
@@ -146,7 +141,7 @@ struct Env {
 async fn env(tls: UpstreamTls) -> Env {
     let pki = TestPki::new();
     let tokens = TokenBook::default();
-    let mock = smtp_upstream::start(&pki, tokens.clone(), tls).await;
+    let mock = smtp::start(&pki, tokens.clone(), tls).await;
     let token = tokens.issue(Subject::Mailbox(USER.into()), Duration::from_secs(600));
     Env {
         pki,
@@ -595,31 +590,6 @@ async fn stopped_refuses_and_hang_never_greets() {
     let _c = connect_plain(&e.mock).await;
     let stats = e.mock.stats();
     assert_eq!(stats.connections_total, 3);
-}
-
-/// Runs tests/node/nodemailer_send.mjs with `opts`; returns its JSON line.
-async fn nodemailer(opts: serde_json::Value) -> serde_json::Value {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("node")
-            .arg("tests/node/nodemailer_send.mjs")
-            .arg(opts.to_string())
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("nodemailer finished in time")
-    .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stdout.lines().last().unwrap_or_else(|| {
-        panic!("no output from nodemailer_send.mjs; stderr: {stderr}");
-    });
-    serde_json::from_str(line)
-        .unwrap_or_else(|err| panic!("bad JSON from node ({err}): {stdout}; stderr: {stderr}"))
 }
 
 #[tokio::test]

@@ -1,11 +1,9 @@
 //! Running the proxy as a service: health and metrics, reload on SIGHUP.
 
-mod support;
-
 use std::time::Duration;
 
-use support::proxy::AccountSpec;
-use support::world::{LineClient, World};
+use testkit::proxy::AccountSpec;
+use testkit::world::{LineClient, World};
 
 const USER: &str = "sales@contoso.com";
 const PASS: &str = "first-pass";

@@ -1,9 +1,6 @@
 //! The SMTP side, end to end through the real binary: mock identity provider
 //! and mock STARTTLS/XOAUTH2 upstream on loopback, clients by hand and nodemailer.
 
-mod support;
-
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -12,11 +9,12 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use support::idp::IdpMode;
-use support::pki::TestPki;
-use support::proxy::{AccountSpec, TestProxy};
-use support::smtp_upstream::ReceivedMessage;
-use support::world::{LineClient, World};
+use testkit::idp::IdpMode;
+use testkit::node::nodemailer;
+use testkit::pki::TestPki;
+use testkit::proxy::{AccountSpec, TestProxy};
+use testkit::smtp::ReceivedMessage;
+use testkit::world::{LineClient, World};
 
 const USER: &str = "sales@contoso.com";
 const PASS: &str = "local-pass-9f3k";
@@ -142,31 +140,6 @@ async fn proxy_with(
     .await;
     world.grant(&proxy, &spec);
     proxy
-}
-
-/// Runs tests/node/nodemailer_send.mjs with `opts`; returns its JSON line.
-async fn nodemailer(opts: Value) -> Value {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("node")
-            .arg("tests/node/nodemailer_send.mjs")
-            .arg(opts.to_string())
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("nodemailer finished in time")
-    .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stdout
-        .lines()
-        .last()
-        .unwrap_or_else(|| panic!("no output from nodemailer_send.mjs; stderr: {stderr}"));
-    serde_json::from_str(line)
-        .unwrap_or_else(|err| panic!("bad JSON from node ({err}): {stdout}; stderr: {stderr}"))
 }
 
 /// nodemailer's options for the proxy, as NocoBase sets them.
@@ -1094,9 +1067,7 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         b64(format!("\0{USER}\0wrong-{PASS}").as_bytes()),
     ]);
     for token in world.tokens.all_tokens() {
-        secrets.push(b64(
-            format!("user={USER}\x01auth=Bearer {token}\x01\x01").as_bytes()
-        ));
+        secrets.push(testkit::xoauth2(USER, &token));
     }
     for secret in secrets.iter().filter(|s| s.len() >= 8) {
         assert!(

@@ -75,12 +75,6 @@ impl Route {
     }
 }
 
-/// The SASL XOAUTH2 initial response.
-pub fn xoauth2(user: &str, token: &str) -> String {
-    base64::engine::general_purpose::STANDARD
-        .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
-}
-
 /// How a client logs in.
 #[derive(Clone)]
 pub enum Credentials {
@@ -209,7 +203,7 @@ impl Imap {
                 self.run(&format!("LOGIN \"{user}\" \"{password}\"")).await
             }
             Credentials::Token { user, token } => {
-                let ir = xoauth2(user, token);
+                let ir = testkit::xoauth2(user, token);
                 self.run(&format!("AUTHENTICATE XOAUTH2 {ir}")).await
             }
         }
@@ -233,7 +227,7 @@ impl Imap {
                         .to_string()
                         .into());
                 }
-                let Some(n) = literal_size(&self.line) else {
+                let Some((n, _)) = testkit::literal_announced(&self.line) else {
                     continue;
                 };
                 let mut left = n;
@@ -242,11 +236,11 @@ impl Imap {
                     if buf.is_empty() {
                         return Err("the server closed the connection inside a literal".into());
                     }
-                    let take = buf.len().min(left as usize);
+                    let take = buf.len().min(left);
                     self.io.consume(take);
-                    left -= take as u64;
+                    left -= take;
                 }
-                total += n;
+                total += n as u64;
             }
         })
         .await
@@ -294,17 +288,6 @@ impl Imap {
     }
 }
 
-fn literal_size(line: &[u8]) -> Option<u64> {
-    let line = line.strip_suffix(b"\r\n").unwrap_or(line);
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    std::str::from_utf8(&inner[open + 1..])
-        .ok()?
-        .trim_end_matches('+')
-        .parse()
-        .ok()
-}
-
 /// Opens, logs in, selects INBOX: a session ready for FETCH, APPEND or IDLE.
 pub async fn imap_session(route: &Route, credentials: &Credentials, buffer: usize) -> Result<Imap> {
     let mut imap = Imap::connect(route, buffer).await?;
@@ -345,7 +328,7 @@ impl Smtp {
                 smtp.expect(Some(&format!("AUTH PLAIN {ir}")), 235).await?;
             }
             Credentials::Token { user, token } => {
-                let ir = xoauth2(user, token);
+                let ir = testkit::xoauth2(user, token);
                 smtp.expect(Some(&format!("AUTH XOAUTH2 {ir}")), 235)
                     .await?;
             }

@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use crate::client::{self, Credentials, Route};
 use crate::report::{Results, Via, slot};
 use crate::world::{MAILBOX, WorldInfo};
-use crate::{Path_, Transfer, procs, rotated, say, transfer_once};
+use crate::{Transfer, Way, procs, rotated, say, transfer_once};
 
 /// What the Dovecot run does.
 pub struct Plan {
@@ -69,7 +69,7 @@ pub async fn run(
     if !answer.contains("\"active\":true") {
         return Err(
             "the mock identity provider has no RFC 7662 introspection endpoint (POST /introspect) in this \
-             build of tests/support/idp.rs, which Dovecot needs to check XOAUTH2 tokens"
+             build of testkit/src/idp/, which Dovecot needs to check XOAUTH2 tokens"
                 .into(),
         );
     }
@@ -257,7 +257,7 @@ async fn measure(
     world: &WorldInfo,
 ) -> Result<Results, String> {
     let ours = procs::start_ours(bin, password_hash, upstream, 256).await?;
-    let direct = Path_ {
+    let direct = Way {
         via: Via::Direct,
         imap: Route::Tls {
             addr,
@@ -294,10 +294,7 @@ async fn measure(
                 match transfer_once(&path, kind, &append, plan.fetch_bytes, None).await {
                     Ok(sample) => {
                         this_rep[slot(path.via)] = Some(sample.mbps);
-                        th.mbps.push(sample.mbps);
-                        th.cpu.add(&sample.proxy);
-                        th.client_cpu.add(&sample.client);
-                        th.bytes += sample.bytes;
+                        sample.add_to(th);
                     }
                     Err(e) => th.errors.push(e),
                 }

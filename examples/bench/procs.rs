@@ -35,6 +35,33 @@ pub struct Running {
 }
 
 impl Running {
+    /// Starts `command` (its stdin and stdout closed, killed if dropped),
+    /// listening on the loopback ports `(imap, smtp)`.
+    fn spawn(
+        mut command: Command,
+        (imap, smtp): (u16, u16),
+        log: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> Result<Running, String> {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                let program = command.as_std().get_program().to_string_lossy();
+                format!("cannot start {program}: {e}")
+            })?;
+        Ok(Running {
+            imap: SocketAddr::from(([127, 0, 0, 1], imap)),
+            smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
+            pid: child.id().unwrap_or(0),
+            log,
+            child: Some(child),
+            _dir: dir,
+        })
+    }
+
     /// SIGTERM, then SIGKILL after 10 s.
     pub async fn stop(mut self) {
         if let Some(mut child) = self.child.take() {
@@ -221,25 +248,14 @@ flow = "device_code"
 
     let log = dir.path().join("proxy.log");
     let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-    let child = Command::new(bin)
+    let mut command = Command::new(bin);
+    command
         .arg("serve")
         .env("XOAUTH2_PROXY_CONFIG", &config_path)
         .env_remove("XOAUTH2_PROXY_STATE_DIR")
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-    let mut running = Running {
-        imap: SocketAddr::from(([127, 0, 0, 1], imap)),
-        smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
-        pid: child.id().unwrap_or(0),
-        log,
-        child: Some(child),
-        _dir: dir,
-    };
+        .stderr(log_file);
+    let mut running = Running::spawn(command, (imap, smtp), log, dir)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !running.log_text().contains("xoauth2-proxy is ready") {
         if running.exited() || Instant::now() > deadline {
@@ -310,7 +326,8 @@ pub async fn start_peer(script: &Path, world: &WorldInfo) -> Result<Running, Str
     let config_path = dir.path().join("emailproxy.config");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
     let log = dir.path().join("emailproxy.log");
-    let child = Command::new(script)
+    let mut command = Command::new(script);
+    command
         .arg("--no-gui")
         .arg("--config-file")
         .arg(&config_path)
@@ -318,20 +335,8 @@ pub async fn start_peer(script: &Path, world: &WorldInfo) -> Result<Running, Str
         .arg(&log)
         // Python's ssl module trusts the test CA through this.
         .env("SSL_CERT_FILE", &world.ca_file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", script.display()))?;
-    let mut running = Running {
-        imap: SocketAddr::from(([127, 0, 0, 1], imap)),
-        smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
-        pid: child.id().unwrap_or(0),
-        log,
-        child: Some(child),
-        _dir: dir,
-    };
+        .stderr(Stdio::null());
+    let mut running = Running::spawn(command, (imap, smtp), log, dir)?;
     let imap_addr = running.imap;
     let smtp_addr = running.smtp;
     wait_listening(imap_addr, &mut running, Duration::from_secs(30))

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::tokens::TokenBook;
+use testkit::tokens::TokenBook;
 
 /// The longest command line the stand-in reads (an XOAUTH2 line is a few KB).
 const MAX_LINE: usize = 64 * 1024;
@@ -83,17 +83,7 @@ fn check_xoauth2(tokens: &TokenBook, b64: &[u8]) -> Option<String> {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64.trim_ascii())
         .ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let mut user = None;
-    let mut token = None;
-    for part in text.split('\x01') {
-        if let Some(u) = part.strip_prefix("user=") {
-            user = Some(u.to_string());
-        } else if let Some(t) = part.strip_prefix("auth=Bearer ") {
-            token = Some(t.to_string());
-        }
-    }
-    let (user, token) = (user?, token?);
+    let (user, token) = testkit::parse_xoauth2(&raw)?;
     tokens.check(&user, &token).then_some(user)
 }
 
@@ -128,19 +118,6 @@ async fn sink_exact<S: AsyncRead + Unpin>(
         n -= got as u64;
     }
     Ok(())
-}
-
-/// `{n}` or `{n+}` at the end of a line: (n, synchronising).
-fn literal_at_end(line: &[u8]) -> Option<(u64, bool)> {
-    let line = line.strip_suffix(b"\r\n").unwrap_or(line);
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    let spec = &inner[open + 1..];
-    let (digits, sync) = match spec.strip_suffix(b"+") {
-        Some(d) => (d, false),
-        None => (spec, true),
-    };
-    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, sync))
 }
 
 async fn imap_session<S>(stream: S, tokens: &TokenBook, message: &[u8]) -> std::io::Result<()>
@@ -269,7 +246,7 @@ where
                 stream.flush().await?;
             }
             "APPEND" => {
-                let Some((n, sync)) = literal_at_end(&line) else {
+                let Some((n, sync)) = testkit::literal_announced(&line) else {
                     send(
                         &mut io,
                         format!("{tag} BAD Command Argument Error. 11\r\n").as_bytes(),
@@ -280,7 +257,7 @@ where
                 if sync {
                     send(&mut io, b"+ Ready for additional command text.\r\n").await?;
                 }
-                sink_exact(&mut io, n).await?;
+                sink_exact(&mut io, n as u64).await?;
                 // The rest of the command line after the literal (normally just CRLF).
                 if !read_line(&mut io, &mut line).await {
                     return Ok(());

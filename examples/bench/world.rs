@@ -1,6 +1,6 @@
 //! The upstream side of the benchmark, in a process of its own (so that its
 //! sockets, memory and CPU are not the client's): a throw-away CA, the tests'
-//! mock identity provider (tests/support/idp.rs) and the TLS IMAP/SMTP
+//! mock identity provider (testkit/src/idp/) and the TLS IMAP/SMTP
 //! stand-in, sharing one book of issued tokens.
 //!
 //! The benchmark starts it as `bench --world …`; it prints one JSON line
@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::idp::MockIdp;
-use crate::pki::TestPki;
-use crate::tokens::{Subject, TokenBook};
+use testkit::idp::MockIdp;
+use testkit::pki::TestPki;
+use testkit::tokens::{Subject, TokenBook};
 
 pub const TENANT: &str = "contoso.onmicrosoft.com";
 pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";

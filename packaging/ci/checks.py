@@ -295,7 +295,7 @@ def check_dockerignore() -> None:
     ]
     for needed in ["target", ".git", "**/node_modules", "packaging/client-secret", "packaging/storage"]:
         expect(needed in patterns, f"leaves out {needed}")
-    for kept in ["Cargo.toml", "Cargo.lock", "src"]:
+    for kept in ["Cargo.toml", "Cargo.lock", "src", "testkit"]:
         expect(
             not any(p.rstrip("/") in (kept, "*", "**") or p == "." for p in patterns),
             f"keeps {kept} (the build needs it)",

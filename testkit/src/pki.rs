@@ -111,14 +111,7 @@ impl TestPki {
 
     /// A client configuration that trusts only the test CA.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca_der.clone()).expect("add test CA");
-        let config = rustls::ClientConfig::builder_with_provider(Self::provider())
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Arc::new(config)
+        client_config_trusting([self.ca_der.clone()])
     }
 
     pub fn connector(&self) -> tokio_rustls::TlsConnector {
@@ -130,4 +123,21 @@ impl Default for TestPki {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A client configuration that trusts `roots` and nothing else (for a
+/// process that has only the test CA's PEM file).
+pub fn client_config_trusting(
+    roots: impl IntoIterator<Item = CertificateDer<'static>>,
+) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root).expect("add a trust anchor");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(TestPki::provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Arc::new(config)
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use super::idp::MockIdp;
-use super::imap_upstream::{self, MockImapUpstream};
-use super::pki::TestPki;
-use super::proxy::{AccountSpec, Endpoints, TestProxy};
-use super::smtp_upstream::{self, MockSmtpUpstream, UpstreamTls};
-use super::tokens::TokenBook;
+use crate::idp::MockIdp;
+use crate::imap::{self, MockImapUpstream};
+use crate::pki::TestPki;
+use crate::proxy::{AccountSpec, Endpoints, TestProxy};
+use crate::smtp::{self, MockSmtpUpstream, UpstreamTls};
+use crate::tokens::TokenBook;
 
 pub const TENANT: &str = "contoso.onmicrosoft.com";
 pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
@@ -34,8 +34,8 @@ impl World {
         let tokens = TokenBook::default();
         let idp = MockIdp::start(tokens.clone()).await;
         idp.register_client(CLIENT_ID, Some(CLIENT_SECRET));
-        let imap = imap_upstream::start(&pki, tokens.clone()).await;
-        let smtp = smtp_upstream::start(&pki, tokens.clone(), UpstreamTls::StartTls).await;
+        let imap = imap::start(&pki, tokens.clone()).await;
+        let smtp = smtp::start(&pki, tokens.clone(), UpstreamTls::StartTls).await;
         let endpoints = Endpoints {
             idp_base: idp.base_url(),
             tenant: TENANT.to_string(),

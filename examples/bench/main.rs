@@ -10,38 +10,19 @@
 //! It builds and runs the release binary `target/release/xoauth2-proxy`
 //! with a generated config; starts, in a process of its own, a fast TLS
 //! IMAP/SMTP stand-in that checks XOAUTH2 (examples/bench/standin.rs) and the
-//! tests' mock identity provider (tests/support/idp.rs); installs
+//! tests' mock identity provider (testkit/src/idp/); installs
 //! email-oauth2-proxy (PyPI `emailproxy`) into target/bench/ and runs it
 //! headless against the same stand-in and identity provider; and drives all
 //! the clients itself. Runs alternate between the paths; figures are medians
 //! with min–max. Everything stays on loopback, and every loop is bounded in
 //! count and time. See docs/benchmarks.md.
 
-#[allow(dead_code)]
-#[path = "../tests/support/tokens.rs"]
-mod tokens;
-
-#[allow(dead_code)]
-#[path = "../tests/support/idp.rs"]
-mod idp;
-
-#[allow(dead_code)]
-#[path = "../tests/support/pki.rs"]
-mod pki;
-
-#[path = "bench/client.rs"]
 mod client;
-#[path = "bench/dovecot.rs"]
 mod dovecot;
-#[path = "bench/measure.rs"]
 mod measure;
-#[path = "bench/procs.rs"]
 mod procs;
-#[path = "bench/report.rs"]
 mod report;
-#[path = "bench/standin.rs"]
 mod standin;
-#[path = "bench/world.rs"]
 mod world;
 
 use std::path::{Path, PathBuf};
@@ -311,25 +292,17 @@ fn git_version() -> String {
 
 /// The TLS client configuration of the direct path: trusts the test CA only.
 fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ca = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    Ok(testkit::pki::client_config_trusting(ca))
 }
 
 /// One way to the mailbox: its routes, how it logs in, and whose CPU to count.
 #[derive(Clone)]
-struct Path_ {
+struct Way {
     via: Via,
     imap: Route,
     smtp: Route,
@@ -345,8 +318,8 @@ fn password_credentials() -> Credentials {
     }
 }
 
-fn proxied(via: Via, running: &procs::Running) -> Path_ {
-    Path_ {
+fn proxied(via: Via, running: &procs::Running) -> Way {
+    Way {
         via,
         imap: Route::Plain(running.imap),
         smtp: Route::Plain(running.smtp),
@@ -375,7 +348,7 @@ async fn run(args: Args) -> Result<(), String> {
     let info = world.info.clone();
     let tls = tls_config(Path::new(&info.ca_file))?;
     let connector = client::connector(tls.clone());
-    let direct = Path_ {
+    let direct = Way {
         via: Via::Direct,
         imap: Route::Tls {
             addr: ([127, 0, 0, 1], info.imap_port).into(),
@@ -579,7 +552,7 @@ fn plan_for_dovecot(plan: &Plan) -> dovecot::Plan {
 
 /// The order of the paths for repetition `rep`: rotated, so that each path
 /// runs first, second and last equally often.
-fn rotated(paths: &[Path_], rep: usize) -> Vec<Path_> {
+fn rotated(paths: &[Way], rep: usize) -> Vec<Way> {
     let mut v = paths.to_vec();
     if !v.is_empty() {
         let k = rep % v.len();
@@ -597,29 +570,6 @@ enum Transfer {
 
 /// With BENCH_VERBOSE set, one line per timed transfer: rate and the CPU
 /// (% of one core) of the proxy, the client and the upstream.
-fn verbose(
-    via: Via,
-    kind: Transfer,
-    bytes: u64,
-    elapsed: Duration,
-    proxy: Cpu,
-    client: Cpu,
-    upstream: Cpu,
-) {
-    if std::env::var_os("BENCH_VERBOSE").is_none() {
-        return;
-    }
-    let pct = |c: Cpu| c.total().as_secs_f64() / elapsed.as_secs_f64() * 100.0;
-    say(&format!(
-        "{kind:?} via {}: {:.0} MB/s; CPU: proxy {:.0} %, client {:.0} %, upstream {:.0} %",
-        via.name(),
-        bytes as f64 / elapsed.as_secs_f64() / 1e6,
-        pct(proxy),
-        pct(client),
-        pct(upstream)
-    ));
-}
-
 /// What one timed transfer measured.
 struct Sample {
     /// 10^6 bytes per second.
@@ -633,26 +583,82 @@ struct Sample {
     client: Cpu,
 }
 
+/// The CPU the proxy, the upstream and this process (the client) have used
+/// so far; a missing process counts as zero.
+#[derive(Clone, Copy)]
+struct CpuNow {
+    proxy: Cpu,
+    upstream: Cpu,
+    client: Cpu,
+}
+
+impl CpuNow {
+    fn read(proxy: Option<u32>, upstream: Option<u32>) -> CpuNow {
+        let of = |pid: Option<u32>| pid.map(measure::cpu).unwrap_or_default();
+        CpuNow {
+            proxy: of(proxy),
+            upstream: of(upstream),
+            client: measure::cpu(std::process::id()),
+        }
+    }
+}
+
+impl Sample {
+    /// Counts this transfer in a path's throughput figures.
+    fn add_to(&self, th: &mut report::Throughput) {
+        th.mbps.push(self.mbps);
+        th.cpu.add(&self.proxy);
+        th.client_cpu.add(&self.client);
+        th.bytes += self.bytes;
+    }
+
+    /// `bytes` moved in `elapsed` between the CPU readings `before` and
+    /// `after`; with `BENCH_VERBOSE` set, says so.
+    fn between(
+        via: Via,
+        kind: Transfer,
+        bytes: u64,
+        elapsed: Duration,
+        before: &CpuNow,
+        after: &CpuNow,
+    ) -> Sample {
+        let sample = Sample {
+            mbps: bytes as f64 / elapsed.as_secs_f64() / 1e6,
+            proxy: after.proxy.since(&before.proxy),
+            bytes,
+            upstream: after.upstream.since(&before.upstream),
+            client: after.client.since(&before.client),
+        };
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            let pct = |c: Cpu| c.total().as_secs_f64() / elapsed.as_secs_f64() * 100.0;
+            say(&format!(
+                "{kind:?} via {}: {:.0} MB/s; CPU: proxy {:.0} %, client {:.0} %, upstream {:.0} %",
+                via.name(),
+                sample.mbps,
+                pct(sample.proxy),
+                pct(sample.client),
+                pct(sample.upstream)
+            ));
+        }
+        sample
+    }
+}
+
 /// One timed transfer on a fresh, logged-in session: (MB/s, proxy CPU during it, bytes).
 async fn transfer_once(
-    path: &Path_,
+    path: &Way,
     kind: Transfer,
     data: &[u8],
     fetch_bytes: usize,
     upstream_pid: Option<u32>,
 ) -> Result<Sample, String> {
-    let sample = |pid: Option<u32>| pid.map(measure::cpu).unwrap_or_default();
     let e = |e: client::Error| e.to_string();
     match kind {
         Transfer::Fetch | Transfer::Append => {
             let mut imap = client::imap_session(&path.imap, &path.credentials, 256 * 1024)
                 .await
                 .map_err(e)?;
-            let (c0, u0, me0) = (
-                sample(path.pid),
-                sample(upstream_pid),
-                measure::cpu(std::process::id()),
-            );
+            let before = CpuNow::read(path.pid, upstream_pid);
             let t = Instant::now();
             let bytes = match kind {
                 Transfer::Fetch => imap.fetch_body(1).await.map_err(e)?,
@@ -662,63 +668,23 @@ async fn transfer_once(
                 }
             };
             let elapsed = t.elapsed();
-            let (c1, u1, me1) = (
-                sample(path.pid),
-                sample(upstream_pid),
-                measure::cpu(std::process::id()),
-            );
-            verbose(
-                path.via,
-                kind,
-                bytes,
-                elapsed,
-                c1.since(&c0),
-                me1.since(&me0),
-                u1.since(&u0),
-            );
+            let after = CpuNow::read(path.pid, upstream_pid);
+            let sample = Sample::between(path.via, kind, bytes, elapsed, &before, &after);
             imap.logout().await.map_err(e)?;
             if matches!(kind, Transfer::Fetch) && bytes != fetch_bytes as u64 {
                 return Err(format!("fetched {bytes} bytes, expected {fetch_bytes}"));
             }
-            Ok(Sample {
-                mbps: bytes as f64 / elapsed.as_secs_f64() / 1e6,
-                proxy: c1.since(&c0),
-                bytes,
-                upstream: u1.since(&u0),
-                client: me1.since(&me0),
-            })
+            Ok(sample)
         }
         Transfer::Smtp => {
             let mut smtp = Smtp::open(&path.smtp, &path.credentials).await.map_err(e)?;
-            let (c0, u0, me0) = (
-                sample(path.pid),
-                sample(upstream_pid),
-                measure::cpu(std::process::id()),
-            );
+            let before = CpuNow::read(path.pid, upstream_pid);
             let elapsed = smtp.send(data).await.map_err(e)?;
-            let (c1, u1, me1) = (
-                sample(path.pid),
-                sample(upstream_pid),
-                measure::cpu(std::process::id()),
-            );
-            verbose(
-                path.via,
-                kind,
-                data.len() as u64,
-                elapsed,
-                c1.since(&c0),
-                me1.since(&me0),
-                u1.since(&u0),
-            );
-            smtp.quit().await.map_err(e)?;
+            let after = CpuNow::read(path.pid, upstream_pid);
             let bytes = data.len() as u64;
-            Ok(Sample {
-                mbps: bytes as f64 / elapsed.as_secs_f64() / 1e6,
-                proxy: c1.since(&c0),
-                bytes,
-                upstream: u1.since(&u0),
-                client: me1.since(&me0),
-            })
+            let sample = Sample::between(path.via, kind, bytes, elapsed, &before, &after);
+            smtp.quit().await.map_err(e)?;
+            Ok(sample)
         }
     }
 }
@@ -731,12 +697,7 @@ fn set_of(results: &mut Results, kind: Transfer) -> &mut [report::Throughput; 3]
     }
 }
 
-async fn throughput(
-    plan: &Plan,
-    paths: &[Path_],
-    results: &mut Results,
-    upstream_pid: Option<u32>,
-) {
+async fn throughput(plan: &Plan, paths: &[Way], results: &mut Results, upstream_pid: Option<u32>) {
     let append = client::message(plan.append_bytes, "appended");
     let mail = client::message(plan.smtp_bytes, "sent");
     let mut upstream_cpu = Cpu::default();
@@ -762,10 +723,7 @@ async fn throughput(
                 match transfer_once(&path, kind, data, plan.fetch_bytes, upstream).await {
                     Ok(sample) => {
                         this_rep[slot(path.via)] = Some(sample.mbps);
-                        th.mbps.push(sample.mbps);
-                        th.cpu.add(&sample.proxy);
-                        th.client_cpu.add(&sample.client);
-                        th.bytes += sample.bytes;
+                        sample.add_to(th);
                         if path.via == Via::Direct {
                             upstream_cpu.add(&sample.upstream);
                             upstream_bytes += sample.bytes;
@@ -789,7 +747,7 @@ async fn throughput(
     results.upstream_cpu = Some((upstream_cpu, upstream_bytes));
 }
 
-async fn logins(plan: &Plan, paths: &[Path_], results: &mut Results) {
+async fn logins(plan: &Plan, paths: &[Way], results: &mut Results) {
     const BLOCKS: usize = 10;
     say(&format!(
         "login latency: {} cycles per path ({} through email-oauth2-proxy)",
@@ -837,7 +795,7 @@ struct Wave {
 /// time. Gives up opening more after `setup` or after `max_failures`
 /// failures in a row.
 async fn open_wave(
-    path: &Path_,
+    path: &Way,
     n: usize,
     parallel: usize,
     setup: Duration,
@@ -908,7 +866,7 @@ async fn open_wave(
 /// steady state of a proxy whose sessions come and go (freed memory that is
 /// reused has been written to, and counts in RSS).
 async fn idle_tier(
-    path: &Path_,
+    path: &Way,
     n: usize,
     idle_secs: u64,
     parallel: usize,

@@ -4,15 +4,35 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-/// The binary under test.
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_xoauth2-proxy")
+/// The binary under test. Cargo names it to integration tests in
+/// `CARGO_BIN_EXE_xoauth2-proxy`; elsewhere it is the `xoauth2-proxy` that
+/// Cargo built beside the running test or example (`target/<profile>/deps/…`,
+/// `target/<profile>/examples/…`).
+pub fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("CARGO_BIN_EXE_xoauth2-proxy") {
+            return PathBuf::from(path);
+        }
+        let running = std::env::current_exe().expect("the path of the running test");
+        let profile = running
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test runs from target/<profile>/<folder>/");
+        let binary = profile.join(format!("xoauth2-proxy{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            binary.exists(),
+            "{} is not built: run the tests with `cargo test`, which builds it",
+            binary.display()
+        );
+        binary
+    })
 }
 
 /// A free loopback port (bound, then released).
