@@ -29,20 +29,19 @@
 //! The binary (`src/main.rs`: the command line, signals, `status`) sits on
 //! top and uses only what this file re-exports.
 
-pub mod lines;
-pub mod sasl;
-pub mod secret;
-
 pub(crate) mod accounts;
 pub(crate) mod admin;
 pub(crate) mod check;
 pub(crate) mod config;
 pub(crate) mod error;
 pub(crate) mod imap;
+pub(crate) mod lines;
 pub(crate) mod login;
 pub(crate) mod metrics;
 pub(crate) mod oauth;
 pub(crate) mod relay;
+pub(crate) mod sasl;
+pub(crate) mod secret;
 pub(crate) mod server;
 pub(crate) mod shared;
 pub(crate) mod smtp;
@@ -52,6 +51,10 @@ pub(crate) mod upstream;
 pub use accounts::hash_password;
 pub use admin::probe as probe_health;
 pub use check::run as check_accounts;
+pub use lines::literal_announced;
+pub use sasl::xoauth2;
+pub use secret::Secret;
+
 pub use config::{Account, Config, Flow, LocalPassword, default_config_path, state_dir};
 pub use oauth::authorize::authorize;
 pub use oauth::store::{StoredGrant, TokenStore, unix_now};

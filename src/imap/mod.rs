@@ -1,8 +1,8 @@
 //! IMAP: the proxy is the server until login, then a byte pipe.
 
-pub mod framing;
-pub mod parser;
-pub mod session;
+mod framing;
+mod parser;
+mod session;
 pub mod upstream;
 
 use std::sync::Arc;

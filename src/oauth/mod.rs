@@ -6,7 +6,7 @@
 //! rotated refresh token is saved atomically before the new access token is
 //! handed out, so a crash never loses the grant.
 
-pub mod aadsts;
+mod aadsts;
 pub mod authorize;
 pub mod provider;
 pub mod store;

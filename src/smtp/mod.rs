@@ -1,10 +1,10 @@
 //! SMTP submission: the proxy answers until AUTH, then lends each transaction
 //! an upstream connection from the mailbox's pool.
 
-pub mod command;
-pub mod extensions;
-pub mod pool;
-pub mod session;
+mod command;
+mod extensions;
+mod pool;
+mod session;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -30,4 +30,4 @@ pub mod world;
 
 pub use sasl::{parse_xoauth2, xoauth2};
 /// The proxy's own parser, so that the mocks, the tests and the product agree.
-pub use xoauth2_proxy::lines::literal_announced;
+pub use xoauth2_proxy::literal_announced;

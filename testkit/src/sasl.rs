@@ -2,11 +2,11 @@
 //! own encoder, so the tests and the product cannot drift apart) and the
 //! server's reading of it, shared by the mock IMAP and SMTP upstreams.
 
-use xoauth2_proxy::secret::Secret;
+use xoauth2_proxy::Secret;
 
 /// The base64 XOAUTH2 initial response `user=<user>^Aauth=Bearer <token>^A^A`.
 pub fn xoauth2(user: &str, token: &str) -> String {
-    xoauth2_proxy::sasl::xoauth2(user, &Secret::new(token.to_string()))
+    xoauth2_proxy::xoauth2(user, &Secret::new(token.to_string()))
         .expose()
         .to_string()
 }

@@ -39,5 +39,11 @@ fi
 # Dovecot will not open mailboxes as root.
 id vmail >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin vmail
 
-# imapflow and nodemailer, pinned by the lock file.
-npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+# imapflow and nodemailer, pinned by the lock file; skipped when `cargo test` has
+# installed them from this lock file already (testkit/src/node.rs writes the stamp).
+stamp=tests/node/node_modules/.installed-from-lock
+digest=$(sha256sum tests/node/package-lock.json | cut -d' ' -f1)
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+  echo "$digest" >"$stamp"
+fi
