@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use tokio::sync::mpsc;
 use xoauth2_proxy::{
-    Config, Flow, Listeners, LocalPassword, StoredGrant, TokenStore, default_config_path,
+    Account, Config, Flow, Listeners, LocalPassword, StoredGrant, TokenStore, default_config_path,
     state_dir, unix_now,
 };
 
@@ -236,23 +236,52 @@ struct AccountStatus {
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = TokenStore::new(&state_dir(config));
     let now = unix_now();
-    let mut rows = Vec::new();
+    let (rows, problems) = account_statuses(config, &store, now);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("status serialises")
+        );
+    } else {
+        print_statuses(config, &rows, now);
+    }
+    for p in problems {
+        eprintln!("warning: {p}");
+    }
+    Ok(())
+}
+
+/// Every account's status, and the grant files that could not be read: each
+/// becomes a warning after the statuses, so one bad file hides no account.
+fn account_statuses(
+    config: &Config,
+    store: &TokenStore,
+    now: u64,
+) -> (Vec<AccountStatus>, Vec<String>) {
     let mut problems = Vec::new();
-    for a in &config.accounts {
-        let grant: Option<StoredGrant> = match store.load(&a.username) {
-            Ok(g) => g,
-            Err(e) => {
+    let rows = config
+        .accounts
+        .iter()
+        .map(|a| {
+            let grant = store.load(&a.username).unwrap_or_else(|e| {
                 problems.push(e);
                 None
-            }
-        };
-        let state = describe(grant.as_ref(), a.flow);
+            });
+            AccountStatus::new(a, grant, now)
+        })
+        .collect();
+    (rows, problems)
+}
+
+impl AccountStatus {
+    fn new(account: &Account, grant: Option<StoredGrant>, now: u64) -> Self {
+        let state = describe(grant.as_ref(), account.flow);
         let g = grant.unwrap_or_default();
-        rows.push(AccountStatus {
-            account: a.username.clone(),
-            mailbox: a.mailbox.clone(),
-            provider: a.provider.clone(),
-            flow: a.flow,
+        AccountStatus {
+            account: account.username.clone(),
+            mailbox: account.mailbox.clone(),
+            provider: account.provider.clone(),
+            flow: account.flow,
             state,
             needs_login: state == "needs login",
             access_token_expires_at: g.expires_at,
@@ -261,46 +290,58 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
             authorized_at: g.authorized_at,
             last_error: g.last_error,
             last_error_at: g.last_error_at,
-        });
+        }
     }
-    if json {
+}
+
+/// The statuses for people: a headline per account, then indented details.
+fn print_statuses(config: &Config, rows: &[AccountStatus], now: u64) {
+    if rows.is_empty() {
+        println!("No accounts are configured in {}.", config.path.display());
+    }
+    for r in rows {
         println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).expect("status serialises")
+            "{} ({}, {:?} via {}): {}",
+            r.account, r.mailbox, r.flow, r.provider, r.state
         );
+        let details = [
+            login_hint(r),
+            token_expiry(r, now),
+            last_token(r, now),
+            last_error(r, now),
+        ];
+        for line in details.into_iter().flatten() {
+            println!("  {line}");
+        }
+    }
+}
+
+fn login_hint(r: &AccountStatus) -> Option<String> {
+    r.needs_login
+        .then(|| format!("run `xoauth2-proxy login {}`", r.account))
+}
+
+fn token_expiry(r: &AccountStatus, now: u64) -> Option<String> {
+    let t = r.access_token_expires_at?;
+    Some(if t > now {
+        format!("access token valid for {} more", ago(t - now))
     } else {
-        if rows.is_empty() {
-            println!("No accounts are configured in {}.", config.path.display());
-        }
-        for r in &rows {
-            println!(
-                "{} ({}, {:?} via {}): {}",
-                r.account, r.mailbox, r.flow, r.provider, r.state
-            );
-            if r.needs_login {
-                println!("  run `xoauth2-proxy login {}`", r.account);
-            }
-            match r.access_token_expires_at {
-                Some(t) if t > now => println!("  access token valid for {} more", ago(t - now)),
-                Some(t) => println!("  access token expired {} ago", ago(now - t)),
-                None => {}
-            }
-            if let Some(t) = r.last_refresh {
-                println!("  last token obtained {} ago", ago(now.saturating_sub(t)));
-            }
-            if let Some(e) = &r.last_error {
-                let when = r
-                    .last_error_at
-                    .map(|t| format!(" ({} ago)", ago(now.saturating_sub(t))))
-                    .unwrap_or_default();
-                println!("  last error{when}: {e}");
-            }
-        }
-    }
-    for p in problems {
-        eprintln!("warning: {p}");
-    }
-    Ok(())
+        format!("access token expired {} ago", ago(now - t))
+    })
+}
+
+fn last_token(r: &AccountStatus, now: u64) -> Option<String> {
+    r.last_refresh
+        .map(|t| format!("last token obtained {} ago", ago(now.saturating_sub(t))))
+}
+
+fn last_error(r: &AccountStatus, now: u64) -> Option<String> {
+    let e = r.last_error.as_ref()?;
+    let when = r
+        .last_error_at
+        .map(|t| format!(" ({} ago)", ago(now.saturating_sub(t))))
+        .unwrap_or_default();
+    Some(format!("last error{when}: {e}"))
 }
 
 /// How `status` names the state of an account's grant.
@@ -315,4 +356,48 @@ fn describe(grant: Option<&StoredGrant>, flow: Flow) -> &'static str {
 
 fn ago(seconds: u64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> AccountStatus {
+        AccountStatus {
+            account: "user@contoso.com".into(),
+            mailbox: "user@contoso.com".into(),
+            provider: "m365".into(),
+            flow: Flow::DeviceCode,
+            state: "needs login",
+            needs_login: true,
+            access_token_expires_at: Some(1000),
+            access_token_valid: false,
+            last_refresh: None,
+            authorized_at: None,
+            last_error: Some("the grant was refused".into()),
+            last_error_at: Some(880),
+        }
+    }
+
+    #[test]
+    fn status_details_say_what_to_do_and_how_old_things_are() {
+        let r = row();
+        assert_eq!(
+            login_hint(&r).as_deref(),
+            Some("run `xoauth2-proxy login user@contoso.com`")
+        );
+        assert_eq!(
+            token_expiry(&r, 940).as_deref(),
+            Some("access token valid for 1m more")
+        );
+        assert_eq!(
+            token_expiry(&r, 1060).as_deref(),
+            Some("access token expired 1m ago")
+        );
+        assert_eq!(last_token(&r, 1000), None);
+        assert_eq!(
+            last_error(&r, 1000).as_deref(),
+            Some("last error (2m ago): the grant was refused")
+        );
+    }
 }

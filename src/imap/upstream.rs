@@ -236,89 +236,180 @@ impl Session {
             .any(|c| c.eq_ignore_ascii_case(capability))
     }
 
+    /// Logs in with XOAUTH2 as `mailbox`, then proves that the session works.
     async fn authenticate(
         mut self,
         mut stream: BufReader<UpstreamStream>,
         mailbox: &str,
         token: &Secret,
     ) -> Result<ImapUpstream, UpstreamError> {
-        if self.capabilities.is_empty() {
-            self.send(&mut stream, b"x2 CAPABILITY\r\n").await?;
-            self.expect_ok(&mut stream, "x2").await?;
-        }
+        self.learn_capabilities(&mut stream).await?;
         let sasl = xoauth2(mailbox, token);
-        if self.has("SASL-IR") {
-            let command = format!("x3 AUTHENTICATE XOAUTH2 {}\r\n", sasl.expose());
-            self.send(&mut stream, command.as_bytes()).await?;
-        } else {
-            self.send(&mut stream, b"x3 AUTHENTICATE XOAUTH2\r\n")
-                .await?;
-        }
-        let mut sent_response = self.has("SASL-IR");
+        let sent_response = self.start_xoauth2(&mut stream, &sasl).await?;
         self.capabilities.clear();
-        let refused = loop {
-            self.read_line(&mut stream).await?;
-            let line = trim_eol(&self.line).to_vec();
-            if line.starts_with(b"+") {
-                if sent_response {
-                    // A challenge after our response is an error report
-                    // (base64 JSON): answer with an empty line, then the NO.
-                    self.send(&mut stream, b"\r\n").await?;
-                } else {
-                    let reply = format!("{}\r\n", sasl.expose());
-                    self.send(&mut stream, reply.as_bytes()).await?;
-                    sent_response = true;
-                }
-                continue;
-            }
-            if line.starts_with(b"* CAPABILITY ") {
-                self.capabilities = words(&line[b"* CAPABILITY ".len()..]);
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix(b"x3 ") {
-                self.note_capabilities(&line);
-                if rest.len() >= 2 && rest[..2].eq_ignore_ascii_case(b"OK") {
-                    break None;
-                }
-                break Some(line);
-            }
-            if line.starts_with(b"* BYE") {
-                break Some(line);
-            }
-        };
-        if let Some(line) = refused {
-            return Err(UpstreamError::Rejected {
-                reply: quote_reply(&line),
-                hint: IMAP_HINT,
-            });
+        if let Some(refusal) = self
+            .xoauth2_result(&mut stream, &sasl, sent_response)
+            .await?
+        {
+            return Err(rejected(&refusal));
         }
-
-        // Prove the session works; learn the capabilities if the OK did not
-        // carry them. Both in one round trip.
-        let rejected = |line: &[u8]| UpstreamError::Rejected {
-            reply: quote_reply(line),
-            hint: IMAP_HINT,
-        };
-        if self.capabilities.is_empty() {
-            self.send(&mut stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n")
-                .await?;
-            if let (Status::No | Status::Bad, line) = self.tagged(&mut stream, "x5").await? {
-                return Err(rejected(&line));
-            }
-        } else {
-            self.send(&mut stream, b"x4 NAMESPACE\r\n").await?;
-        }
-        match self.tagged(&mut stream, "x4").await? {
-            (Status::Ok, _) => {}
-            // A server without NAMESPACE may say BAD; Outlook's "not
-            // connected" comes to a server that advertises it.
-            (Status::Bad, line) if !self.has("NAMESPACE") && !is_not_connected(&line) => {}
-            (_, line) => return Err(rejected(&line)),
-        }
+        self.prove_session(&mut stream).await?;
         Ok(ImapUpstream {
             stream,
             capabilities: filter_capabilities(&self.capabilities),
         })
+    }
+
+    /// Asks for the capabilities when the greeting did not carry them: they
+    /// decide whether the XOAUTH2 response may go with the command.
+    async fn learn_capabilities(
+        &mut self,
+        stream: &mut BufReader<UpstreamStream>,
+    ) -> Result<(), UpstreamError> {
+        if self.capabilities.is_empty() {
+            self.send(stream, b"x2 CAPABILITY\r\n").await?;
+            self.expect_ok(stream, "x2").await?;
+        }
+        Ok(())
+    }
+
+    /// Sends AUTHENTICATE XOAUTH2, with the response inline when the server
+    /// takes an initial response (SASL-IR, RFC 4959). True when the response
+    /// went out with it.
+    async fn start_xoauth2(
+        &mut self,
+        stream: &mut BufReader<UpstreamStream>,
+        sasl: &Secret,
+    ) -> Result<bool, UpstreamError> {
+        if self.has("SASL-IR") {
+            let command = format!("x3 AUTHENTICATE XOAUTH2 {}\r\n", sasl.expose());
+            self.send(stream, command.as_bytes()).await?;
+            Ok(true)
+        } else {
+            self.send(stream, b"x3 AUTHENTICATE XOAUTH2\r\n").await?;
+            Ok(false)
+        }
+    }
+
+    /// Reads the answers to AUTHENTICATE up to its result, answering
+    /// challenges on the way. `None` when the login is accepted, else the line
+    /// that refused it (a tagged NO or BAD, or `* BYE`).
+    async fn xoauth2_result(
+        &mut self,
+        stream: &mut BufReader<UpstreamStream>,
+        sasl: &Secret,
+        mut sent_response: bool,
+    ) -> Result<Option<Vec<u8>>, UpstreamError> {
+        loop {
+            self.read_line(stream).await?;
+            let line = trim_eol(&self.line).to_vec();
+            match AuthReply::of(&line) {
+                AuthReply::Challenge => {
+                    self.answer_challenge(stream, sasl, sent_response).await?;
+                    sent_response = true;
+                }
+                AuthReply::Capabilities(words) => self.capabilities = words,
+                AuthReply::Tagged { accepted } => {
+                    self.note_capabilities(&line);
+                    return Ok((!accepted).then_some(line));
+                }
+                AuthReply::Bye => return Ok(Some(line)),
+                AuthReply::Other => {}
+            }
+        }
+    }
+
+    /// Answers a `+` challenge with the XOAUTH2 response when it has not gone
+    /// out yet. A challenge after the response is an error report (base64
+    /// JSON, Dovecot and Google): an empty line makes the server send the NO.
+    async fn answer_challenge(
+        &mut self,
+        stream: &mut BufReader<UpstreamStream>,
+        sasl: &Secret,
+        sent_response: bool,
+    ) -> Result<(), UpstreamError> {
+        if sent_response {
+            self.send(stream, b"\r\n").await
+        } else {
+            let reply = format!("{}\r\n", sasl.expose());
+            self.send(stream, reply.as_bytes()).await
+        }
+    }
+
+    /// Proves the session works, since Outlook may accept AUTHENTICATE and
+    /// refuse everything after; learns the capabilities if the OK did not
+    /// carry them. Both in one round trip.
+    async fn prove_session(
+        &mut self,
+        stream: &mut BufReader<UpstreamStream>,
+    ) -> Result<(), UpstreamError> {
+        if self.capabilities.is_empty() {
+            self.send(stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n")
+                .await?;
+            if let (Status::No | Status::Bad, line) = self.tagged(stream, "x5").await? {
+                return Err(rejected(&line));
+            }
+        } else {
+            self.send(stream, b"x4 NAMESPACE\r\n").await?;
+        }
+        let (status, line) = self.tagged(stream, "x4").await?;
+        if self.namespace_shows_a_session(&status, &line) {
+            Ok(())
+        } else {
+            Err(rejected(&line))
+        }
+    }
+
+    /// Whether the answer to NAMESPACE shows a working session. A server
+    /// without NAMESPACE may say BAD; Outlook's "not connected" comes to a
+    /// server that advertises it.
+    fn namespace_shows_a_session(&self, status: &Status, line: &[u8]) -> bool {
+        match status {
+            Status::Ok => true,
+            Status::Bad => !self.has("NAMESPACE") && !is_not_connected(line),
+            Status::No => false,
+        }
+    }
+}
+
+/// One line of the server's answer to AUTHENTICATE (tag `x3`).
+#[derive(Debug, PartialEq)]
+enum AuthReply {
+    /// `+ …`: the server waits for the response, or reports an error.
+    Challenge,
+    /// `* CAPABILITY …`
+    Capabilities(Vec<String>),
+    /// The tagged result: OK, or a refusal.
+    Tagged { accepted: bool },
+    /// `* BYE`: the server hangs up instead of answering.
+    Bye,
+    /// Any other untagged line; nothing to learn from it.
+    Other,
+}
+
+impl AuthReply {
+    fn of(line: &[u8]) -> Self {
+        if line.starts_with(b"+") {
+            AuthReply::Challenge
+        } else if let Some(list) = line.strip_prefix(b"* CAPABILITY ") {
+            AuthReply::Capabilities(words(list))
+        } else if let Some(rest) = line.strip_prefix(b"x3 ") {
+            AuthReply::Tagged {
+                accepted: rest.len() >= 2 && rest[..2].eq_ignore_ascii_case(b"OK"),
+            }
+        } else if line.starts_with(b"* BYE") {
+            AuthReply::Bye
+        } else {
+            AuthReply::Other
+        }
+    }
+}
+
+/// The login was refused: the server's words and what to change in Exchange.
+fn rejected(line: &[u8]) -> UpstreamError {
+    UpstreamError::Rejected {
+        reply: quote_reply(line),
+        hint: IMAP_HINT,
     }
 }
 
@@ -379,5 +470,27 @@ mod tests {
         s.note_capabilities(b"x3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in");
         assert_eq!(s.capabilities, vec!["IMAP4rev1", "IDLE"]);
         assert!(s.has("idle"));
+    }
+
+    #[test]
+    fn answers_to_authenticate_are_told_apart() {
+        assert_eq!(
+            AuthReply::of(b"+ eyJzdGF0dXMiOiI0MDAifQ=="),
+            AuthReply::Challenge
+        );
+        assert_eq!(
+            AuthReply::of(b"* CAPABILITY IMAP4rev1 IDLE"),
+            AuthReply::Capabilities(vec!["IMAP4rev1".into(), "IDLE".into()])
+        );
+        assert_eq!(
+            AuthReply::of(b"x3 ok AUTHENTICATE completed"),
+            AuthReply::Tagged { accepted: true }
+        );
+        assert_eq!(
+            AuthReply::of(b"x3 NO AUTHENTICATE failed"),
+            AuthReply::Tagged { accepted: false }
+        );
+        assert_eq!(AuthReply::of(b"* BYE going away"), AuthReply::Bye);
+        assert_eq!(AuthReply::of(b"* OK still here"), AuthReply::Other);
     }
 }

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use super::provider::{Grant, GrantError, ProviderClient};
 use super::store::{TokenStore, unix_now};
@@ -113,15 +114,18 @@ async fn device_code(provider: &ProviderClient, scopes: &[String]) -> Result<Gra
         .map_err(|e| device_error(&e))
 }
 
+/// Entra's AADSTS70019, "Verification code expired", whatever `error` it
+/// comes with.
+const VERIFICATION_CODE_EXPIRED: u32 = 70019;
+
+/// How a failed device sign-in is told to the user: declined and expired get
+/// our own sentence, anything else the provider's.
 fn device_error(e: &GrantError) -> String {
-    match e.oauth_error.as_deref() {
-        Some("authorization_declined" | "access_denied") => {
+    match (e.oauth_error.as_deref(), e.aadsts) {
+        (Some("authorization_declined" | "access_denied"), _) => {
             "the sign-in was declined; run `xoauth2-proxy login` again to retry".into()
         }
-        Some("expired_token") | Some("code_expired") => {
-            "the code expired before the sign-in finished; run `xoauth2-proxy login` again".into()
-        }
-        _ if e.message.contains("expired") => {
+        (Some("expired_token" | "code_expired"), _) | (_, Some(VERIFICATION_CODE_EXPIRED)) => {
             "the code expired before the sign-in finished; run `xoauth2-proxy login` again".into()
         }
         _ => e.message.clone(),
@@ -137,103 +141,227 @@ fn minutes(d: Duration) -> String {
     }
 }
 
+/// How long the browser has to come back to the redirect URI (the sentence
+/// in [`accept_before`] says "10 minutes").
+const SIGN_IN_WAIT: Duration = Duration::from_secs(600);
+
+/// How long a connection to the redirect listener may take to send its
+/// request.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+
 /// The authorization code flow with PKCE: print the URL, receive the redirect
 /// on the loopback `redirect_uri`, redeem the code.
 async fn authorization_code(provider: &ProviderClient, scopes: &[String]) -> Result<Grant, String> {
-    let redirect = reqwest::Url::parse(&provider.config.redirect_uri).map_err(|e| {
+    let redirect = redirect_url(&provider.config.redirect_uri)?;
+    // Listening before the URL is shown, so the browser never comes back to
+    // a closed port.
+    let listener = listen_for_redirect(&redirect).await?;
+    let (url, state, verifier) = provider.authorize_url(scopes);
+    show_sign_in_url(&url, &provider.config.redirect_uri);
+    let code = wait_for_code(&listener, &redirect, &state).await?;
+    provider
+        .authorization_code(code, verifier)
+        .await
+        .map_err(|e| e.message)
+}
+
+fn redirect_url(redirect_uri: &str) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(redirect_uri).map_err(|e| {
         format!(
-            "`redirect_uri` {} is not a URL ({e}); set it to a loopback URL registered in Entra",
-            provider.config.redirect_uri
+            "`redirect_uri` {redirect_uri} is not a URL ({e}); set it to a loopback URL registered in Entra"
         )
-    })?;
-    let host = redirect.host_str().unwrap_or_default().to_string();
+    })
+}
+
+/// Binds the redirect URI's host and port; `localhost` is bound as
+/// 127.0.0.1 rather than left to the resolver.
+async fn listen_for_redirect(redirect: &reqwest::Url) -> Result<TcpListener, String> {
+    let host = redirect.host_str().unwrap_or_default();
     let port = redirect.port_or_known_default().unwrap_or(80);
     let bind = if host == "localhost" {
-        "127.0.0.1".to_string()
+        "127.0.0.1"
     } else {
-        host.clone()
+        host
     };
-    let listener = tokio::net::TcpListener::bind((bind.as_str(), port))
+    TcpListener::bind((bind, port)).await.map_err(|e| {
+        format!(
+            "cannot listen on the redirect_uri {}:{port} ({}); set `redirect_uri` to a free loopback port registered in Entra",
+            host,
+            crate::error::io_reason(&e)
+        )
+    })
+}
+
+fn show_sign_in_url(url: &str, redirect_uri: &str) {
+    say("To sign in, open this URL in a browser on this machine:");
+    say(url);
+    say(&format!(
+        "Waiting for the browser to return to {redirect_uri} …"
+    ));
+}
+
+/// Serves the redirect listener until the browser brings back this
+/// sign-in's answer. Other requests (a favicon, a stale tab) are answered
+/// or dropped, and waited past.
+async fn wait_for_code(
+    listener: &TcpListener,
+    redirect: &reqwest::Url,
+    state: &str,
+) -> Result<String, String> {
+    let deadline = Instant::now() + SIGN_IN_WAIT;
+    loop {
+        let mut socket = accept_before(listener, deadline).await?;
+        let Some(url) = requested_url(&mut socket, redirect).await else {
+            continue;
+        };
+        let callback = Callback::from_url(&url, state);
+        let _ = respond(&mut socket, callback.page()).await;
+        match callback {
+            Callback::Code(code) => return Ok(code),
+            Callback::Failed(sentence) => return Err(sentence),
+            Callback::Unrelated => continue,
+        }
+    }
+}
+
+async fn accept_before(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let (socket, _) = tokio::time::timeout(left, listener.accept())
         .await
+        .map_err(|_| {
+            "no sign-in arrived within 10 minutes; run `xoauth2-proxy login` again".to_string()
+        })?
         .map_err(|e| {
             format!(
-                "cannot listen on the redirect_uri {}:{port} ({}); set `redirect_uri` to a free loopback port registered in Entra",
-                host,
+                "cannot accept the browser's redirect: {}; run `xoauth2-proxy login` again",
                 crate::error::io_reason(&e)
             )
         })?;
-    let (url, state, verifier) = provider.authorize_url(scopes);
-    say("To sign in, open this URL in a browser on this machine:");
-    say(&url);
-    say(&format!(
-        "Waiting for the browser to return to {} …",
-        provider.config.redirect_uri
-    ));
+    Ok(socket)
+}
 
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (mut socket, _) = tokio::time::timeout(left, listener.accept())
-            .await
-            .map_err(|_| {
-                "no sign-in arrived within 10 minutes; run `xoauth2-proxy login` again".to_string()
-            })?
-            .map_err(|e| {
-                format!(
-                    "cannot accept the browser's redirect: {}; run `xoauth2-proxy login` again",
-                    crate::error::io_reason(&e)
-                )
-            })?;
-        let mut request = vec![0u8; 8192];
-        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut request))
-            .await
-            .unwrap_or(Ok(0))
-            .unwrap_or(0);
-        let head = String::from_utf8_lossy(&request[..n]);
-        let Some(target) = head.split_whitespace().nth(1) else {
-            continue;
-        };
-        let Ok(url) = redirect.join(target) else {
-            continue;
-        };
+/// The URL in the request line, resolved against the redirect URI; `None`
+/// when nothing that looks like HTTP arrived in time.
+async fn requested_url(socket: &mut TcpStream, redirect: &reqwest::Url) -> Option<reqwest::Url> {
+    let mut request = vec![0u8; 8192];
+    let n = tokio::time::timeout(REQUEST_WAIT, socket.read(&mut request))
+        .await
+        .unwrap_or(Ok(0))
+        .unwrap_or(0);
+    let head = String::from_utf8_lossy(&request[..n]);
+    let target = head.split_whitespace().nth(1)?;
+    redirect.join(target).ok()
+}
+
+/// What the browser brought back to the redirect URI.
+#[derive(Debug, PartialEq)]
+enum Callback {
+    /// A code issued for this sign-in: its `state` is ours.
+    Code(String),
+    /// The identity provider's refusal, as a sentence for the user.
+    Failed(String),
+    /// Not an answer to this sign-in (no code, or another state).
+    Unrelated,
+}
+
+impl Callback {
+    fn from_url(url: &reqwest::Url, state: &str) -> Self {
         let param = |name: &str| {
             url.query_pairs()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.into_owned())
         };
-        let (body, outcome) = match (param("code"), param("state"), param("error")) {
-            (Some(code), Some(s), _) if s == state => {
-                ("Signed in. You can close this window.", Ok(code))
-            }
+        match (param("code"), param("state"), param("error")) {
+            (Some(code), Some(s), _) if s == state => Callback::Code(code),
             (_, _, Some(error)) => {
                 let description = param("error_description").unwrap_or_default();
-                (
-                    "Sign-in failed; see the terminal.",
-                    Err(format!(
-                        "the sign-in failed: {error}: {}",
-                        description.lines().next().unwrap_or_default()
-                    )),
-                )
+                Callback::Failed(format!(
+                    "the sign-in failed: {error}: {}",
+                    description.lines().next().unwrap_or_default()
+                ))
             }
-            _ => {
-                let _ = respond(&mut socket, "Not a sign-in response.").await;
-                continue;
-            }
-        };
-        let _ = respond(&mut socket, body).await;
-        let code = outcome?;
-        return provider
-            .authorization_code(code, verifier)
-            .await
-            .map_err(|e| e.message);
+            _ => Callback::Unrelated,
+        }
+    }
+
+    /// The page the browser shows.
+    fn page(&self) -> &'static str {
+        match self {
+            Callback::Code(_) => "Signed in. You can close this window.",
+            Callback::Failed(_) => "Sign-in failed; see the terminal.",
+            Callback::Unrelated => "Not a sign-in response.",
+        }
     }
 }
 
-async fn respond(socket: &mut tokio::net::TcpStream, body: &str) -> std::io::Result<()> {
+async fn respond(socket: &mut TcpStream, body: &str) -> std::io::Result<()> {
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     socket.write_all(response.as_bytes()).await?;
     socket.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::aadsts::ErrorClass;
+
+    fn grant_error(oauth_error: Option<&str>, aadsts: Option<u32>, message: &str) -> GrantError {
+        GrantError {
+            class: ErrorClass::GrantInvalid,
+            oauth_error: oauth_error.map(str::to_string),
+            aadsts,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn device_sign_in_failures_are_worded_from_the_error_codes() {
+        let expired =
+            "the code expired before the sign-in finished; run `xoauth2-proxy login` again";
+        assert_eq!(
+            device_error(&grant_error(Some("expired_token"), None, "x")),
+            expired
+        );
+        assert_eq!(
+            device_error(&grant_error(Some("invalid_grant"), Some(70019), "x")),
+            expired
+        );
+        assert!(
+            device_error(&grant_error(Some("authorization_declined"), None, "x"))
+                .contains("declined")
+        );
+        assert_eq!(
+            device_error(&grant_error(
+                Some("invalid_client"),
+                Some(7000215),
+                "wrong secret"
+            )),
+            "wrong secret"
+        );
+    }
+
+    #[test]
+    fn only_a_callback_with_our_state_carries_a_code() {
+        let url =
+            |query: &str| reqwest::Url::parse(&format!("http://localhost:8080/?{query}")).unwrap();
+        assert_eq!(
+            Callback::from_url(&url("code=c1&state=s1"), "s1"),
+            Callback::Code("c1".into())
+        );
+        assert_eq!(
+            Callback::from_url(&url("code=c1&state=forged"), "s1"),
+            Callback::Unrelated
+        );
+        assert_eq!(Callback::from_url(&url(""), "s1"), Callback::Unrelated);
+        assert_eq!(
+            Callback::from_url(
+                &url("error=access_denied&error_description=AADSTS65004%3A+declined%0Atrace"),
+                "s1"
+            ),
+            Callback::Failed("the sign-in failed: access_denied: AADSTS65004: declined".into())
+        );
+    }
 }

@@ -22,7 +22,7 @@ use crate::config::{Account, Config, Flow};
 use crate::secret::Secret;
 use aadsts::ErrorClass;
 use provider::{Grant, GrantError, ProviderClient};
-use store::{StoredGrant, TokenStore, unix_now};
+use store::{GrantLock, StoredGrant, TokenStore, unix_now};
 
 /// Why no access token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -101,64 +101,82 @@ impl TokenManager {
     /// A valid access token for `username`'s mailbox: the cached one while it
     /// is comfortably unexpired, else a new one from the identity provider.
     pub async fn access_token(&self, username: &str) -> Result<AccessToken, TokenError> {
-        let entry =
-            self.accounts
-                .get(&username.to_lowercase())
-                .ok_or_else(|| TokenError::NeedsLogin {
-                    account: username.to_string(),
-                    reason: "no such account".into(),
-                })?;
+        let entry = self.entry(username)?;
+        // Held until the outcome is saved: concurrent logins for this account
+        // wait here, then find the new token cached (single flight).
         let mut cached = entry.state.lock().await;
-        self.sync_from_disk(entry, &mut cached);
-
-        if let Some(token) = usable_token(&cached.grant, unix_now(), true) {
-            return Ok(AccessToken {
-                token,
-                fresh: false,
-            });
+        if let Some(token) = self.cached_token(entry, &mut cached) {
+            return Ok(token);
         }
         // Another process may be redeeming this grant right now: wait for it,
         // then use what it stored rather than spend the refresh token twice.
-        let _file_lock = match self.store.lock(&entry.account.username).await {
-            Ok(lock) => Some(lock),
-            Err(e) => {
-                warn!(account = %entry.account.username, "{e}; going on without it");
-                None
-            }
-        };
-        self.sync_from_disk(entry, &mut cached);
-        if let Some(token) = usable_token(&cached.grant, unix_now(), true) {
-            return Ok(AccessToken {
-                token,
-                fresh: false,
-            });
+        let _file_lock = self.lock_grant_file(entry).await;
+        if let Some(token) = self.cached_token(entry, &mut cached) {
+            return Ok(token);
         }
 
         let result = match entry.account.flow {
             Flow::ClientCredentials => entry.provider.client_credentials(&entry.scopes).await,
             Flow::DeviceCode | Flow::AuthorizationCode => {
-                let grant = &cached.grant;
-                match &grant.refresh_token {
-                    None => return Err(self.needs_login(entry, "no grant yet")),
-                    Some(_) if grant.needs_login => {
-                        let reason = grant
-                            .last_error
-                            .clone()
-                            .unwrap_or_else(|| "the grant was refused".into());
-                        return Err(self.needs_login(entry, &reason));
-                    }
-                    Some(rt) => entry.provider.refresh(rt, &entry.scopes).await,
-                }
+                let refresh_token = self.refresh_token(entry, &cached.grant)?;
+                entry.provider.refresh(refresh_token, &entry.scopes).await
             }
         };
-
         match result {
-            Ok(grant) => {
-                let token = grant.access_token.clone();
-                self.remember(entry, &mut cached, grant);
-                Ok(AccessToken { token, fresh: true })
-            }
+            Ok(grant) => Ok(self.remember(entry, &mut cached, grant)),
             Err(e) => self.remember_failure(entry, &mut cached, e),
+        }
+    }
+
+    fn entry(&self, username: &str) -> Result<&AccountTokens, TokenError> {
+        self.accounts
+            .get(&username.to_lowercase())
+            .map(Arc::as_ref)
+            .ok_or_else(|| TokenError::NeedsLogin {
+                account: username.to_string(),
+                reason: "no such account".into(),
+            })
+    }
+
+    /// The cached access token, once what another process stored is read,
+    /// if it is outside the refresh-ahead window.
+    fn cached_token(&self, entry: &AccountTokens, cached: &mut Cached) -> Option<AccessToken> {
+        self.sync_from_disk(entry, cached);
+        usable_token(&cached.grant, unix_now(), true).map(|token| AccessToken {
+            token,
+            fresh: false,
+        })
+    }
+
+    /// The lock on the account's grant file across processes. Without it (a
+    /// state directory we cannot write) the refresh still goes ahead.
+    async fn lock_grant_file(&self, entry: &AccountTokens) -> Option<GrantLock> {
+        match self.store.lock(&entry.account.username).await {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                warn!(account = %entry.account.username, "{e}; going on without it");
+                None
+            }
+        }
+    }
+
+    /// The refresh token to redeem, unless there is none yet or the identity
+    /// provider has refused it: then only `login` helps.
+    fn refresh_token<'g>(
+        &self,
+        entry: &AccountTokens,
+        grant: &'g StoredGrant,
+    ) -> Result<&'g Secret, TokenError> {
+        match &grant.refresh_token {
+            None => Err(self.needs_login(entry, "no grant yet")),
+            Some(_) if grant.needs_login => {
+                let reason = grant
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the grant was refused".into());
+                Err(self.needs_login(entry, &reason))
+            }
+            Some(rt) => Ok(rt),
         }
     }
 
@@ -212,7 +230,11 @@ impl TokenManager {
         }
     }
 
-    fn remember(&self, entry: &AccountTokens, cached: &mut Cached, grant: Grant) {
+    /// Stores a new grant and hands out its access token, in that order: a
+    /// rotated refresh token is on disk before anyone can use the new access
+    /// token, so a crash never loses the grant.
+    fn remember(&self, entry: &AccountTokens, cached: &mut Cached, grant: Grant) -> AccessToken {
+        let token = grant.access_token.clone();
         let now = unix_now();
         let g = &mut cached.grant;
         g.account = entry.account.username.clone();
@@ -235,6 +257,7 @@ impl TokenManager {
             refresh_token_rotated = rotated,
             "obtained a new access token"
         );
+        AccessToken { token, fresh: true }
     }
 
     fn remember_failure(

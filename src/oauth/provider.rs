@@ -32,6 +32,9 @@ pub struct GrantError {
     pub class: ErrorClass,
     /// The OAuth `error` code, when the provider sent one.
     pub oauth_error: Option<String>,
+    /// The Entra `AADSTSnnnn` code in the error description, when there is
+    /// one: it can say more than `error` does.
+    pub aadsts: Option<u32>,
     pub message: String,
 }
 
@@ -158,6 +161,7 @@ impl ProviderClient {
         let request = self.oauth.exchange_device_code().map_err(|_| GrantError {
             class: ErrorClass::AppRefused,
             oauth_error: None,
+            aadsts: None,
             message: format!("provider `{}` has no device_code_url", self.config.name),
         })?;
         let response = request
@@ -247,12 +251,14 @@ impl ProviderClient {
                 GrantError {
                     class,
                     oauth_error: Some(error),
+                    aadsts: code,
                     message,
                 }
             }
             RequestTokenError::Request(e) => GrantError {
                 class: ErrorClass::Transient,
                 oauth_error: None,
+                aadsts: None,
                 message: format!(
                     "cannot reach the identity provider at {host}: {}",
                     describe_http_error(&e)
@@ -261,6 +267,7 @@ impl ProviderClient {
             RequestTokenError::Parse(_, _) => GrantError {
                 class: ErrorClass::Transient,
                 oauth_error: None,
+                aadsts: None,
                 message: format!(
                     "the identity provider at {host} sent an answer that is not OAuth JSON (is the endpoint URL right, or is it down?)"
                 ),
@@ -268,6 +275,7 @@ impl ProviderClient {
             RequestTokenError::Other(text) => GrantError {
                 class: ErrorClass::Transient,
                 oauth_error: None,
+                aadsts: None,
                 message: format!("the identity provider at {host} answered unexpectedly: {text}"),
             },
         }
