@@ -47,6 +47,16 @@ impl Listeners {
         let admin = bind(config.admin.listen, "admin HTTP", "admin.listen").await?;
         Ok(Listeners { imap, smtp, admin })
     }
+
+    /// The addresses bound, IMAP, SMTP and admin: with port 0 in the config
+    /// (as in-process tests use) the system picked the ports.
+    pub fn local_addrs(&self) -> std::io::Result<[SocketAddr; 3]> {
+        Ok([
+            self.imap.local_addr()?,
+            self.smtp.local_addr()?,
+            self.admin.local_addr()?,
+        ])
+    }
 }
 
 /// The current [`Shared`]: replaced whole on reload, while live sessions

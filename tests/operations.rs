@@ -20,10 +20,7 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
 }
 
 async fn login(addr: std::net::SocketAddr, user: &str, pass: &str) -> String {
-    let mut c = LineClient::connect(addr).await;
-    c.read().await;
-    c.line(&format!("a LOGIN {user} {pass}")).await;
-    c.until("a ").await.pop().unwrap()
+    LineClient::imap_login(addr, user, pass).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -67,12 +67,17 @@ impl World {
 
     /// Writes a grant file for `account` as `login` would.
     pub fn grant(&self, proxy: &TestProxy, account: &AccountSpec) {
+        self.grant_in(&proxy.state_dir, account);
+    }
+
+    /// Writes a grant file for `account` under `state_dir` as `login` would.
+    pub fn grant_in(&self, state_dir: &std::path::Path, account: &AccountSpec) {
         let mailbox = account
             .mailbox
             .clone()
             .unwrap_or_else(|| account.username.clone());
         let refresh = self.idp.issue_refresh_token(&mailbox);
-        let dir = proxy.state_dir.join("tokens");
+        let dir = state_dir.join("tokens");
         std::fs::create_dir_all(&dir).unwrap();
         let json = serde_json::json!({
             "account": account.username,
@@ -107,6 +112,15 @@ impl LineClient {
         LineClient {
             stream: BufReader::new(stream),
         }
+    }
+
+    /// Connects to an IMAP listener, logs in as `user` with `pass` and
+    /// returns the tagged answer (`a OK …`, `a NO …`).
+    pub async fn imap_login(addr: SocketAddr, user: &str, pass: &str) -> String {
+        let mut c = LineClient::connect(addr).await;
+        c.read().await;
+        c.line(&format!("a LOGIN {user} {pass}")).await;
+        c.until("a ").await.pop().unwrap()
     }
 
     /// Sends raw bytes.
