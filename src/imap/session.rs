@@ -44,15 +44,19 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
         errors: 0,
         failed_logins: 0,
     };
-    let upstream = match session.dialogue().await {
-        Ok(Next::Relay(upstream)) => upstream,
+    // The dialogue's state (login, SASL, the upstream's opening) is the
+    // larger part of this future; boxed, it is freed at login instead of
+    // sitting in every idle session's task for the life of the relay. For
+    // the same reason only the stream is kept of the upstream session.
+    let upstream = match Box::pin(session.dialogue()).await {
+        Ok(Next::Relay(upstream)) => upstream.stream,
         Ok(_) => return,
         Err(e) => {
             debug!("client connection failed: {}", crate::error::io_reason(&e));
             return;
         }
     };
-    if let Err(e) = crate::relay::splice("imap", session.client, upstream.stream).await {
+    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
