@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use testkit::proxy::free_port;
@@ -81,18 +81,7 @@ async fn start(imap: u16, smtp: u16, admin: u16) -> Demo {
         .kill_on_drop(true)
         .spawn()
         .expect("the demo starts");
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let mut err = child.stderr.take().unwrap();
-    let sink = stderr.clone();
-    tokio::spawn(async move {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = err.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
+    let stderr = testkit::proxy::collect(child.stderr.take().unwrap());
     let mut demo = Demo {
         child,
         stdout: Vec::new(),

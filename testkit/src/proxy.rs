@@ -7,7 +7,7 @@ use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
 /// The binary under test. Cargo names it to integration tests in
@@ -232,17 +232,7 @@ impl TestProxy {
             .kill_on_drop(true)
             .spawn()
             .expect("the proxy binary starts");
-        let mut stderr = child.stderr.take().unwrap();
-        let log = self.log.clone();
-        tokio::spawn(async move {
-            let mut chunk = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut chunk).await {
-                if n == 0 {
-                    break;
-                }
-                log.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        });
+        self.log = collect(child.stderr.take().unwrap());
         self.child = Some(child);
         self.wait_for_log("xoauth2-proxy is ready", Duration::from_secs(10))
             .await;
@@ -320,4 +310,21 @@ fn send_signal(pid: i32, signal: i32) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// Collects everything `output` (a child's stderr) writes, in the background,
+/// so that a test can read the log at any time and print it when it fails.
+pub fn collect(mut output: impl AsyncRead + Unpin + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        let mut chunk = [0u8; 8192];
+        while let Ok(n) = output.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    log
 }
