@@ -14,7 +14,6 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::framing::{FrameError, read_command};
@@ -25,7 +24,7 @@ use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::sasl::{self, Challenge, SaslError};
 use crate::secret::Secret;
-use crate::shared::Shared;
+use crate::shared::{ClientStream, Shared};
 use crate::upstream::UpstreamError;
 
 /// What the proxy offers before login.
@@ -37,7 +36,7 @@ const MAX_ERRORS: u32 = 10;
 const MAX_FAILED_LOGINS: u32 = 3;
 
 /// Serves one client connection to the end.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
+pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S) {
     let mut session = PreAuth {
         client: BufReader::new(stream),
         shared,
@@ -61,8 +60,8 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
-struct PreAuth {
-    client: BufReader<TcpStream>,
+struct PreAuth<S> {
+    client: BufReader<S>,
     shared: Arc<Shared>,
     errors: u32,
     failed_logins: u32,
@@ -79,7 +78,7 @@ enum Next {
     Close,
 }
 
-impl PreAuth {
+impl<S: ClientStream> PreAuth<S> {
     async fn send(&mut self, text: &str) -> std::io::Result<()> {
         let stream = self.client.get_mut();
         stream.write_all(text.as_bytes()).await?;
@@ -325,7 +324,7 @@ fn refusal(e: &LoginError) -> String {
     }
 }
 
-impl Challenge for PreAuth {
+impl<S: ClientStream> Challenge for PreAuth<S> {
     /// `+ prompt`, then one line within the login timeout. A response too
     /// long or too late is malformed: the client is told so and may go on.
     async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {

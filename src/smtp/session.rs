@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::command::{self, Command};
@@ -26,7 +25,7 @@ use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError, open_as};
 use crate::sasl::{self, Challenge, Credentials, SaslError};
-use crate::shared::Shared;
+use crate::shared::{ClientStream, Shared};
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -41,11 +40,11 @@ const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 const HOSTNAME: &str = "xoauth2-proxy";
 
 /// Serves one client connection to the end.
-pub async fn run(
+pub async fn run<S: ClientStream>(
     shared: Arc<Shared>,
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
-    stream: TcpStream,
+    stream: S,
 ) {
     let mut session = Session {
         client: BufReader::with_capacity(64 * 1024, stream),
@@ -64,8 +63,8 @@ pub async fn run(
     session.end_transaction().await;
 }
 
-struct Session {
-    client: BufReader<TcpStream>,
+struct Session<S> {
+    client: BufReader<S>,
     shared: Arc<Shared>,
     /// The process's upstream connection pools.
     pools: Arc<Pools>,
@@ -135,7 +134,7 @@ enum MailError {
     Lost(ReplyError),
 }
 
-impl Session {
+impl<S: ClientStream> Session<S> {
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let stream = self.client.get_mut();
         stream.write_all(bytes).await?;
@@ -327,28 +326,12 @@ impl Session {
             Err(SaslError::Closed) => return Ok(Next::Close),
             Err(SaslError::Io(e)) => return Err(e),
         };
-        let outcome = self.log_in(&credentials).await;
+        let outcome = log_in(&self.shared, &self.pools, &credentials).await;
         crate::metrics::get().login("smtp", &outcome);
         match outcome {
             Ok(account) => self.logged_in(account).await,
             Err(e) => self.login_failed(&e).await,
         }
-    }
-
-    /// Checks the password and that the mailbox can be served now, so that a
-    /// refused token or disabled SMTP AUTH surfaces at AUTH, not at MAIL.
-    async fn log_in(&self, credentials: &Credentials) -> Result<Account, LoginError> {
-        let shared = &self.shared;
-        let delay = shared.config.server.auth_failure_delay;
-        let (username, password) = (&credentials.username, &credentials.password);
-        let account = login::check_password(&shared.accounts, delay, username, password).await?;
-        // A pool already warm for the mailbox proves the mailbox works,
-        // not that this account's grant is still good.
-        let opener = || open_pooled(shared, &account);
-        if self.pools.ensure(&account, opener).await? == Opened::No {
-            login::check_grant(&shared.tokens, &account).await?;
-        }
-        Ok(account)
     }
 
     async fn logged_in(&mut self, account: Account) -> std::io::Result<Next> {
@@ -550,6 +533,25 @@ impl Session {
     }
 }
 
+/// Checks the password and that the mailbox can be served now, so that a
+/// refused token or disabled SMTP AUTH surfaces at AUTH, not at MAIL.
+async fn log_in(
+    shared: &Shared,
+    pools: &Pools,
+    credentials: &Credentials,
+) -> Result<Account, LoginError> {
+    let delay = shared.config.server.auth_failure_delay;
+    let (username, password) = (&credentials.username, &credentials.password);
+    let account = login::check_password(&shared.accounts, delay, username, password).await?;
+    // A pool already warm for the mailbox proves the mailbox works,
+    // not that this account's grant is still good.
+    let opener = || open_pooled(shared, &account);
+    if pools.ensure(&account, opener).await? == Opened::No {
+        login::check_grant(&shared.tokens, &account).await?;
+    }
+    Ok(account)
+}
+
 /// The one place a failed login becomes an SMTP reply. At AUTH an
 /// unavailable service ends the session (421) and a refusal is final (535);
 /// at MAIL the client has logged in already, so any failure is the
@@ -590,7 +592,7 @@ fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
     }
 }
 
-impl Challenge for Session {
+impl<S: ClientStream> Challenge for Session<S> {
     /// `334 prompt`, then one line within the login timeout. A response too
     /// long or too late closes the connection (see `read_line_within`).
     async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {
@@ -625,8 +627,8 @@ async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream,
 /// to its end either way, so the dialogue stays in step. An error is the
 /// client's (it stalled or left): the lease, dropped, closes the upstream
 /// connection rather than deliver a partial message.
-async fn pump_message(
-    client: &mut BufReader<TcpStream>,
+async fn pump_message<S: ClientStream>(
+    client: &mut BufReader<S>,
     lease: &mut Lease,
     idle: Duration,
 ) -> std::io::Result<bool> {
