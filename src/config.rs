@@ -103,6 +103,10 @@ pub struct ImapSection {
     pub listen: SocketAddr,
     /// IMAP over TLS from the first byte (IMAPS); only with `[tls]`.
     pub tls_listen: Option<SocketAddr>,
+    /// Offer STARTTLS on `listen` (when `[tls]` is present).
+    pub starttls: bool,
+    /// No login on `listen` before STARTTLS.
+    pub require_tls: bool,
 }
 
 impl Default for ImapSection {
@@ -110,6 +114,8 @@ impl Default for ImapSection {
         ImapSection {
             listen: DEFAULT_IMAP_LISTEN.parse().expect("valid default"),
             tls_listen: None,
+            starttls: true,
+            require_tls: false,
         }
     }
 }
@@ -155,6 +161,10 @@ pub struct SmtpSection {
     pub listen: SocketAddr,
     /// SMTP submission over TLS from the first byte (SMTPS); only with `[tls]`.
     pub tls_listen: Option<SocketAddr>,
+    /// Offer STARTTLS on `listen` (when `[tls]` is present).
+    pub starttls: bool,
+    /// No AUTH on `listen` before STARTTLS.
+    pub require_tls: bool,
     /// Upstream connections per mailbox at most (Microsoft allows 3).
     pub max_connections_per_mailbox: usize,
     /// How long a transaction waits for a free upstream connection.
@@ -173,6 +183,8 @@ impl Default for SmtpSection {
         SmtpSection {
             listen: DEFAULT_SMTP_LISTEN.parse().expect("valid default"),
             tls_listen: None,
+            starttls: true,
+            require_tls: false,
             max_connections_per_mailbox: 3,
             pool_wait: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(60),
@@ -523,7 +535,18 @@ fn check_tls(path: &Path, raw: &RawConfig) -> Result<(), ConfigError> {
         ("imap.tls_listen", raw.imap.tls_listen),
         ("smtp.tls_listen", raw.smtp.tls_listen),
     ];
+    let requires_tls = [
+        ("imap.require_tls", raw.imap.require_tls),
+        ("smtp.require_tls", raw.smtp.require_tls),
+    ];
     let Some(tls) = &raw.tls else {
+        if let Some((key, _)) = requires_tls.iter().find(|(_, on)| *on) {
+            return Err(ConfigError::at(
+                path,
+                key,
+                "needs a [tls] section, or no client could ever log in; add `[tls]`, with no keys for a self-made certificate",
+            ));
+        }
         if let Some((key, _)) = wants_tls.iter().find(|(_, addr)| addr.is_some()) {
             return Err(ConfigError::at(
                 path,
@@ -1063,6 +1086,8 @@ provider = "contoso"
             "mailbox",
             "flow",
             "tls_listen",
+            "starttls",
+            "require_tls",
             "cert_file",
             "key_file",
             "names",
@@ -1118,12 +1143,20 @@ provider = "contoso"
             .unwrap_err()
             .to_string();
         assert!(err.contains("`tls.key_file`: is missing"), "{err}");
+        let err = parse(&format!("[smtp]\nrequire_tls = true\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`smtp.require_tls`: needs a [tls] section"),
+            "{err}"
+        );
         let c = parse(&format!(
             "[smtp]\ntls_listen = \"127.0.0.1:1465\"\n[tls]\n{MINIMAL}"
         ))
         .unwrap();
         let tls = c.tls.unwrap();
         assert_eq!(tls.names, DEFAULT_TLS_NAMES);
+        assert!(c.smtp.starttls && !c.smtp.require_tls && c.imap.starttls);
         assert!(tls.files().is_none());
         assert!(parse(MINIMAL).unwrap().tls.is_none());
     }

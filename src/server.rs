@@ -56,10 +56,22 @@ impl Listeners {
     pub async fn bind(config: &Config) -> Result<Self, String> {
         let imap = bind(config.imap.listen, "IMAP", "imap.listen").await?;
         let smtp = bind(config.smtp.listen, "SMTP", "smtp.listen").await?;
-        for (what, addr) in [("IMAP", config.imap.listen), ("SMTP", config.smtp.listen)] {
-            if !addr.ip().is_loopback() {
+        let with_tls_only = |require_tls| config.tls.is_some() && require_tls;
+        for (what, addr, tls_only) in [
+            (
+                "IMAP",
+                config.imap.listen,
+                with_tls_only(config.imap.require_tls),
+            ),
+            (
+                "SMTP",
+                config.smtp.listen,
+                with_tls_only(config.smtp.require_tls),
+            ),
+        ] {
+            if !addr.ip().is_loopback() && !tls_only {
                 warn!(
-                    "the {what} listener on {addr} is not on loopback and has no TLS: passwords cross the network in clear (fine on a private container network)"
+                    "the {what} listener on {addr} is not on loopback and takes logins without TLS: passwords may cross the network in clear (fine on a private container network; `require_tls` with [tls] stops it)"
                 );
             }
         }
@@ -353,7 +365,7 @@ impl Accepting {
                     tracker.spawn(
                         async move {
                             match transport {
-                                Transport::Plain => protocol.serve(shared, stream).await,
+                                Transport::Plain => protocol.serve(shared, stream, false).await,
                                 Transport::ImplicitTls => {
                                     serve_over_tls(&*protocol, shared, stream).await
                                 }
@@ -386,7 +398,7 @@ async fn serve_over_tls<P: Protocol>(protocol: &P, shared: Arc<Shared>, stream: 
         return;
     };
     match tls.accept(stream, shared.config.server.login_timeout).await {
-        Ok(stream) => protocol.serve(shared.clone(), stream).await,
+        Ok(stream) => protocol.serve(shared.clone(), stream, true).await,
         Err(e) => info!("{e}; closing"),
     }
 }

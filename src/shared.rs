@@ -6,7 +6,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio_rustls::server::TlsStream;
 
 use crate::accounts::Accounts;
 use crate::config::Config;
@@ -39,6 +40,22 @@ impl Shared {
         })
     }
 
+    /// STARTTLS: TLS under `client` with the certificate in force, within
+    /// the login timeout; `None` (logged) when there is none or the
+    /// handshake fails. See [`crate::local_tls::start_tls`] for what happens
+    /// to plaintext the client sent behind the command.
+    pub async fn start_tls<S: ClientStream>(&self, client: BufReader<S>) -> Option<TlsStream<S>> {
+        let local_tls = self.local_tls.as_ref()?;
+        let timeout = self.config.server.login_timeout;
+        match crate::local_tls::start_tls(local_tls, client, timeout).await {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                tracing::info!("STARTTLS: {e}; closing");
+                None
+            }
+        }
+    }
+
     /// Creates the state directory (private to the user) if it is missing.
     pub fn prepare_state_dir(&self) -> Result<(), String> {
         crate::private_file::create_private_dir(self.tokens.store().dir()).map_err(|e| {
@@ -56,6 +73,49 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> ClientStream for T {}
 
+/// Where one client connection stands with TLS, and what its listener's
+/// section asks for: the one place that decides whether STARTTLS is offered
+/// and whether a login may be taken.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsPolicy {
+    /// The connection runs over TLS (implicit, or after STARTTLS).
+    pub active: bool,
+    /// STARTTLS may be offered: `[tls]` is present and the section's `starttls`.
+    starttls: bool,
+    /// The section's `require_tls`.
+    require: bool,
+}
+
+impl TlsPolicy {
+    /// For a connection of the listener whose section says `starttls` and
+    /// `require_tls`; `active` when it is TLS from the first byte.
+    pub fn new(shared: &Shared, starttls: bool, require_tls: bool, active: bool) -> Self {
+        TlsPolicy {
+            active,
+            starttls: shared.local_tls.is_some() && starttls,
+            require: require_tls,
+        }
+    }
+
+    /// STARTTLS is advertised and accepted now.
+    pub fn offers_starttls(&self) -> bool {
+        self.starttls && !self.active
+    }
+
+    /// A login must wait for TLS.
+    pub fn login_needs_tls(&self) -> bool {
+        self.require && !self.active
+    }
+
+    /// The same connection once STARTTLS has put TLS under it.
+    pub fn upgraded(self) -> Self {
+        TlsPolicy {
+            active: true,
+            ..self
+        }
+    }
+}
+
 /// A protocol's entry point for the connections of one listener. The value
 /// lives as long as the listener; each connection gets the [`Shared`] in
 /// force when it was accepted.
@@ -63,10 +123,12 @@ pub trait Protocol: Send + Sync + 'static {
     /// Lower-case name for logs, spans and metrics: "imap", "smtp".
     const NAME: &'static str;
     /// Serves one client until it or the upstream closes.
+    /// `over_tls`: the stream is TLS from the first byte (`tls_listen`).
     fn serve<S: ClientStream>(
         &self,
         shared: Arc<Shared>,
         stream: S,
+        over_tls: bool,
     ) -> impl Future<Output = ()> + Send;
     /// Tells a client that cannot be served now (too many connections), then closes.
     fn refuse_busy<S: ClientStream>(stream: S) -> impl Future<Output = ()> + Send;

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
@@ -73,18 +72,22 @@ async fn ca_file(proxy: &TestProxy) -> std::path::PathBuf {
     path
 }
 
+/// A TLS client that trusts only the CAs in the PEM file `ca_pem`.
+fn trusting(ca_pem: &Path) -> tokio_rustls::TlsConnector {
+    let pem = std::fs::read(ca_pem).unwrap();
+    let roots: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .map(Result::unwrap)
+        .collect();
+    tokio_rustls::TlsConnector::from(testkit::pki::client_config_trusting(roots))
+}
+
 /// A TLS connection to `addr` for `name`, trusting only the CAs in `ca_pem`.
 async fn tls_connect(
     addr: SocketAddr,
     name: &str,
     ca_pem: &Path,
 ) -> std::io::Result<BufReader<TlsStream<TcpStream>>> {
-    let pem = std::fs::read(ca_pem).unwrap();
-    let roots: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
-        .map(Result::unwrap)
-        .collect();
-    let config = testkit::pki::client_config_trusting(roots);
-    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
+    let connector = trusting(ca_pem);
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(name.to_string()).unwrap();
     let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
@@ -360,4 +363,200 @@ async fn reload_serves_a_renewed_certificate_and_keeps_the_old_one_when_the_new_
     );
     let answer = imaps_login(p.imaps, "localhost", &renewed.ca_pem_path).await;
     assert!(answer.unwrap().starts_with("a OK"));
+}
+
+/// `require_tls = true` on both plain listeners.
+fn require_tls(text: String) -> String {
+    text.replace("[imap]\n", "[imap]\nrequire_tls = true\n")
+        .replace("[smtp]\n", "[smtp]\nrequire_tls = true\n")
+}
+
+async fn send<S>(stream: &mut BufReader<S>, bytes: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.get_mut().write_all(bytes).await.unwrap();
+}
+
+/// Reads lines until one starts with `prefix`; returns all of them.
+async fn until<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut BufReader<S>,
+    prefix: &str,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let l = line(stream).await;
+        assert!(!l.is_empty(), "closed before {prefix:?}: {lines:?}");
+        let done = l.starts_with(prefix);
+        lines.push(l.trim_end().to_string());
+        if done {
+            return lines;
+        }
+    }
+}
+
+/// Puts TLS under a plain connection whose STARTTLS was just accepted.
+async fn upgrade(plain: BufReader<TcpStream>, ca: &Path) -> BufReader<TlsStream<TcpStream>> {
+    assert!(
+        plain.buffer().is_empty(),
+        "nothing may follow the STARTTLS answer"
+    );
+    let connector = trusting(ca);
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect(name, plain.into_inner()),
+    )
+    .await
+    .expect("the handshake finishes")
+    .unwrap();
+    BufReader::new(tls)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imapflow_and_nodemailer_upgrade_with_starttls_when_tls_is_required() {
+    let world = World::start().await;
+    let p = start(&world, "", require_tls).await;
+    let ca = ca_file(&p.proxy).await;
+    // With require_tls, only a client that took STARTTLS can log in: imapflow
+    // would throw at LOGINDISABLED, nodemailer would send without AUTH.
+    let out = imapflow(
+        &json!({
+            "host": "127.0.0.1", "port": p.proxy.imap_addr.port(), "secure": false,
+            "user": USER, "pass": PASS, "nodeExtraCaCerts": ca,
+            "steps": ["select", "append", "idle"],
+        }),
+        60,
+    )
+    .await;
+    assert_eq!(out["ok"], true, "{out}\n{}", p.proxy.logs());
+    let out = nodemailer(json!({
+        "host": "127.0.0.1", "port": p.proxy.smtp_addr.port(), "secure": false,
+        "user": USER, "pass": PASS, "pool": true, "count": 2,
+        "nodeExtraCaCerts": ca,
+    }))
+    .await;
+    assert_eq!(out["ok"], true, "{out}\n{}", p.proxy.logs());
+    assert_eq!(world.smtp.messages().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn require_tls_refuses_logins_in_plaintext() {
+    let world = World::start().await;
+    let p = start(&world, "", require_tls).await;
+    let mut imap = BufReader::new(TcpStream::connect(p.proxy.imap_addr).await.unwrap());
+    let greeting = line(&mut imap).await;
+    assert!(
+        greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED"),
+        "{greeting}"
+    );
+    assert!(!greeting.contains("AUTH="), "{greeting}");
+    send(
+        &mut imap,
+        format!("a LOGIN {USER} {PASS}\r\nb AUTHENTICATE PLAIN\r\n").as_bytes(),
+    )
+    .await;
+    let a = until(&mut imap, "a ").await;
+    assert!(
+        a.last().unwrap().starts_with("a NO [PRIVACYREQUIRED]"),
+        "{a:?}"
+    );
+    let b = until(&mut imap, "b ").await;
+    assert!(
+        b.last().unwrap().starts_with("b NO [PRIVACYREQUIRED]"),
+        "{b:?}"
+    );
+
+    let mut smtp = BufReader::new(TcpStream::connect(p.proxy.smtp_addr).await.unwrap());
+    line(&mut smtp).await;
+    send(&mut smtp, b"EHLO client\r\n").await;
+    let ehlo = until(&mut smtp, "250 ").await;
+    assert!(ehlo.iter().any(|l| l.ends_with("STARTTLS")), "{ehlo:?}");
+    assert!(!ehlo.iter().any(|l| l.contains("AUTH")), "{ehlo:?}");
+    send(
+        &mut smtp,
+        b"AUTH PLAIN AHNhbGVzQGNvbnRvc28uY29tAGxvY2FsLXBhc3MtOWYzaw==\r\n",
+    )
+    .await;
+    let auth = line(&mut smtp).await;
+    assert_eq!(
+        auth.trim_end(),
+        "530 5.7.0 Must issue a STARTTLS command first"
+    );
+    assert!(
+        world.tokens.all_tokens().is_empty(),
+        "no login went upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_pipelined_after_starttls_are_discarded_not_executed() {
+    let world = World::start().await;
+    let p = start(&world, "", |t| t).await;
+    let ca = ca_file(&p.proxy).await;
+
+    // IMAP: a LOGIN injected behind STARTTLS in the same packet.
+    let mut imap = BufReader::new(TcpStream::connect(p.proxy.imap_addr).await.unwrap());
+    let greeting = line(&mut imap).await;
+    assert!(greeting.contains("STARTTLS"), "{greeting}");
+    send(
+        &mut imap,
+        format!("a STARTTLS\r\nb LOGIN {USER} {PASS}\r\n").as_bytes(),
+    )
+    .await;
+    let a = line(&mut imap).await;
+    assert!(a.starts_with("a OK"), "{a}");
+    let mut imap = upgrade(imap, &ca).await;
+    send(&mut imap, b"c CAPABILITY\r\nd STARTTLS\r\n").await;
+    let c = until(&mut imap, "c ").await;
+    assert!(!c.iter().any(|l| l.starts_with("b ")), "b ran: {c:?}");
+    assert!(
+        c[0].contains("AUTH=PLAIN") && !c[0].contains("STARTTLS"),
+        "{c:?}"
+    );
+    let d = until(&mut imap, "d ").await;
+    assert!(
+        d.last().unwrap().starts_with("d BAD"),
+        "a second STARTTLS: {d:?}"
+    );
+    send(&mut imap, b"e NOOP\r\n").await;
+    let e = until(&mut imap, "e ").await;
+    assert!(!e.iter().any(|l| l.starts_with("b ")), "{e:?}");
+
+    // SMTP: an AUTH injected behind STARTTLS.
+    let mut smtp = BufReader::new(TcpStream::connect(p.proxy.smtp_addr).await.unwrap());
+    line(&mut smtp).await;
+    send(&mut smtp, b"EHLO client\r\n").await;
+    let ehlo = until(&mut smtp, "250 ").await;
+    assert!(ehlo.iter().any(|l| l.ends_with("STARTTLS")), "{ehlo:?}");
+    send(
+        &mut smtp,
+        b"STARTTLS\r\nAUTH PLAIN AHNhbGVzQGNvbnRvc28uY29tAGxvY2FsLXBhc3MtOWYzaw==\r\n",
+    )
+    .await;
+    let ready = line(&mut smtp).await;
+    assert!(ready.starts_with("220 "), "{ready}");
+    let mut smtp = upgrade(smtp, &ca).await;
+    send(&mut smtp, b"MAIL FROM:<sales@contoso.com>\r\n").await;
+    let mail = line(&mut smtp).await;
+    assert!(
+        mail.starts_with("530 "),
+        "the injected AUTH must not have run: {mail}"
+    );
+    send(&mut smtp, b"EHLO client\r\n").await;
+    let ehlo = until(&mut smtp, "250 ").await;
+    assert!(
+        ehlo.iter().any(|l| l.contains("AUTH PLAIN LOGIN")),
+        "{ehlo:?}"
+    );
+    assert!(!ehlo.iter().any(|l| l.ends_with("STARTTLS")), "{ehlo:?}");
+    send(&mut smtp, b"STARTTLS\r\n").await;
+    let again = line(&mut smtp).await;
+    assert!(again.starts_with("503 "), "a second STARTTLS: {again}");
+    p.proxy
+        .wait_for_log(
+            "after STARTTLS in plaintext (never executed)",
+            Duration::from_secs(5),
+        )
+        .await;
 }

@@ -17,8 +17,8 @@ pub struct Imap;
 impl Protocol for Imap {
     const NAME: &'static str = "imap";
 
-    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S) {
-        session::run(shared, stream).await
+    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, over_tls: bool) {
+        session::run(shared, stream, over_tls).await
     }
 
     async fn refuse_busy<S: ClientStream>(mut stream: S) {

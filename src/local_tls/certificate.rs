@@ -32,16 +32,20 @@ impl Certificate {
     }
 }
 
-/// Reads the PEM certificate chain of `tls.cert_file`.
-pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| {
+/// Reads the file of the `[tls]` setting `key`.
+fn read(path: &Path, key: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| {
         format!(
-            "cannot read `tls.cert_file` {}: {}; fix the path or its permissions",
+            "cannot read `tls.{key}` {}: {}; fix the path or its permissions",
             path.display(),
             crate::error::io_reason(&e)
         )
-    })?;
-    parse_chain(&pem, path)
+    })
+}
+
+/// Reads the PEM certificate chain of `tls.cert_file`.
+pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    parse_chain(&read(path, "cert_file")?, path)
 }
 
 pub fn parse_chain(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -64,14 +68,7 @@ pub fn parse_chain(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static
 
 /// Reads the PEM private key of `tls.key_file`.
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let pem = std::fs::read(path).map_err(|e| {
-        format!(
-            "cannot read `tls.key_file` {}: {}; fix the path or its permissions",
-            path.display(),
-            crate::error::io_reason(&e)
-        )
-    })?;
-    parse_key(&pem, path)
+    parse_key(&read(path, "key_file")?, path)
 }
 
 pub fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, String> {

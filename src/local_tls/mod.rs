@@ -20,14 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{Config, TlsSection};
-
-/// A client connection with TLS under it.
-pub type ClientTlsStream = TlsStream<TcpStream>;
 
 /// The certificate in force for client connections.
 pub struct LocalTls {
@@ -77,14 +74,13 @@ impl LocalTls {
         self.self_made && self.certificate.not_after < now + RENEW_BEFORE
     }
 
-    /// Runs the server side of the TLS handshake on `tcp`, within `timeout`.
+    /// Runs the server side of the TLS handshake on `io`, within `timeout`.
     /// The error is a sentence for the log.
-    pub async fn accept(
-        &self,
-        tcp: TcpStream,
-        timeout: Duration,
-    ) -> Result<ClientTlsStream, String> {
-        match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+    pub async fn accept<IO>(&self, io: IO, timeout: Duration) -> Result<TlsStream<IO>, String>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(timeout, self.acceptor.accept(io)).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => Err(format!(
                 "TLS handshake with the client failed: {}",
@@ -96,6 +92,27 @@ impl LocalTls {
             )),
         }
     }
+}
+
+/// STARTTLS: puts TLS under `client`, whose STARTTLS command has just been
+/// answered. Whatever the client sent after that command and the proxy has
+/// already read is plaintext that an attacker on the path may have injected
+/// (CVE-2011-0411): it is dropped with the buffer, never read as a command.
+pub async fn start_tls<S>(
+    tls: &LocalTls,
+    client: BufReader<S>,
+    timeout: Duration,
+) -> Result<TlsStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let pipelined = client.buffer().len();
+    if pipelined > 0 {
+        tracing::warn!(
+            "discarded {pipelined} bytes the client sent after STARTTLS in plaintext (never executed)"
+        );
+    }
+    tls.accept(client.into_inner(), timeout).await
 }
 
 /// The CA certificate (PEM) clients must trust, for `xoauth2-proxy tls ca`:

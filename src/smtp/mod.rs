@@ -55,8 +55,15 @@ impl Smtp {
 impl Protocol for Smtp {
     const NAME: &'static str = "smtp";
 
-    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S) {
-        session::run(shared, self.pools.clone(), self.extensions.clone(), stream).await
+    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, over_tls: bool) {
+        session::run(
+            shared,
+            self.pools.clone(),
+            self.extensions.clone(),
+            stream,
+            over_tls,
+        )
+        .await
     }
 
     async fn refuse_busy<S: ClientStream>(mut stream: S) {

@@ -7,6 +7,11 @@
 //! upstream's replies go back verbatim, so its enhanced status codes reach the
 //! client. A client may pipeline: commands are answered in order.
 //!
+//! STARTTLS is offered only with `[tls]`; after it the session starts
+//! again over TLS (RFC 3207: the client must EHLO again) and what the client
+//! pipelined in plaintext is dropped. With `require_tls` a plain connection
+//! offers no AUTH, and AUTH gets 530.
+//!
 //! `Session::command` hands each command to one small method; AUTH runs
 //! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
 //! reply in `refusal` alone.
@@ -25,7 +30,7 @@ use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError, open_as};
 use crate::sasl::{self, Challenge, Credentials, SaslError};
-use crate::shared::{ClientStream, Shared};
+use crate::shared::{ClientStream, Shared, TlsPolicy};
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -39,28 +44,53 @@ const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 /// The proxy's own host name in greetings.
 const HOSTNAME: &str = "xoauth2-proxy";
 
-/// Serves one client connection to the end.
+/// Serves one client connection to the end; `over_tls` when it is TLS
+/// from the first byte.
 pub async fn run<S: ClientStream>(
     shared: Arc<Shared>,
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
     stream: S,
+    over_tls: bool,
 ) {
-    let mut session = Session {
-        client: BufReader::with_capacity(64 * 1024, stream),
+    let smtp = &shared.config.smtp;
+    let tls = TlsPolicy::new(&shared, smtp.starttls, smtp.require_tls, over_tls);
+    let mut session = Session::new(shared, pools, extensions, stream, tls);
+    let next = session.dialogue(Greeting::Send).await;
+    session.end_transaction().await;
+    match next {
+        Ok(Next::StartTls) => Box::pin(after_starttls(session)).await,
+        Ok(_) => {}
+        Err(e) => debug!("client connection ended: {}", crate::error::io_reason(&e)),
+    }
+}
+
+/// Puts TLS under the connection and starts the session again over it.
+async fn after_starttls<S: ClientStream>(session: Session<S>) {
+    let Session {
+        client,
         shared,
         pools,
         extensions,
-        account: None,
-        lease: None,
-        errors: 0,
-        failed_logins: 0,
-        line: Vec::new(),
+        tls,
+        ..
+    } = session;
+    let Some(stream) = shared.start_tls(client).await else {
+        return;
     };
-    if let Err(e) = session.dialogue().await {
+    let mut session = Session::new(shared, pools, extensions, stream, tls.upgraded());
+    if let Err(e) = session.dialogue(Greeting::None).await {
         debug!("client connection ended: {}", crate::error::io_reason(&e));
     }
     session.end_transaction().await;
+}
+
+/// Whether the dialogue opens with the 220 greeting: not after STARTTLS,
+/// where the client speaks first (RFC 3207 §4.2).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Greeting {
+    Send,
+    None,
 }
 
 struct Session<S> {
@@ -69,6 +99,7 @@ struct Session<S> {
     /// The process's upstream connection pools.
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
+    tls: TlsPolicy,
     account: Option<Account>,
     /// The upstream connection of the transaction in progress, if any.
     lease: Option<Lease>,
@@ -81,6 +112,8 @@ struct Session<S> {
 enum Next {
     Continue,
     Close,
+    /// The client was told to begin TLS: put TLS under the connection.
+    StartTls,
 }
 
 /// What the proxy is waiting for, named in the log when it does not come.
@@ -135,6 +168,27 @@ enum MailError {
 }
 
 impl<S: ClientStream> Session<S> {
+    fn new(
+        shared: Arc<Shared>,
+        pools: Arc<Pools>,
+        extensions: Arc<Extensions>,
+        stream: S,
+        tls: TlsPolicy,
+    ) -> Self {
+        Session {
+            client: BufReader::with_capacity(64 * 1024, stream),
+            shared,
+            pools,
+            extensions,
+            tls,
+            account: None,
+            lease: None,
+            errors: 0,
+            failed_logins: 0,
+            line: Vec::new(),
+        }
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let stream = self.client.get_mut();
         stream.write_all(bytes).await?;
@@ -162,8 +216,10 @@ impl<S: ClientStream> Session<S> {
         Ok(Next::Continue)
     }
 
-    async fn dialogue(&mut self) -> std::io::Result<()> {
-        self.reply(220, &format!("{HOSTNAME} ESMTP ready")).await?;
+    async fn dialogue(&mut self, greeting: Greeting) -> std::io::Result<Next> {
+        if greeting == Greeting::Send {
+            self.reply(220, &format!("{HOSTNAME} ESMTP ready")).await?;
+        }
         loop {
             let timeout = if self.account.is_some() {
                 self.shared.config.smtp.client_idle_timeout
@@ -174,8 +230,8 @@ impl<S: ClientStream> Session<S> {
                 Received::Line => self.command().await?,
                 Received::Hangup | Received::Closed => Next::Close,
             };
-            if let Next::Close = next {
-                return Ok(());
+            if let Next::Close | Next::StartTls = next {
+                return Ok(next);
             }
         }
     }
@@ -243,7 +299,7 @@ impl<S: ClientStream> Session<S> {
                     .await
             }
             Command::Help => self.answer(214, "2.0.0 See RFC 5321").await,
-            Command::StartTls => self.error(502, "5.5.1 STARTTLS is not offered").await,
+            Command::StartTls => self.starttls().await,
             Command::Bdat => self.error(502, "5.5.1 BDAT is not offered; use DATA").await,
             Command::Unknown => self.error(500, "5.5.2 Command not recognised").await,
         }
@@ -273,13 +329,19 @@ impl<S: ClientStream> Session<S> {
         Ok(Next::Continue)
     }
 
-    /// The EHLO reply: AUTH always (nodemailer only authenticates when it is
-    /// advertised), and the upstream's extensions the proxy can pass on.
+    /// The EHLO reply: the upstream's extensions the proxy can pass on,
+    /// STARTTLS when offered, and AUTH unless TLS must come first (nodemailer
+    /// only authenticates when AUTH is advertised).
     async fn ehlo_reply(&mut self) -> String {
         let mut lines = vec![format!("{HOSTNAME} Hello")];
         let (config, tls) = (&self.shared.config, &self.shared.tls);
         lines.extend(self.extensions.advertised(config, tls).await);
-        lines.push("AUTH PLAIN LOGIN".to_string());
+        if self.tls.offers_starttls() {
+            lines.push("STARTTLS".to_string());
+        }
+        if !self.tls.login_needs_tls() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
         let last = lines.len() - 1;
         lines
             .iter()
@@ -303,9 +365,33 @@ impl<S: ClientStream> Session<S> {
         self.close_with(221, "2.0.0 Bye").await
     }
 
+    /// Begins TLS when offered: before AUTH, once. Where it is not offered
+    /// at all the answer is 502, as for any command not implemented.
+    async fn starttls(&mut self) -> std::io::Result<Next> {
+        if self.tls.active {
+            return self.error(503, "5.5.1 TLS is already active").await;
+        }
+        if !self.tls.offers_starttls() {
+            return self.error(502, "5.5.1 STARTTLS is not offered").await;
+        }
+        if self.account.is_some() {
+            return self
+                .error(503, "5.5.1 STARTTLS must come before AUTH")
+                .await;
+        }
+        self.reply(220, "2.0.0 Ready to start TLS").await?;
+        self.client.get_mut().flush().await?;
+        Ok(Next::StartTls)
+    }
+
     async fn auth(&mut self, mechanism: &str, initial: Option<Vec<u8>>) -> std::io::Result<Next> {
         if self.account.is_some() {
             return self.error(503, "5.5.1 Already authenticated").await;
+        }
+        if self.tls.login_needs_tls() {
+            return self
+                .error(530, "5.7.0 Must issue a STARTTLS command first")
+                .await;
         }
         let Some(mechanism) = sasl::Mechanism::named(mechanism) else {
             return self
