@@ -67,6 +67,9 @@ async fn ca_file(proxy: &TestProxy) -> std::path::PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let pem = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    assert!(!pem.contains("PRIVATE KEY"), "the CA's key stays private");
     let path = proxy.dir.path().join("ca.pem");
     std::fs::write(&path, &out.stdout).unwrap();
     path
@@ -553,10 +556,82 @@ async fn commands_pipelined_after_starttls_are_discarded_not_executed() {
     send(&mut smtp, b"STARTTLS\r\n").await;
     let again = line(&mut smtp).await;
     assert!(again.starts_with("503 "), "a second STARTTLS: {again}");
+    assert!(!p.proxy.logs().contains(PASS), "{}", p.proxy.logs());
     p.proxy
         .wait_for_log(
             "after STARTTLS in plaintext (never executed)",
             Duration::from_secs(5),
         )
         .await;
+}
+
+/// The days left that `status` shows for the served certificate.
+async fn days_left(proxy: &TestProxy) -> u64 {
+    let out = proxy.cli(&["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let days = text
+        .split(" days left")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .unwrap_or_else(|| panic!("no days left in {text}"));
+    days.parse()
+        .unwrap_or_else(|_| panic!("no days left in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_self_made_certificate_is_renewed_at_start_and_on_reload_when_it_nears_its_end() {
+    use rcgen::{CertificateParams, Issuer, KeyPair};
+    let world = World::start().await;
+    let mut p = start(&world, "", |t| t).await;
+    let ca = ca_file(&p.proxy).await;
+    assert!(days_left(&p.proxy).await > 360);
+    let tls_dir = p.proxy.state_dir.join("tls");
+    // A server certificate from the proxy's own CA with ten days left.
+    let nearly_expired = || {
+        let ca_both = std::fs::read_to_string(tls_dir.join("ca-key.pem")).unwrap();
+        let ca_cert = std::fs::read_to_string(tls_dir.join("ca.pem")).unwrap();
+        let issuer =
+            Issuer::from_ca_cert_pem(&ca_cert, KeyPair::from_pem(&ca_both).unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "xoauth2-proxy".to_string(),
+        ])
+        .unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(10);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let file = format!("{}{ca_cert}{}", cert.pem(), key.serialize_pem());
+        std::fs::write(tls_dir.join("server.pem"), file).unwrap();
+    };
+
+    p.proxy.stop().await;
+    nearly_expired();
+    assert_eq!(days_left(&p.proxy).await, 9, "the planted certificate");
+    p.proxy.start_again().await;
+    assert!(days_left(&p.proxy).await > 360, "renewed at start");
+
+    nearly_expired();
+    let made = |proxy: &TestProxy| {
+        proxy
+            .logs()
+            .matches("made a new server certificate")
+            .count()
+    };
+    assert_eq!(made(&p.proxy), 1, "at start");
+    p.proxy.reload();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while made(&p.proxy) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no renewal on reload: {}",
+            p.proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(days_left(&p.proxy).await > 360, "renewed on reload");
+    let answer = imaps_login(p.imaps, "localhost", &ca).await.unwrap();
+    assert!(answer.starts_with("a OK"), "the same CA signs it: {answer}");
 }

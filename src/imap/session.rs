@@ -48,13 +48,18 @@ pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, over_tls: bool
     // The dialogue's state (login, SASL, the upstream's opening) is the
     // larger part of this future; boxed, it is freed at login instead of
     // sitting in every idle session's task for the life of the relay. For
-    // the same reason only the stream is kept of the upstream session, and
-    // the session after STARTTLS is boxed too.
-    match Box::pin(session.dialogue(Greeting::Send)).await {
-        Ok(Next::Relay(upstream)) => relay(session.client, upstream).await,
-        Ok(Next::StartTls) => Box::pin(after_starttls(session)).await,
-        Ok(Next::Continue | Next::Close) => {}
-        Err(e) => debug!("client connection failed: {}", crate::error::io_reason(&e)),
+    // the same reason only the stream is kept of the upstream session (moved
+    // straight into the relay: a helper taking it would hold a second copy),
+    // and the session after STARTTLS is boxed: a session that never upgrades
+    // holds one pointer for it, not a TLS session's state.
+    let upstream = match Box::pin(session.dialogue(Greeting::Send)).await {
+        Ok(Next::Relay(upstream)) => upstream.stream,
+        Ok(Next::StartTls) => return Box::pin(after_starttls(session)).await,
+        Ok(Next::Continue | Next::Close) => return,
+        Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
+    };
+    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
+        debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
 
@@ -70,15 +75,12 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         return;
     };
     let mut session = PreAuth::new(shared, stream, tls.upgraded());
-    match Box::pin(session.dialogue(Greeting::None)).await {
-        Ok(Next::Relay(upstream)) => relay(session.client, upstream).await,
-        Ok(_) => {}
-        Err(e) => debug!("client connection failed: {}", crate::error::io_reason(&e)),
-    }
-}
-
-async fn relay<S: ClientStream>(client: BufReader<S>, upstream: Box<ImapUpstream>) {
-    if let Err(e) = crate::relay::splice("imap", client, upstream.stream).await {
+    let upstream = match Box::pin(session.dialogue(Greeting::None)).await {
+        Ok(Next::Relay(upstream)) => upstream.stream,
+        Ok(_) => return,
+        Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
+    };
+    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
