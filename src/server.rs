@@ -365,7 +365,10 @@ impl Accepting {
                     tracker.spawn(
                         async move {
                             match transport {
-                                Transport::Plain => protocol.serve(shared, stream, false).await,
+                                Transport::Plain => {
+                                    crate::metrics::get().client_tls(P::NAME, "plain", true);
+                                    protocol.serve(shared, stream, false).await
+                                }
                                 Transport::ImplicitTls => {
                                     serve_over_tls(&*protocol, shared, stream).await
                                 }
@@ -397,7 +400,9 @@ async fn serve_over_tls<P: Protocol>(protocol: &P, shared: Arc<Shared>, stream: 
         warn!("a TLS client arrived but the config in force has no [tls]; closing");
         return;
     };
-    match tls.accept(stream, shared.config.server.login_timeout).await {
+    let accepted = tls.accept(stream, shared.config.server.login_timeout).await;
+    crate::metrics::get().client_tls(P::NAME, "implicit", accepted.is_ok());
+    match accepted {
         Ok(stream) => protocol.serve(shared.clone(), stream, true).await,
         Err(e) => info!("{e}; closing"),
     }

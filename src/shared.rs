@@ -44,10 +44,16 @@ impl Shared {
     /// the login timeout; `None` (logged) when there is none or the
     /// handshake fails. See [`crate::local_tls::start_tls`] for what happens
     /// to plaintext the client sent behind the command.
-    pub async fn start_tls<S: ClientStream>(&self, client: BufReader<S>) -> Option<TlsStream<S>> {
+    pub async fn start_tls<S: ClientStream>(
+        &self,
+        protocol: &'static str,
+        client: BufReader<S>,
+    ) -> Option<TlsStream<S>> {
         let local_tls = self.local_tls.as_ref()?;
         let timeout = self.config.server.login_timeout;
-        match crate::local_tls::start_tls(local_tls, client, timeout).await {
+        let upgraded = crate::local_tls::start_tls(local_tls, client, timeout).await;
+        crate::metrics::get().client_tls(protocol, "starttls", upgraded.is_ok());
+        match upgraded {
             Ok(stream) => Some(stream),
             Err(e) => {
                 tracing::info!("STARTTLS: {e}; closing");

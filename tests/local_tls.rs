@@ -246,6 +246,19 @@ async fn a_handshake_that_never_completes_is_cut_by_login_timeout() {
             Duration::from_secs(5),
         )
         .await;
+    let text = metrics(&p.proxy).await;
+    for protocol in ["imap", "smtp"] {
+        let failures = format!(
+            "xoauth2_proxy_tls_handshake_failures_total{{protocol=\"{protocol}\",tls=\"implicit\"}} 2"
+        );
+        assert!(text.contains(&failures), "{text}");
+    }
+}
+
+/// The proxy's `/metrics` text.
+async fn metrics(proxy: &TestProxy) -> String {
+    let url = format!("http://{}/metrics", proxy.admin_addr);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
 /// The `[tls]` body for certificate files.
@@ -557,6 +570,15 @@ async fn commands_pipelined_after_starttls_are_discarded_not_executed() {
     let again = line(&mut smtp).await;
     assert!(again.starts_with("503 "), "a second STARTTLS: {again}");
     assert!(!p.proxy.logs().contains(PASS), "{}", p.proxy.logs());
+    let text = metrics(&p.proxy).await;
+    for protocol in ["imap", "smtp"] {
+        for (tls, n) in [("plain", 1), ("starttls", 1)] {
+            let line = format!(
+                "xoauth2_proxy_client_connections_total{{protocol=\"{protocol}\",tls=\"{tls}\"}} {n}"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+    }
     p.proxy
         .wait_for_log(
             "after STARTTLS in plaintext (never executed)",

@@ -71,7 +71,7 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         tls,
         ..
     } = session;
-    let Some(stream) = shared.start_tls(client).await else {
+    let Some(stream) = shared.start_tls("imap", client).await else {
         return;
     };
     let mut session = PreAuth::new(shared, stream, tls.upgraded());

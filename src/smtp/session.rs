@@ -75,7 +75,7 @@ async fn after_starttls<S: ClientStream>(session: Session<S>) {
         tls,
         ..
     } = session;
-    let Some(stream) = shared.start_tls(client).await else {
+    let Some(stream) = shared.start_tls("smtp", client).await else {
         return;
     };
     let mut session = Session::new(shared, pools, extensions, stream, tls.upgraded());
