@@ -567,15 +567,40 @@ fn check_tls(path: &Path, raw: &RawConfig) -> Result<(), ConfigError> {
             "tls.cert_file",
             "is missing; give cert_file and key_file together, or neither for a self-made certificate",
         )),
-        _ if tls.names.is_empty() || tls.names.iter().any(|n| n.trim().is_empty()) => {
-            Err(ConfigError::at(
+        _ if tls.names.is_empty() => Err(ConfigError::at(
+            path,
+            "tls.names",
+            "must be a non-empty list of host names or IP addresses",
+        )),
+        _ => match tls.names.iter().find(|n| !is_certificate_name(n)) {
+            Some(bad) => Err(ConfigError::at(
                 path,
                 "tls.names",
-                "must be a non-empty list of host names or IP addresses",
-            ))
-        }
-        _ => Ok(()),
+                format!(
+                    "`{bad}` is neither a host name (letters, digits, dots, hyphens; `*.` first for a wildcard) nor an IP address"
+                ),
+            )),
+            None => Ok(()),
+        },
     }
+}
+
+/// A DNS name a certificate may hold (a leading `*.` for a wildcard), or an
+/// IP address.
+fn is_certificate_name(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 // ---- accounts -----------------------------------------------------------------
