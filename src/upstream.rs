@@ -26,8 +26,9 @@ pub enum UpstreamError {
     Rejected { reply: String, hint: &'static str },
 }
 
-/// One TLS client setup per provider: system roots plus its `ca_file`.
-/// Certificates are always verified; nothing turns that off.
+/// One TLS client setup per provider: system roots plus its `ca_file`, whose
+/// certificates are also pins (`tls` says how). Certificates are always
+/// verified; nothing turns that off.
 pub struct UpstreamTls {
     connectors: HashMap<String, TlsConnector>,
 }
@@ -79,9 +80,14 @@ impl UpstreamTls {
             UpstreamError::Unreachable(format!("`{}` is not a valid server name", server.host))
         })?;
         connector.connect(name, tcp).await.map_err(|e| {
+            let setting = if *server == provider.smtp_server {
+                "smtp_server"
+            } else {
+                "imap_server"
+            };
             UpstreamError::Unreachable(format!(
                 "TLS with {server} failed: {}",
-                crate::error::chain(&e)
+                crate::tls::handshake_failure(&e, &server.host, setting, &provider.name)
             ))
         })
     }
