@@ -12,7 +12,7 @@ pub async fn run(config: Config) -> Result<bool, String> {
     let shared = Shared::new(config)?;
     let mut all_ok = true;
     let state = crate::config::state_dir(&shared.config);
-    match crate::oauth::store::create_private_dir(shared.tokens.store().dir()) {
+    match crate::private_file::create_private_dir(shared.tokens.store().dir()) {
         Ok(()) => say(
             true,
             &format!("state directory {} is usable", state.display()),

@@ -52,6 +52,8 @@ pub struct Config {
     pub imap: ImapSection,
     pub smtp: SmtpSection,
     pub admin: AdminSection,
+    /// TLS towards the clients; `None` keeps every listener plain.
+    pub tls: Option<TlsSection>,
     pub providers: BTreeMap<String, Provider>,
     pub accounts: Vec<Account>,
 }
@@ -99,13 +101,57 @@ impl Default for ServerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ImapSection {
     pub listen: SocketAddr,
+    /// IMAP over TLS from the first byte (IMAPS); only with `[tls]`.
+    pub tls_listen: Option<SocketAddr>,
+    /// Offer STARTTLS on `listen` (when `[tls]` is present).
+    pub starttls: bool,
+    /// No login on `listen` before STARTTLS.
+    pub require_tls: bool,
 }
 
 impl Default for ImapSection {
     fn default() -> Self {
         ImapSection {
             listen: DEFAULT_IMAP_LISTEN.parse().expect("valid default"),
+            tls_listen: None,
+            starttls: true,
+            require_tls: false,
         }
+    }
+}
+
+/// The names the self-made server certificate is for, when `[tls]` gives none.
+pub const DEFAULT_TLS_NAMES: &[&str] = &["localhost", "127.0.0.1", "xoauth2-proxy"];
+
+/// `[tls]`: the certificate the listeners present to clients. With
+/// `cert_file` and `key_file` those files; without them a CA and a server
+/// certificate for `names` that the proxy makes itself under the state
+/// directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// The certificate chain, PEM, server certificate first.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key, PEM (PKCS#8, RSA or EC).
+    pub key_file: Option<PathBuf>,
+    /// DNS names and IP addresses of the self-made server certificate.
+    pub names: Vec<String>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert_file: None,
+            key_file: None,
+            names: DEFAULT_TLS_NAMES.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+}
+
+impl TlsSection {
+    /// The certificate and key files, when the user supplies them.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert_file.as_deref()?, self.key_file.as_deref()?))
     }
 }
 
@@ -113,6 +159,12 @@ impl Default for ImapSection {
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpSection {
     pub listen: SocketAddr,
+    /// SMTP submission over TLS from the first byte (SMTPS); only with `[tls]`.
+    pub tls_listen: Option<SocketAddr>,
+    /// Offer STARTTLS on `listen` (when `[tls]` is present).
+    pub starttls: bool,
+    /// No AUTH on `listen` before STARTTLS.
+    pub require_tls: bool,
     /// Upstream connections per mailbox at most (Microsoft allows 3).
     pub max_connections_per_mailbox: usize,
     /// How long a transaction waits for a free upstream connection.
@@ -130,6 +182,9 @@ impl Default for SmtpSection {
     fn default() -> Self {
         SmtpSection {
             listen: DEFAULT_SMTP_LISTEN.parse().expect("valid default"),
+            tls_listen: None,
+            starttls: true,
+            require_tls: false,
             max_connections_per_mailbox: 3,
             pool_wait: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(60),
@@ -313,6 +368,7 @@ struct RawConfig {
     smtp: SmtpSection,
     #[serde(default)]
     admin: AdminSection,
+    tls: Option<TlsSection>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
@@ -417,6 +473,7 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 
 fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     check_limits(path, &raw.server, &raw.smtp)?;
+    check_tls(path, &raw)?;
     let mut providers = BTreeMap::new();
     for (name, p) in raw.providers {
         let provider = validate_provider(path, &name, p)?;
@@ -429,6 +486,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         imap: raw.imap,
         smtp: raw.smtp,
         admin: raw.admin,
+        tls: raw.tls,
         providers,
         accounts,
     })
@@ -468,6 +526,81 @@ fn check_limits(
         ));
     }
     Ok(())
+}
+
+/// `[tls]` names both files or neither, and some names; a TLS listener
+/// needs `[tls]`. The files themselves are read when the listeners start.
+fn check_tls(path: &Path, raw: &RawConfig) -> Result<(), ConfigError> {
+    let wants_tls = [
+        ("imap.tls_listen", raw.imap.tls_listen),
+        ("smtp.tls_listen", raw.smtp.tls_listen),
+    ];
+    let requires_tls = [
+        ("imap.require_tls", raw.imap.require_tls),
+        ("smtp.require_tls", raw.smtp.require_tls),
+    ];
+    let Some(tls) = &raw.tls else {
+        if let Some((key, _)) = requires_tls.iter().find(|(_, on)| *on) {
+            return Err(ConfigError::at(
+                path,
+                key,
+                "needs a [tls] section, or no client could ever log in; add `[tls]`, with no keys for a self-made certificate",
+            ));
+        }
+        if let Some((key, _)) = wants_tls.iter().find(|(_, addr)| addr.is_some()) {
+            return Err(ConfigError::at(
+                path,
+                key,
+                "needs a [tls] section (the certificate to present); add `[tls]`, with no keys for a self-made certificate",
+            ));
+        }
+        return Ok(());
+    };
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => Err(ConfigError::at(
+            path,
+            "tls.key_file",
+            "is missing; give cert_file and key_file together, or neither for a self-made certificate",
+        )),
+        (None, Some(_)) => Err(ConfigError::at(
+            path,
+            "tls.cert_file",
+            "is missing; give cert_file and key_file together, or neither for a self-made certificate",
+        )),
+        _ if tls.names.is_empty() => Err(ConfigError::at(
+            path,
+            "tls.names",
+            "must be a non-empty list of host names or IP addresses",
+        )),
+        _ => match tls.names.iter().find(|n| !is_certificate_name(n)) {
+            Some(bad) => Err(ConfigError::at(
+                path,
+                "tls.names",
+                format!(
+                    "`{bad}` is neither a host name (letters, digits, dots, hyphens; `*.` first for a wildcard) nor an IP address"
+                ),
+            )),
+            None => Ok(()),
+        },
+    }
+}
+
+/// A DNS name a certificate may hold (a leading `*.` for a wildcard), or an
+/// IP address.
+fn is_certificate_name(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 // ---- accounts -----------------------------------------------------------------
@@ -977,6 +1110,12 @@ provider = "contoso"
             "provider",
             "mailbox",
             "flow",
+            "tls_listen",
+            "starttls",
+            "require_tls",
+            "cert_file",
+            "key_file",
+            "names",
         ] {
             assert!(
                 text.lines()
@@ -1012,6 +1151,39 @@ provider = "contoso"
                 && err.contains("is required for kind = \"custom\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_listeners_need_a_tls_section_and_files_come_in_pairs() {
+        let err = parse(&format!(
+            "[imap]\ntls_listen = \"127.0.0.1:1993\"\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`imap.tls_listen`: needs a [tls] section"),
+            "{err}"
+        );
+        let err = parse(&format!("[tls]\ncert_file = \"/c.pem\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`tls.key_file`: is missing"), "{err}");
+        let err = parse(&format!("[smtp]\nrequire_tls = true\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`smtp.require_tls`: needs a [tls] section"),
+            "{err}"
+        );
+        let c = parse(&format!(
+            "[smtp]\ntls_listen = \"127.0.0.1:1465\"\n[tls]\n{MINIMAL}"
+        ))
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.names, DEFAULT_TLS_NAMES);
+        assert!(c.smtp.starttls && !c.smtp.require_tls && c.imap.starttls);
+        assert!(tls.files().is_none());
+        assert!(parse(MINIMAL).unwrap().tls.is_none());
     }
 
     #[test]

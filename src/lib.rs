@@ -16,10 +16,10 @@
 //! circle; `.ci/check-layers.py` checks both in CI. From the bottom up:
 //!
 //! <!-- layers: `.ci/check-layers.py` reads this list; one layer per line -->
-//! 1. `error`, `secret`, `lines`, `metrics`: leaves that import nothing of the crate (`metrics` owns its label types)
+//! 1. `error`, `secret`, `lines`, `metrics`, `private_file`: leaves that import nothing of the crate (`metrics` owns its label types; `private_file` writes 0600 files atomically)
 //! 2. `sasl`, `tls`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup
 //! 3. `config`: the config file, validated
-//! 4. `accounts`, `oauth`, `upstream`, `relay`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe
+//! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients
 //! 5. `login`, `shared`: the login path; what the sessions of one config share, and the `Protocol` trait
 //! 6. `imap`, `smtp`, `admin`: what the listeners speak
 //! 7. `server`, `check`: the listeners, reload and drain; `xoauth2-proxy check`
@@ -36,9 +36,11 @@ pub(crate) mod config;
 pub(crate) mod error;
 pub(crate) mod imap;
 pub(crate) mod lines;
+pub(crate) mod local_tls;
 pub(crate) mod login;
 pub(crate) mod metrics;
 pub(crate) mod oauth;
+pub(crate) mod private_file;
 pub(crate) mod relay;
 pub(crate) mod sasl;
 pub(crate) mod secret;
@@ -52,6 +54,7 @@ pub use accounts::hash_password;
 pub use admin::probe as probe_health;
 pub use check::run as check_accounts;
 pub use lines::literal_announced;
+pub use local_tls::{Certificate as TlsCertificate, ca_certificate_pem, current_certificate};
 pub use sasl::xoauth2;
 pub use secret::Secret;
 

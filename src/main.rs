@@ -49,6 +49,18 @@ enum Command {
     Health,
     /// Read a password from stdin (one line) and print its argon2id hash for `password_hash`.
     HashPassword,
+    /// TLS towards the clients.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Print the CA certificate (PEM) that clients must trust, making the
+    /// proxy's own CA first if it has none yet.
+    Ca,
 }
 
 /// Exit codes: 0 ok, 1 runtime failure, 2 bad usage or config.
@@ -117,6 +129,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(Failure::Runtime)
         }
         Command::Status { json } => status(&load_config(&cli)?, *json),
+        Command::Tls {
+            command: TlsCommand::Ca,
+        } => tls_ca(&load_config(&cli)?),
         Command::Health => {
             let config = load_config(&cli)?;
             runtime()
@@ -184,6 +199,20 @@ fn signals(
     }
 }
 
+/// `xoauth2-proxy tls ca`: the CA's PEM on stdout. Without `[tls]`, or
+/// with certificate files of the user's, there is no CA of the proxy's.
+fn tls_ca(config: &Config) -> Result<(), Failure> {
+    let makes_its_own = config.tls.as_ref().is_some_and(|t| t.files().is_none());
+    match xoauth2_proxy::ca_certificate_pem(config) {
+        Ok(pem) => {
+            print!("{pem}");
+            Ok(())
+        }
+        Err(e) if makes_its_own => Err(Failure::Runtime(e)),
+        Err(e) => Err(Failure::Usage(e)),
+    }
+}
+
 fn warn_plain_passwords(config: &Config) {
     for a in &config.accounts {
         if matches!(a.password, LocalPassword::Plain(_)) {
@@ -236,7 +265,7 @@ struct AccountStatus {
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = TokenStore::new(&state_dir(config));
     let now = unix_now();
-    let (rows, problems) = account_statuses(config, &store, now);
+    let (rows, mut problems) = account_statuses(config, &store, now);
     if json {
         println!(
             "{}",
@@ -244,6 +273,7 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
         );
     } else {
         print_statuses(config, &rows, now);
+        print_tls(config, &mut problems);
     }
     for p in problems {
         eprintln!("warning: {p}");
@@ -313,6 +343,25 @@ fn print_statuses(config: &Config, rows: &[AccountStatus], now: u64) {
         for line in details.into_iter().flatten() {
             println!("  {line}");
         }
+    }
+}
+
+/// The server certificate the listeners present, if `[tls]` is configured.
+fn print_tls(config: &Config, problems: &mut Vec<String>) {
+    if config.tls.is_none() {
+        return;
+    }
+    match xoauth2_proxy::current_certificate(config) {
+        Ok(Some(cert)) => println!(
+            "TLS towards clients: certificate {}\n  {}\n  SHA-256 {}",
+            cert.path.display(),
+            cert.describe(std::time::SystemTime::now()),
+            cert.sha256
+        ),
+        Ok(None) => println!(
+            "TLS towards clients: the proxy makes its own certificate when it starts (`xoauth2-proxy tls ca` prints the CA)"
+        ),
+        Err(e) => problems.push(e),
     }
 }
 

@@ -55,6 +55,14 @@ pub struct ProtocolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub protocol: &'static str,
+    /// `plain` (accepted on a plain listener), `starttls` (of those, upgraded),
+    /// `implicit` (TLS from the first byte).
+    pub tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub protocol: &'static str,
     /// `upstream` (client to server) or `downstream` (server to client).
@@ -79,6 +87,8 @@ pub struct Metrics {
     registry: Registry,
     pub logins: Family<LoginLabels, Counter>,
     pub connections: Family<ProtocolLabels, Gauge>,
+    pub client_connections: Family<TlsLabels, Counter>,
+    pub tls_handshake_failures: Family<TlsLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter<u64, AtomicU64>>,
     pub token_requests: Family<TokenLabels, Counter>,
     pub upstream_connect_seconds: Family<ServerLabels, Histogram>,
@@ -104,6 +114,18 @@ impl Metrics {
             "connections",
             "Client connections open now",
             connections.clone(),
+        );
+        let client_connections = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "client_connections",
+            "Client connections by TLS mode: plain (accepted on a plain listener), starttls (of those, upgraded), implicit",
+            client_connections.clone(),
+        );
+        let tls_handshake_failures = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed or timed out, by TLS mode",
+            tls_handshake_failures.clone(),
         );
         let bytes = Family::<BytesLabels, Counter<u64, AtomicU64>>::default();
         registry.register(
@@ -137,6 +159,8 @@ impl Metrics {
             registry,
             logins,
             connections,
+            client_connections,
+            tls_handshake_failures,
             bytes,
             token_requests,
             upstream_connect_seconds,
@@ -165,6 +189,17 @@ impl Metrics {
                 self.relayed(protocol, direction);
             }
         }
+    }
+
+    /// Counts a client connection in TLS mode `tls` (`plain`, `starttls`,
+    /// `implicit`), or a failed handshake in that mode when `!ok`.
+    pub fn client_tls(&self, protocol: &'static str, tls: &'static str, ok: bool) {
+        let family = if ok {
+            &self.client_connections
+        } else {
+            &self.tls_handshake_failures
+        };
+        family.get_or_create(&TlsLabels { protocol, tls }).inc();
     }
 
     /// Counts a client login attempt.
@@ -222,6 +257,8 @@ mod tests {
         m.login("smtp", LoginOutcome::BadPassword);
         m.relayed("imap", "downstream").inc_by(42);
         m.upstream_connect("localhost:993", Duration::from_millis(3));
+        m.client_tls("smtp", "starttls", true);
+        m.client_tls("imap", "implicit", false);
         let text = m.encode();
         assert!(
             text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 1"#),
@@ -231,6 +268,14 @@ mod tests {
         assert!(
             text.contains(
                 r#"xoauth2_proxy_relayed_bytes_total{protocol="imap",direction="downstream"} 42"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"xoauth2_proxy_client_connections_total{protocol="smtp",tls="starttls"} 1"#
+            ) && text.contains(
+                r#"xoauth2_proxy_tls_handshake_failures_total{protocol="imap",tls="implicit"} 1"#
             ),
             "{text}"
         );

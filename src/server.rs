@@ -7,6 +7,12 @@
 //! [`Listeners`], says when to reload the config and when to stop. On stop
 //! the listeners stop accepting and live sessions get `shutdown_grace` to
 //! finish.
+//!
+//! A `tls_listen` listener runs the TLS handshake (bounded by
+//! `login_timeout`) in the connection's task, with the certificate in force
+//! when the connection was accepted, then hands the TLS stream to the same
+//! session as the plain listener. The proxy's own server certificate is
+//! checked daily and renewed through a reload when its end is near.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,27 +31,72 @@ use crate::imap::Imap;
 use crate::shared::{Protocol, Shared};
 use crate::smtp::Smtp;
 
-/// The bound IMAP, SMTP and admin listeners.
+/// The bound IMAP, SMTP and admin listeners, and the implicit TLS ones.
 pub struct Listeners {
     imap: TcpListener,
     smtp: TcpListener,
     admin: TcpListener,
+    imap_tls: Option<TcpListener>,
+    smtp_tls: Option<TcpListener>,
 }
+
+/// What a listener's clients speak first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Plain,
+    /// TLS from the first byte (`tls_listen`).
+    ImplicitTls,
+}
+
+/// How often the proxy looks at its own server certificate's end.
+const RENEWAL_CHECK: Duration = Duration::from_secs(24 * 3600);
 
 impl Listeners {
     /// Binds the addresses in `[imap]`, `[smtp]` and `[admin]`.
     pub async fn bind(config: &Config) -> Result<Self, String> {
         let imap = bind(config.imap.listen, "IMAP", "imap.listen").await?;
         let smtp = bind(config.smtp.listen, "SMTP", "smtp.listen").await?;
-        for (what, addr) in [("IMAP", config.imap.listen), ("SMTP", config.smtp.listen)] {
-            if !addr.ip().is_loopback() {
+        let with_tls_only = |require_tls| config.tls.is_some() && require_tls;
+        for (what, addr, tls_only) in [
+            (
+                "IMAP",
+                config.imap.listen,
+                with_tls_only(config.imap.require_tls),
+            ),
+            (
+                "SMTP",
+                config.smtp.listen,
+                with_tls_only(config.smtp.require_tls),
+            ),
+        ] {
+            if !addr.ip().is_loopback() && !tls_only {
                 warn!(
-                    "the {what} listener on {addr} is not on loopback and has no TLS: passwords cross the network in clear (fine on a private container network)"
+                    "the {what} listener on {addr} is not on loopback and takes logins without TLS: passwords may cross the network in clear (fine on a private container network; `require_tls` with [tls] stops it)"
                 );
             }
         }
         let admin = bind(config.admin.listen, "admin HTTP", "admin.listen").await?;
-        Ok(Listeners { imap, smtp, admin })
+        let imap_tls = match config.imap.tls_listen {
+            Some(addr) => Some(bind(addr, "IMAP over TLS", "imap.tls_listen").await?),
+            None => None,
+        };
+        let smtp_tls = match config.smtp.tls_listen {
+            Some(addr) => Some(bind(addr, "SMTP over TLS", "smtp.tls_listen").await?),
+            None => None,
+        };
+        Ok(Listeners {
+            imap,
+            smtp,
+            admin,
+            imap_tls,
+            smtp_tls,
+        })
+    }
+
+    /// The addresses bound for implicit TLS, IMAP and SMTP, if any.
+    pub fn tls_addrs(&self) -> std::io::Result<[Option<SocketAddr>; 2]> {
+        let addr = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr()).transpose();
+        Ok([addr(&self.imap_tls)?, addr(&self.smtp_tls)?])
     }
 
     /// The addresses bound, IMAP, SMTP and admin: with port 0 in the config
@@ -75,7 +126,13 @@ pub async fn run(
     let shared = Arc::new(Shared::new(config)?);
     shared.prepare_state_dir()?;
 
-    let Listeners { imap, smtp, admin } = listeners;
+    let Listeners {
+        imap,
+        smtp,
+        admin,
+        imap_tls,
+        smtp_tls,
+    } = listeners;
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
@@ -87,9 +144,29 @@ pub async fn run(
         stop: stop.clone(),
     };
 
-    tracker.spawn(accepting.clone().accept_loop(imap, Arc::new(Imap)));
+    let imap_protocol = Arc::new(Imap);
+    tracker.spawn(
+        accepting
+            .clone()
+            .accept_loop(imap, imap_protocol.clone(), Transport::Plain),
+    );
+    if let Some(listener) = imap_tls {
+        tracker.spawn(accepting.clone().accept_loop(
+            listener,
+            imap_protocol,
+            Transport::ImplicitTls,
+        ));
+    }
     let smtp_protocol = Arc::new(Smtp::new(&shared.config.smtp));
-    tracker.spawn(accepting.accept_loop(smtp, smtp_protocol));
+    if let Some(listener) = smtp_tls {
+        let protocol = smtp_protocol.clone();
+        tracker.spawn(
+            accepting
+                .clone()
+                .accept_loop(listener, protocol, Transport::ImplicitTls),
+        );
+    }
+    tracker.spawn(accepting.accept_loop(smtp, smtp_protocol, Transport::Plain));
     crate::metrics::get().register_protocols(&[Imap::NAME, Smtp::NAME]);
     tokio::spawn(crate::admin::serve(admin, stop.clone()));
     info!(
@@ -100,15 +177,33 @@ pub async fn run(
         accounts = shared.config.accounts.len(),
         "xoauth2-proxy is ready"
     );
+    if let Some(tls) = &shared.local_tls {
+        info!(
+            imap_tls = ?shared.config.imap.tls_listen,
+            smtp_tls = ?shared.config.smtp.tls_listen,
+            "TLS certificate for clients: {}",
+            tls.certificate().describe(std::time::SystemTime::now())
+        );
+    }
     let config_path = shared.config.path.clone();
     let grace = shared.config.server.shutdown_grace;
     drop(shared);
 
+    let mut renewal_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + RENEWAL_CHECK, RENEWAL_CHECK);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some(()) = reloads.recv() => reload(&config_path, &publish),
+            _ = renewal_check.tick() => {
+                let now = std::time::SystemTime::now();
+                let due = publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
+                if due {
+                    info!("the proxy's server certificate ends within 30 days; renewing it");
+                    reload(&config_path, &publish);
+                }
+            }
         }
     }
     info!("shutting down: no new connections; waiting for live sessions");
@@ -150,6 +245,24 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
             && a.pool_wait == b.pool_wait
             && a.pool_idle_timeout == b.pool_idle_timeout
     };
+    for (what, before, after) in [
+        (
+            "imap.tls_listen",
+            old.config.imap.tls_listen,
+            config.imap.tls_listen,
+        ),
+        (
+            "smtp.tls_listen",
+            old.config.smtp.tls_listen,
+            config.smtp.tls_listen,
+        ),
+    ] {
+        if before != after {
+            warn!(
+                "`{what}` changed to {after:?}; listeners move only on restart, still {before:?}"
+            );
+        }
+    }
     if !pools_unchanged {
         warn!("the [smtp] pool settings changed; they apply from the next restart");
     }
@@ -165,6 +278,16 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
         providers = shared.config.providers.len(),
         "config reloaded; live sessions keep the config they started with"
     );
+    if let Some(tls) = &shared.local_tls {
+        let certificate = tls.certificate();
+        if old.local_tls.as_ref().map(|t| t.certificate()) != Some(certificate) {
+            info!(
+                "new TLS connections get the certificate in {}: {}",
+                certificate.path.display(),
+                certificate.describe(std::time::SystemTime::now())
+            );
+        }
+    }
     let _ = publish.send(shared);
 }
 
@@ -190,7 +313,12 @@ struct Accepting {
 impl Accepting {
     /// Accepts connections for `protocol`, whose value lives as long as the
     /// listener (across reloads), until shutdown.
-    async fn accept_loop<P: Protocol>(self, listener: TcpListener, protocol: Arc<P>) {
+    async fn accept_loop<P: Protocol>(
+        self,
+        listener: TcpListener,
+        protocol: Arc<P>,
+        transport: Transport,
+    ) {
         let Accepting {
             current,
             limit,
@@ -236,7 +364,15 @@ impl Accepting {
                     let protocol = protocol.clone();
                     tracker.spawn(
                         async move {
-                            protocol.serve(shared, stream).await;
+                            match transport {
+                                Transport::Plain => {
+                                    crate::metrics::get().client_tls(P::NAME, "plain", true);
+                                    protocol.serve(shared, stream, false).await
+                                }
+                                Transport::ImplicitTls => {
+                                    serve_over_tls(&*protocol, shared, stream).await
+                                }
+                            }
                             gauge.dec();
                             drop(permit);
                         }
@@ -245,9 +381,29 @@ impl Accepting {
                 }
                 Err(_) => {
                     warn!(parent: &span, "too many connections; refusing this one");
-                    tracker.spawn(P::refuse_busy(stream).instrument(span));
+                    if transport == Transport::Plain {
+                        tracker.spawn(P::refuse_busy(stream).instrument(span));
+                    }
+                    // A TLS client is closed without a handshake: that would
+                    // cost the CPU the limit is there to save.
                 }
             }
         }
+    }
+}
+
+/// Runs the TLS handshake with the certificate of `shared`, within the
+/// login timeout, then serves the client over TLS.
+async fn serve_over_tls<P: Protocol>(protocol: &P, shared: Arc<Shared>, stream: TcpStream) {
+    let Some(tls) = &shared.local_tls else {
+        // Only after a reload that removed [tls]; the listener stays until restart.
+        warn!("a TLS client arrived but the config in force has no [tls]; closing");
+        return;
+    };
+    let accepted = tls.accept(stream, shared.config.server.login_timeout).await;
+    crate::metrics::get().client_tls(P::NAME, "implicit", accepted.is_ok());
+    match accepted {
+        Ok(stream) => protocol.serve(shared.clone(), stream, true).await,
+        Err(e) => info!("{e}; closing"),
     }
 }

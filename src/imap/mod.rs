@@ -8,9 +8,8 @@ pub mod upstream;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use crate::shared::{Protocol, Shared};
+use crate::shared::{ClientStream, Protocol, Shared};
 
 /// The IMAP listener's protocol.
 pub struct Imap;
@@ -18,11 +17,11 @@ pub struct Imap;
 impl Protocol for Imap {
     const NAME: &'static str = "imap";
 
-    async fn serve(&self, shared: Arc<Shared>, stream: TcpStream) {
-        session::run(shared, stream).await
+    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, over_tls: bool) {
+        session::run(shared, stream, over_tls).await
     }
 
-    async fn refuse_busy(mut stream: TcpStream) {
+    async fn refuse_busy<S: ClientStream>(mut stream: S) {
         let _ = stream
             .write_all(b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n")
             .await;

@@ -3,8 +3,12 @@
 //!
 //! The pre-login CAPABILITY is the proxy's own: Outlook may advertise
 //! LOGINDISABLED with only AUTH=XOAUTH2, which would make clients refuse to
-//! log in; and STARTTLS is never offered, because clients upgrade
-//! opportunistically and the proxy listens on loopback in the clear.
+//! log in. STARTTLS is offered only with `[tls]` (clients upgrade
+//! opportunistically, then refuse a certificate they do not trust); after it
+//! the dialogue starts again over TLS, without a greeting, and what the
+//! client pipelined in plaintext is dropped. With `require_tls` a plain
+//! connection advertises LOGINDISABLED and no AUTH=, and a login gets
+//! `NO [PRIVACYREQUIRED]`.
 //!
 //! `PreAuth::request` reads one command within the limits that hold before
 //! login; `PreAuth::command` hands it to one small method per command.
@@ -14,7 +18,6 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::framing::{FrameError, read_command};
@@ -25,45 +28,75 @@ use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::sasl::{self, Challenge, SaslError};
 use crate::secret::Secret;
-use crate::shared::Shared;
+use crate::shared::{ClientStream, Shared, TlsPolicy};
 use crate::upstream::UpstreamError;
 
-/// What the proxy offers before login.
-pub const CAPABILITIES: &str = "IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN AUTH=LOGIN";
+/// What the proxy offers before login, whatever the TLS state.
+const BASE_CAPABILITIES: &str = "IMAP4rev1 LITERAL+ SASL-IR ID";
 
 /// Syntax errors and unknown commands tolerated before the connection is closed.
 const MAX_ERRORS: u32 = 10;
 /// Failed logins tolerated on one connection.
 const MAX_FAILED_LOGINS: u32 = 3;
 
-/// Serves one client connection to the end.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream) {
-    let mut session = PreAuth {
-        client: BufReader::new(stream),
-        shared,
-        errors: 0,
-        failed_logins: 0,
-    };
+/// Serves one client connection to the end; `over_tls` when it is TLS
+/// from the first byte.
+pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, over_tls: bool) {
+    let imap = &shared.config.imap;
+    let tls = TlsPolicy::new(&shared, imap.starttls, imap.require_tls, over_tls);
+    let mut session = PreAuth::new(shared, stream, tls);
     // The dialogue's state (login, SASL, the upstream's opening) is the
     // larger part of this future; boxed, it is freed at login instead of
     // sitting in every idle session's task for the life of the relay. For
-    // the same reason only the stream is kept of the upstream session.
-    let upstream = match Box::pin(session.dialogue()).await {
+    // the same reason only the stream is kept of the upstream session (moved
+    // straight into the relay: a helper taking it would hold a second copy),
+    // and the session after STARTTLS is boxed: a session that never upgrades
+    // holds one pointer for it, not a TLS session's state.
+    let upstream = match Box::pin(session.dialogue(Greeting::Send)).await {
         Ok(Next::Relay(upstream)) => upstream.stream,
-        Ok(_) => return,
-        Err(e) => {
-            debug!("client connection failed: {}", crate::error::io_reason(&e));
-            return;
-        }
+        Ok(Next::StartTls) => return Box::pin(after_starttls(session)).await,
+        Ok(Next::Continue | Next::Close) => return,
+        Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
     if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
 
-struct PreAuth {
-    client: BufReader<TcpStream>,
+/// Puts TLS under the connection and runs the dialogue again over it.
+async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
+    let PreAuth {
+        client,
+        shared,
+        tls,
+        ..
+    } = session;
+    let Some(stream) = shared.start_tls("imap", client).await else {
+        return;
+    };
+    let mut session = PreAuth::new(shared, stream, tls.upgraded());
+    let upstream = match Box::pin(session.dialogue(Greeting::None)).await {
+        Ok(Next::Relay(upstream)) => upstream.stream,
+        Ok(_) => return,
+        Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
+    };
+    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
+        debug!("relay ended: {}", crate::error::io_reason(&e));
+    }
+}
+
+/// Whether the dialogue opens with the server greeting: not after
+/// STARTTLS, where the client speaks first (RFC 9051 §6.2.1).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Greeting {
+    Send,
+    None,
+}
+
+struct PreAuth<S> {
+    client: BufReader<S>,
     shared: Arc<Shared>,
+    tls: TlsPolicy,
     errors: u32,
     failed_logins: u32,
 }
@@ -77,9 +110,35 @@ enum Next {
     Relay(Box<ImapUpstream>),
     /// Close the connection (the client was told why, or has left).
     Close,
+    /// The client was told to begin TLS: put TLS under the connection.
+    StartTls,
 }
 
-impl PreAuth {
+impl<S: ClientStream> PreAuth<S> {
+    fn new(shared: Arc<Shared>, stream: S, tls: TlsPolicy) -> Self {
+        PreAuth {
+            client: BufReader::new(stream),
+            shared,
+            tls,
+            errors: 0,
+            failed_logins: 0,
+        }
+    }
+
+    /// The pre-login capabilities for the connection's TLS state.
+    fn capabilities(&self) -> String {
+        let mut caps = BASE_CAPABILITIES.to_string();
+        if self.tls.offers_starttls() {
+            caps.push_str(" STARTTLS");
+        }
+        caps.push_str(if self.tls.login_needs_tls() {
+            " LOGINDISABLED"
+        } else {
+            " AUTH=PLAIN AUTH=LOGIN"
+        });
+        caps
+    }
+
     async fn send(&mut self, text: &str) -> std::io::Result<()> {
         let stream = self.client.get_mut();
         stream.write_all(text.as_bytes()).await?;
@@ -110,11 +169,12 @@ impl PreAuth {
 
     /// Runs the dialogue until the client logs in ([`Next::Relay`]) or the
     /// connection is to be closed.
-    async fn dialogue(&mut self) -> std::io::Result<Next> {
-        self.send(&format!(
-            "* OK [CAPABILITY {CAPABILITIES}] xoauth2-proxy ready\r\n"
-        ))
-        .await?;
+    async fn dialogue(&mut self, greeting: Greeting) -> std::io::Result<Next> {
+        if greeting == Greeting::Send {
+            let caps = self.capabilities();
+            self.send(&format!("* OK [CAPABILITY {caps}] xoauth2-proxy ready\r\n"))
+                .await?;
+        }
         let mut buf = Vec::new();
         loop {
             match self.request(&mut buf).await? {
@@ -184,8 +244,9 @@ impl PreAuth {
     }
 
     async fn capability(&mut self, tag: &str) -> std::io::Result<Next> {
+        let caps = self.capabilities();
         self.answer(&format!(
-            "* CAPABILITY {CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n"
+            "* CAPABILITY {caps}\r\n{tag} OK CAPABILITY completed\r\n"
         ))
         .await
     }
@@ -211,11 +272,32 @@ impl PreAuth {
         .await
     }
 
-    /// Not offered (see the module comment), but answered without counting
-    /// as an error.
+    /// Begins TLS when offered. Where it is not (no `[tls]`, `starttls =
+    /// false`), a refusal that does not count as an error; over TLS already
+    /// (a second STARTTLS, or on `tls_listen`), an error.
     async fn starttls(&mut self, tag: &str) -> std::io::Result<Next> {
-        self.answer(&format!("{tag} BAD STARTTLS is not offered\r\n"))
-            .await
+        if self.tls.active {
+            return self
+                .error(&format!("{tag} BAD TLS is already active\r\n"))
+                .await;
+        }
+        if !self.tls.offers_starttls() {
+            return self
+                .answer(&format!("{tag} BAD STARTTLS is not offered\r\n"))
+                .await;
+        }
+        self.send(&format!("{tag} OK Begin TLS negotiation now\r\n"))
+            .await?;
+        Ok(Next::StartTls)
+    }
+
+    /// With `require_tls`, a login over plain text is refused before its
+    /// credentials are looked at.
+    async fn privacy_required(&mut self, tag: &str) -> std::io::Result<Next> {
+        self.error(&format!(
+            "{tag} NO [PRIVACYREQUIRED] Log in over TLS: STARTTLS first\r\n"
+        ))
+        .await
     }
 
     async fn not_before_login(&mut self, tag: &str, name: &str) -> std::io::Result<Next> {
@@ -231,6 +313,9 @@ impl PreAuth {
         username: Vec<u8>,
         password: &[u8],
     ) -> std::io::Result<Next> {
+        if self.tls.login_needs_tls() {
+            return self.privacy_required(tag).await;
+        }
         let Ok(username) = String::from_utf8(username) else {
             let refusal = refusal(&LoginError::BadCredentials);
             return self.answer(&format!("{tag} {refusal}\r\n")).await;
@@ -244,6 +329,9 @@ impl PreAuth {
         mechanism: &str,
         initial_response: Option<Vec<u8>>,
     ) -> std::io::Result<Next> {
+        if self.tls.login_needs_tls() {
+            return self.privacy_required(tag).await;
+        }
         let Some(mechanism) = sasl::Mechanism::named(mechanism) else {
             return self
                 .answer(&format!(
@@ -325,7 +413,7 @@ fn refusal(e: &LoginError) -> String {
     }
 }
 
-impl Challenge for PreAuth {
+impl<S: ClientStream> Challenge for PreAuth<S> {
     /// `+ prompt`, then one line within the login timeout. A response too
     /// long or too late is malformed: the client is told so and may go on.
     async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {

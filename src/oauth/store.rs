@@ -1,16 +1,16 @@
 //! Grants on disk: one JSON file per account under `<state_dir>/tokens/`.
 //!
-//! Every write replaces the file atomically (write a temporary file with mode
-//! 0600, fsync it, rename it over the old one, fsync the directory), so a crash
-//! at any moment leaves either the old grant or the new one, never neither.
+//! Every write replaces the file atomically ([`crate::private_file`]), so a
+//! crash at any moment leaves either the old grant or the new one, never
+//! neither.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::Flow;
+use crate::private_file::{create_private_dir, write_atomically};
 use crate::secret::Secret;
 
 /// What the proxy knows about one account's grant.
@@ -145,24 +145,7 @@ impl TokenStore {
         };
         create_private_dir(&self.dir).map_err(|e| fail("create the folder of", e))?;
         let json = serde_json::to_vec_pretty(grant).expect("a grant always serialises");
-        let tmp = self.dir.join(format!(
-            ".{}.{}.{}.tmp",
-            path.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        let written = (|| {
-            let mut file = private_file_options().open(&tmp)?;
-            file.write_all(&json)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            // Make the rename itself durable.
-            std::fs::File::open(&self.dir)?.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(fail("write", e));
-        }
+        write_atomically(&path, &json).map_err(|e| fail("write", e))?;
         Ok(())
     }
 }
@@ -173,29 +156,6 @@ const FIX_PERMISSIONS: &str = "check that the state directory is writable by the
 /// Held while a grant is being redeemed; released when dropped.
 pub struct GrantLock {
     _file: std::fs::File,
-}
-
-fn private_file_options() -> std::fs::OpenOptions {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    options
-}
-
-/// Creates `dir` (and parents) readable by the owner only.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir)
 }
 
 /// Seconds since the Unix epoch.

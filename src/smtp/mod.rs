@@ -10,10 +10,9 @@ pub mod upstream;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::config::SmtpSection;
-use crate::shared::{Protocol, Shared};
+use crate::shared::{ClientStream, Protocol, Shared};
 use extensions::Extensions;
 use pool::Pools;
 
@@ -56,11 +55,18 @@ impl Smtp {
 impl Protocol for Smtp {
     const NAME: &'static str = "smtp";
 
-    async fn serve(&self, shared: Arc<Shared>, stream: TcpStream) {
-        session::run(shared, self.pools.clone(), self.extensions.clone(), stream).await
+    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, over_tls: bool) {
+        session::run(
+            shared,
+            self.pools.clone(),
+            self.extensions.clone(),
+            stream,
+            over_tls,
+        )
+        .await
     }
 
-    async fn refuse_busy(mut stream: TcpStream) {
+    async fn refuse_busy<S: ClientStream>(mut stream: S) {
         let _ = stream
             .write_all(b"421 4.3.2 Too many connections; try again later\r\n")
             .await;

@@ -7,6 +7,11 @@
 //! upstream's replies go back verbatim, so its enhanced status codes reach the
 //! client. A client may pipeline: commands are answered in order.
 //!
+//! STARTTLS is offered only with `[tls]`; after it the session starts
+//! again over TLS (RFC 3207: the client must EHLO again) and what the client
+//! pipelined in plaintext is dropped. With `require_tls` a plain connection
+//! offers no AUTH, and AUTH gets 530.
+//!
 //! `Session::command` hands each command to one small method; AUTH runs
 //! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
 //! reply in `refusal` alone.
@@ -15,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::command::{self, Command};
@@ -26,7 +30,7 @@ use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError, open_as};
 use crate::sasl::{self, Challenge, Credentials, SaslError};
-use crate::shared::Shared;
+use crate::shared::{ClientStream, Shared, TlsPolicy};
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -40,36 +44,62 @@ const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 /// The proxy's own host name in greetings.
 const HOSTNAME: &str = "xoauth2-proxy";
 
-/// Serves one client connection to the end.
-pub async fn run(
+/// Serves one client connection to the end; `over_tls` when it is TLS
+/// from the first byte.
+pub async fn run<S: ClientStream>(
     shared: Arc<Shared>,
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
-    stream: TcpStream,
+    stream: S,
+    over_tls: bool,
 ) {
-    let mut session = Session {
-        client: BufReader::with_capacity(64 * 1024, stream),
+    let smtp = &shared.config.smtp;
+    let tls = TlsPolicy::new(&shared, smtp.starttls, smtp.require_tls, over_tls);
+    let mut session = Session::new(shared, pools, extensions, stream, tls);
+    let next = session.dialogue(Greeting::Send).await;
+    session.end_transaction().await;
+    match next {
+        Ok(Next::StartTls) => Box::pin(after_starttls(session)).await,
+        Ok(_) => {}
+        Err(e) => debug!("client connection ended: {}", crate::error::io_reason(&e)),
+    }
+}
+
+/// Puts TLS under the connection and starts the session again over it.
+async fn after_starttls<S: ClientStream>(session: Session<S>) {
+    let Session {
+        client,
         shared,
         pools,
         extensions,
-        account: None,
-        lease: None,
-        errors: 0,
-        failed_logins: 0,
-        line: Vec::new(),
+        tls,
+        ..
+    } = session;
+    let Some(stream) = shared.start_tls("smtp", client).await else {
+        return;
     };
-    if let Err(e) = session.dialogue().await {
+    let mut session = Session::new(shared, pools, extensions, stream, tls.upgraded());
+    if let Err(e) = session.dialogue(Greeting::None).await {
         debug!("client connection ended: {}", crate::error::io_reason(&e));
     }
     session.end_transaction().await;
 }
 
-struct Session {
-    client: BufReader<TcpStream>,
+/// Whether the dialogue opens with the 220 greeting: not after STARTTLS,
+/// where the client speaks first (RFC 3207 §4.2).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Greeting {
+    Send,
+    None,
+}
+
+struct Session<S> {
+    client: BufReader<S>,
     shared: Arc<Shared>,
     /// The process's upstream connection pools.
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
+    tls: TlsPolicy,
     account: Option<Account>,
     /// The upstream connection of the transaction in progress, if any.
     lease: Option<Lease>,
@@ -82,6 +112,8 @@ struct Session {
 enum Next {
     Continue,
     Close,
+    /// The client was told to begin TLS: put TLS under the connection.
+    StartTls,
 }
 
 /// What the proxy is waiting for, named in the log when it does not come.
@@ -135,7 +167,28 @@ enum MailError {
     Lost(ReplyError),
 }
 
-impl Session {
+impl<S: ClientStream> Session<S> {
+    fn new(
+        shared: Arc<Shared>,
+        pools: Arc<Pools>,
+        extensions: Arc<Extensions>,
+        stream: S,
+        tls: TlsPolicy,
+    ) -> Self {
+        Session {
+            client: BufReader::with_capacity(64 * 1024, stream),
+            shared,
+            pools,
+            extensions,
+            tls,
+            account: None,
+            lease: None,
+            errors: 0,
+            failed_logins: 0,
+            line: Vec::new(),
+        }
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let stream = self.client.get_mut();
         stream.write_all(bytes).await?;
@@ -163,8 +216,10 @@ impl Session {
         Ok(Next::Continue)
     }
 
-    async fn dialogue(&mut self) -> std::io::Result<()> {
-        self.reply(220, &format!("{HOSTNAME} ESMTP ready")).await?;
+    async fn dialogue(&mut self, greeting: Greeting) -> std::io::Result<Next> {
+        if greeting == Greeting::Send {
+            self.reply(220, &format!("{HOSTNAME} ESMTP ready")).await?;
+        }
         loop {
             let timeout = if self.account.is_some() {
                 self.shared.config.smtp.client_idle_timeout
@@ -175,8 +230,8 @@ impl Session {
                 Received::Line => self.command().await?,
                 Received::Hangup | Received::Closed => Next::Close,
             };
-            if let Next::Close = next {
-                return Ok(());
+            if let Next::Close | Next::StartTls = next {
+                return Ok(next);
             }
         }
     }
@@ -244,7 +299,7 @@ impl Session {
                     .await
             }
             Command::Help => self.answer(214, "2.0.0 See RFC 5321").await,
-            Command::StartTls => self.error(502, "5.5.1 STARTTLS is not offered").await,
+            Command::StartTls => self.starttls().await,
             Command::Bdat => self.error(502, "5.5.1 BDAT is not offered; use DATA").await,
             Command::Unknown => self.error(500, "5.5.2 Command not recognised").await,
         }
@@ -274,13 +329,19 @@ impl Session {
         Ok(Next::Continue)
     }
 
-    /// The EHLO reply: AUTH always (nodemailer only authenticates when it is
-    /// advertised), and the upstream's extensions the proxy can pass on.
+    /// The EHLO reply: the upstream's extensions the proxy can pass on,
+    /// STARTTLS when offered, and AUTH unless TLS must come first (nodemailer
+    /// only authenticates when AUTH is advertised).
     async fn ehlo_reply(&mut self) -> String {
         let mut lines = vec![format!("{HOSTNAME} Hello")];
         let (config, tls) = (&self.shared.config, &self.shared.tls);
         lines.extend(self.extensions.advertised(config, tls).await);
-        lines.push("AUTH PLAIN LOGIN".to_string());
+        if self.tls.offers_starttls() {
+            lines.push("STARTTLS".to_string());
+        }
+        if !self.tls.login_needs_tls() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
         let last = lines.len() - 1;
         lines
             .iter()
@@ -304,9 +365,33 @@ impl Session {
         self.close_with(221, "2.0.0 Bye").await
     }
 
+    /// Begins TLS when offered: before AUTH, once. Where it is not offered
+    /// at all the answer is 502, as for any command not implemented.
+    async fn starttls(&mut self) -> std::io::Result<Next> {
+        if self.tls.active {
+            return self.error(503, "5.5.1 TLS is already active").await;
+        }
+        if !self.tls.offers_starttls() {
+            return self.error(502, "5.5.1 STARTTLS is not offered").await;
+        }
+        if self.account.is_some() {
+            return self
+                .error(503, "5.5.1 STARTTLS must come before AUTH")
+                .await;
+        }
+        self.reply(220, "2.0.0 Ready to start TLS").await?;
+        self.client.get_mut().flush().await?;
+        Ok(Next::StartTls)
+    }
+
     async fn auth(&mut self, mechanism: &str, initial: Option<Vec<u8>>) -> std::io::Result<Next> {
         if self.account.is_some() {
             return self.error(503, "5.5.1 Already authenticated").await;
+        }
+        if self.tls.login_needs_tls() {
+            return self
+                .error(530, "5.7.0 Must issue a STARTTLS command first")
+                .await;
         }
         let Some(mechanism) = sasl::Mechanism::named(mechanism) else {
             return self
@@ -327,28 +412,12 @@ impl Session {
             Err(SaslError::Closed) => return Ok(Next::Close),
             Err(SaslError::Io(e)) => return Err(e),
         };
-        let outcome = self.log_in(&credentials).await;
+        let outcome = log_in(&self.shared, &self.pools, &credentials).await;
         crate::metrics::get().login("smtp", &outcome);
         match outcome {
             Ok(account) => self.logged_in(account).await,
             Err(e) => self.login_failed(&e).await,
         }
-    }
-
-    /// Checks the password and that the mailbox can be served now, so that a
-    /// refused token or disabled SMTP AUTH surfaces at AUTH, not at MAIL.
-    async fn log_in(&self, credentials: &Credentials) -> Result<Account, LoginError> {
-        let shared = &self.shared;
-        let delay = shared.config.server.auth_failure_delay;
-        let (username, password) = (&credentials.username, &credentials.password);
-        let account = login::check_password(&shared.accounts, delay, username, password).await?;
-        // A pool already warm for the mailbox proves the mailbox works,
-        // not that this account's grant is still good.
-        let opener = || open_pooled(shared, &account);
-        if self.pools.ensure(&account, opener).await? == Opened::No {
-            login::check_grant(&shared.tokens, &account).await?;
-        }
-        Ok(account)
     }
 
     async fn logged_in(&mut self, account: Account) -> std::io::Result<Next> {
@@ -550,6 +619,25 @@ impl Session {
     }
 }
 
+/// Checks the password and that the mailbox can be served now, so that a
+/// refused token or disabled SMTP AUTH surfaces at AUTH, not at MAIL.
+async fn log_in(
+    shared: &Shared,
+    pools: &Pools,
+    credentials: &Credentials,
+) -> Result<Account, LoginError> {
+    let delay = shared.config.server.auth_failure_delay;
+    let (username, password) = (&credentials.username, &credentials.password);
+    let account = login::check_password(&shared.accounts, delay, username, password).await?;
+    // A pool already warm for the mailbox proves the mailbox works,
+    // not that this account's grant is still good.
+    let opener = || open_pooled(shared, &account);
+    if pools.ensure(&account, opener).await? == Opened::No {
+        login::check_grant(&shared.tokens, &account).await?;
+    }
+    Ok(account)
+}
+
 /// The one place a failed login becomes an SMTP reply. At AUTH an
 /// unavailable service ends the session (421) and a refusal is final (535);
 /// at MAIL the client has logged in already, so any failure is the
@@ -590,7 +678,7 @@ fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
     }
 }
 
-impl Challenge for Session {
+impl<S: ClientStream> Challenge for Session<S> {
     /// `334 prompt`, then one line within the login timeout. A response too
     /// long or too late closes the connection (see `read_line_within`).
     async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {
@@ -625,8 +713,8 @@ async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream,
 /// to its end either way, so the dialogue stays in step. An error is the
 /// client's (it stalled or left): the lease, dropped, closes the upstream
 /// connection rather than deliver a partial message.
-async fn pump_message(
-    client: &mut BufReader<TcpStream>,
+async fn pump_message<S: ClientStream>(
+    client: &mut BufReader<S>,
     lease: &mut Lease,
     idle: Duration,
 ) -> std::io::Result<bool> {

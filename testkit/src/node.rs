@@ -119,11 +119,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `NODE_EXTRA_CA_CERTS` for a driver whose options name `nodeExtraCaCerts`:
+/// how a deployment (NocoBase's container) makes Node trust an extra CA,
+/// with every other certificate check left on.
+fn extra_ca_certs(command: &mut tokio::process::Command, options: &Value) {
+    command.env_remove("NODE_EXTRA_CA_CERTS");
+    if let Some(path) = options.get("nodeExtraCaCerts").and_then(Value::as_str) {
+        command.env("NODE_EXTRA_CA_CERTS", path);
+    }
+}
+
 /// Runs `tests/node/imapflow_session.mjs <args>` and returns the JSON line it
 /// printed. Never waits more than `timeout_secs` (the driver's own deadline is
 /// shorter); a timeout or an unparsable output is returned as `{"ok":false,…}`.
 pub async fn imapflow(args: &Value, timeout_secs: u64) -> Value {
     let mut command = tokio::process::Command::new("node");
+    extra_ca_certs(&mut command, args);
     command
         .current_dir(repository())
         .arg(modules().join("imapflow_session.mjs"))
@@ -173,9 +184,11 @@ pub async fn imapflow(args: &Value, timeout_secs: u64) -> Value {
 /// Runs `tests/node/nodemailer_send.mjs` with `opts`; returns its last line as
 /// JSON. Panics when it does not finish within two minutes or prints no JSON.
 pub async fn nodemailer(opts: Value) -> Value {
+    let mut command = tokio::process::Command::new("node");
+    extra_ca_certs(&mut command, &opts);
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::process::Command::new("node")
+        command
             .arg(modules().join("nodemailer_send.mjs"))
             .arg(opts.to_string())
             .current_dir(repository())
