@@ -8,7 +8,10 @@
 #   3. what ties them together (packaging/ci/checks.py static): service names,
 #      network `nocobase`, mail ports unpublished, the state volume, the secret
 #      mounted where the config's client_secret_file points, probes on /healthz,
-#      ports = EXPOSE = the configs' listeners, the README's sections;
+#      ports = EXPOSE = expose = the configs' listeners (tls_listen included),
+#      require_tls on every plain listener off loopback, the certificate's names
+#      holding the service name, NODE_EXTRA_CA_CERTS = the CA file a one-shot
+#      service copies from state_dir/tls/ca.pem (never a key), the README's sections;
 #   4. the Dockerfile's build step, `cargo build --release --locked` (a no-op
 #      when the caller has built it already), and the binary needs nothing
 #      the distroless runtime image lacks;
@@ -18,8 +21,12 @@
 #      namespaces, the runtime image's file system is laid out in a chroot and
 #      the compose service and the Kubernetes sidecar are each run as their
 #      user, with their environment, mounts and config: `status` must pass,
-#      `serve` must answer /healthz and the IMAP/SMTP greetings, SIGTERM must
-#      end it with status 0.
+#      `serve` must answer /healthz and the IMAP/SMTP greetings, a TLS handshake
+#      on each tls_listen whose certificate verifies against `tls ca` for the
+#      service name, no login before STARTTLS where require_tls is set, no
+#      plaintext warning in its log, SIGTERM must end it with status 0; then the
+#      compose file's CA service runs (busybox, its capabilities only) and must
+#      copy exactly the certificate `tls ca` prints.
 #
 # Run it as root (CI is) for steps 5 and 6; elsewhere those fall back to
 # reading the unit's keys and running the configs through `status`.
@@ -89,6 +96,8 @@ fi
 
 step "6. the container contract, in a sandbox"
 if [ "$(id -u)" = 0 ] && need ip iproute2 && unshare --mount --net true 2>/dev/null; then
+  # The compose file's CA service runs busybox; without it that part is noted, not run.
+  need busybox busybox-static || true
   unshare --mount --net --propagation private "$py" packaging/ci/checks.py sandbox "$bin"
 else
   echo "  note  not root, or no namespaces: the configs go through \`status\` only"

@@ -13,7 +13,11 @@
                                      bundle, the volume) and run the container's command in
                                      a chroot as its user, with its environment and mounts;
                                      `status` must pass, `serve` must answer /healthz and the
-                                     mail greetings, and SIGTERM must end it with status 0.
+                                     mail greetings (TLS on tls_listen, verified against
+                                     `tls ca`; no login before STARTTLS with require_tls),
+                                     log no plaintext warning, and end with status 0 on
+                                     SIGTERM; the compose file's CA service, run with
+                                     busybox, must copy that CA certificate and no key.
 
 Every check prints one line; any failure makes the exit status 1.
 """
@@ -27,6 +31,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -68,6 +73,12 @@ DISTROLESS_CC_LIBS = {
 DEBIAN12_GLIBC = (2, 36)
 # Where distroless (like Debian) keeps the CA bundle; rustls-native-certs reads it there.
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Where the self-made CA's certificate (alone, no key) lies under state_dir (src/local_tls/ca.rs).
+CA_CERT_IN_STATE = "tls/ca.pem"
+# What the proxy logs for a plain listener off loopback that takes passwords (src/server.rs).
+PLAINTEXT_WARNING = "not on loopback and takes logins without TLS"
+# Linux capability numbers, for the compose file's cap_add (linux/capability.h).
+CAPABILITIES = {"CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3}
 
 failures: list[str] = []
 
@@ -211,11 +222,43 @@ def listen_port(config: dict, section_name: str, default: str) -> tuple[str, int
 
 
 def config_ports(config: dict) -> dict[str, tuple[str, int]]:
-    return {
+    """Every listener: imap, smtp, admin, and imap_tls/smtp_tls when tls_listen is set."""
+    ports = {
         "imap": listen_port(config, "imap", "127.0.0.1:1143"),
         "smtp": listen_port(config, "smtp", "127.0.0.1:1587"),
         "admin": listen_port(config, "admin", "127.0.0.1:8025"),
     }
+    for proto in ["imap", "smtp"]:
+        tls_listen = config.get(proto, {}).get("tls_listen")
+        if tls_listen:
+            host, _, port = tls_listen.rpartition(":")
+            ports[f"{proto}_tls"] = (host.strip("[]"), int(port))
+    return ports
+
+
+def check_client_tls(config: dict, where: str, dialled_name: str | None) -> None:
+    """A plain listener off loopback must have require_tls (with [tls]); a tls_listen
+    needs [tls]; a self-made certificate must name what NocoBase dials."""
+    ports = config_ports(config)
+    tls = config.get("tls")
+    for proto in ["imap", "smtp"]:
+        host = ports[proto][0]
+        if ipaddress_is_loopback(host):
+            ok(f"{where}: the plain {proto.upper()} listener is on loopback ({host}): plain is fine")
+        else:
+            expect(
+                tls is not None and config.get(proto, {}).get("require_tls") is True,
+                f"{where}: the plain {proto.upper()} listener binds {host}, so [{proto}] require_tls = true "
+                "with [tls] (no password in clear)",
+            )
+        if f"{proto}_tls" in ports:
+            expect(tls is not None, f"{where}: {proto}.tls_listen {ports[proto + '_tls']} has a [tls] section")
+    if tls is not None and dialled_name and "cert_file" not in tls:
+        names = tls.get("names", ["localhost", "127.0.0.1", "xoauth2-proxy"])
+        expect(
+            dialled_name in names,
+            f"{where}: the self-made certificate names `{dialled_name}`, the host NocoBase dials: {names}",
+        )
 
 
 def check_dockerfile(df: Dockerfile, container_config: dict) -> None:
@@ -322,6 +365,10 @@ class ContainerSpec:
     probe_path: str
     mail: dict[str, tuple[str, int]]  # "imap"/"smtp" → (host to dial, port)
     accounts: list[str]
+    tls: dict[str, tuple[str, int]] = field(default_factory=dict)  # tls_listen: (host to dial, port)
+    tls_name: str | None = None  # the name the certificate must verify for
+    require_tls: list[str] = field(default_factory=list)  # plain listeners that take no login before STARTTLS
+    ca_export: dict | None = None  # the compose service that hands NocoBase the CA
 
 
 def parse_compose_port(entry) -> tuple[str, str | None, int]:
@@ -384,11 +431,13 @@ def check_compose(df: Dockerfile, container_config: dict) -> ContainerSpec | Non
 
     ports = config_ports(container_config)
     published = [parse_compose_port(p) for p in proxy.get("ports", [])]
-    for proto in ["imap", "smtp"]:
+    check_client_tls(container_config, "packaging/config.toml", PROXY_SERVICE)
+    mail_listeners = [name for name in ports if name != "admin"]
+    for proto in mail_listeners:
         port = ports[proto][1]
         expect(
             all(target != port for _, _, target in published),
-            f"the {proto.upper()} port {port} is not published on the host",
+            f"the {proto.upper().replace('_TLS', ' over TLS')} port {port} is not published on the host",
         )
         expect(
             ports[proto][0] in ("0.0.0.0", "::"),
@@ -450,14 +499,22 @@ def check_compose(df: Dockerfile, container_config: dict) -> ContainerSpec | Non
     expect(stop > grace, f"stop_grace_period ({stop:.0f}s) > shutdown_grace ({grace:.0f}s)")
     expect(proxy.get("read_only") is True, "the proxy's root file system is read-only")
 
+    exposed = {int(str(p).split("/")[0]) for p in proxy.get("expose", [])}
+    expect(
+        exposed == {p for _, p in ports.values()},
+        f"the proxy's expose {sorted(exposed)} = packaging/config.toml's listen ports",
+    )
+
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     login = f"docker compose exec {PROXY_SERVICE} xoauth2-proxy login"
     expect(login in header, f"the header shows `{login} …`")
     for proto in ["imap", "smtp"]:
+        port, secure = (ports[f"{proto}_tls"][1], "on") if f"{proto}_tls" in ports else (ports[proto][1], "off")
         expect(
-            re.search(rf"host {PROXY_SERVICE}\s+port {ports[proto][1]}\s+secure off", header) is not None,
-            f"the header points NocoBase's {proto.upper()} at {PROXY_SERVICE}:{ports[proto][1]}, secure off",
+            re.search(rf"host {PROXY_SERVICE}\s+port {port}\s+secure {secure}", header) is not None,
+            f"the header points NocoBase's {proto.upper()} at {PROXY_SERVICE}:{port}, secure {secure}",
         )
+    ca_export = check_compose_ca(doc, services, state_dir, state_volume, container_config)
 
     user = proxy.get("user")
     uid, gid = df.user() or (0, 0)
@@ -486,7 +543,112 @@ def check_compose(df: Dockerfile, container_config: dict) -> ContainerSpec | Non
         probe_path="/healthz",
         mail={proto: ("127.0.0.1", ports[proto][1]) for proto in ["imap", "smtp"]},
         accounts=[a["username"] for a in container_config.get("accounts", [])],
+        tls={proto: ("127.0.0.1", ports[f"{proto}_tls"][1]) for proto in ["imap", "smtp"] if f"{proto}_tls" in ports},
+        # NocoBase dials the service name: the certificate must verify for it.
+        tls_name=PROXY_SERVICE,
+        require_tls=[p for p in ["imap", "smtp"] if container_config.get(p, {}).get("require_tls")],
+        ca_export=ca_export,
     )
+
+
+def volume_mounts(service: dict) -> list[tuple[str, str, bool]]:
+    """A compose service's volumes → (source, target, read-only)."""
+    out = []
+    for entry in service.get("volumes", []) or []:
+        if isinstance(entry, dict):
+            out.append((entry.get("source", ""), entry["target"], bool(entry.get("read_only"))))
+        else:
+            source, _, rest = str(entry).partition(":")
+            target, _, mode = rest.partition(":")
+            out.append((source, target, "ro" in mode.split(",")))
+    return out
+
+
+def check_compose_ca(doc: dict, services: dict, state_dir: str, state_volume, config: dict) -> dict | None:
+    """NocoBase trusts the proxy's self-made CA: NODE_EXTRA_CA_CERTS names a file on a
+    read-only volume that a one-shot service fills with state_dir/tls/ca.pem (the
+    certificate; the CA key stays in the state volume), before NocoBase starts."""
+    app = services["app"]
+    ca_path = compose_env(app).get("NODE_EXTRA_CA_CERTS")
+    serves_tls = any(config.get(p, {}).get("tls_listen") for p in ["imap", "smtp"])
+    if not serves_tls:
+        expect(ca_path is None, "no tls_listen, so NocoBase gets no NODE_EXTRA_CA_CERTS")
+        return None
+    if not expect(
+        ca_path is not None and ca_path.startswith("/"),
+        f"app sets NODE_EXTRA_CA_CERTS (the config has tls_listen): {ca_path}",
+    ):
+        return None
+    if "tls" in config and "cert_file" in config["tls"]:
+        ok("[tls] names certificate files: bring their CA to NocoBase yourself")
+        return None
+    ca_dir = str(PurePosixPath(ca_path).parent)
+    ca_name = PurePosixPath(ca_path).name
+    app_mounts = [m for m in volume_mounts(app) if m[1] == ca_dir]
+    named = doc.get("volumes") or {}
+    if not expect(
+        len(app_mounts) == 1 and app_mounts[0][0] in named,
+        f"NODE_EXTRA_CA_CERTS ({ca_path}) is on a named volume mounted at {ca_dir}",
+        f"app mounts {volume_mounts(app)}",
+    ):
+        return None
+    ca_volume, _, ca_ro = app_mounts[0]
+    expect(ca_ro, f"app mounts `{ca_volume}` read-only")
+    expect(
+        all(source != state_volume for source, _, _ in volume_mounts(app)),
+        f"app does not mount the proxy's state volume `{state_volume}` (the CA key is there)",
+    )
+    writers = [
+        (name, target)
+        for name, service in services.items()
+        for source, target, ro in volume_mounts(service)
+        if source == ca_volume and not ro
+    ]
+    if not expect(len(writers) == 1, f"one service writes `{ca_volume}`: {[w[0] for w in writers]}"):
+        return None
+    init_name, init_ca_dir = writers[0]
+    init = services[init_name]
+    state_mounts = [(t, ro) for s, t, ro in volume_mounts(init) if s == state_volume]
+    expect(
+        len(state_mounts) == 1 and state_mounts[0][1],
+        f"`{init_name}` mounts the state volume `{state_volume}` read-only",
+    )
+    if not state_mounts:
+        return None
+    init_state = state_mounts[0][0]
+    for name, service in services.items():
+        if name not in (PROXY_SERVICE, init_name):
+            expect(
+                all(source != state_volume for source, _, _ in volume_mounts(service)),
+                f"`{name}` does not mount the state volume (the CA key stays with the proxy)",
+            )
+    command = init.get("command") or []
+    argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    script = " ".join(argv)
+    source = f"{init_state}/{CA_CERT_IN_STATE}"
+    expect(source in script, f"`{init_name}` copies {source} (state_dir/{CA_CERT_IN_STATE}, the certificate alone)")
+    expect(f"{init_ca_dir}/{ca_name}" in script, f"…to {init_ca_dir}/{ca_name}, which app sees as {ca_path}")
+    expect("ca-key" not in script and "server.pem" not in script, f"`{init_name}` touches no key file")
+    depends = app.get("depends_on") or {}
+    condition = depends.get(init_name, {}).get("condition") if isinstance(depends, dict) else None
+    expect(
+        condition == "service_completed_successfully",
+        f"app starts after `{init_name}` has completed (Node.js reads NODE_EXTRA_CA_CERTS at start): {condition}",
+    )
+    expect(PROXY_SERVICE in (init.get("depends_on") or []), f"`{init_name}` starts after the proxy")
+    expect(init.get("restart", "no") == "no", f"`{init_name}` is one-shot (restart: no)")
+    caps = init.get("cap_add") or []
+    expect("ALL" in (init.get("cap_drop") or []), f"`{init_name}` drops all capabilities but {caps}")
+    # Compose writes $ as $$ in commands; the sandbox runs what the shell gets.
+    return {
+        "service": init_name,
+        "argv": [a.replace("$$", "$") for a in argv],
+        "state_mount": init_state,
+        "ca_mount": init_ca_dir,
+        "ca_file": ca_name,
+        "caps": [CAPABILITIES[c.upper()] for c in caps if c.upper() in CAPABILITIES],
+        "uid": int(str(init.get("user", "0")).split(":")[0]),
+    }
 
 
 # ---- the Kubernetes manifest ----------------------------------------------------
@@ -555,11 +717,12 @@ def check_kubernetes(df: Dockerfile) -> ContainerSpec | None:
     config = tomllib.loads(config_text)
     ports = config_ports(config)
 
-    for proto in ["imap", "smtp"]:
+    for proto in [name for name in ports if name != "admin"]:
         expect(
             ipaddress_is_loopback(ports[proto][0]),
             f"{proto.upper()} listens on the pod's loopback, where NocoBase reaches it: {ports[proto]}",
         )
+    check_client_tls(config, "the sidecar's config", "127.0.0.1")
     expect(
         ports["admin"][0] in ("0.0.0.0", "::"),
         f"the admin listener binds all interfaces, for the kubelet's probes: {ports['admin']}",
@@ -577,7 +740,10 @@ def check_kubernetes(df: Dockerfile) -> ContainerSpec | None:
         )
         probe_port = port
     expect(
-        not any(p["containerPort"] in (ports["imap"][1], ports["smtp"][1]) for p in proxy.get("ports", [])),
+        not any(
+            p["containerPort"] in {port for name, (_, port) in ports.items() if name != "admin"}
+            for p in proxy.get("ports", [])
+        ),
         "the mail ports are not declared as container ports",
     )
 
@@ -656,6 +822,9 @@ def check_kubernetes(df: Dockerfile) -> ContainerSpec | None:
         probe_path="/healthz",
         mail={proto: ("127.0.0.1", ports[proto][1]) for proto in ["imap", "smtp"]},
         accounts=[a["username"] for a in config.get("accounts", [])],
+        tls={proto: ("127.0.0.1", ports[f"{proto}_tls"][1]) for proto in ["imap", "smtp"] if f"{proto}_tls" in ports},
+        tls_name="127.0.0.1",
+        require_tls=[p for p in ["imap", "smtp"] if config.get(p, {}).get("require_tls")],
     )
 
 
@@ -668,9 +837,22 @@ def ipaddress_is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def check_readme() -> None:
+def check_readme(container_config: dict) -> None:
     section("README.md")
     text = README.read_text()
+    start = text.find("## Run beside NocoBase")
+    end = text.find("\n## ", start + 1)
+    beside = text[start:end] if start >= 0 else ""
+    ports = config_ports(container_config)
+    for proto in ["imap", "smtp"]:
+        if f"{proto}_tls" in ports:
+            port = ports[f"{proto}_tls"][1]
+            expect(
+                f"`{port}`" in beside,
+                f"\"Run beside NocoBase\" gives NocoBase's {proto.upper()} port `{port}` (tls_listen)",
+            )
+    if any(f"{p}_tls" in ports for p in ["imap", "smtp"]):
+        expect("NODE_EXTRA_CA_CERTS" in beside, '"Run beside NocoBase" explains NODE_EXTRA_CA_CERTS')
     for heading in ["## Run beside NocoBase", "## Try it without an Azure tenant"]:
         expect(heading in text, f"has the section {heading[3:]!r}")
     for needle in [
@@ -689,7 +871,7 @@ def static() -> None:
     check_dockerfile(df, container_config)
     check_dockerignore()
     specs = [s for s in (check_compose(df, container_config), check_kubernetes(df)) if s]
-    check_readme()
+    check_readme(container_config)
     # For the sandbox step (which runs as root in fresh namespaces).
     out = ROOT / "target" / "packaging" / "specs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -886,6 +1068,7 @@ def in_container(spec, root: Path, args: list[str] | None = None, **popen):
 
 
 def exercise(spec, root: Path, volume_sources) -> None:
+    ca_pem = None
     status = in_container(spec, root, ["status"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = status.communicate(timeout=30)
     expect(
@@ -917,6 +1100,8 @@ def exercise(spec, root: Path, volume_sources) -> None:
         expect(imap.startswith("* OK"), f"IMAP on {spec['mail']['imap']} greets: {imap[:60]}")
         smtp = greeting(*spec["mail"]["smtp"])
         expect(smtp.startswith("220"), f"SMTP on {spec['mail']['smtp']} greets: {smtp[:60]}")
+        check_require_tls(spec)
+        ca_pem = check_tls_listeners(spec, root)
         # (A fresh proxy's /metrics is empty; the two connections above fill it.)
         code, metrics = http_get(spec["probe_port"], "/metrics")
         expect(
@@ -942,6 +1127,164 @@ def exercise(spec, root: Path, volume_sources) -> None:
     )
     text = read_log(log)
     expect("is ready" in text, "its log says it is ready")
+    expect(
+        PLAINTEXT_WARNING not in text,
+        f"its log has no warning about a plain listener off loopback (\"{PLAINTEXT_WARNING}\")",
+        text,
+    )
+    if spec.get("ca_export") and ca_pem:
+        run_ca_export(spec["ca_export"], root.parent, volume_sources[0][0], ca_pem)
+
+
+def read_until(conn, done, limit: int = 8192) -> str:
+    data = b""
+    while len(data) < limit:
+        chunk = conn.recv(1024)
+        if not chunk:
+            break
+        data += chunk
+        if done(data.decode(errors="replace")):
+            break
+    return data.decode(errors="replace")
+
+
+def check_require_tls(spec) -> None:
+    """require_tls: the plain listener offers STARTTLS and takes no login before it."""
+    if "imap" in spec["require_tls"]:
+        with socket.create_connection(tuple(spec["mail"]["imap"]), timeout=5) as conn:
+            conn.settimeout(5)
+            read_until(conn, lambda t: "\r\n" in t)
+            conn.sendall(b"a1 CAPABILITY\r\n")
+            caps = read_until(conn, lambda t: "a1 " in t)
+        expect(
+            "LOGINDISABLED" in caps and "STARTTLS" in caps and "AUTH=" not in caps,
+            f"IMAP on {spec['mail']['imap']} (require_tls): STARTTLS, LOGINDISABLED, no AUTH=",
+            caps.strip()[:200],
+        )
+    if "smtp" in spec["require_tls"]:
+        with socket.create_connection(tuple(spec["mail"]["smtp"]), timeout=5) as conn:
+            conn.settimeout(5)
+            read_until(conn, lambda t: "\r\n" in t)
+            conn.sendall(b"EHLO sandbox\r\n")
+            ehlo = read_until(conn, lambda t: re.search(r"^250 ", t, re.M) is not None)
+        expect(
+            "STARTTLS" in ehlo and "AUTH" not in ehlo,
+            f"SMTP on {spec['mail']['smtp']} (require_tls): EHLO offers STARTTLS, no AUTH",
+            ehlo.strip()[:200],
+        )
+
+
+def check_tls_listeners(spec, root: Path) -> str | None:
+    """`tls ca` prints the CA certificate alone, and each tls_listen answers a TLS
+    handshake with a certificate that verifies against it for the name NocoBase dials."""
+    if not spec.get("tls"):
+        return None
+    run = in_container(spec, root, ["tls", "ca"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ca_pem, err = run.communicate(timeout=30)
+    if not expect(
+        run.returncode == 0 and "BEGIN CERTIFICATE" in ca_pem and "PRIVATE KEY" not in ca_pem,
+        "`xoauth2-proxy tls ca` prints the CA certificate, and no key",
+        err.strip(),
+    ):
+        return None
+    context = ssl.create_default_context(cadata=ca_pem)
+    for proto, (host, port) in spec["tls"].items():
+        want = "* OK" if proto == "imap" else "220"
+        try:
+            with socket.create_connection((host, port), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname=spec["tls_name"]) as conn:
+                    conn.settimeout(5)
+                    hello = conn.recv(512).decode(errors="replace").strip()
+                    version = conn.version()
+        except (OSError, ssl.SSLError) as e:
+            fail(f"{proto.upper()} over TLS on port {port}: the handshake, verified for {spec['tls_name']}: {e}")
+            continue
+        expect(
+            hello.startswith(want),
+            f"{proto.upper()} over TLS on port {port}: {version}, the certificate verifies against `tls ca` "
+            f"for `{spec['tls_name']}`, then greets: {hello[:40]}",
+        )
+    return ca_pem
+
+
+def run_ca_export(export: dict, tmp: Path, state_source: Path, ca_pem: str) -> None:
+    """The compose file's one-shot CA service, in a chroot with busybox (what its
+    image is), root with only its cap_add: it must copy the CA certificate alone."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        print(f"  note  no busybox here: `{export['service']}`'s script was not run")
+        return
+    root = tmp / "ca-export-root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    try:
+        for lib in libraries(Path(busybox)):
+            dest = root / str(lib).lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(lib.resolve(), dest)
+    except subprocess.CalledProcessError:
+        pass  # static
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    ca_volume = tmp / "ca-volume"
+    ca_volume.mkdir()
+    state_mount = root / export["state_mount"].lstrip("/")
+    ca_mount = root / export["ca_mount"].lstrip("/")
+    state_mount.mkdir(parents=True)
+    ca_mount.mkdir(parents=True)
+    sh("mount", "--bind", str(state_source), str(state_mount))
+    sh("mount", "-o", "remount,bind,ro", str(state_mount))
+    sh("mount", "--bind", str(ca_volume), str(ca_mount))
+    keep = set(export["caps"])
+    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+
+    def enter() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        os.chroot(root)
+        os.chdir("/")
+        for cap in range(last_cap + 1):
+            if cap not in keep:
+                libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP: root keeps only cap_add
+        if export["uid"]:
+            os.setgid(export["uid"])
+            os.setuid(export["uid"])
+
+    try:
+        # The proxy has made its CA by now: the script should find it at once.
+        run = subprocess.run(
+            export["argv"],
+            preexec_fn=enter,
+            env={"PATH": "/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        fail(
+            f"`{export['service']}` still waits after 30 s for {export['state_mount']}/{CA_CERT_IN_STATE}, "
+            f"which the proxy has written: can it read the state volume with capabilities {export['caps']}?"
+        )
+        return
+    finally:
+        subprocess.run(["umount", str(state_mount)], check=False)
+        subprocess.run(["umount", str(ca_mount)], check=False)
+    copied = ca_volume / export["ca_file"]
+    expect(
+        run.returncode == 0 and copied.exists() and copied.read_text() == ca_pem,
+        f"`{export['service']}` (busybox, root with capabilities {export['caps']} only) copies "
+        f"the CA certificate that `tls ca` prints to {export['ca_mount']}/{export['ca_file']}",
+        (run.stderr or run.stdout).strip(),
+    )
+    expect(
+        sorted(p.name for p in ca_volume.iterdir()) == [export["ca_file"]],
+        f"…and nothing else lands in that volume (no key): {sorted(p.name for p in ca_volume.iterdir())}",
+    )
+    if copied.exists():
+        expect(copied.stat().st_mode & 0o444 == 0o444, "…readable by NocoBase whatever its user")
 
 
 def read_log(log) -> str:
