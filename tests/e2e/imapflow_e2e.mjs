@@ -1,12 +1,21 @@
 // End-to-end: imapflow through the proxy, configured as NocoBase's imap-smtp mail
-// provider configures it (host, port, secure: false, auth: {user, pass}), against
-// the real Dovecot behind it. Used by tests/e2e/run.py.
+// provider configures it (host, port, secure, auth: {user, pass}), against the real
+// Dovecot behind it. Used by tests/e2e/run.py. The proxy's CA is trusted the way a
+// NocoBase container trusts it: NODE_EXTRA_CA_CERTS in the environment, never a
+// `tls` option here, and certificate verification stays on.
 //
 //   node tests/e2e/imapflow_e2e.mjs '<json>'
 //
-// Options: host, port, user, pass, smtpPort (the proxy's SMTP side, for the message
-// that wakes the IDLE), runId, steps (default: all of connect, list, append, search,
-// fetch, flags, idle), idleWakeTimeoutMs (30000), timeoutMs (90000).
+// Options: host, port, secure (false: plain, upgraded by STARTTLS when the server
+// offers it, as imapflow does by itself; true: implicit TLS), user, pass, smtpPort
+// and smtpSecure (the proxy's SMTP side, for the message that wakes the IDLE), runId,
+// steps (default: all of connect, list, append, search, fetch, flags, idle; `source`
+// is not in the default), messageIds (for `source`: each message is found by UID
+// SEARCH HEADER Message-ID in INBOX and fetched whole, returned base64 in
+// result.sources), idleWakeTimeoutMs (30000), timeoutMs (90000).
+//
+// result.secureConnection is imapflow's own view after connect(): true when the
+// connection was TLS from the start or upgraded by STARTTLS.
 //
 // Prints one JSON line: {"ok":true, ...facts...} or {"ok":false, message,
 // authenticationFailed, serverResponseCode, ...} (exit status 1). run.py asserts on
@@ -97,7 +106,7 @@ async function main() {
     const client = new ImapFlow({
         host: args.host,
         port: args.port,
-        secure: false,
+        secure: !!args.secure,
         auth: { user: args.user, pass: args.pass },
         logger: false,
         connectionTimeout: 15000,
@@ -112,6 +121,7 @@ async function main() {
     client.on('exists', data => existsEvents.push({ ...data, idling: client.idling, at: Date.now() }));
 
     await client.connect();
+    result.secureConnection = !!client.secureConnection;
     result.capabilities = [...client.capabilities.keys()];
     result.enabled = [...(client.enabled || [])];
     result.compressed = !!client._deflate;
@@ -214,7 +224,7 @@ async function main() {
                 const transporter = nodemailer.createTransport({
                     host: args.host,
                     port: args.smtpPort,
-                    secure: false,
+                    secure: !!args.smtpSecure,
                     auth: { user: args.user, pass: args.pass }
                 });
                 const subject = `idle wake-up ${runId}`;
@@ -248,6 +258,23 @@ async function main() {
                         result.idle.subject = msg.envelope.subject;
                     }
                     result.idle.expectedSubject = subject;
+                } finally {
+                    lock.release();
+                }
+                break;
+            }
+            case 'source': {
+                const lock = await client.getMailboxLock('INBOX');
+                try {
+                    result.sources = {};
+                    for (const messageId of args.messageIds || []) {
+                        const found = await client.search({ header: { 'message-id': messageId } }, { uid: true });
+                        if (found.length !== 1) {
+                            throw new Error(`UID SEARCH HEADER Message-ID ${messageId} found ${found.length} messages`);
+                        }
+                        const msg = await client.fetchOne(String(found[0]), { uid: true, source: true }, { uid: true });
+                        result.sources[messageId] = msg.source.toString('base64');
+                    }
                 } finally {
                     lock.release();
                 }

@@ -1,10 +1,14 @@
 // End-to-end: nodemailer through the proxy, configured as NocoBase configures it
-// (host, port, secure: false, auth: {user, pass}; `pool: true` as its email
-// notifications use it). Used by tests/e2e/run.py.
+// (host, port, secure, auth: {user, pass}; `pool: true` as its email
+// notifications use it). Used by tests/e2e/run.py. The proxy's CA is trusted the way
+// a NocoBase container trusts it: NODE_EXTRA_CA_CERTS in the environment, never a
+// `tls` option here, and certificate verification stays on.
 //
 //   node tests/e2e/nodemailer_e2e.mjs '<json>'
 //
-// Options: host, port, user, pass, pool (bool), maxConnections (5), count (1),
+// Options: host, port, secure (false: plain, upgraded by STARTTLS when the server
+// offers it; true: implicit TLS, NocoBase's default on port 465), user, pass, pool
+// (bool), maxConnections (5), count (1),
 // from (user), to ([user]), runId, outDir (each message as the server should store
 // it is written to OUTDIR/<index>.eml), attachments ([{index, size, filename, text}]:
 // message `index` gets an attachment of `size` bytes, random binary or, with `text`,
@@ -13,8 +17,10 @@
 //
 // Prints one JSON line:
 //   {"ok":true,"sent":[{index,messageId,subject,response,accepted,rejected,size,sha256,file}],
-//    "poolResources":N}
-//   {"ok":true,"verified":true}
+//    "poolResources":N,"secureConnections":N,"starttlsUpgrades":N}
+//   {"ok":true,"verified":true,"secureConnections":N,"starttlsUpgrades":N}
+// secureConnections counts connections that were TLS from the first byte,
+// starttlsUpgrades the plain ones nodemailer upgraded (from its own log lines).
 //   {"ok":false,message,code,responseCode,response,command,sent,errors}  (exit status 1)
 //
 // What the server should store is what nodemailer streams into DATA, with the
@@ -112,12 +118,20 @@ class Tap extends Transform {
 }
 
 let poolResources = 0;
+let secureConnections = 0;
+let starttlsUpgrades = 0;
 const countingLogger = {};
 for (const level of ['trace', 'debug', 'info', 'warn', 'error', 'fatal']) {
     countingLogger[level] = (...args) => {
         const text = args.filter(a => typeof a === 'string').join(' ');
         if (text.includes('Created new pool resource')) {
             poolResources++;
+        }
+        if (text.includes('established to') && text.includes('Secure connection')) {
+            secureConnections++;
+        }
+        if (text.includes('Connection upgraded with STARTTLS')) {
+            starttlsUpgrades++;
         }
         if (opts.debug && level !== 'trace') {
             console.error(`[nodemailer ${level}]`, ...args.filter(a => typeof a !== 'object'));
@@ -129,7 +143,7 @@ const timeout = opts.timeoutMs || 60000;
 const transportOptions = {
     host: opts.host || '127.0.0.1',
     port: opts.port,
-    secure: false,
+    secure: !!opts.secure,
     auth: { user: opts.user, pass: opts.pass },
     connectionTimeout: timeout,
     greetingTimeout: timeout,
@@ -156,10 +170,10 @@ if (opts.verifyOnly) {
     try {
         await transporter.verify();
         transporter.close();
-        emit({ ok: true, verified: true }, 0);
+        emit({ ok: true, verified: true, secureConnections, starttlsUpgrades }, 0);
     } catch (err) {
         transporter.close();
-        fail(err);
+        fail(err, { secureConnections, starttlsUpgrades });
     }
 } else {
     const count = opts.count ?? 1;
@@ -225,8 +239,8 @@ if (opts.verifyOnly) {
     });
     if (errors.length) {
         const first = results.find(r => r.status === 'rejected').reason;
-        fail(first, { sent, errors, poolResources });
+        fail(first, { sent, errors, poolResources, secureConnections, starttlsUpgrades });
     } else {
-        emit({ ok: true, sent, poolResources }, 0);
+        emit({ ok: true, sent, poolResources, secureConnections, starttlsUpgrades }, 0);
     }
 }

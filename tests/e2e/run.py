@@ -12,7 +12,10 @@ script, as root:
   `oauth2` passdb against the identity provider; LMTP for delivery);
 - Postfix (submission with STARTTLS required, SASL XOAUTH2 through Dovecot's auth
   service, delivery by LMTP into Dovecot);
-- the proxy (`target/release/xoauth2-proxy serve`) in front of both.
+- the proxy (`target/release/xoauth2-proxy serve`) in front of both, with `[tls]`
+  (its self-made CA under its state dir): STARTTLS on the plain listeners and
+  implicit TLS on `tls_listen`. The Node clients trust that CA as a NocoBase
+  container does, through NODE_EXTRA_CA_CERTS (the output of `xoauth2-proxy tls ca`).
 
 Install the system packages first (tests/e2e/install.sh), build with
 `cargo build --release --bin xoauth2-proxy --example test_idp`, then run
@@ -177,7 +180,8 @@ class World:
         self.postfix_started = False
         self.ports = {
             name: free_port()
-            for name in ("idp", "imaps", "submission", "proxy_imap", "proxy_smtp", "proxy_admin")
+            for name in ("idp", "imaps", "submission", "proxy_imap", "proxy_smtp", "proxy_admin",
+                         "proxy_imaps", "proxy_smtps")
         }
         self.proxy_bin = Path(
             os.environ.get("XOAUTH2_PROXY_BIN", ROOT / "target" / "release" / "xoauth2-proxy")
@@ -206,6 +210,7 @@ class World:
         self.start_postfix()
         self.write_proxy_config()
         self.start_proxy()
+        self.export_proxy_ca()
 
     def stop(self):
         for name in ("proxy", "dovecot", "idp"):
@@ -607,10 +612,16 @@ shutdown_grace = "3s"
 
 [imap]
 listen = "127.0.0.1:{self.ports['proxy_imap']}"
+tls_listen = "127.0.0.1:{self.ports['proxy_imaps']}"
 
 [smtp]
 listen = "127.0.0.1:{self.ports['proxy_smtp']}"
+tls_listen = "127.0.0.1:{self.ports['proxy_smtps']}"
 pool_idle_timeout = "{POOL_IDLE}s"
+
+# No cert_file/key_file: the proxy makes its own CA under state_dir/tls/.
+[tls]
+names = ["localhost", "127.0.0.1"]
 
 [admin]
 listen = "127.0.0.1:{self.ports['proxy_admin']}"
@@ -669,6 +680,34 @@ flow = "client_credentials"
             time.sleep(0.05)
         wait_port(self.ports["proxy_imap"], what="the proxy (IMAP)")
         wait_port(self.ports["proxy_smtp"], what="the proxy (SMTP)")
+        wait_port(self.ports["proxy_imaps"], what="the proxy (IMAPS)")
+        wait_port(self.ports["proxy_smtps"], what="the proxy (SMTPS)")
+
+    def export_proxy_ca(self):
+        """`xoauth2-proxy tls ca` into a file, as one hands it to NocoBase's container
+        (NODE_EXTRA_CA_CERTS); Python's clients get an ssl context trusting only it."""
+        res = self.cli("tls", "ca")
+        check(res.returncode == 0, f"tls ca exited {res.returncode}: {res.stderr}")
+        pem = res.stdout
+        check(pem.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE KEY" not in pem, f"tls ca printed:\n{pem}")
+        self.proxy_ca = self.dir / "proxy-ca.pem"
+        self.proxy_ca.write_text(pem)
+        self.proxy_tls = ssl.create_default_context(cafile=str(self.proxy_ca))
+
+    def metrics(self):
+        """The proxy's TLS counters from /metrics: {(name, protocol, tls): value} for
+        xoauth2_proxy_client_connections_total and xoauth2_proxy_tls_handshake_failures_total."""
+        url = f"http://127.0.0.1:{self.ports['proxy_admin']}/metrics"
+        with HTTP.open(url, timeout=10) as resp:
+            text = resp.read().decode()
+        counters = {}
+        for m in re.finditer(
+            r'^xoauth2_proxy_(client_connections|tls_handshake_failures)_total\{([^}]*)\} (\d+)$', text, re.M
+        ):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            counters[(m.group(1), labels.get("protocol"), labels.get("tls"))] = int(m.group(3))
+        check(counters, f"no TLS counters in /metrics:\n{text}")
+        return counters
 
     def stop_proxy(self):
         return self.kill("proxy", timeout=20)
@@ -708,25 +747,32 @@ flow = "client_credentials"
 
     # -- clients -----------------------------------------------------------
 
-    def node(self, script, options, timeout=240):
+    def node(self, script, options, timeout=240, trust_proxy_ca=True):
+        """Runs a Node driver. As in a NocoBase container next to the proxy, Node
+        trusts the proxy's CA through NODE_EXTRA_CA_CERTS (imapflow and nodemailer with
+        `secure: false` upgrade by STARTTLS when it is offered, and verify)."""
         cmd = ["node", str(E2E / script) if "/" not in script else str(ROOT / script), json.dumps(options)]
+        env = dict(os.environ)
+        env.pop("NODE_EXTRA_CA_CERTS", None)
+        if trust_proxy_ca:
+            env["NODE_EXTRA_CA_CERTS"] = str(self.proxy_ca)
         if VERBOSE:
             log(f"  $ node {script} …")
-        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
         lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
         if not lines:
             raise Failure(f"{script} printed no result (exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
         return json.loads(lines[-1])
 
     def imap(self, user=None, password=None, login=True):
-        """imaplib through the proxy (plain, as NocoBase connects)."""
+        """imaplib through the proxy's plain listener (imaplib does not upgrade by itself)."""
         c = imaplib.IMAP4("127.0.0.1", self.ports["proxy_imap"], timeout=30)
         if login:
             c.login(user, password if password is not None else PASSWORDS[user])
         return c
 
     def smtp(self):
-        """smtplib through the proxy (plain, as NocoBase connects)."""
+        """smtplib through the proxy's plain listener (smtplib does not upgrade by itself)."""
         s = smtplib.SMTP("127.0.0.1", self.ports["proxy_smtp"], local_hostname="client.example.test", timeout=30)
         s.ehlo()
         return s
@@ -1025,6 +1071,8 @@ def s2_imapflow(w):
     )
     check(res.get("ok"), f"imapflow session failed: {res.get('message')} (code {res.get('code')}, "
           f"{res.get('serverResponseCode')}; steps done: {res.get('stepsDone')}): {json.dumps(res)[:3000]}")
+    # (imapflow with `secure: false` took the STARTTLS the plain listener offers.)
+    check(res["secureConnection"], "imapflow did not upgrade the plain connection with STARTTLS")
     caps = res["capabilities"]
     check(not any(c.startswith("AUTH=") or c in ("STARTTLS", "LOGINDISABLED") for c in caps), f"post-login capabilities leak: {caps}")
     check("IDLE" in caps, f"IDLE missing: {caps}")
@@ -1057,7 +1105,7 @@ def s2_imapflow(w):
     c = w.imap(login=False)
     try:
         pre = c.capabilities
-        check("AUTH=PLAIN" in pre and "STARTTLS" not in pre and "LOGINDISABLED" not in pre, f"pre-login capabilities: {pre}")
+        check("AUTH=PLAIN" in pre and "STARTTLS" in pre and "LOGINDISABLED" not in pre, f"pre-login capabilities: {pre}")
         typ, _ = c.login(SALES, PASSWORDS[SALES])
         check(typ == "OK", f"imaplib LOGIN: {typ}")
         typ, data = c.capability()
@@ -1101,6 +1149,7 @@ def s3_nodemailer_pool(w):
     check(res.get("ok"), f"nodemailer pool failed: {json.dumps(res)[:2000]}")
     check(len(res["sent"]) == 20, f"sent {len(res['sent'])} of 20")
     check(res["poolResources"] == 5, f"nodemailer opened {res['poolResources']} pooled connections, expected 5")
+    check(res["starttlsUpgrades"] == 5, f"nodemailer upgraded {res['starttlsUpgrades']} of its 5 connections with STARTTLS")
     for s in res["sent"]:
         check(s["response"].startswith("250"), f"message {s['index']}: {s['response']}")
         check(s["accepted"] == [SALES], f"message {s['index']} accepted: {s['accepted']}")
@@ -1137,7 +1186,7 @@ def s3_nodemailer_pool(w):
     s = w.smtp()
     try:
         check(s.has_extn("auth") and set(s.esmtp_features["auth"].split()) >= {"PLAIN", "LOGIN"}, f"EHLO AUTH: {s.esmtp_features}")
-        check(not s.has_extn("starttls"), f"the proxy offers STARTTLS: {s.esmtp_features}")
+        check(s.has_extn("starttls"), f"the proxy does not offer STARTTLS: {s.esmtp_features}")
         code, resp = w.smtp_auth(s, SALES, PASSWORDS[SALES], "LOGIN")
         check(code == 235, f"AUTH LOGIN: {code} {resp}")
         raw = (
@@ -1162,6 +1211,122 @@ def s3_nodemailer_pool(w):
         check_stored(fetch_raw(c, uids[0]), raw, "smtplib message")
     finally:
         logout(c)
+
+
+def tls_delta(before, after, protocol, tls, name="client_connections"):
+    return after.get((name, protocol, tls), 0) - before.get((name, protocol, tls), 0)
+
+
+def send_and_fetch(w, what, smtp, imap, secure):
+    """Sends two messages with nodemailer (one with a 512 kB attachment) and reads
+    both back whole with imapflow, each through the given proxy port and `secure`
+    flag; checks every stored message against what nodemailer sent, byte for byte.
+    Returns the two drivers' results."""
+    run_id = f"{time.time_ns():x}"
+    out = w.dir / f"{what}-{run_id}"
+    out.mkdir()
+    sent = w.node(
+        "nodemailer_e2e.mjs",
+        {"host": "localhost", "port": smtp, "secure": secure, "user": SALES, "pass": PASSWORDS[SALES],
+         "count": 2, "to": [SALES], "runId": run_id, "outDir": str(out),
+         "attachments": [{"index": 1, "size": 512 * 1024, "filename": "Prüfbericht.bin"}]},
+    )
+    check(sent.get("ok"), f"nodemailer ({what}): {json.dumps(sent)[:2000]}")
+    check(len(sent["sent"]) == 2 and all(s["response"].startswith("250") for s in sent["sent"]), f"nodemailer ({what}): {sent['sent']}")
+    w.wait_for_messages(SALES, ["HEADER", "X-E2E-Run", run_id], 2)
+    got = w.node(
+        "imapflow_e2e.mjs",
+        {"host": "127.0.0.1", "port": imap, "secure": secure, "user": SALES, "pass": PASSWORDS[SALES],
+         "steps": ["connect", "source"], "messageIds": [s["messageId"] for s in sent["sent"]]},
+    )
+    check(got.get("ok"), f"imapflow ({what}): {got.get('message')} (code {got.get('code')}): {json.dumps(got)[:2000]}")
+    for s in sent["sent"]:
+        stored = base64.b64decode(got["sources"][s["messageId"]])
+        check_stored(stored, Path(s["file"]).read_bytes(), f"{what} message {s['index']}")
+    return sent, got
+
+
+@scenario("3a. NocoBase's defaults: nodemailer on SMTPS (secure: true), imapflow on IMAPS, trusting `tls ca`")
+def s3a_implicit_tls(w):
+    # The CA the proxy made under its state dir; its key stays there, mode 0600.
+    tls_dir = w.state_dir / "tls"
+    keys = [f for f in tls_dir.iterdir() if "key" in f.name]
+    check(keys and all(f.stat().st_mode & 0o777 == 0o600 for f in keys),
+          f"keys under {tls_dir}: {[(f.name, oct(f.stat().st_mode & 0o777)) for f in keys]}")
+    before = w.metrics()
+    sent, got = send_and_fetch(w, "implicit", w.ports["proxy_smtps"], w.ports["proxy_imaps"], True)
+    check(sent["secureConnections"] == 2 and sent["starttlsUpgrades"] == 0,
+          f"nodemailer: {sent['secureConnections']} TLS connections, {sent['starttlsUpgrades']} STARTTLS upgrades; expected 2 and 0")
+    check(got["secureConnection"], "imapflow reports a plain connection")
+    check(not any(c.startswith("AUTH=") or c in ("STARTTLS", "LOGINDISABLED") for c in got["capabilities"]),
+          f"post-login capabilities over IMAPS: {got['capabilities']}")
+    after = w.metrics()
+    for protocol, n in (("smtp", 2), ("imap", 1)):
+        d = tls_delta(before, after, protocol, "implicit")
+        check(d == n, f"the proxy counted {d} implicit TLS {protocol} connections, expected {n}")
+        check(tls_delta(before, after, protocol, "starttls") == 0, f"{protocol}: a STARTTLS upgrade was counted")
+
+    # Without the CA, Node refuses the proxy's certificate: verification is on.
+    before = w.metrics()
+    for script, options in (
+        ("nodemailer_e2e.mjs", {"port": w.ports["proxy_smtps"], "verifyOnly": True}),
+        ("imapflow_e2e.mjs", {"port": w.ports["proxy_imaps"], "steps": ["connect"]}),
+    ):
+        res = w.node(script, {"host": "localhost", "secure": True, "user": SALES, "pass": PASSWORDS[SALES], **options},
+                     trust_proxy_ca=False)
+        check(not res["ok"] and re.search(r"certificate|self[- ]signed", res.get("message") or "", re.I),
+              f"{script} without the proxy's CA: {res}")
+    # (The proxy sees the client's alert after the client has given up: wait for it.)
+    deadline = time.monotonic() + 5
+    while True:
+        after = w.metrics()
+        failures = {p: tls_delta(before, after, p, "implicit", "tls_handshake_failures") for p in ("smtp", "imap")}
+        if all(d >= 1 for d in failures.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    check(failures == {"smtp": 1, "imap": 1},
+          f"the proxy counted {failures} failed handshakes from the clients without the CA, expected 1 each")
+    log(f"    {sum(s['size'] for s in sent['sent']) / 1e3:.0f} kB through SMTPS came back byte for byte through IMAPS")
+
+
+@scenario("3b. STARTTLS: nodemailer and imapflow with `secure: false` upgrade on the plain ports")
+def s3b_starttls(w):
+    before = w.metrics()
+    sent, got = send_and_fetch(w, "starttls", w.ports["proxy_smtp"], w.ports["proxy_imap"], False)
+    check(sent["starttlsUpgrades"] == 2 and sent["secureConnections"] == 0,
+          f"nodemailer: {sent['starttlsUpgrades']} STARTTLS upgrades, {sent['secureConnections']} implicit TLS connections; expected 2 and 0")
+    check(got["secureConnection"], "imapflow stayed in plain text on a listener that offers STARTTLS")
+    check("STARTTLS" not in got["capabilities"], f"STARTTLS still offered after the upgrade: {got['capabilities']}")
+
+    # imaplib, upgraded by hand, trusting only the proxy's CA.
+    c = w.imap(login=False)
+    try:
+        check("STARTTLS" in c.capabilities, f"pre-login capabilities: {c.capabilities}")
+        typ, _ = c.starttls(ssl_context=w.proxy_tls)
+        check(typ == "OK", f"imaplib STARTTLS: {typ}")
+        check("STARTTLS" not in c.capabilities and "AUTH=PLAIN" in c.capabilities, f"capabilities after STARTTLS: {c.capabilities}")
+        check(c.login(SALES, PASSWORDS[SALES])[0] == "OK", "imaplib LOGIN after STARTTLS")
+        check(c.select("INBOX")[0] == "OK", "SELECT after STARTTLS")
+    finally:
+        logout(c)
+    # smtplib: STARTTLS, EHLO again, AUTH.
+    s = w.smtp()
+    try:
+        check(s.starttls(context=w.proxy_tls)[0] == 220, "smtplib STARTTLS")
+        s.ehlo()
+        check(not s.has_extn("starttls") and "PLAIN" in s.esmtp_features.get("auth", "").split(), f"EHLO after STARTTLS: {s.esmtp_features}")
+        code, resp = w.smtp_auth(s, SALES, PASSWORDS[SALES])
+        check(code == 235, f"AUTH after STARTTLS: {code} {resp}")
+    finally:
+        s.quit()
+
+    after = w.metrics()
+    # nodemailer: 2 connections; imapflow and imaplib: 1 each; smtplib: 1. A client
+    # that fell back to plain text would leave its counter short.
+    for protocol, n in (("smtp", 3), ("imap", 2)):
+        d = tls_delta(before, after, protocol, "starttls")
+        check(d == n, f"the proxy counted {d} STARTTLS upgrades on {protocol}, expected {n}")
+        check(tls_delta(before, after, protocol, "implicit") == 0, f"{protocol}: an implicit TLS connection was counted")
 
 
 @scenario("4. a session outlives its access token; later logins refresh, the rotated refresh token is stored")
@@ -1439,6 +1604,73 @@ def s8_restart(w):
     counts1 = w.idp_counts()
     check(counts1["device_code_requests"] == counts0["device_code_requests"], "a device flow was started")
     check(w.grant(SALES)["refresh_token"] in w.idp_refresh_tokens(SALES), "the stored refresh token is stale")
+
+
+@scenario("8a. require_tls (restarted proxy): no password in clear; NO [PRIVACYREQUIRED] / 530 5.7.0")
+def s8a_require_tls(w):
+    original = w.config.read_text()
+    w.stop_proxy()
+    w.config.write_text(
+        original.replace("[imap]\n", "[imap]\nrequire_tls = true\n", 1).replace("[smtp]\n", "[smtp]\nrequire_tls = true\n", 1)
+    )
+    try:
+        w.start_proxy()
+        counts0 = w.idp_counts()
+        # The right password, in clear: refused before it is looked at.
+        c = w.imap(login=False)
+        s = w.smtp()
+        try:
+            pre = c.capabilities
+            check("LOGINDISABLED" in pre and "STARTTLS" in pre and not any(x.startswith("AUTH=") for x in pre),
+                  f"pre-login capabilities with require_tls: {pre}")
+            for command, attempt in (
+                ("LOGIN", lambda: c.login(SALES, PASSWORDS[SALES])),
+                ("AUTHENTICATE PLAIN", lambda: c.authenticate("PLAIN", lambda _: f"\0{SALES}\0{PASSWORDS[SALES]}".encode())),
+            ):
+                try:
+                    attempt()
+                    raise Failure(f"{command} before STARTTLS succeeded")
+                except imaplib.IMAP4.error as e:
+                    check("[PRIVACYREQUIRED]" in imap_error_text(e), f"{command} before STARTTLS: {e}")
+            check(c.noop()[0] == "OK", "the IMAP session goes on after the refusals")
+
+            check(not s.has_extn("auth") and s.has_extn("starttls"), f"EHLO with require_tls: {s.esmtp_features}")
+            plain = base64.b64encode(f"\0{SALES}\0{PASSWORDS[SALES]}".encode()).decode()
+            for args in (f"PLAIN {plain}", "LOGIN"):
+                code, resp = s.docmd("AUTH", args)
+                check(code == 530 and resp.startswith(b"5.7.0 Must issue a STARTTLS command first"),
+                      f"AUTH {args.split()[0]} before STARTTLS: {code} {resp!r}")
+            counts1 = w.idp_counts()
+            check(counts1 == counts0, f"a refused login reached the identity provider: {counts0} → {counts1}")
+
+            # The same sessions, upgraded, log in.
+            c.starttls(ssl_context=w.proxy_tls)
+            check("LOGINDISABLED" not in c.capabilities and "AUTH=PLAIN" in c.capabilities, f"IMAP after STARTTLS: {c.capabilities}")
+            check(c.login(SALES, PASSWORDS[SALES])[0] == "OK", "LOGIN after STARTTLS")
+            s.starttls(context=w.proxy_tls)
+            s.ehlo()
+            code, resp = w.smtp_auth(s, SALES, PASSWORDS[SALES])
+            check(code == 235, f"AUTH after STARTTLS: {code} {resp}")
+        finally:
+            logout(c)
+            s.close()
+
+        # NocoBase's clients (`secure: false`) upgrade by themselves and work unchanged.
+        before = w.metrics()
+        res = w.node("nodemailer_e2e.mjs", {"host": "localhost", "port": w.ports["proxy_smtp"], "user": SALES,
+                                            "pass": PASSWORDS[SALES], "verifyOnly": True})
+        check(res.get("ok") and res["starttlsUpgrades"] == 1, f"nodemailer with require_tls: {res}")
+        res = w.node("imapflow_e2e.mjs", {"host": "127.0.0.1", "port": w.ports["proxy_imap"], "user": SALES,
+                                          "pass": PASSWORDS[SALES], "steps": ["connect"]})
+        check(res.get("ok") and res["secureConnection"], f"imapflow with require_tls: {res}")
+        after = w.metrics()
+        for protocol in ("smtp", "imap"):
+            d = tls_delta(before, after, protocol, "starttls")
+            check(d == 1, f"{protocol}: {d} STARTTLS upgrades counted, expected 1")
+    finally:
+        w.config.write_text(original)
+        w.stop_proxy()
+        w.start_proxy()
 
 
 @scenario("9. Dovecot stopped: NO [UNAVAILABLE] / 421; the proxy recovers when it is back")
