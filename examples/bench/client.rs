@@ -1,6 +1,6 @@
 //! The benchmark's IMAP and SMTP clients: just enough protocol to log in,
 //! move big messages, idle, and log out, over plain TCP (to a proxy) or TLS
-//! (straight to the upstream).
+//! (straight to the upstream, or to xoauth2-proxy's IMAP over TLS listener).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +24,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub enum Route {
     /// Plain TCP (a proxy on loopback).
     Plain(SocketAddr),
-    /// Implicit TLS, verifying `name` with the test CA (the upstream itself).
+    /// Implicit TLS, verifying `name` with the CA the connector trusts: the
+    /// test CA (the upstream itself) or the proxy's own (its `tls_listen`).
     Tls {
         addr: SocketAddr,
         name: String,
@@ -70,6 +71,34 @@ impl Route {
                     ))
                 }
             }
+        })
+        .await
+    }
+}
+
+impl Route {
+    /// For a TLS route, how the handshake of a new connection goes (`full`,
+    /// or `resumed` from the client's session cache, as rustls does by
+    /// default); the connection is closed right after.
+    pub async fn handshake_kind(&self) -> Result<Option<String>> {
+        let Route::Tls {
+            addr,
+            name,
+            connector,
+        } = self
+        else {
+            return Ok(None);
+        };
+        within("TLS handshake", async {
+            let tcp = TcpStream::connect(addr).await?;
+            let tls = connector
+                .connect(ServerName::try_from(name.clone())?, tcp)
+                .await?;
+            Ok(tls
+                .get_ref()
+                .1
+                .handshake_kind()
+                .map(|k| format!("{k:?}").to_lowercase()))
         })
         .await
     }

@@ -256,7 +256,7 @@ async fn measure(
     connector: &TlsConnector,
     world: &WorldInfo,
 ) -> Result<Results, String> {
-    let ours = procs::start_ours(bin, password_hash, upstream, 256).await?;
+    let ours = procs::start_ours(bin, password_hash, upstream, 256, false).await?;
     let direct = Way {
         via: Via::Direct,
         imap: Route::Tls {

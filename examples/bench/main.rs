@@ -13,7 +13,9 @@
 //! tests' mock identity provider (testkit/src/idp/); installs
 //! email-oauth2-proxy (PyPI `emailproxy`) into target/bench/ and runs it
 //! headless against the same stand-in and identity provider; and drives all
-//! the clients itself. Runs alternate between the paths; figures are medians
+//! the clients itself; the `tls` part also opens the proxy's IMAP over TLS
+//! listener (`[tls]` with its self-made CA) and logs in and fetches through
+//! it. Runs alternate between the paths; figures are medians
 //! with min–max. Everything stays on loopback, and every loop is bounded in
 //! count and time. See docs/benchmarks.md.
 
@@ -79,7 +81,9 @@ struct Args {
     /// Time allowed for opening one tier of email-oauth2-proxy sessions, in seconds [default: 120; quick: 30].
     #[arg(long)]
     peer_setup_secs: Option<u64>,
-    /// Parts to run, comma-separated: throughput, login, idle, dovecot [default: all].
+    /// Parts to run, comma-separated: throughput, login, tls, idle, dovecot [default: all].
+    /// `tls` adds the proxy's IMAP over TLS listener (a self-made CA) to the
+    /// login cycles and to the FETCH runs, beside its plain listener.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Leave email-oauth2-proxy out.
@@ -154,7 +158,7 @@ impl Plan {
             idle_secs: a.idle_secs.unwrap_or(if q { 5 } else { 30 }),
             peer_setup: Duration::from_secs(a.peer_setup_secs.unwrap_or(if q { 30 } else { 120 })),
             parts: a.only.clone().unwrap_or_else(|| {
-                ["throughput", "login", "idle", "dovecot"]
+                ["throughput", "login", "tls", "idle", "dovecot"]
                     .map(String::from)
                     .to_vec()
             }),
@@ -389,9 +393,24 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let mut notes: Vec<String> = Vec::new();
 
-    if plan.runs("throughput") || plan.runs("login") {
+    if plan.runs("throughput") || plan.runs("login") || plan.runs("tls") {
         let standin = procs::Upstream::standin(&info, world.refresh_token().await?);
-        let ours = procs::start_ours(&bin, &password_hash, &standin, 4096).await?;
+        let ours = if plan.runs("tls") {
+            match procs::start_ours(&bin, &password_hash, &standin, 4096, true).await {
+                Ok(ours) => ours,
+                Err(e) => {
+                    // A build without local TLS (measured with --proxy-bin).
+                    notes.push(format!(
+                        "the local TLS rows are left out: xoauth2-proxy did not start with [tls]: {}",
+                        e.lines().next().unwrap_or_default()
+                    ));
+                    let standin = procs::Upstream::standin(&info, world.refresh_token().await?);
+                    procs::start_ours(&bin, &password_hash, &standin, 4096, false).await?
+                }
+            }
+        } else {
+            procs::start_ours(&bin, &password_hash, &standin, 4096, false).await?
+        };
         let peer = match &peer_script {
             Some(script) => match procs::start_peer(script, &info).await {
                 Ok(p) => Some(p),
@@ -404,9 +423,43 @@ async fn run(args: Args) -> Result<(), String> {
             None => None,
         };
         let mut paths = vec![proxied(Via::Ours, &ours), direct.clone()];
+        let mut full_handshake = None;
         if let Some(p) = &peer {
             paths.push(proxied(Via::Peer, p));
         }
+        if let Some(imaps) = ours.imaps {
+            // The client trusts the proxy's own CA, as `tls ca` prints it.
+            use rustls::pki_types::pem::PemObject;
+            let pem = procs::proxy_ca(&bin, &ours)?;
+            let ca = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("the proxy's CA: {e}"))?;
+            let config = testkit::pki::client_config_trusting(ca);
+            let mut way = proxied(Via::OursTls, &ours);
+            way.imap = Route::Tls {
+                addr: imaps,
+                name: "localhost".into(),
+                connector: client::connector(config.clone()),
+            };
+            paths.push(way);
+            // The same client without a session cache: a full handshake each time.
+            let mut config = (*config).clone();
+            config.resumption = rustls::client::Resumption::disabled();
+            let mut way = proxied(Via::OursTls, &ours);
+            way.imap = Route::Tls {
+                addr: imaps,
+                name: "localhost".into(),
+                connector: client::connector(Arc::new(config)),
+            };
+            full_handshake = Some(way);
+        }
+        // Without the full parts, `tls` measures its path beside the plain
+        // listener and the direct path only (no peer).
+        let tls_only: Vec<Way> = paths
+            .iter()
+            .filter(|p| p.via != Via::Peer)
+            .cloned()
+            .collect();
         // Warm up: the first login of each proxy fetches a token (and checks argon2).
         for p in &paths {
             for _ in 0..3 {
@@ -415,11 +468,41 @@ async fn run(args: Args) -> Result<(), String> {
                 }
             }
         }
+        // Whether the client's TLS handshakes resume (rustls keeps a session
+        // cache by default; both TLS paths get the same client settings).
+        let mut kinds = Vec::new();
+        for p in &paths {
+            if let Ok(Some(kind)) = p.imap.handshake_kind().await {
+                kinds.push(format!("{} {kind}", p.via.name()));
+            }
+        }
+        if !kinds.is_empty() {
+            notes.push(format!(
+                "the client's TLS handshakes after the warm-up (rustls with its default session cache): {}",
+                kinds.join(", ")
+            ));
+        }
         if plan.runs("throughput") {
-            throughput(&plan, &paths, &mut results, Some(world.pid)).await;
+            let kinds = [Transfer::Fetch, Transfer::Append, Transfer::Smtp];
+            throughput(&plan, &paths, &kinds, &mut results, Some(world.pid)).await;
+        } else if plan.runs("tls") {
+            throughput(
+                &plan,
+                &tls_only,
+                &[Transfer::Fetch],
+                &mut results,
+                Some(world.pid),
+            )
+            .await;
         }
         if plan.runs("login") {
             logins(&plan, &paths, &mut results).await;
+        } else if plan.runs("tls") {
+            logins(&plan, &tls_only, &mut results).await;
+        }
+        if let Some(full) = &full_handshake {
+            let plain = proxied(Via::Ours, &ours);
+            results.tls_full = Some(full_handshake_logins(&plan, &plain, full).await);
         }
         ours.stop().await;
         if let Some(p) = peer {
@@ -439,7 +522,7 @@ async fn run(args: Args) -> Result<(), String> {
                 ));
             }
             let standin = procs::Upstream::standin(&info, world.refresh_token().await?);
-            let ours = procs::start_ours(&bin, &password_hash, &standin, n + 100).await?;
+            let ours = procs::start_ours(&bin, &password_hash, &standin, n + 100, false).await?;
             let path = proxied(Via::Ours, &ours);
             let mut tier = idle_tier(
                 &path,
@@ -478,7 +561,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
 
     let mut report = String::new();
-    if plan.runs("throughput") || plan.runs("login") || plan.runs("idle") {
+    if plan.runs("throughput") || plan.runs("login") || plan.runs("tls") || plan.runs("idle") {
         report.push_str(&format!(
             "### Against the stand-in (TLS IMAP/SMTP at memory speed)\n\n{}\n{}",
             results.table(),
@@ -689,7 +772,7 @@ async fn transfer_once(
     }
 }
 
-fn set_of(results: &mut Results, kind: Transfer) -> &mut [report::Throughput; 3] {
+fn set_of(results: &mut Results, kind: Transfer) -> &mut [report::Throughput; 4] {
     match kind {
         Transfer::Fetch => &mut results.fetch,
         Transfer::Append => &mut results.append,
@@ -697,12 +780,18 @@ fn set_of(results: &mut Results, kind: Transfer) -> &mut [report::Throughput; 3]
     }
 }
 
-async fn throughput(plan: &Plan, paths: &[Way], results: &mut Results, upstream_pid: Option<u32>) {
+async fn throughput(
+    plan: &Plan,
+    paths: &[Way],
+    kinds: &[Transfer],
+    results: &mut Results,
+    upstream_pid: Option<u32>,
+) {
     let append = client::message(plan.append_bytes, "appended");
     let mail = client::message(plan.smtp_bytes, "sent");
     let mut upstream_cpu = Cpu::default();
     let mut upstream_bytes = 0u64;
-    for kind in [Transfer::Fetch, Transfer::Append, Transfer::Smtp] {
+    for &kind in kinds {
         say(&format!("throughput: {kind:?}"));
         let data: &[u8] = match kind {
             Transfer::Fetch => &[],
@@ -710,9 +799,13 @@ async fn throughput(plan: &Plan, paths: &[Way], results: &mut Results, upstream_
             Transfer::Smtp => &mail,
         };
         for rep in 0..plan.reps {
-            let mut this_rep: [Option<f64>; 3] = [None; 3];
+            let mut this_rep: [Option<f64>; 4] = [None; 4];
             for path in rotated(paths, rep) {
                 if path.via == Via::Peer && rep >= plan.peer_reps {
+                    continue;
+                }
+                // Local TLS is measured on FETCH only (IMAP's tls_listen).
+                if path.via == Via::OursTls && !matches!(kind, Transfer::Fetch) {
                     continue;
                 }
                 let th = &mut set_of(results, kind)[slot(path.via)];
@@ -735,11 +828,17 @@ async fn throughput(plan: &Plan, paths: &[Way], results: &mut Results, upstream_
                     }
                 }
             }
-            let ours = &mut set_of(results, kind)[0];
-            if let [Some(o), Some(d), p] = this_rep {
-                ours.paired_direct.push(o / d);
+            let set = set_of(results, kind);
+            if let [Some(o), Some(d), p, _] = this_rep {
+                set[slot(Via::Ours)].paired_direct.push(o / d);
                 if let Some(p) = p {
-                    ours.paired_peer.push(o / p);
+                    set[slot(Via::Ours)].paired_peer.push(o / p);
+                }
+            }
+            if let [o, Some(d), _, Some(t)] = this_rep {
+                set[slot(Via::OursTls)].paired_direct.push(t / d);
+                if let Some(o) = o {
+                    set[slot(Via::OursTls)].paired_plain.push(t / o);
                 }
             }
         }
@@ -780,6 +879,43 @@ async fn logins(plan: &Plan, paths: &[Way], results: &mut Results) {
             }
         }
     }
+}
+
+/// Login cycles through the IMAPS listener with a client that keeps no TLS
+/// sessions (a full handshake each time), alternating in blocks with cycles
+/// through the plain listener of the same proxy: (plain, full handshake).
+async fn full_handshake_logins(
+    plan: &Plan,
+    plain: &Way,
+    full: &Way,
+) -> (report::Logins, report::Logins) {
+    const BLOCKS: usize = 10;
+    let total = (plan.login_cycles / 5).max(20);
+    say(&format!(
+        "login latency with a full TLS handshake: {total} cycles, and as many through the plain listener"
+    ));
+    let mut out = (report::Logins::default(), report::Logins::default());
+    for block in 0..BLOCKS {
+        // Which goes first alternates from block to block.
+        let order = if block % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let (way, l) = if which == 0 {
+                (plain, &mut out.0)
+            } else {
+                (full, &mut out.1)
+            };
+            for _ in 0..total.div_ceil(BLOCKS) {
+                if l.ms.len() + l.errors.len() >= total || l.errors.len() >= 10 {
+                    break;
+                }
+                match client::login_cycle(&way.imap, &way.credentials).await {
+                    Ok(d) => l.ms.push(d.as_secs_f64() * 1e3),
+                    Err(e) => l.errors.push(e.to_string()),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A batch of open sessions and how opening them went.

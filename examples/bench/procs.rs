@@ -28,6 +28,10 @@ pub fn free_port() -> u16 {
 pub struct Running {
     pub imap: SocketAddr,
     pub smtp: SocketAddr,
+    /// xoauth2-proxy with local TLS: its IMAP over TLS listener (`tls_listen`).
+    pub imaps: Option<SocketAddr>,
+    /// xoauth2-proxy: its generated config file.
+    pub config: Option<PathBuf>,
     pub pid: u32,
     pub log: PathBuf,
     child: Option<Child>,
@@ -55,6 +59,8 @@ impl Running {
         Ok(Running {
             imap: SocketAddr::from(([127, 0, 0, 1], imap)),
             smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
+            imaps: None,
+            config: None,
             pid: child.id().unwrap_or(0),
             log,
             child: Some(child),
@@ -156,18 +162,21 @@ impl<'a> Upstream<'a> {
 }
 
 /// Starts `xoauth2-proxy serve` against `upstream` with room for
-/// `max_connections` clients, its account holding a grant.
+/// `max_connections` clients, its account holding a grant. With `tls`, the
+/// config also has `[tls]` (the proxy makes its own CA under
+/// state_dir/tls) and an IMAP `tls_listen`.
 pub async fn start_ours(
     bin: &Path,
     password_hash: &str,
     upstream: &Upstream<'_>,
     max_connections: usize,
+    tls: bool,
 ) -> Result<Running, String> {
     // Newer builds have an admin listener (default 127.0.0.1:8025): give it a
     // free port; an older build that does not know the section is started without.
-    match start_ours_with(bin, password_hash, upstream, max_connections, true).await {
+    match start_ours_with(bin, password_hash, upstream, max_connections, true, tls).await {
         Err(e) if e.contains("admin") => {
-            start_ours_with(bin, password_hash, upstream, max_connections, false).await
+            start_ours_with(bin, password_hash, upstream, max_connections, false, tls).await
         }
         other => other,
     }
@@ -179,16 +188,26 @@ async fn start_ours_with(
     upstream: &Upstream<'_>,
     max_connections: usize,
     admin: bool,
+    tls: bool,
 ) -> Result<Running, String> {
     let w = upstream.world;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let state = dir.path().join("state");
     let (imap, smtp) = (free_port(), free_port());
+    let imaps = tls.then(free_port);
     let base = format!("{}/{TENANT}/oauth2/v2.0", w.idp_base);
     let admin = if admin {
         format!("\n[admin]\nlisten = \"127.0.0.1:{}\"\n", free_port())
     } else {
         String::new()
+    };
+    // Local TLS: a self-made CA, a certificate for the names the client uses.
+    let (tls_listen, tls) = match imaps {
+        Some(port) => (
+            format!("tls_listen = \"127.0.0.1:{port}\"\n"),
+            "\n[tls]\nnames = [\"localhost\", \"127.0.0.1\"]\n".to_string(),
+        ),
+        None => (String::new(), String::new()),
     };
     let config = format!(
         r#"[server]
@@ -198,10 +217,10 @@ shutdown_grace = "1s"
 
 [imap]
 listen = "127.0.0.1:{imap}"
-
+{tls_listen}
 [smtp]
 listen = "127.0.0.1:{smtp}"
-{admin}
+{admin}{tls}
 [providers.bench]
 kind = "microsoft"
 tenant = "{TENANT}"
@@ -256,6 +275,8 @@ flow = "device_code"
         .env("RUST_LOG", "info")
         .stderr(log_file);
     let mut running = Running::spawn(command, (imap, smtp), log, dir)?;
+    running.imaps = imaps.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+    running.config = Some(config_path);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !running.log_text().contains("xoauth2-proxy is ready") {
         if running.exited() || Instant::now() > deadline {
@@ -267,6 +288,25 @@ flow = "device_code"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(running)
+}
+
+/// The CA of a proxy started with local TLS, as `xoauth2-proxy tls ca
+/// --config …` prints it (PEM).
+pub fn proxy_ca(bin: &Path, running: &Running) -> Result<String, String> {
+    let config = running.config.as_ref().ok_or("no config")?;
+    let out = std::process::Command::new(bin)
+        .args(["tls", "ca", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{} tls ca: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`xoauth2-proxy tls ca` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The virtualenv holding email-oauth2-proxy, made (with `pip install

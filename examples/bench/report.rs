@@ -13,6 +13,9 @@ pub enum Via {
     Direct,
     /// Through email-oauth2-proxy.
     Peer,
+    /// Through xoauth2-proxy's IMAP over TLS listener (`tls_listen`, its
+    /// self-made CA): TLS on both sides of the proxy.
+    OursTls,
 }
 
 impl Via {
@@ -21,6 +24,7 @@ impl Via {
             Via::Ours => "xoauth2-proxy",
             Via::Direct => "direct",
             Via::Peer => "email-oauth2-proxy",
+            Via::OursTls => "xoauth2-proxy over TLS",
         }
     }
 }
@@ -41,6 +45,8 @@ pub struct Throughput {
     pub paired_direct: Vec<f64>,
     /// (proxy path only) proxy ÷ peer of the runs of the same repetition.
     pub paired_peer: Vec<f64>,
+    /// (TLS path only) TLS listener ÷ plain listener of the same repetition.
+    pub paired_plain: Vec<f64>,
 }
 
 impl Throughput {
@@ -116,14 +122,17 @@ pub struct Results {
     pub fetch_bytes: usize,
     pub append_bytes: usize,
     pub smtp_bytes: usize,
-    pub fetch: [Throughput; 3],
-    pub append: [Throughput; 3],
-    pub smtp: [Throughput; 3],
-    pub logins: [Logins; 3],
+    pub fetch: [Throughput; 4],
+    pub append: [Throughput; 4],
+    pub smtp: [Throughput; 4],
+    pub logins: [Logins; 4],
     pub idle: Vec<Idle>,
     pub peer_present: bool,
     /// The stand-in's own CPU per GB while serving the direct runs (for scale).
     pub upstream_cpu: Option<(Cpu, u64)>,
+    /// Login cycles through the plain listener and, alternating with them,
+    /// through the IMAPS listener with a full TLS handshake each time.
+    pub tls_full: Option<(Logins, Logins)>,
 }
 
 pub fn slot(via: Via) -> usize {
@@ -131,6 +140,7 @@ pub fn slot(via: Via) -> usize {
         Via::Ours => 0,
         Via::Direct => 1,
         Via::Peer => 2,
+        Via::OursTls => 3,
     }
 }
 
@@ -207,6 +217,33 @@ impl Results {
             );
         }
 
+        // 1, with local TLS: FETCH through the proxy's IMAP over TLS listener.
+        let tls = &self.fetch[slot(Via::OursTls)];
+        if !tls.mbps.is_empty() || !tls.errors.is_empty() {
+            let ratio = summary(&tls.paired_direct);
+            row(
+                &mut t,
+                [
+                    "1",
+                    &format!(
+                        "IMAP `UID FETCH BODY.PEEK[]` {} through the proxy's IMAPS listener (TLS on both sides), MB/s median (min–max)",
+                        mib(self.fetch_bytes)
+                    ),
+                    &rate(tls.summary()),
+                    &rate(self.fetch[slot(Via::Direct)].summary()),
+                    &ratio
+                        .map(|r| format!("{:.2} ({:.2}–{:.2})", r.median, r.min, r.max))
+                        .unwrap_or("—".into()),
+                    "n/a",
+                    "",
+                    "≥ 0.90 × direct",
+                    &ratio
+                        .map(|r| yes(r.median >= 0.9).to_string())
+                        .unwrap_or("—".into()),
+                ],
+            );
+        }
+
         // 3: login latency.
         let p = |via: Via, q: f64| percentile(&self.logins[slot(via)].ms, q);
         for (label, q) in [("p50", 50.0), ("p99", 99.0)] {
@@ -256,6 +293,48 @@ impl Results {
                     },
                 ],
             );
+        }
+
+        // 3, with local TLS: the same cycle through the proxy's IMAPS listener;
+        // the direct path is TLS too, so "added" is like for like.
+        let tls = &self.logins[slot(Via::OursTls)];
+        if !tls.ms.is_empty() || !tls.errors.is_empty() {
+            for (label, q) in [("p50", 50.0), ("p99", 99.0)] {
+                let (o, d) = (p(Via::OursTls, q), p(Via::Direct, q));
+                let ms = |v: Option<f64>, via: Via| {
+                    v.map(|v| format!("{v:.3} ms (n={})", self.logins[slot(via)].ms.len()))
+                        .unwrap_or("—".into())
+                };
+                let added = o.zip(d).map(|(o, d)| o - d);
+                row(
+                    &mut t,
+                    [
+                        "3",
+                        &format!(
+                            "connect + TLS + login + LOGOUT through the proxy's IMAPS listener, {label}"
+                        ),
+                        &ms(o, Via::OursTls),
+                        &ms(d, Via::Direct),
+                        &added
+                            .map(|a| format!("{a:+.3} ms added"))
+                            .unwrap_or("—".into()),
+                        "n/a",
+                        "",
+                        if q == 50.0 {
+                            "≤ 1 ms added at p50"
+                        } else {
+                            ""
+                        },
+                        &if q == 50.0 {
+                            added
+                                .map(|a| yes(a <= 1.0).to_string())
+                                .unwrap_or("—".into())
+                        } else {
+                            String::new()
+                        },
+                    ],
+                );
+            }
         }
 
         // 4: idle sessions.
@@ -383,7 +462,94 @@ impl Results {
                 ],
             );
         }
+        let tls = &self.fetch[slot(Via::OursTls)];
+        if let Some((total, user, sys)) = tls.cpu_per_gb() {
+            row(
+                &mut t,
+                [
+                    "5",
+                    "proxy CPU per GB relayed, FETCH through the IMAPS listener (TLS on both sides)",
+                    &format!("{total:.2} s (user {user:.2} + sys {sys:.2})"),
+                    "n/a",
+                    "",
+                    "n/a",
+                    "",
+                    "",
+                    "",
+                ],
+            );
+        }
         t
+    }
+
+    /// What local TLS costs, from the runs through the same proxy process's
+    /// plain and TLS listeners: one line each for login and FETCH.
+    pub fn tls_cost(&self) -> String {
+        let mut n = String::new();
+        let (plain, tls) = (
+            &self.logins[slot(Via::Ours)].ms,
+            &self.logins[slot(Via::OursTls)].ms,
+        );
+        if !plain.is_empty() && !tls.is_empty() {
+            let at = |q: f64| {
+                percentile(tls, q)
+                    .zip(percentile(plain, q))
+                    .map(|(t, p)| t - p)
+            };
+            let _ = writeln!(
+                n,
+                "- local TLS per login (IMAPS listener − plain listener of the same proxy, cycles interleaved): {:+.3} ms at p50, {:+.3} ms at p99",
+                at(50.0).unwrap_or(f64::NAN),
+                at(99.0).unwrap_or(f64::NAN),
+            );
+        }
+        if let Some((plain, full)) = &self.tls_full {
+            let at = |v: &[f64], q: f64| percentile(v, q);
+            if let (Some(f50), Some(p50), Some(f99), Some(p99)) = (
+                at(&full.ms, 50.0),
+                at(&plain.ms, 50.0),
+                at(&full.ms, 99.0),
+                at(&plain.ms, 99.0),
+            ) {
+                let _ = writeln!(
+                    n,
+                    "- local TLS per login with a full handshake each time (a client without a TLS session cache; {} cycles, alternating in blocks with {} through the plain listener): p50 {f50:.3} ms against {p50:.3} ms, {:+.3} ms; p99 {f99:.3} ms against {p99:.3} ms, {:+.3} ms",
+                    full.ms.len(),
+                    plain.ms.len(),
+                    f50 - p50,
+                    f99 - p99,
+                );
+            }
+            for (what, l) in [("plain", plain), ("full handshake", full)] {
+                if let Some(e) = l.errors.first() {
+                    let _ = writeln!(
+                        n,
+                        "- logins ({what}, beside the full-handshake cycles): {} failed; first: {e}",
+                        l.errors.len()
+                    );
+                }
+            }
+        }
+        let (plain, tls) = (
+            &self.fetch[slot(Via::Ours)],
+            &self.fetch[slot(Via::OursTls)],
+        );
+        if let (Some((p, pu, ps)), Some((t, tu, ts))) = (plain.cpu_per_gb(), tls.cpu_per_gb()) {
+            let ratio = summary(&tls.paired_plain)
+                .map(|r| {
+                    format!(
+                        "; MB/s IMAPS ÷ plain {:.2} ({:.2}–{:.2})",
+                        r.median, r.min, r.max
+                    )
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                n,
+                "- local TLS per GB of FETCH (proxy CPU): {t:.2} s over TLS (user {tu:.2} + sys {ts:.2}) against {p:.2} s plain (user {pu:.2} + sys {ps:.2}), {:+.2} s per GB{ratio}",
+                t - p
+            );
+        }
+        n
     }
 
     /// The smaller table of the Dovecot run: IMAP throughput, logins, CPU per GB.
@@ -460,13 +626,13 @@ impl Results {
             ("APPEND", &self.append),
             ("SMTP", &self.smtp),
         ] {
-            for via in [Via::Ours, Via::Direct, Via::Peer] {
+            for via in [Via::Ours, Via::OursTls, Via::Direct, Via::Peer] {
                 for e in set[slot(via)].errors.iter().take(3) {
                     let _ = writeln!(n, "- {label} via {}: failed run: {e}", via.name());
                 }
             }
         }
-        for via in [Via::Ours, Via::Direct, Via::Peer] {
+        for via in [Via::Ours, Via::OursTls, Via::Direct, Via::Peer] {
             let l = &self.logins[slot(via)];
             if !l.errors.is_empty() {
                 let _ = writeln!(
@@ -510,7 +676,7 @@ impl Results {
                 (th.bytes > 0)
                     .then(|| th.client_cpu.total().as_secs_f64() / (th.bytes as f64 / 1e9))
             };
-            let cells: Vec<String> = [Via::Ours, Via::Direct, Via::Peer]
+            let cells: Vec<String> = [Via::Ours, Via::OursTls, Via::Direct, Via::Peer]
                 .into_iter()
                 .filter_map(|via| {
                     per_gb(&set[slot(via)]).map(|c| format!("{} {c:.2} s", via.name()))
@@ -533,6 +699,7 @@ impl Results {
                 cpu.total().as_secs_f64() / (bytes as f64 / 1e9)
             );
         }
+        n.push_str(&self.tls_cost());
         n
     }
 }
