@@ -35,13 +35,32 @@ pub fn binary() -> &'static Path {
     })
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port for a listener the proxy will bind later.
+///
+/// Not an ephemeral port: one bound to port 0 and released can be taken,
+/// before the proxy binds it, by the source port of any outgoing connection
+/// (tests make thousands), and the proxy then fails with "address already in
+/// use". Ports below the kernel's ephemeral range (`ip_local_port_range`,
+/// 32768 and up by default) are never handed out that way; each is still
+/// checked by binding it, and never handed out twice by one process. The
+/// start depends on the process id so that test binaries run side by side
+/// (`cargo test` runs them one after another, but people run two at once)
+/// seldom try the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        // A step prime to SPAN visits every port of the span once.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = (FIRST + (offset + n * 7) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// One account line of the generated config.
