@@ -285,19 +285,33 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
             crate::error::io_reason(&e)
         )
     })?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            format!(
-                "{} is not PEM ({e}); `ca_file` must hold PEM certificates",
-                path.display()
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(format!(
+    pem_certificates(&pem).map_err(|e| match e {
+        PemError::NotPem(e) => format!(
+            "{} is not PEM ({e}); `ca_file` must hold PEM certificates",
+            path.display()
+        ),
+        PemError::Empty => format!(
             "{} holds no PEM certificate; `ca_file` must hold at least one",
             path.display()
-        ));
+        ),
+    })
+}
+
+/// Why a PEM file gave no certificate. The callers name their own setting
+/// in the sentence, so it is an enum they turn into one.
+#[derive(Debug)]
+pub enum PemError {
+    NotPem(std::io::Error),
+    Empty,
+}
+
+/// Every certificate in `pem`, in order; at least one.
+pub fn pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(PemError::NotPem)?;
+    if certs.is_empty() {
+        return Err(PemError::Empty);
     }
     Ok(certs)
 }

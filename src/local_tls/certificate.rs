@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
+use crate::tls::PemError;
+
 /// What `status` and the log say about a server certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Certificate {
@@ -49,21 +51,16 @@ pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 pub fn parse_chain(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let chain = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            format!(
-                "{} is not PEM ({e}); `tls.cert_file` must hold the server certificate and its chain in PEM",
-                path.display()
-            )
-        })?;
-    if chain.is_empty() {
-        return Err(format!(
+    crate::tls::pem_certificates(pem).map_err(|e| match e {
+        PemError::NotPem(e) => format!(
+            "{} is not PEM ({e}); `tls.cert_file` must hold the server certificate and its chain in PEM",
+            path.display()
+        ),
+        PemError::Empty => format!(
             "{} holds no PEM certificate; `tls.cert_file` must hold the server certificate (first) and its chain in PEM",
             path.display()
-        ));
-    }
-    Ok(chain)
+        ),
+    })
 }
 
 /// Reads the PEM private key of `tls.key_file`.
