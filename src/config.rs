@@ -81,6 +81,28 @@ pub struct ServerSection {
     /// On SIGTERM, how long live sessions may go on before they are closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Connections from one client address that have not logged in yet.
+    pub max_prelogin_per_address: usize,
+    /// Failed logins from one address for one username before that address
+    /// is throttled for that username.
+    pub max_failed_logins: u32,
+    /// Failed logins from one address, whatever the username, before the
+    /// address is throttled for every username.
+    pub max_failed_logins_per_address: u32,
+    /// The longest a throttled address waits before it may try again.
+    #[serde(with = "humantime_serde")]
+    pub throttle_max_delay: Duration,
+    /// Password hashings (argon2) run at once; 0 means one per CPU core.
+    pub password_checks: usize,
+    /// Logins waiting for a hashing slot; past it a login is told to retry.
+    pub password_check_queue: usize,
+    /// The 32-byte key that seals grant files at rest
+    /// (`$XOAUTH2_PROXY_TOKEN_KEY_FILE` wins over it).
+    pub token_key_file: Option<PathBuf>,
+    /// A delegated grant not refreshed for this long is refreshed in the
+    /// background, so that it does not expire unused; 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub grant_keepalive: Duration,
 }
 
 impl Default for ServerSection {
@@ -93,6 +115,14 @@ impl Default for ServerSection {
             idp_timeout: Duration::from_secs(30),
             max_connections: 4096,
             shutdown_grace: Duration::from_secs(30),
+            max_prelogin_per_address: 256,
+            max_failed_logins: 5,
+            max_failed_logins_per_address: 20,
+            throttle_max_delay: Duration::from_secs(15 * 60),
+            password_checks: 0,
+            password_check_queue: 64,
+            token_key_file: None,
+            grant_keepalive: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -198,12 +228,23 @@ impl Default for SmtpSection {
 pub struct AdminSection {
     /// `/healthz` and `/metrics` over HTTP.
     pub listen: SocketAddr,
+    /// Admin connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a kept-alive admin connection may stay silent.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -472,7 +513,7 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 }
 
 fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
-    check_limits(path, &raw.server, &raw.smtp)?;
+    check_limits(path, &raw.server, &raw.smtp, &raw.admin)?;
     check_tls(path, &raw)?;
     let mut providers = BTreeMap::new();
     for (name, p) in raw.providers {
@@ -510,22 +551,32 @@ fn check_limits(
     path: &Path,
     server: &ServerSection,
     smtp: &SmtpSection,
+    admin: &AdminSection,
 ) -> Result<(), ConfigError> {
-    if smtp.max_connections_per_mailbox == 0 {
-        return Err(ConfigError::at(
-            path,
+    let at_least_one = [
+        (
             "smtp.max_connections_per_mailbox",
-            "must be at least 1",
-        ));
+            smtp.max_connections_per_mailbox,
+        ),
+        ("server.max_connections", server.max_connections),
+        (
+            "server.max_prelogin_per_address",
+            server.max_prelogin_per_address,
+        ),
+        (
+            "server.max_failed_logins",
+            server.max_failed_logins as usize,
+        ),
+        (
+            "server.max_failed_logins_per_address",
+            server.max_failed_logins_per_address as usize,
+        ),
+        ("admin.max_connections", admin.max_connections),
+    ];
+    match at_least_one.iter().find(|(_, value)| *value == 0) {
+        Some((key, _)) => Err(ConfigError::at(path, key, "must be at least 1")),
+        None => Ok(()),
     }
-    if server.max_connections == 0 {
-        return Err(ConfigError::at(
-            path,
-            "server.max_connections",
-            "must be at least 1",
-        ));
-    }
-    Ok(())
 }
 
 /// `[tls]` names both files or neither, and some names; a TLS listener
