@@ -28,7 +28,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::imap::Imap;
-use crate::shared::{Protocol, Shared};
+use crate::shared::{Connection, Protocol, Shared};
 use crate::smtp::Smtp;
 
 /// The bound IMAP, SMTP and admin listeners, and the implicit TLS ones.
@@ -362,15 +362,20 @@ impl Accepting {
                         .clone();
                     gauge.inc();
                     let protocol = protocol.clone();
+                    let connection = Connection {
+                        peer,
+                        over_tls: transport == Transport::ImplicitTls,
+                        accepted: std::time::Instant::now(),
+                    };
                     tracker.spawn(
                         async move {
                             match transport {
                                 Transport::Plain => {
                                     crate::metrics::get().client_tls(P::NAME, "plain", true);
-                                    protocol.serve(shared, stream, false).await
+                                    protocol.serve(shared, stream, connection).await
                                 }
                                 Transport::ImplicitTls => {
-                                    serve_over_tls(&*protocol, shared, stream).await
+                                    serve_over_tls(&*protocol, shared, stream, connection).await
                                 }
                             }
                             gauge.dec();
@@ -394,7 +399,12 @@ impl Accepting {
 
 /// Runs the TLS handshake with the certificate of `shared`, within the
 /// login timeout, then serves the client over TLS.
-async fn serve_over_tls<P: Protocol>(protocol: &P, shared: Arc<Shared>, stream: TcpStream) {
+async fn serve_over_tls<P: Protocol>(
+    protocol: &P,
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    connection: Connection,
+) {
     let Some(tls) = &shared.local_tls else {
         // Only after a reload that removed [tls]; the listener stays until restart.
         warn!("a TLS client arrived but the config in force has no [tls]; closing");
@@ -403,7 +413,7 @@ async fn serve_over_tls<P: Protocol>(protocol: &P, shared: Arc<Shared>, stream: 
     let accepted = tls.accept(stream, shared.config.server.login_timeout).await;
     crate::metrics::get().client_tls(P::NAME, "implicit", accepted.is_ok());
     match accepted {
-        Ok(stream) => protocol.serve(shared.clone(), stream, true).await,
+        Ok(stream) => protocol.serve(shared.clone(), stream, connection).await,
         Err(e) => info!("{e}; closing"),
     }
 }

@@ -4,7 +4,9 @@
 //! the other.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_rustls::server::TlsStream;
@@ -122,6 +124,17 @@ impl TlsPolicy {
     }
 }
 
+/// What the listener knows of one client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    /// The client's address: throttling and the per-address limits go by its IP.
+    pub peer: SocketAddr,
+    /// The stream is TLS from the first byte (`tls_listen`).
+    pub over_tls: bool,
+    /// When the connection was accepted: the login deadline counts from here.
+    pub accepted: Instant,
+}
+
 /// A protocol's entry point for the connections of one listener. The value
 /// lives as long as the listener; each connection gets the [`Shared`] in
 /// force when it was accepted.
@@ -129,12 +142,11 @@ pub trait Protocol: Send + Sync + 'static {
     /// Lower-case name for logs, spans and metrics: "imap", "smtp".
     const NAME: &'static str;
     /// Serves one client until it or the upstream closes.
-    /// `over_tls`: the stream is TLS from the first byte (`tls_listen`).
     fn serve<S: ClientStream>(
         &self,
         shared: Arc<Shared>,
         stream: S,
-        over_tls: bool,
+        connection: Connection,
     ) -> impl Future<Output = ()> + Send;
     /// Tells a client that cannot be served now (too many connections), then closes.
     fn refuse_busy<S: ClientStream>(stream: S) -> impl Future<Output = ()> + Send;

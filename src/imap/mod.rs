@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::shared::{ClientStream, Protocol, Shared};
+use crate::shared::{ClientStream, Connection, Protocol, Shared};
 
 /// The IMAP listener's protocol.
 pub struct Imap;
@@ -17,8 +17,8 @@ pub struct Imap;
 impl Protocol for Imap {
     const NAME: &'static str = "imap";
 
-    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, over_tls: bool) {
-        session::run(shared, stream, over_tls).await
+    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, connection: Connection) {
+        session::run(shared, stream, connection).await
     }
 
     async fn refuse_busy<S: ClientStream>(mut stream: S) {

@@ -28,7 +28,7 @@ use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::sasl::{self, Challenge, SaslError};
 use crate::secret::Secret;
-use crate::shared::{ClientStream, Shared, TlsPolicy};
+use crate::shared::{ClientStream, Connection, Shared, TlsPolicy};
 use crate::upstream::UpstreamError;
 
 /// What the proxy offers before login, whatever the TLS state.
@@ -39,11 +39,15 @@ const MAX_ERRORS: u32 = 10;
 /// Failed logins tolerated on one connection.
 const MAX_FAILED_LOGINS: u32 = 3;
 
-/// Serves one client connection to the end; `over_tls` when it is TLS
-/// from the first byte.
-pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, over_tls: bool) {
+/// Serves one client connection to the end.
+pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Connection) {
     let imap = &shared.config.imap;
-    let tls = TlsPolicy::new(&shared, imap.starttls, imap.require_tls, over_tls);
+    let tls = TlsPolicy::new(
+        &shared,
+        imap.starttls,
+        imap.require_tls,
+        connection.over_tls,
+    );
     let mut session = PreAuth::new(shared, stream, tls);
     // The dialogue's state (login, SASL, the upstream's opening) is the
     // larger part of this future; boxed, it is freed at login instead of

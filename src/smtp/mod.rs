@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::SmtpSection;
-use crate::shared::{ClientStream, Protocol, Shared};
+use crate::shared::{ClientStream, Connection, Protocol, Shared};
 use extensions::Extensions;
 use pool::Pools;
 
@@ -55,13 +55,13 @@ impl Smtp {
 impl Protocol for Smtp {
     const NAME: &'static str = "smtp";
 
-    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, over_tls: bool) {
+    async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, connection: Connection) {
         session::run(
             shared,
             self.pools.clone(),
             self.extensions.clone(),
             stream,
-            over_tls,
+            connection,
         )
         .await
     }

@@ -30,7 +30,7 @@ use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError, open_as};
 use crate::sasl::{self, Challenge, Credentials, SaslError};
-use crate::shared::{ClientStream, Shared, TlsPolicy};
+use crate::shared::{ClientStream, Connection, Shared, TlsPolicy};
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -44,17 +44,21 @@ const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 /// The proxy's own host name in greetings.
 const HOSTNAME: &str = "xoauth2-proxy";
 
-/// Serves one client connection to the end; `over_tls` when it is TLS
-/// from the first byte.
+/// Serves one client connection to the end.
 pub async fn run<S: ClientStream>(
     shared: Arc<Shared>,
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
     stream: S,
-    over_tls: bool,
+    connection: Connection,
 ) {
     let smtp = &shared.config.smtp;
-    let tls = TlsPolicy::new(&shared, smtp.starttls, smtp.require_tls, over_tls);
+    let tls = TlsPolicy::new(
+        &shared,
+        smtp.starttls,
+        smtp.require_tls,
+        connection.over_tls,
+    );
     let mut session = Session::new(shared, pools, extensions, stream, tls);
     let next = session.dialogue(Greeting::Send).await;
     session.end_transaction().await;
