@@ -260,12 +260,16 @@ struct AccountStatus {
     authorized_at: Option<u64>,
     last_error: Option<String>,
     last_error_at: Option<u64>,
+    /// False while the running proxy holds the newest grant in memory only
+    /// (its save failed); `None` when no proxy answered.
+    grant_saved: Option<bool>,
 }
 
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = TokenStore::new(&state_dir(config));
     let now = unix_now();
-    let (rows, mut problems) = account_statuses(config, &store, now);
+    let (mut rows, mut problems) = account_statuses(config, &store, now);
+    let asked = ask_proxy_for_unsaved(config, &mut rows);
     if json {
         println!(
             "{}",
@@ -273,6 +277,9 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
         );
     } else {
         print_statuses(config, &rows, now);
+        if let Err(e) = asked {
+            println!("Whether every grant is saved is not known: {e}");
+        }
         print_tls(config, &mut problems);
     }
     for p in problems {
@@ -320,8 +327,19 @@ impl AccountStatus {
             authorized_at: g.authorized_at,
             last_error: g.last_error,
             last_error_at: g.last_error_at,
+            grant_saved: None,
         }
     }
+}
+
+/// Only the running proxy knows which grants it could not save: ask its
+/// admin listener.
+fn ask_proxy_for_unsaved(config: &Config, rows: &mut [AccountStatus]) -> Result<(), String> {
+    let unsaved = runtime().block_on(xoauth2_proxy::unsaved_grants(config.admin.listen))?;
+    for r in rows {
+        r.grant_saved = Some(!unsaved.iter().any(|a| a.eq_ignore_ascii_case(&r.account)));
+    }
+    Ok(())
 }
 
 /// The statuses for people: a headline per account, then indented details.
@@ -329,12 +347,14 @@ fn print_statuses(config: &Config, rows: &[AccountStatus], now: u64) {
     if rows.is_empty() {
         println!("No accounts are configured in {}.", config.path.display());
     }
+    let tokens = TokenStore::new(&state_dir(config));
     for r in rows {
         println!(
             "{} ({}, {:?} via {}): {}",
             r.account, r.mailbox, r.flow, r.provider, r.state
         );
         let details = [
+            not_saved(r, tokens.dir()),
             login_hint(r),
             token_expiry(r, now),
             last_token(r, now),
@@ -363,6 +383,15 @@ fn print_tls(config: &Config, problems: &mut Vec<String>) {
         ),
         Err(e) => problems.push(e),
     }
+}
+
+fn not_saved(r: &AccountStatus, dir: &std::path::Path) -> Option<String> {
+    (r.grant_saved == Some(false)).then(|| {
+        format!(
+            "grant not saved: the running proxy holds the newest grant in memory only and keeps trying to write it; free space in {}",
+            dir.display()
+        )
+    })
 }
 
 fn login_hint(r: &AccountStatus) -> Option<String> {
@@ -425,6 +454,7 @@ mod tests {
             authorized_at: None,
             last_error: Some("the grant was refused".into()),
             last_error_at: Some(880),
+            grant_saved: Some(false),
         }
     }
 
@@ -444,6 +474,10 @@ mod tests {
             Some("access token expired 1m ago")
         );
         assert_eq!(last_token(&r, 1000), None);
+        assert!(
+            not_saved(&r, std::path::Path::new("/state/tokens"))
+                .is_some_and(|line| line.contains("not saved") && line.contains("/state/tokens"))
+        );
         assert_eq!(
             last_error(&r, 1000).as_deref(),
             Some("last error (2m ago): the grant was refused")
