@@ -217,6 +217,8 @@ pub async fn run(
             humantime::format_duration(grace)
         );
     }
+    let shared = publish.borrow().clone();
+    shared.tokens.save_before_exit().await;
     Ok(())
 }
 

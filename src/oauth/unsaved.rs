@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::store::{StoredGrant, TokenStore};
 use crate::secret::Secret;
@@ -38,6 +38,9 @@ const LAST_RETRY: Duration = Duration::from_secs(60);
 
 /// A grant the process holds that its file does not.
 struct Unsaved {
+    /// Where it goes, for the last attempt at shutdown.
+    store: TokenStore,
+    account: String,
     grant: StoredGrant,
     /// The refresh token the file held when the first write failed.
     replaced: Option<Secret>,
@@ -75,6 +78,8 @@ pub(super) fn failed(store: &TokenStore, account: &str, grant: &StoredGrant, rea
         .flatten()
         .and_then(|g| g.refresh_token);
     let record = Unsaved {
+        store: store.clone(),
+        account: account.to_string(),
         grant: grant.clone(),
         replaced,
         version: 0,
@@ -150,6 +155,33 @@ fn recovered(account: &str, record: &Unsaved) {
         "grant of {account} saved after {} in memory only",
         humantime::format_duration(Duration::from_secs(record.since.elapsed().as_secs()))
     );
+}
+
+/// One last attempt to write every unsaved grant of `store`, when the proxy
+/// stops: what is still unsaved then is lost with the process, and the log
+/// says which accounts may need `login`.
+pub(super) async fn save_before_exit(store: &TokenStore) {
+    let pending: Vec<(TokenStore, String)> = records()
+        .values()
+        .filter(|r| r.store.dir() == store.dir())
+        .map(|r| (r.store.clone(), r.account.clone()))
+        .collect();
+    for (store, account) in pending {
+        let _lock = store.lock(&account).await.ok();
+        if !retry_once(&store, &account) {
+            error!(
+                account,
+                "the newest grant of {account} could not be saved before exit; free space in {} before starting again, and if the proxy then says it needs login, run `xoauth2-proxy login {account}`",
+                store.dir().display()
+            );
+        }
+    }
+}
+
+/// Whether `account` has a grant not yet written.
+#[cfg(test)]
+pub(super) fn is_unsaved(store: &TokenStore, account: &str) -> bool {
+    records().contains_key(&store.path(account))
 }
 
 fn set_gauge(account: &str, value: i64) {
@@ -290,5 +322,18 @@ mod tests {
         assert!(retry_once(&store, USER), "nothing left to write");
         assert_eq!(on_file(&store, USER).as_deref(), Some("from-login"));
         assert_eq!(gauge(USER), 0);
+    }
+
+    #[tokio::test]
+    async fn the_proxy_tries_once_more_when_it_stops() {
+        const USER: &str = "stopping@contoso.com";
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        std::fs::write(store.dir(), b"in the way").unwrap();
+        failed(&store, USER, &grant("rt1"), "cannot write");
+        std::fs::remove_file(store.dir()).unwrap();
+        save_before_exit(&store).await;
+        assert_eq!(on_file(&store, USER).as_deref(), Some("rt1"));
+        assert!(!is_unsaved(&store, USER));
     }
 }
