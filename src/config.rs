@@ -998,6 +998,16 @@ pub fn state_dir(config: &Config) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("xoauth2-proxy-state"))
 }
 
+/// The file holding the token key that seals grants:
+/// `$XOAUTH2_PROXY_TOKEN_KEY_FILE`, else `[server] token_key_file`, else
+/// none (grants are stored unsealed).
+pub fn token_key_file(config: &Config) -> Option<PathBuf> {
+    std::env::var_os("XOAUTH2_PROXY_TOKEN_KEY_FILE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| config.server.token_key_file.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
