@@ -339,6 +339,9 @@ pub struct Provider {
     pub kind: ProviderKind,
     pub client_id: String,
     pub client_secret: Option<Secret>,
+    /// The secret is written in the config file itself (`client_secret`),
+    /// not read from `client_secret_file`.
+    pub client_secret_inline: bool,
     pub authorize_url: String,
     pub token_url: String,
     pub device_code_url: Option<String>,
@@ -782,6 +785,7 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
     if p.client_id.trim().is_empty() {
         return Err(t.error("client_id", "must not be empty"));
     }
+    let client_secret_inline = p.client_secret.is_some();
     let client_secret = client_secret(&t, p.client_secret.take(), p.client_secret_file.take())?;
     let defaults = p
         .kind
@@ -799,6 +803,7 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
         kind: p.kind,
         client_id: p.client_id,
         client_secret,
+        client_secret_inline,
         authorize_url: endpoints.authorize_url,
         token_url: endpoints.token_url,
         device_code_url: endpoints.device_code_url,
@@ -1006,6 +1011,40 @@ pub fn token_key_file(config: &Config) -> Option<PathBuf> {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| config.server.token_key_file.clone())
+}
+
+/// A warning when the config file holds a client secret and users other
+/// than its owner may read it; `None` when it is private or holds none.
+/// Never the secret itself.
+pub fn exposed_secret_warning(config: &Config) -> Option<String> {
+    let providers: Vec<&str> = config
+        .providers
+        .values()
+        .filter(|p| p.client_secret_inline)
+        .map(|p| p.name.as_str())
+        .collect();
+    if providers.is_empty() {
+        return None;
+    }
+    let mode = readable_by_others(&config.path)?;
+    let file = config.path.display();
+    Some(format!(
+        "config {file} holds the client secret of provider `{}` and other users may read it (mode {mode:04o}); run `chmod 600 {file}`, or move the secret to a file named by `client_secret_file`",
+        providers.join("`, `")
+    ))
+}
+
+/// The file's mode if its group or others may read it.
+#[cfg(unix)]
+fn readable_by_others(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o044 != 0).then_some(mode)
+}
+
+#[cfg(not(unix))]
+fn readable_by_others(_path: &Path) -> Option<u32> {
+    None
 }
 
 #[cfg(test)]
@@ -1245,6 +1284,36 @@ provider = "contoso"
         assert!(c.smtp.starttls && !c.smtp.require_tls && c.imap.starttls);
         assert!(tls.files().is_none());
         assert!(parse(MINIMAL).unwrap().tls.is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_config_others_may_read_with_an_inline_secret_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let load = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            exposed_secret_warning(&Config::load(&path).unwrap())
+        };
+        let warning = load(MINIMAL, 0o644).expect("a warning");
+        assert!(
+            warning.contains("provider `contoso`")
+                && warning.contains("(mode 0644)")
+                && warning.contains(&format!("run `chmod 600 {}`", path.display()))
+                && warning.contains("client_secret_file"),
+            "{warning}"
+        );
+        assert!(!warning.contains("s3cret"), "{warning}");
+        assert_eq!(load(MINIMAL, 0o600), None);
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let from_file = MINIMAL.replace(
+            "client_secret = \"s3cret\"",
+            &format!("client_secret_file = \"{}\"", secret.display()),
+        );
+        assert_eq!(load(&from_file, 0o644), None);
     }
 
     #[test]

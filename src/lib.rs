@@ -60,7 +60,9 @@ pub use sasl::xoauth2;
 pub use sealing::write_key_file;
 pub use secret::Secret;
 
-pub use config::{Account, Config, Flow, LocalPassword, default_config_path, state_dir};
+pub use config::{
+    Account, Config, Flow, LocalPassword, default_config_path, exposed_secret_warning, state_dir,
+};
 pub use oauth::authorize::authorize;
 pub use oauth::store::{LoadError, StoredGrant, TokenStore, unix_now};
 pub use server::{Listeners, run};

@@ -122,7 +122,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let config = load_config(&cli)?;
             // A bad token key is a config problem (exit 2), found before binding.
             token_store(&config)?;
-            warn_plain_passwords(&config);
+            warn_at_start(&config);
             runtime().block_on(serve(config)).map_err(Failure::Runtime)
         }
         Command::Login { account } => login(&load_config(&cli)?, account),
@@ -248,6 +248,21 @@ fn keygen(file: &std::path::Path) -> Result<(), Failure> {
         "Keep the key out of the state directory (a Docker or Kubernetes secret) and keep a copy: without it, sealed grants cannot be read and every account needs `xoauth2-proxy login` again."
     );
     Ok(())
+}
+
+/// What the log should say when `serve` starts: secrets in a config others
+/// may read, plain passwords, no accounts.
+fn warn_at_start(config: &Config) {
+    if let Some(warning) = xoauth2_proxy::exposed_secret_warning(config) {
+        tracing::warn!("{warning}");
+    }
+    if config.accounts.is_empty() {
+        tracing::warn!(
+            "no [[accounts]] are configured in {}: every login will fail; add one (config.example.toml shows how) and reload",
+            config.path.display()
+        );
+    }
+    warn_plain_passwords(config);
 }
 
 fn warn_plain_passwords(config: &Config) {
