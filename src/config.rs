@@ -1014,8 +1014,9 @@ pub fn token_key_file(config: &Config) -> Option<PathBuf> {
 }
 
 /// A warning when the config file holds a client secret and users other
-/// than its owner may read it; `None` when it is private or holds none.
-/// Never the secret itself.
+/// than its owner and the proxy's group may read it (a root-owned 0640 file
+/// of the proxy's group, as the systemd unit sets up, is private); `None`
+/// when it is private or holds none. Never the secret itself.
 pub fn exposed_secret_warning(config: &Config) -> Option<String> {
     let providers: Vec<&str> = config
         .providers
@@ -1034,17 +1035,9 @@ pub fn exposed_secret_warning(config: &Config) -> Option<String> {
     ))
 }
 
-/// The file's mode if its group or others may read it.
-#[cfg(unix)]
+/// The file's mode if users beyond its owner and the proxy's group may read it.
 fn readable_by_others(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
-    (mode & 0o044 != 0).then_some(mode)
-}
-
-#[cfg(not(unix))]
-fn readable_by_others(_path: &Path) -> Option<u32> {
-    None
+    crate::private_file::others_may_read(&std::fs::metadata(path).ok()?)
 }
 
 #[cfg(test)]
@@ -1307,6 +1300,7 @@ provider = "contoso"
         );
         assert!(!warning.contains("s3cret"), "{warning}");
         assert_eq!(load(MINIMAL, 0o600), None);
+        assert_eq!(load(MINIMAL, 0o640), None, "the proxy's own group");
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "s3cret").unwrap();
         let from_file = MINIMAL.replace(

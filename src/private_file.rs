@@ -123,6 +123,17 @@ pub fn dir_exposure(meta: &std::fs::Metadata) -> Option<Exposure> {
     owner_and_mode(meta).and_then(|m| exposure_of(m, true))
 }
 
+/// The mode of a file (by its metadata) that users other than its owner and
+/// the proxy's own group may read; `None` when no one else may.
+pub fn others_may_read(meta: &std::fs::Metadata) -> Option<u32> {
+    owner_and_mode(meta).and_then(readable_by_others)
+}
+
+fn readable_by_others(o: Ownership) -> Option<u32> {
+    let group_reads = o.mode & 0o040 != 0 && o.gid != o.my_gid;
+    (group_reads || o.mode & 0o004 != 0).then_some(o.mode)
+}
+
 /// A file's or folder's owner and mode, beside the proxy's own user and group.
 #[derive(Debug, Clone, Copy)]
 struct Ownership {
@@ -237,6 +248,24 @@ mod tests {
                 exposure_of(owned(uid, gid, mode), dir),
                 expected,
                 "uid {uid} gid {gid} mode {mode:o} dir {dir}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_proxys_user_and_group_may_read_a_private_file() {
+        let cases = [
+            (0o600, 1000, None),
+            (0o640, 1000, None),
+            (0o640, 2000, Some(0o640)),
+            (0o604, 1000, Some(0o604)),
+            (0o644, 1000, Some(0o644)),
+        ];
+        for (mode, gid, expected) in cases {
+            assert_eq!(
+                readable_by_others(owned(0, gid, mode)),
+                expected,
+                "{mode:o} {gid}"
             );
         }
     }
