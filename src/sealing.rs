@@ -410,5 +410,9 @@ pub(crate) mod tests {
         );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
         TokenKey::read(&file).unwrap();
+        // A Kubernetes Secret's file is a link into `..data/`: followed.
+        let link = dir.path().join("token-key");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        TokenKey::read(&link).unwrap();
     }
 }
