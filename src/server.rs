@@ -220,15 +220,26 @@ pub async fn run(
 }
 
 /// Loads the config again and, if it is good, puts it in force for new
-/// connections. A bad config is refused and the old one stays.
+/// connections. A bad config is refused and the old one stays; so is one
+/// without accounts (an emptied or half-written file would fail every login).
 fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
     let config = match Config::load(path) {
+        Ok(c) if c.accounts.is_empty() => {
+            error!(
+                "reload refused, the running config stays in force: {} has no [[accounts]], so every login would fail; put the accounts back and reload again (restart to run without any)",
+                path.display()
+            );
+            return;
+        }
         Ok(c) => c,
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
             return;
         }
     };
+    if let Some(warning) = crate::config::exposed_secret_warning(&config) {
+        warn!("{warning}");
+    }
     let old = publish.borrow().clone();
     for (what, before, after) in [
         ("imap.listen", old.config.imap.listen, config.imap.listen),

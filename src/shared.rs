@@ -10,12 +10,13 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_rustls::server::TlsStream;
+use tracing::warn;
 
 use crate::accounts::Accounts;
 use crate::config::Config;
 use crate::local_tls::LocalTls;
 use crate::oauth::TokenManager;
-use crate::oauth::store::TokenStore;
+use crate::oauth::store::{LoadError, TokenStore};
 use crate::upstream::UpstreamTls;
 
 /// What every session needs, built once from the config and replaced whole
@@ -32,7 +33,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config) -> Result<Self, String> {
-        let store = TokenStore::new(&crate::config::state_dir(&config));
+        let store = TokenStore::for_config(&config)?;
         Ok(Shared {
             accounts: Accounts::new(&config),
             tokens: TokenManager::new(&config, store)?,
@@ -64,15 +65,25 @@ impl Shared {
         }
     }
 
-    /// Creates the state directory (private to the user) if it is missing.
+    /// At start and at reload: creates the state directory (private to the
+    /// user) if it is missing, and refuses one that other users may write
+    /// or a grant or lock file that is not the proxy's own (each sentence
+    /// says the `chmod`, `chown` or `rm` that fixes it). A grant that does
+    /// not open (wrong token key?) is logged; its clients are told to come
+    /// back later until the right key is in force.
     pub fn prepare_state_dir(&self) -> Result<(), String> {
-        crate::private_file::create_private_dir(self.tokens.store().dir()).map_err(|e| {
-            format!(
-                "cannot create the state directory {}: {}; create it or set `server.state_dir` to a writable directory",
-                crate::config::state_dir(&self.config).display(),
-                crate::error::io_reason(&e)
-            )
-        })
+        let store = self.tokens.store();
+        store.prepare()?;
+        for account in &self.config.accounts {
+            let username = &account.username;
+            store.check_lock(username)?;
+            match store.load(username) {
+                Ok(_) => {}
+                Err(LoadError::Unsafe(e)) => return Err(e),
+                Err(e) => warn!(account = %username, "{e}"),
+            }
+        }
+        Ok(())
     }
 }
 
