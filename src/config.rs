@@ -67,7 +67,8 @@ pub struct ServerSection {
     /// Wait before answering a wrong password, to slow down guessing.
     #[serde(with = "humantime_serde")]
     pub auth_failure_delay: Duration,
-    /// How long a client may stay silent before it has logged in.
+    /// A client must have logged in within this long of connecting, whatever
+    /// it sends meanwhile, or it is closed.
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
     /// Connecting to an upstream server, TLS and authentication included.
