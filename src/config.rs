@@ -231,10 +231,13 @@ pub struct AdminSection {
     pub listen: SocketAddr,
     /// Admin connections open at once; more are closed at once.
     pub max_connections: usize,
-    /// How long a client may take to send a request's headers.
+    /// A request's headers must arrive within this long of the connection's
+    /// start or of the previous response (so a kept-alive connection waiting
+    /// this long for its next request is closed too).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// How long a kept-alive admin connection may stay silent.
+    /// An admin connection silent this long either way, at any point (a
+    /// client that stops reading its response), is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }

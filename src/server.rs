@@ -79,6 +79,12 @@ impl Listeners {
             }
         }
         let admin = bind(config.admin.listen, "admin HTTP", "admin.listen").await?;
+        if !config.admin.listen.ip().is_loopback() {
+            warn!(
+                "the admin listener on {} is not on loopback: whoever reaches it reads /healthz and /metrics (account names, login counts, upstream servers); fine for kubelet probes and Prometheus inside a cluster, not behind a public Service or address",
+                config.admin.listen
+            );
+        }
         let imap_tls = match config.imap.tls_listen {
             Some(addr) => Some(bind(addr, "IMAP over TLS", "imap.tls_listen").await?),
             None => None,
@@ -172,7 +178,8 @@ pub async fn run(
     }
     tracker.spawn(accepting.accept_loop(smtp, smtp_protocol, Transport::Plain));
     crate::metrics::get().register_protocols(&[Imap::NAME, Smtp::NAME]);
-    tokio::spawn(crate::admin::serve(admin, stop.clone()));
+    let admin_limits = shared.config.admin.clone();
+    tokio::spawn(crate::admin::serve(admin, admin_limits, stop.clone()));
     info!(
         imap = %shared.config.imap.listen,
         smtp = %shared.config.smtp.listen,

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
 use testkit::proxy::{AccountSpec, TestProxy};
@@ -329,6 +329,142 @@ async fn a_client_that_never_logs_in_is_closed_at_the_deadline_whatever_it_sends
     }
 }
 
+/// An HTTP/1.1 keep-alive request for `path` on `c`; returns the status line
+/// and the body.
+async fn http_get(c: &mut LineClient, path: &str) -> (String, String) {
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
+        .await;
+    let status = c.read().await.expect("a response");
+    let mut length = 0;
+    loop {
+        let header = c.read().await.expect("a header");
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let body = c.read_exact(length).await;
+    (status, String::from_utf8(body).unwrap())
+}
+
+/// True when the server closes `stream` (EOF, or reset) within the bound
+/// without sending a successful response.
+async fn closed_without_200(stream: &mut (impl AsyncReadExt + Unpin)) -> bool {
+    let mut got = Vec::new();
+    match tokio::time::timeout(BOUND, stream.read_to_end(&mut got)).await {
+        Ok(_) => !got.starts_with(b"HTTP/1.1 200"),
+        Err(_) => false,
+    }
+}
+
+async fn healthz(proxy: &TestProxy) -> Option<u16> {
+    let url = format!("http://{}/healthz", proxy.admin_addr);
+    Some(reqwest::get(url).await.ok()?.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_connections_past_the_cap_are_closed_at_once() {
+    let world = World::start().await;
+    let admin = "max_connections = 4\nheader_timeout = \"60s\"\nidle_timeout = \"60s\"";
+    let proxy = proxy(&world, "", admin).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = client_from(CLIENT, proxy.admin_addr).await;
+        let (status, _) = http_get(&mut c, "/healthz").await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        held.push(c);
+    }
+    for _ in 0..20 {
+        let mut extra = connect_from(CLIENT, proxy.admin_addr).await;
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await;
+        assert!(closed_without_200(&mut extra).await);
+    }
+    // The held connections still work; one of them reads the count.
+    let (_, metrics) = http_get(&mut held[0], "/metrics").await;
+    let refused =
+        r#"xoauth2_proxy_refused_connections_total{protocol="admin",reason="max_connections"} 20"#;
+    assert!(metrics.contains(refused), "{metrics}");
+    assert!(proxy.logs().matches("(admin.max_connections)").count() == 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_clients_that_send_half_a_header_are_closed_and_healthz_answers_again() {
+    let world = World::start().await;
+    let admin = "max_connections = 4\nheader_timeout = \"1s\"\nidle_timeout = \"60s\"";
+    let proxy = proxy(&world, "", admin).await;
+    let mut half = Vec::new();
+    for i in 0..4 {
+        let mut c = connect_from(CLIENT, proxy.admin_addr).await;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n")
+            .await
+            .unwrap();
+        // Two of them go on trickling a header, a byte at a time: never
+        // silent, so only the header timeout stops them.
+        let trickle = i % 2 == 0;
+        if trickle {
+            c.write_all(b"X-Slow: ").await.unwrap();
+        }
+        let (mut read, mut write) = c.into_split();
+        let writer = tokio::spawn(async move {
+            while trickle && write.write_all(b"x").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            write
+        });
+        half.push(async move {
+            let closed = closed_without_200(&mut read).await;
+            writer.abort();
+            closed
+        });
+    }
+    for (i, closed) in futures_join(half).await.into_iter().enumerate() {
+        assert!(closed, "half-header connection {i} was not closed");
+    }
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while healthz(&proxy).await != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz never answered"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_kept_alive_admin_connection_is_closed() {
+    let world = World::start().await;
+    let admin = "header_timeout = \"60s\"\nidle_timeout = \"1s\"";
+    let proxy = proxy(&world, "", admin).await;
+    let mut c = client_from(CLIENT, proxy.admin_addr).await;
+    let (status, body) = http_get(&mut c, "/healthz").await;
+    assert!(
+        status.starts_with("HTTP/1.1 200") && body == "ok\n",
+        "{status}"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(BOUND, c.stream.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "still open, or sent {rest:?}");
+}
+
+/// Awaits every future of `all`, concurrently.
+async fn futures_join<F: std::future::Future + Send + 'static>(all: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send,
+{
+    let handles: Vec<_> = all.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn past_the_cap_a_tls_listener_closes_without_a_handshake() {
     let world = World::start().await;
@@ -370,4 +506,32 @@ async fn past_the_cap_a_tls_listener_closes_without_a_handshake() {
     let mut greeting = String::new();
     BufReader::new(tls).read_line(&mut greeting).await.unwrap();
     assert!(greeting.starts_with("* OK"), "{greeting}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_listener_off_loopback_is_warned_about() {
+    let world = World::start().await;
+    let warning = "the admin listener on 0.0.0.0";
+    let on_loopback = proxy(&world, "", "").await;
+    assert!(!on_loopback.logs().contains("the admin listener on"));
+    let spec = AccountSpec::device(USER, PASS);
+    let off_loopback = TestProxy::start_with(&world.endpoints, &[spec], "info", |text| {
+        // The test kit writes the admin listener last.
+        let at = text.rfind("127.0.0.1:").unwrap();
+        format!(
+            "{}0.0.0.0:{}",
+            &text[..at],
+            &text[at + "127.0.0.1:".len()..]
+        )
+    })
+    .await;
+    let logs = off_loopback.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(
+        line.contains("/healthz and /metrics") && line.contains("public"),
+        "{line}"
+    );
 }
