@@ -329,6 +329,29 @@ async fn a_client_that_never_logs_in_is_closed_at_the_deadline_whatever_it_sends
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_counts_the_bytes_it_relays() {
+    let world = World::start().await;
+    let proxy = proxy(&world, "", "").await;
+    let series = |direction: &str| {
+        format!("xoauth2_proxy_relayed_bytes_total{{protocol=\"smtp\",direction=\"{direction}\"}}")
+    };
+    let mut c = smtp_logged_in(CLIENT, &proxy).await;
+    let (wire, reply) = send_message(&mut c).await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    let upstream = metric(&proxy, &series("upstream")).await;
+    assert!(
+        upstream >= wire.len() as u64,
+        "{upstream} bytes counted upstream for a {}-byte message",
+        wire.len()
+    );
+    let downstream = metric(&proxy, &series("downstream")).await;
+    assert!(
+        downstream > 0,
+        "the upstream's replies are counted downstream"
+    );
+}
+
 /// An HTTP/1.1 keep-alive request for `path` on `c`; returns the status line
 /// and the body.
 async fn http_get(c: &mut LineClient, path: &str) -> (String, String) {

@@ -213,6 +213,12 @@ impl<S: ClientStream> Session<S> {
         Ok(())
     }
 
+    /// Passes an upstream reply on to the client verbatim.
+    async fn pass_on(&mut self, reply: &Reply) -> std::io::Result<()> {
+        count_relayed(DOWNSTREAM, reply.raw.len());
+        self.send(&reply.raw).await
+    }
+
     async fn reply(&mut self, code: u16, text: &str) -> std::io::Result<()> {
         self.send(format!("{code} {text}\r\n").as_bytes()).await
     }
@@ -480,7 +486,10 @@ impl<S: ClientStream> Session<S> {
                 .await;
         }
         match self.begin_transaction(&account, line).await {
-            Ok((lease, reply)) => self.mail_answered(lease, reply).await,
+            Ok((lease, reply)) => {
+                count_relayed(UPSTREAM, line.len() + 2);
+                self.mail_answered(lease, reply).await
+            }
             Err(e) => self.mail_failed(&account, e).await,
         }
     }
@@ -524,7 +533,7 @@ impl<S: ClientStream> Session<S> {
             // No transaction began: the connection is clean.
             lease.release();
         }
-        self.send(&reply.raw).await?;
+        self.pass_on(&reply).await?;
         Ok(Next::Continue)
     }
 
@@ -554,6 +563,7 @@ impl<S: ClientStream> Session<S> {
             return self.error(503, "5.5.1 Need MAIL before RCPT").await;
         };
         let reply = lease.conn().command(line).await;
+        count_relayed(UPSTREAM, line.len() + 2);
         self.relay_or_abort(reply).await
     }
 
@@ -564,7 +574,7 @@ impl<S: ClientStream> Session<S> {
                 if reply.code == 421 {
                     self.lease = None;
                 }
-                self.send(&reply.raw).await?;
+                self.pass_on(&reply).await?;
             }
             Err(e) => {
                 warn!("the SMTP server failed mid-transaction: {e}");
@@ -585,11 +595,13 @@ impl<S: ClientStream> Session<S> {
                 .error(503, "5.5.1 Need MAIL and RCPT before DATA")
                 .await;
         };
-        let reply = match lease.conn().command(b"DATA").await {
+        let data = lease.conn().command(b"DATA").await;
+        count_relayed(UPSTREAM, b"DATA\r\n".len());
+        let reply = match data {
             Ok(reply) if reply.code == 354 => reply,
             other => return self.relay_or_abort(other).await,
         };
-        self.send(&reply.raw).await?;
+        self.pass_on(&reply).await?;
         self.client.get_mut().flush().await?;
         let lease = self.lease.take().expect("checked above");
         self.relay_message(lease).await?;
@@ -620,7 +632,7 @@ impl<S: ClientStream> Session<S> {
                     // The transaction is over, accepted or not: clean.
                     lease.release();
                 }
-                self.send(&reply.raw).await
+                self.pass_on(&reply).await
             }
             Err(e) => {
                 warn!("the SMTP server did not confirm a message: {e}");
@@ -730,6 +742,20 @@ async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream,
     .await
 }
 
+/// The `direction` labels of `relayed_bytes`.
+const UPSTREAM: &str = "upstream";
+const DOWNSTREAM: &str = "downstream";
+
+/// Counts `n` bytes relayed after login (`relayed_bytes`), as IMAP's relay
+/// counts its own: upstream, the transaction's commands and the message
+/// content the client sent through; downstream, the upstream's replies
+/// passed back. The proxy's own words (its EHLO, RSET, QUIT) are not relayed.
+fn count_relayed(direction: &'static str, n: usize) {
+    crate::metrics::get()
+        .relayed("smtp", direction)
+        .inc_by(n as u64);
+}
+
 /// Copies DATA content from the client to the upstream up to and including
 /// the `CRLF . CRLF` terminator, unaltered (dot-stuffing stays as it is).
 /// Returns whether the upstream took all of it; the client's content is read
@@ -743,6 +769,7 @@ async fn pump_message<S: ClientStream>(
 ) -> std::io::Result<bool> {
     let mut end = EndOfData::default();
     let mut upstream_ok = true;
+    let relayed = crate::metrics::get().relayed("smtp", UPSTREAM);
     loop {
         let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
             Ok(chunk) => chunk?,
@@ -754,8 +781,11 @@ async fn pump_message<S: ClientStream>(
         let (n, done) = end.scan(chunk);
         if upstream_ok {
             let upstream = lease.conn().stream.get_mut();
-            if upstream.write_all(&chunk[..n]).await.is_err() {
-                upstream_ok = false;
+            match upstream.write_all(&chunk[..n]).await {
+                Ok(()) => {
+                    relayed.inc_by(n as u64);
+                }
+                Err(_) => upstream_ok = false,
             }
         }
         client.consume(n);
