@@ -67,7 +67,8 @@ pub struct ServerSection {
     /// Wait before answering a wrong password, to slow down guessing.
     #[serde(with = "humantime_serde")]
     pub auth_failure_delay: Duration,
-    /// How long a client may stay silent before it has logged in.
+    /// A client must have logged in within this long of connecting, whatever
+    /// it sends meanwhile, or it is closed.
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
     /// Connecting to an upstream server, TLS and authentication included.
@@ -230,10 +231,13 @@ pub struct AdminSection {
     pub listen: SocketAddr,
     /// Admin connections open at once; more are closed at once.
     pub max_connections: usize,
-    /// How long a client may take to send a request's headers.
+    /// A request's headers must arrive within this long of the connection's
+    /// start or of the previous response (so a kept-alive connection waiting
+    /// this long for its next request is closed too).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// How long a kept-alive admin connection may stay silent.
+    /// An admin connection silent this long either way, at any point (a
+    /// client that stops reading its response), is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
