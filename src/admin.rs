@@ -2,38 +2,193 @@
 //!
 //! It starts after the mail listeners are bound and the config is loaded, so
 //! a 200 from `/healthz` means the proxy is ready to serve.
+//!
+//! Its connections are bounded so that they cannot take the file descriptors
+//! the mail listeners need: at most `admin.max_connections` at once (past it a
+//! new one is closed at once); a request's headers within
+//! `admin.header_timeout` of the connection's start or of the previous
+//! response (hyper's own timer, which so also closes a kept-alive connection
+//! waiting that long for its next request); no silence in either direction
+//! longer than `admin.idle_timeout` at any point (hyper has no such timer for
+//! HTTP/1: a client that stops reading its response would hold the
+//! connection for ever); and no connection older than [`MAX_AGE`], however
+//! busy.
 
 use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
-/// Serves admin requests until `shutdown`.
-pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+use crate::config::AdminSection;
+use crate::shared::RefusalLog;
+
+/// The longest an admin connection lives, however busy: a scraper that keeps
+/// its connection alive simply opens another.
+const MAX_AGE: Duration = Duration::from_secs(600);
+/// After [`MAX_AGE`], how long a request in progress may take to finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves admin requests until `shutdown`, within the limits of `[admin]`.
+pub async fn serve(listener: TcpListener, limits: AdminSection, shutdown: CancellationToken) {
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refusals = RefusalLog::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            refuse(stream, &limits, &mut refusals);
+            continue;
+        };
+        let (header_timeout, idle_timeout) = (limits.header_timeout, limits.idle_timeout);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(handle);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            serve_connection(stream, header_timeout, idle_timeout).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Closes a connection past `admin.max_connections` at once; counted, and
+/// logged once per burst.
+fn refuse(stream: TcpStream, limits: &AdminSection, log: &mut RefusalLog) {
+    drop(stream);
+    crate::metrics::get().refused("admin", "max_connections");
+    if let Some(unlogged) = log.note(std::time::Instant::now()) {
+        let since = match unlogged {
+            0 => String::new(),
+            n => format!(" ({n} more since the last such line)"),
+        };
+        warn!(
+            "{} admin connections are open (admin.max_connections); closing new ones at once{since}",
+            limits.max_connections
+        );
+    }
+}
+
+/// Serves one admin connection until it ends, falls silent for
+/// `idle_timeout`, or reaches [`MAX_AGE`].
+async fn serve_connection(stream: TcpStream, header_timeout: Duration, idle_timeout: Duration) {
+    let activity = Activity::new();
+    let io = Watched {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), hyper::service::service_fn(handle));
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => {
+            if let Err(e) = served {
                 debug!("admin connection: {e}");
             }
-        });
+        }
+        () = activity.silent_for(idle_timeout) => {
+            debug!("admin connection silent for {}; closing", humantime::format_duration(idle_timeout));
+        }
+        () = tokio::time::sleep(MAX_AGE) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+        }
+    }
+}
+
+/// When a connection last moved a byte, either way.
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start` to the last byte.
+    last: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let since = self.start.elapsed().as_millis() as u64;
+        self.last.store(since, Ordering::Relaxed);
+    }
+
+    /// Completes once no byte has moved for `idle`.
+    async fn silent_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            if Instant::now() >= last + idle {
+                return;
+            }
+            tokio::time::sleep_until(last + idle).await;
+        }
+    }
+}
+
+/// A stream that notes in its [`Activity`] every byte read or written.
+struct Watched<S> {
+    inner: S,
+    activity: Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled
+            && *n > 0
+        {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -67,7 +67,8 @@ pub struct ServerSection {
     /// Wait before answering a wrong password, to slow down guessing.
     #[serde(with = "humantime_serde")]
     pub auth_failure_delay: Duration,
-    /// How long a client may stay silent before it has logged in.
+    /// A client must have logged in within this long of connecting, whatever
+    /// it sends meanwhile, or it is closed.
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
     /// Connecting to an upstream server, TLS and authentication included.
@@ -230,10 +231,13 @@ pub struct AdminSection {
     pub listen: SocketAddr,
     /// Admin connections open at once; more are closed at once.
     pub max_connections: usize,
-    /// How long a client may take to send a request's headers.
+    /// A request's headers must arrive within this long of the connection's
+    /// start or of the previous response (so a kept-alive connection waiting
+    /// this long for its next request is closed too).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// How long a kept-alive admin connection may stay silent.
+    /// An admin connection silent this long either way, at any point (a
+    /// client that stops reading its response), is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
@@ -339,6 +343,9 @@ pub struct Provider {
     pub kind: ProviderKind,
     pub client_id: String,
     pub client_secret: Option<Secret>,
+    /// The secret is written in the config file itself (`client_secret`),
+    /// not read from `client_secret_file`.
+    pub client_secret_inline: bool,
     pub authorize_url: String,
     pub token_url: String,
     pub device_code_url: Option<String>,
@@ -782,6 +789,7 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
     if p.client_id.trim().is_empty() {
         return Err(t.error("client_id", "must not be empty"));
     }
+    let client_secret_inline = p.client_secret.is_some();
     let client_secret = client_secret(&t, p.client_secret.take(), p.client_secret_file.take())?;
     let defaults = p
         .kind
@@ -799,6 +807,7 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
         kind: p.kind,
         client_id: p.client_id,
         client_secret,
+        client_secret_inline,
         authorize_url: endpoints.authorize_url,
         token_url: endpoints.token_url,
         device_code_url: endpoints.device_code_url,
@@ -996,6 +1005,43 @@ pub fn state_dir(config: &Config) -> PathBuf {
     directories::ProjectDirs::from("", "", "xoauth2-proxy")
         .map(|d| d.data_dir().to_path_buf())
         .unwrap_or_else(|| PathBuf::from("xoauth2-proxy-state"))
+}
+
+/// The file holding the token key that seals grants:
+/// `$XOAUTH2_PROXY_TOKEN_KEY_FILE`, else `[server] token_key_file`, else
+/// none (grants are stored unsealed).
+pub fn token_key_file(config: &Config) -> Option<PathBuf> {
+    std::env::var_os("XOAUTH2_PROXY_TOKEN_KEY_FILE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| config.server.token_key_file.clone())
+}
+
+/// A warning when the config file holds a client secret and users other
+/// than its owner and the proxy's group may read it (a root-owned 0640 file
+/// of the proxy's group, as the systemd unit sets up, is private); `None`
+/// when it is private or holds none. Never the secret itself.
+pub fn exposed_secret_warning(config: &Config) -> Option<String> {
+    let providers: Vec<&str> = config
+        .providers
+        .values()
+        .filter(|p| p.client_secret_inline)
+        .map(|p| p.name.as_str())
+        .collect();
+    if providers.is_empty() {
+        return None;
+    }
+    let mode = readable_by_others(&config.path)?;
+    let file = config.path.display();
+    Some(format!(
+        "config {file} holds the client secret of provider `{}` and other users may read it (mode {mode:04o}); run `chmod 600 {file}`, or move the secret to a file named by `client_secret_file`",
+        providers.join("`, `")
+    ))
+}
+
+/// The file's mode if users beyond its owner and the proxy's group may read it.
+fn readable_by_others(path: &Path) -> Option<u32> {
+    crate::private_file::others_may_read(&std::fs::metadata(path).ok()?)
 }
 
 #[cfg(test)]
@@ -1235,6 +1281,37 @@ provider = "contoso"
         assert!(c.smtp.starttls && !c.smtp.require_tls && c.imap.starttls);
         assert!(tls.files().is_none());
         assert!(parse(MINIMAL).unwrap().tls.is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_config_others_may_read_with_an_inline_secret_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let load = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            exposed_secret_warning(&Config::load(&path).unwrap())
+        };
+        let warning = load(MINIMAL, 0o644).expect("a warning");
+        assert!(
+            warning.contains("provider `contoso`")
+                && warning.contains("(mode 0644)")
+                && warning.contains(&format!("run `chmod 600 {}`", path.display()))
+                && warning.contains("client_secret_file"),
+            "{warning}"
+        );
+        assert!(!warning.contains("s3cret"), "{warning}");
+        assert_eq!(load(MINIMAL, 0o600), None);
+        assert_eq!(load(MINIMAL, 0o640), None, "the proxy's own group");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let from_file = MINIMAL.replace(
+            "client_secret = \"s3cret\"",
+            &format!("client_secret_file = \"{}\"", secret.display()),
+        );
+        assert_eq!(load(&from_file, 0o644), None);
     }
 
     #[test]

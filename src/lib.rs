@@ -17,7 +17,7 @@
 //!
 //! <!-- layers: `.ci/check-layers.py` reads this list; one layer per line -->
 //! 1. `error`, `secret`, `lines`, `metrics`, `private_file`: leaves that import nothing of the crate (`metrics` owns its label types; `private_file` writes 0600 files atomically)
-//! 2. `sasl`, `tls`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup
+//! 2. `sasl`, `tls`, `sealing`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup; the token key and sealed grant files
 //! 3. `config`: the config file, validated
 //! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients
 //! 5. `login`, `shared`: the login path; what the sessions of one config share, and the `Protocol` trait
@@ -43,6 +43,7 @@ pub(crate) mod oauth;
 pub(crate) mod private_file;
 pub(crate) mod relay;
 pub(crate) mod sasl;
+pub(crate) mod sealing;
 pub(crate) mod secret;
 pub(crate) mod server;
 pub(crate) mod shared;
@@ -56,9 +57,12 @@ pub use check::run as check_accounts;
 pub use lines::literal_announced;
 pub use local_tls::{Certificate as TlsCertificate, ca_certificate_pem, current_certificate};
 pub use sasl::xoauth2;
+pub use sealing::write_key_file;
 pub use secret::Secret;
 
-pub use config::{Account, Config, Flow, LocalPassword, default_config_path, state_dir};
+pub use config::{
+    Account, Config, Flow, LocalPassword, default_config_path, exposed_secret_warning, state_dir,
+};
 pub use oauth::authorize::authorize;
-pub use oauth::store::{StoredGrant, TokenStore, unix_now};
+pub use oauth::store::{LoadError, StoredGrant, TokenStore, unix_now};
 pub use server::{Listeners, run};

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use tokio::sync::mpsc;
 use xoauth2_proxy::{
-    Account, Config, Flow, Listeners, LocalPassword, StoredGrant, TokenStore, default_config_path,
-    state_dir, unix_now,
+    Account, Config, Flow, Listeners, LoadError, LocalPassword, StoredGrant, TokenStore,
+    default_config_path, unix_now,
 };
 
 /// Local IMAP/SMTP proxy: mail clients log in with a plain password, the proxy
@@ -49,6 +49,13 @@ enum Command {
     Health,
     /// Read a password from stdin (one line) and print its argon2id hash for `password_hash`.
     HashPassword,
+    /// Write a new random token key (32 bytes, base64, mode 0600) to FILE, for
+    /// `token_key_file`: grant files are then sealed with it. Never replaces a file.
+    Keygen {
+        /// Where to write the key; keep it out of the state directory (a Docker
+        /// or Kubernetes secret).
+        file: PathBuf,
+    },
     /// TLS towards the clients.
     Tls {
         #[command(subcommand)]
@@ -110,24 +117,15 @@ fn runtime() -> tokio::runtime::Runtime {
 fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::HashPassword => hash_password(),
+        Command::Keygen { file } => keygen(file),
         Command::Serve => {
             let config = load_config(&cli)?;
-            warn_plain_passwords(&config);
+            // A bad token key is a config problem (exit 2), found before binding.
+            token_store(&config)?;
+            warn_at_start(&config);
             runtime().block_on(serve(config)).map_err(Failure::Runtime)
         }
-        Command::Login { account } => {
-            let config = load_config(&cli)?;
-            let Some(account) = config.account(account).cloned() else {
-                return Err(Failure::Usage(format!(
-                    "no account `{account}` in {}; accounts are named by their `username`",
-                    config.path.display()
-                )));
-            };
-            let store = TokenStore::new(&state_dir(&config));
-            runtime()
-                .block_on(xoauth2_proxy::authorize(&config, &store, &account))
-                .map_err(Failure::Runtime)
-        }
+        Command::Login { account } => login(&load_config(&cli)?, account),
         Command::Status { json } => status(&load_config(&cli)?, *json),
         Command::Tls {
             command: TlsCommand::Ca,
@@ -213,6 +211,60 @@ fn tls_ca(config: &Config) -> Result<(), Failure> {
     }
 }
 
+/// The grant store of `config`, with its token key: a key file that cannot
+/// be used is a config problem.
+fn token_store(config: &Config) -> Result<TokenStore, Failure> {
+    TokenStore::for_config(config).map_err(Failure::Usage)
+}
+
+/// `xoauth2-proxy login ACCOUNT`. A grant file that is there but cannot be
+/// replaced (sealed under another key, unsafe) stops it before the sign-in.
+fn login(config: &Config, name: &str) -> Result<(), Failure> {
+    let Some(account) = config.account(name).cloned() else {
+        return Err(Failure::Usage(format!(
+            "no account `{name}` in {}; accounts are named by their `username`",
+            config.path.display()
+        )));
+    };
+    let store = token_store(config)?;
+    match store.load(&account.username) {
+        Ok(_) | Err(LoadError::Damaged(_)) => {}
+        Err(e) => return Err(Failure::Runtime(e.to_string())),
+    }
+    runtime()
+        .block_on(xoauth2_proxy::authorize(config, &store, &account))
+        .map_err(Failure::Runtime)
+}
+
+/// `xoauth2-proxy keygen FILE`.
+fn keygen(file: &std::path::Path) -> Result<(), Failure> {
+    xoauth2_proxy::write_key_file(file).map_err(Failure::Runtime)?;
+    let shown = file.display();
+    println!("Wrote a new token key to {shown} (mode 0600).");
+    println!(
+        "To seal the grant files with it, set `token_key_file = \"{shown}\"` in [server] (or XOAUTH2_PROXY_TOKEN_KEY_FILE={shown}) and restart or reload the proxy; each grant is sealed at its next write."
+    );
+    println!(
+        "Keep the key out of the state directory (a Docker or Kubernetes secret) and keep a copy: without it, sealed grants cannot be read and every account needs `xoauth2-proxy login` again."
+    );
+    Ok(())
+}
+
+/// What the log should say when `serve` starts: secrets in a config others
+/// may read, plain passwords, no accounts.
+fn warn_at_start(config: &Config) {
+    if let Some(warning) = xoauth2_proxy::exposed_secret_warning(config) {
+        tracing::warn!("{warning}");
+    }
+    if config.accounts.is_empty() {
+        tracing::warn!(
+            "no [[accounts]] are configured in {}: every login will fail; add one (config.example.toml shows how) and reload",
+            config.path.display()
+        );
+    }
+    warn_plain_passwords(config);
+}
+
 fn warn_plain_passwords(config: &Config) {
     for a in &config.accounts {
         if matches!(a.password, LocalPassword::Plain(_)) {
@@ -260,13 +312,17 @@ struct AccountStatus {
     authorized_at: Option<u64>,
     last_error: Option<String>,
     last_error_at: Option<u64>,
+    /// Whether the grant file is sealed with the token key; `None` without a file.
+    grant_sealed: Option<bool>,
+    /// Why the grant file cannot be used (it does not open with the key).
+    grant_error: Option<String>,
     /// False while the running proxy holds the newest grant in memory only
     /// (its save failed); `None` when no proxy answered.
     grant_saved: Option<bool>,
 }
 
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
-    let store = TokenStore::new(&state_dir(config));
+    let store = token_store(config)?;
     let now = unix_now();
     let (mut rows, mut problems) = account_statuses(config, &store, now);
     let asked = ask_proxy_for_unsaved(config, &mut rows);
@@ -276,10 +332,11 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
             serde_json::to_string_pretty(&rows).expect("status serialises")
         );
     } else {
-        print_statuses(config, &rows, now);
+        print_statuses(config, store.dir(), &rows, now);
         if let Err(e) = asked {
             println!("Whether every grant is saved is not known: {e}");
         }
+        print_sealing(&store, &rows);
         print_tls(config, &mut problems);
     }
     for p in problems {
@@ -299,19 +356,23 @@ fn account_statuses(
     let rows = config
         .accounts
         .iter()
-        .map(|a| {
-            let grant = store.load(&a.username).unwrap_or_else(|e| {
-                problems.push(e);
-                None
-            });
-            AccountStatus::new(a, grant, now)
+        .map(|a| match store.read(&a.username) {
+            Ok(file) => {
+                let sealed = file.as_ref().map(|f| f.sealed);
+                AccountStatus::new(a, file.map(|f| f.grant), sealed, now)
+            }
+            Err(LoadError::Sealed(e)) => AccountStatus::undecryptable(a, store, e),
+            Err(e) => {
+                problems.push(e.to_string());
+                AccountStatus::new(a, None, None, now)
+            }
         })
         .collect();
     (rows, problems)
 }
 
 impl AccountStatus {
-    fn new(account: &Account, grant: Option<StoredGrant>, now: u64) -> Self {
+    fn new(account: &Account, grant: Option<StoredGrant>, sealed: Option<bool>, now: u64) -> Self {
         let state = describe(grant.as_ref(), account.flow);
         let g = grant.unwrap_or_default();
         AccountStatus {
@@ -328,6 +389,24 @@ impl AccountStatus {
             last_error: g.last_error,
             last_error_at: g.last_error_at,
             grant_saved: None,
+            grant_sealed: sealed,
+            grant_error: None,
+        }
+    }
+
+    /// An account whose sealed grant does not open: the file stays as it
+    /// is, and `error` says what to do.
+    fn undecryptable(account: &Account, store: &TokenStore, error: String) -> Self {
+        let state = match store.key_file() {
+            Some(_) => "cannot decrypt its grant: wrong token key?",
+            None => "cannot decrypt its grant: no token key is configured",
+        };
+        AccountStatus {
+            state,
+            needs_login: false,
+            grant_sealed: Some(true),
+            grant_error: Some(error),
+            ..AccountStatus::new(account, None, None, 0)
         }
     }
 }
@@ -343,18 +422,18 @@ fn ask_proxy_for_unsaved(config: &Config, rows: &mut [AccountStatus]) -> Result<
 }
 
 /// The statuses for people: a headline per account, then indented details.
-fn print_statuses(config: &Config, rows: &[AccountStatus], now: u64) {
+fn print_statuses(config: &Config, tokens_dir: &std::path::Path, rows: &[AccountStatus], now: u64) {
     if rows.is_empty() {
         println!("No accounts are configured in {}.", config.path.display());
     }
-    let tokens = TokenStore::new(&state_dir(config));
     for r in rows {
         println!(
             "{} ({}, {:?} via {}): {}",
             r.account, r.mailbox, r.flow, r.provider, r.state
         );
         let details = [
-            not_saved(r, tokens.dir()),
+            not_saved(r, tokens_dir),
+            r.grant_error.clone(),
             login_hint(r),
             token_expiry(r, now),
             last_token(r, now),
@@ -363,6 +442,27 @@ fn print_statuses(config: &Config, rows: &[AccountStatus], now: u64) {
         for line in details.into_iter().flatten() {
             println!("  {line}");
         }
+    }
+}
+
+/// Whether grant files are sealed, and how to seal them if not.
+fn print_sealing(store: &TokenStore, rows: &[AccountStatus]) {
+    let Some(key) = store.key_file() else {
+        println!(
+            "Grants are not sealed: their files under {} hold the tokens in plain text (mode 0600). To seal them, run `xoauth2-proxy keygen FILE` with FILE outside the state directory (a Docker or Kubernetes secret), set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to it and restart; each grant is sealed at its next write.",
+            store.dir().display()
+        );
+        return;
+    };
+    println!("Grants are sealed with the token key in {}.", key.display());
+    let plain = rows
+        .iter()
+        .filter(|r| r.grant_sealed == Some(false))
+        .count();
+    if plain > 0 {
+        println!(
+            "  {plain} grant file(s) are still plain text; each is sealed at its next write (the next token refresh or `xoauth2-proxy login`)."
+        );
     }
 }
 
@@ -454,6 +554,8 @@ mod tests {
             authorized_at: None,
             last_error: Some("the grant was refused".into()),
             last_error_at: Some(880),
+            grant_sealed: Some(true),
+            grant_error: None,
             grant_saved: Some(false),
         }
     }

@@ -87,6 +87,15 @@ pub struct ServerLabels {
     pub server: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `imap`, `smtp`, `admin`.
+    pub protocol: &'static str,
+    /// `max_connections` (the listener's cap), `per_address`
+    /// (`server.max_prelogin_per_address`).
+    pub reason: &'static str,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -98,6 +107,7 @@ pub struct Metrics {
     pub token_requests: Family<TokenLabels, Counter>,
     pub upstream_connect_seconds: Family<ServerLabels, Histogram>,
     pub upstream_login_seconds: Family<ServerLabels, Histogram>,
+    pub refused_connections: Family<RefusalLabels, Counter>,
     /// Background refreshes of idle grants; `outcome` as in `token_requests`.
     pub grant_keepalive: Family<TokenLabels, Counter>,
     /// 1 while an account's newest grant is in memory only (its save failed).
@@ -164,6 +174,12 @@ impl Metrics {
             "Opening an authenticated upstream session, connect included",
             upstream_login_seconds.clone(),
         );
+        let refused_connections = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Connections closed before being served, by listener and reason: max_connections (the listener's cap), per_address (server.max_prelogin_per_address)",
+            refused_connections.clone(),
+        );
         let grant_keepalive = Family::<TokenLabels, Counter>::default();
         registry.register(
             "grant_keepalive_refreshes",
@@ -186,6 +202,7 @@ impl Metrics {
             token_requests,
             upstream_connect_seconds,
             upstream_login_seconds,
+            refused_connections,
             grant_keepalive,
             grant_unsaved,
         }
@@ -298,6 +315,15 @@ fn unescape_label(value: &str) -> String {
     out
 }
 
+impl Metrics {
+    /// Counts a connection refused before it was served.
+    pub fn refused(&self, protocol: &'static str, reason: &'static str) {
+        self.refused_connections
+            .get_or_create(&RefusalLabels { protocol, reason })
+            .inc();
+    }
+}
+
 /// The process's metrics.
 pub fn get() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -317,6 +343,7 @@ mod tests {
         m.upstream_connect("localhost:993", Duration::from_millis(3));
         m.client_tls("smtp", "starttls", true);
         m.client_tls("imap", "implicit", false);
+        m.refused("smtp", "per_address");
         let text = m.encode();
         assert!(
             text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 1"#),
@@ -339,6 +366,12 @@ mod tests {
         );
         assert!(
             text.contains("xoauth2_proxy_upstream_connect_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"xoauth2_proxy_refused_connections_total{protocol="smtp",reason="per_address"} 1"#
+            ),
             "{text}"
         );
     }

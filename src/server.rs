@@ -2,8 +2,11 @@
 //!
 //! Each accepted connection runs in its own task inside a span carrying a
 //! connection id, the peer and (after login) the account. A semaphore caps the
-//! connections open at once; past it a client gets the protocol's "too busy"
-//! answer and is closed. The caller owns the process: it binds the
+//! connections open at once, and [`PreloginSlots`] the connections from one
+//! client address that have not logged in yet, so that one address cannot
+//! starve the others; past either, a client gets the protocol's "too busy"
+//! answer and is closed, counted in `refused_connections` and logged once
+//! per burst, not once per connection. The caller owns the process: it binds the
 //! [`Listeners`], says when to reload the config and when to stop. On stop
 //! the listeners stop accepting and live sessions get `shutdown_grace` to
 //! finish.
@@ -21,14 +24,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::imap::Imap;
-use crate::shared::{Connection, Protocol, Shared};
+use crate::shared::{Busy, Connection, PreloginSlot, PreloginSlots, Protocol, RefusalLog, Shared};
 use crate::smtp::Smtp;
 
 /// The bound IMAP, SMTP and admin listeners, and the implicit TLS ones.
@@ -76,6 +79,12 @@ impl Listeners {
             }
         }
         let admin = bind(config.admin.listen, "admin HTTP", "admin.listen").await?;
+        if !config.admin.listen.ip().is_loopback() {
+            warn!(
+                "the admin listener on {} is not on loopback: whoever reaches it reads /healthz and /metrics (account names, login counts, upstream servers); fine for kubelet probes and Prometheus inside a cluster, not behind a public Service or address",
+                config.admin.listen
+            );
+        }
         let imap_tls = match config.imap.tls_listen {
             Some(addr) => Some(bind(addr, "IMAP over TLS", "imap.tls_listen").await?),
             None => None,
@@ -140,6 +149,7 @@ pub async fn run(
     let accepting = Accepting {
         current,
         limit,
+        prelogin: PreloginSlots::default(),
         tracker: tracker.clone(),
         stop: stop.clone(),
     };
@@ -168,7 +178,8 @@ pub async fn run(
     }
     tracker.spawn(accepting.accept_loop(smtp, smtp_protocol, Transport::Plain));
     crate::metrics::get().register_protocols(&[Imap::NAME, Smtp::NAME]);
-    tokio::spawn(crate::admin::serve(admin, stop.clone()));
+    let admin_limits = shared.config.admin.clone();
+    tokio::spawn(crate::admin::serve(admin, admin_limits, stop.clone()));
     tokio::spawn(keep_grants_alive(publish.subscribe(), stop.clone()));
     info!(
         imap = %shared.config.imap.listen,
@@ -257,15 +268,26 @@ async fn keep_grants_alive(mut current: Current, stop: CancellationToken) {
 }
 
 /// Loads the config again and, if it is good, puts it in force for new
-/// connections. A bad config is refused and the old one stays.
+/// connections. A bad config is refused and the old one stays; so is one
+/// without accounts (an emptied or half-written file would fail every login).
 fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
     let config = match Config::load(path) {
+        Ok(c) if c.accounts.is_empty() => {
+            error!(
+                "reload refused, the running config stays in force: {} has no [[accounts]], so every login would fail; put the accounts back and reload again (restart to run without any)",
+                path.display()
+            );
+            return;
+        }
         Ok(c) => c,
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
             return;
         }
     };
+    if let Some(warning) = crate::config::exposed_secret_warning(&config) {
+        warn!("{warning}");
+    }
     let old = publish.borrow().clone();
     for (what, before, after) in [
         ("imap.listen", old.config.imap.listen, config.imap.listen),
@@ -342,10 +364,16 @@ async fn bind(addr: SocketAddr, what: &str, key: &str) -> Result<TcpListener, St
 struct Accepting {
     current: Current,
     limit: Arc<Semaphore>,
+    /// Connections not logged in yet, per address, across the listeners.
+    prelogin: PreloginSlots,
     tracker: TaskTracker,
     /// Cancelled when the caller's shutdown future completes.
     stop: CancellationToken,
 }
+
+/// What a connection holds while it is open: its share of
+/// `server.max_connections` and, until login, its address's pre-login slot.
+type Admitted = (OwnedSemaphorePermit, PreloginSlot);
 
 impl Accepting {
     /// Accepts connections for `protocol`, whose value lives as long as the
@@ -356,75 +384,36 @@ impl Accepting {
         protocol: Arc<P>,
         transport: Transport,
     ) {
-        let Accepting {
-            current,
-            limit,
-            tracker,
-            stop,
-        } = self;
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, peer) = match accepted {
-                Ok(pair) => {
-                    backoff = Duration::from_millis(10);
-                    pair
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    error!(
-                        "accepting a {} connection failed: {}",
-                        P::NAME,
-                        crate::error::io_reason(&e)
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
+        let mut refusals = Refusals::default();
+        while let Some((stream, peer)) = self.accept::<P>(&listener).await {
             let _ = stream.set_nodelay(true);
             let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
             let span =
                 info_span!("conn", proto = P::NAME, id, %peer, account = tracing::field::Empty);
-            match limit.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let shared = current.borrow().clone();
-                    let gauge = crate::metrics::get()
-                        .connections
-                        .get_or_create(&crate::metrics::ProtocolLabels { protocol: P::NAME })
-                        .clone();
-                    gauge.inc();
-                    let protocol = protocol.clone();
-                    let connection = Connection {
-                        peer,
-                        over_tls: transport == Transport::ImplicitTls,
-                        accepted: std::time::Instant::now(),
-                    };
-                    tracker.spawn(
+            let shared = self.current.borrow().clone();
+            match self.admit(&shared, peer) {
+                Ok(admitted) => {
+                    let connection =
+                        Connection::new(peer, transport == Transport::ImplicitTls, admitted.1);
+                    let session = serve(protocol.clone(), shared, stream, connection, transport);
+                    let permit = admitted.0;
+                    self.tracker.spawn(
                         async move {
-                            match transport {
-                                Transport::Plain => {
-                                    crate::metrics::get().client_tls(P::NAME, "plain", true);
-                                    protocol.serve(shared, stream, connection).await
-                                }
-                                Transport::ImplicitTls => {
-                                    serve_over_tls(&*protocol, shared, stream, connection).await
-                                }
-                            }
-                            gauge.dec();
+                            session.await;
                             drop(permit);
                         }
                         .instrument(span),
                     );
                 }
-                Err(_) => {
-                    warn!(parent: &span, "too many connections; refusing this one");
+                Err(busy) => {
+                    if let Some(unlogged) = refusals.note(busy) {
+                        span.in_scope(|| log_refusal(busy, &shared, unlogged));
+                    }
+                    crate::metrics::get().refused(P::NAME, busy.reason());
                     if transport == Transport::Plain {
-                        tracker.spawn(P::refuse_busy(stream).instrument(span));
+                        self.tracker
+                            .spawn(P::refuse_busy(stream, busy).instrument(span));
                     }
                     // A TLS client is closed without a handshake: that would
                     // cost the CPU the limit is there to save.
@@ -432,6 +421,108 @@ impl Accepting {
             }
         }
     }
+
+    /// The next connection; `None` at shutdown. Errors (out of file
+    /// descriptors and the like) are logged and waited out, not spun on.
+    async fn accept<P: Protocol>(&self, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    error!(
+                        "accepting a {} connection failed: {}",
+                        P::NAME,
+                        crate::error::io_reason(&e)
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// A place for a connection from `peer` within `server.max_connections`
+    /// and its address's `server.max_prelogin_per_address` (as in force now).
+    fn admit(&self, shared: &Shared, peer: SocketAddr) -> Result<Admitted, Busy> {
+        let permit = self
+            .limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Busy::Server)?;
+        let max = shared.config.server.max_prelogin_per_address;
+        let slot = self
+            .prelogin
+            .try_acquire(peer.ip(), max)
+            .ok_or(Busy::Address)?;
+        Ok((permit, slot))
+    }
+}
+
+/// One listener's refusal logs, one per reason.
+#[derive(Default)]
+struct Refusals {
+    server: RefusalLog,
+    address: RefusalLog,
+}
+
+impl Refusals {
+    /// See [`RefusalLog::note`].
+    fn note(&mut self, busy: Busy) -> Option<u64> {
+        let log = match busy {
+            Busy::Server => &mut self.server,
+            Busy::Address => &mut self.address,
+        };
+        log.note(std::time::Instant::now())
+    }
+}
+
+/// The one line a burst of refusals gets (inside the connection's span,
+/// which names the peer).
+fn log_refusal(busy: Busy, shared: &Shared, unlogged: u64) {
+    let since = match unlogged {
+        0 => String::new(),
+        n => format!(" ({n} more refused since the last such line)"),
+    };
+    let server = &shared.config.server;
+    match busy {
+        Busy::Server => warn!(
+            "{} connections are open (server.max_connections); refusing new ones{since}",
+            server.max_connections
+        ),
+        Busy::Address => warn!(
+            "{} connections from this address have not logged in (server.max_prelogin_per_address); refusing its new ones, other addresses are served{since}",
+            server.max_prelogin_per_address
+        ),
+    }
+}
+
+/// Serves one admitted connection with `shared`, counted in the open
+/// connections gauge.
+async fn serve<P: Protocol>(
+    protocol: Arc<P>,
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    connection: Connection,
+    transport: Transport,
+) {
+    let gauge = crate::metrics::get()
+        .connections
+        .get_or_create(&crate::metrics::ProtocolLabels { protocol: P::NAME })
+        .clone();
+    gauge.inc();
+    match transport {
+        Transport::Plain => {
+            crate::metrics::get().client_tls(P::NAME, "plain", true);
+            protocol.serve(shared, stream, connection).await
+        }
+        Transport::ImplicitTls => serve_over_tls(&*protocol, shared, stream, connection).await,
+    }
+    gauge.dec();
 }
 
 /// Runs the TLS handshake with the certificate of `shared`, within the
@@ -447,6 +538,8 @@ async fn serve_over_tls<P: Protocol>(
         warn!("a TLS client arrived but the config in force has no [tls]; closing");
         return;
     };
+    // The handshake is the first thing the task does: the whole login
+    // timeout is, to the spawn, what is left of it.
     let accepted = tls.accept(stream, shared.config.server.login_timeout).await;
     crate::metrics::get().client_tls(P::NAME, "implicit", accepted.is_ok());
     match accepted {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::shared::{ClientStream, Connection, Protocol, Shared};
+use crate::shared::{Busy, ClientStream, Connection, Protocol, Shared};
 
 /// The IMAP listener's protocol.
 pub struct Imap;
@@ -21,10 +21,14 @@ impl Protocol for Imap {
         session::run(shared, stream, connection).await
     }
 
-    async fn refuse_busy<S: ClientStream>(mut stream: S) {
-        let _ = stream
-            .write_all(b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n")
-            .await;
+    async fn refuse_busy<S: ClientStream>(mut stream: S, busy: Busy) {
+        let bye: &[u8] = match busy {
+            Busy::Server => b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n",
+            Busy::Address => {
+                b"* BYE [UNAVAILABLE] Too many connections from your address; try again later\r\n"
+            }
+        };
+        let _ = stream.write_all(bye).await;
         let _ = stream.shutdown().await;
     }
 }

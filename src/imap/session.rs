@@ -11,7 +11,10 @@
 //! `NO [PRIVACYREQUIRED]`.
 //!
 //! `PreAuth::request` reads one command within the limits that hold before
-//! login; `PreAuth::command` hands it to one small method per command.
+//! login; `PreAuth::command` hands it to one small method per command. The
+//! login deadline counts from the connection's start, whatever the client
+//! sends meanwhile (NOOPs, SASL responses, STARTTLS): a client that has not
+//! logged in by then gets `* BYE Autologout` and is closed.
 //! AUTHENTICATE runs through [`crate::sasl`], which SMTP shares, and a failed
 //! login becomes a reply in `refusal` alone.
 
@@ -28,7 +31,7 @@ use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::sasl::{self, Challenge, SaslError};
 use crate::secret::Secret;
-use crate::shared::{ClientStream, Connection, Shared, TlsPolicy};
+use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until};
 use crate::upstream::UpstreamError;
 
 /// What the proxy offers before login, whatever the TLS state.
@@ -48,7 +51,7 @@ pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Co
         imap.require_tls,
         connection.over_tls,
     );
-    let mut session = PreAuth::new(shared, stream, tls);
+    let mut session = PreAuth::new(shared, stream, tls, connection);
     // The dialogue's state (login, SASL, the upstream's opening) is the
     // larger part of this future; boxed, it is freed at login instead of
     // sitting in every idle session's task for the life of the relay. For
@@ -73,12 +76,13 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         client,
         shared,
         tls,
+        connection,
         ..
     } = session;
-    let Some(stream) = shared.start_tls("imap", client).await else {
+    let Some(stream) = shared.start_tls("imap", client, &connection).await else {
         return;
     };
-    let mut session = PreAuth::new(shared, stream, tls.upgraded());
+    let mut session = PreAuth::new(shared, stream, tls.upgraded(), connection);
     let upstream = match Box::pin(session.dialogue(Greeting::None)).await {
         Ok(Next::Relay(upstream)) => upstream.stream,
         Ok(_) => return,
@@ -101,6 +105,8 @@ struct PreAuth<S> {
     client: BufReader<S>,
     shared: Arc<Shared>,
     tls: TlsPolicy,
+    /// The login deadline's start and the pre-login slot, given back at login.
+    connection: Connection,
     errors: u32,
     failed_logins: u32,
 }
@@ -119,11 +125,12 @@ enum Next {
 }
 
 impl<S: ClientStream> PreAuth<S> {
-    fn new(shared: Arc<Shared>, stream: S, tls: TlsPolicy) -> Self {
+    fn new(shared: Arc<Shared>, stream: S, tls: TlsPolicy, connection: Connection) -> Self {
         PreAuth {
             client: BufReader::new(stream),
             shared,
             tls,
+            connection,
             errors: 0,
             failed_logins: 0,
         }
@@ -188,20 +195,30 @@ impl<S: ClientStream> PreAuth<S> {
         }
     }
 
-    /// Reads one command within the login timeout and answers it.
+    /// Reads one command before the login deadline and answers it.
     async fn request(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Next> {
-        let login_timeout = self.shared.config.server.login_timeout;
-        match tokio::time::timeout(login_timeout, read_command(&mut self.client, buf)).await {
-            Err(_) => {
-                info!(
-                    "client sent nothing for {}; closing",
-                    humantime::format_duration(login_timeout)
-                );
-                self.bye("Autologout; idle for too long").await
-            }
-            Ok(Err(e)) => self.unframed(e).await,
-            Ok(Ok(())) => self.command(buf).await,
+        let deadline = self.login_deadline();
+        match until(deadline, read_command(&mut self.client, buf)).await {
+            None => self.autologout().await,
+            Some(Err(e)) => self.unframed(e).await,
+            Some(Ok(())) => self.command(buf).await,
         }
+    }
+
+    /// `server.login_timeout` after the connection's start.
+    fn login_deadline(&self) -> tokio::time::Instant {
+        let login_timeout = self.shared.config.server.login_timeout;
+        self.connection.login_deadline(login_timeout)
+    }
+
+    /// The login deadline has passed: the client is told and closed.
+    async fn autologout(&mut self) -> std::io::Result<Next> {
+        let login_timeout = humantime::format_duration(self.shared.config.server.login_timeout);
+        info!("client did not log in within {login_timeout} of connecting; closing");
+        self.bye(&format!(
+            "Autologout; log in within {login_timeout} of connecting"
+        ))
+        .await
     }
 
     /// Answers input that is not a whole command within the limits.
@@ -378,6 +395,7 @@ impl<S: ClientStream> PreAuth<S> {
         crate::metrics::get().login("imap", &outcome);
         match outcome {
             Ok((_, upstream)) => {
+                self.connection.logged_in();
                 self.send(&format!(
                     "{tag} OK [CAPABILITY {}] {command} completed\r\n",
                     upstream.capabilities
@@ -418,23 +436,25 @@ fn refusal(e: &LoginError) -> String {
 }
 
 impl<S: ClientStream> Challenge for PreAuth<S> {
-    /// `+ prompt`, then one line within the login timeout. A response too
-    /// long or too late is malformed: the client is told so and may go on.
+    /// `+ prompt`, then one line before the login deadline. A response too
+    /// long is malformed: the client is told so and may go on. Past the
+    /// deadline the client is told and closed.
     async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {
         self.send(&format!("+ {prompt}\r\n")).await?;
         let mut line = Vec::new();
-        let read = tokio::time::timeout(
-            self.shared.config.server.login_timeout,
-            read_line(&mut self.client, &mut line, super::framing::MAX_COMMAND),
-        )
-        .await;
-        match read {
-            Ok(Ok(())) => Ok(trim_eol(&line).to_vec()),
-            Ok(Err(LineError::Io(e))) => Err(e.into()),
-            Ok(Err(LineError::Closed)) => {
+        let deadline = self.login_deadline();
+        let max = super::framing::MAX_COMMAND;
+        match until(deadline, read_line(&mut self.client, &mut line, max)).await {
+            Some(Ok(())) => Ok(trim_eol(&line).to_vec()),
+            Some(Err(LineError::Io(e))) => Err(e.into()),
+            Some(Err(LineError::Closed)) => {
                 Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
             }
-            Ok(Err(LineError::TooLong)) | Err(_) => Err(SaslError::Malformed),
+            Some(Err(LineError::TooLong)) => Err(SaslError::Malformed),
+            None => {
+                self.autologout().await?;
+                Err(SaslError::Closed)
+            }
         }
     }
 }

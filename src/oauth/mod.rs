@@ -29,7 +29,7 @@ use crate::config::{Account, Config, Flow};
 use crate::secret::Secret;
 use aadsts::ErrorClass;
 use provider::{Grant, GrantError, ProviderClient};
-use store::{GrantLock, StoredGrant, TokenStore, unix_now};
+use store::{GrantLock, LoadError, StoredGrant, TokenStore, unix_now};
 
 /// Why no access token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -144,13 +144,13 @@ impl TokenManager {
         // Held until the outcome is saved: concurrent logins for this account
         // wait here, then find the new token cached (single flight).
         let mut cached = entry.state.lock().await;
-        if let Some(token) = self.cached_token(entry, &mut cached) {
+        if let Some(token) = self.cached_token(entry, &mut cached)? {
             return Ok(token);
         }
         // Another process may be redeeming this grant right now: wait for it,
         // then use what it stored rather than spend the refresh token twice.
         let _file_lock = self.lock_grant_file(entry).await;
-        if let Some(token) = self.cached_token(entry, &mut cached) {
+        if let Some(token) = self.cached_token(entry, &mut cached)? {
             return Ok(token);
         }
 
@@ -237,7 +237,10 @@ impl TokenManager {
         cached: &mut Cached,
         older_than: Duration,
     ) -> bool {
-        self.sync_from_disk(entry, cached);
+        if self.sync_from_disk(entry, cached).is_err() {
+            // A sealed file that does not open: its account says so at login.
+            return false;
+        }
         let grant = &cached.grant;
         if grant.refresh_token.is_none() || grant.needs_login {
             return false;
@@ -259,12 +262,18 @@ impl TokenManager {
 
     /// The cached access token, once what another process stored is read,
     /// if it is outside the refresh-ahead window.
-    fn cached_token(&self, entry: &AccountTokens, cached: &mut Cached) -> Option<AccessToken> {
-        self.sync_from_disk(entry, cached);
-        usable_token(&cached.grant, unix_now(), true).map(|token| AccessToken {
-            token,
-            fresh: false,
-        })
+    fn cached_token(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+    ) -> Result<Option<AccessToken>, TokenError> {
+        self.sync_from_disk(entry, cached)?;
+        Ok(
+            usable_token(&cached.grant, unix_now(), true).map(|token| AccessToken {
+                token,
+                fresh: false,
+            }),
+        )
     }
 
     /// The lock on the account's grant file across processes. Without it (a
@@ -320,12 +329,15 @@ impl TokenManager {
     }
 
     /// Re-reads the grant file when it is new to us or was changed by another
-    /// process (`xoauth2-proxy login`).
-    fn sync_from_disk(&self, entry: &AccountTokens, cached: &mut Cached) {
+    /// process (`xoauth2-proxy login`). A sealed file that does not open
+    /// (wrong key, another account's) or an unsafe one is not used, and the
+    /// client is told to come back: it is tried again at the next login, so
+    /// the right key (after a reload) or file brings the account back.
+    fn sync_from_disk(&self, entry: &AccountTokens, cached: &mut Cached) -> Result<(), TokenError> {
         let username = &entry.account.username;
         let mtime = self.store.modified(username);
         if cached.loaded && mtime == cached.file_mtime {
-            return;
+            return Ok(());
         }
         match self.store.load(username) {
             Ok(grant) => {
@@ -338,8 +350,13 @@ impl TokenManager {
                 cached.file_mtime = mtime;
                 cached.loaded = true;
             }
+            Err(e @ (LoadError::Sealed(_) | LoadError::Unsafe(_))) => {
+                warn!(account = %username, "{e}");
+                return Err(TokenError::Unavailable(e.to_string()));
+            }
             Err(e) => warn!(account = %username, "{e}"),
         }
+        Ok(())
     }
 
     /// Writes the cached grant. When that fails the grant stays in memory,
@@ -540,7 +557,7 @@ flow = "device_code"
     async fn held_refresh_token(manager: &TokenManager) -> String {
         let entry = manager.entry(USER).unwrap();
         let mut cached = entry.state.lock().await;
-        manager.sync_from_disk(entry, &mut cached);
+        manager.sync_from_disk(entry, &mut cached).unwrap();
         let rt = cached.grant.refresh_token.as_ref().map(Secret::expose);
         rt.unwrap_or_default().to_string()
     }

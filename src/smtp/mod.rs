@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::SmtpSection;
-use crate::shared::{ClientStream, Connection, Protocol, Shared};
+use crate::shared::{Busy, ClientStream, Connection, Protocol, Shared};
 use extensions::Extensions;
 use pool::Pools;
 
@@ -66,10 +66,14 @@ impl Protocol for Smtp {
         .await
     }
 
-    async fn refuse_busy<S: ClientStream>(mut stream: S) {
-        let _ = stream
-            .write_all(b"421 4.3.2 Too many connections; try again later\r\n")
-            .await;
+    async fn refuse_busy<S: ClientStream>(mut stream: S, busy: Busy) {
+        let reply: &[u8] = match busy {
+            Busy::Server => b"421 4.3.2 Too many connections; try again later\r\n",
+            Busy::Address => {
+                b"421 4.7.0 Too many connections from your address; try again later\r\n"
+            }
+        };
+        let _ = stream.write_all(reply).await;
         let _ = stream.shutdown().await;
     }
 }

@@ -12,6 +12,10 @@
 //! pipelined in plaintext is dropped. With `require_tls` a plain connection
 //! offers no AUTH, and AUTH gets 530.
 //!
+//! Before AUTH succeeds the client has until the login deadline, counted
+//! from the connection's start whatever it sends (NOOP, RSET, a SASL
+//! exchange, STARTTLS); after it, `client_idle_timeout` for each line.
+//!
 //! `Session::command` hands each command to one small method; AUTH runs
 //! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
 //! reply in `refusal` alone.
@@ -30,7 +34,7 @@ use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError, open_as};
 use crate::sasl::{self, Challenge, Credentials, SaslError};
-use crate::shared::{ClientStream, Connection, Shared, TlsPolicy};
+use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until};
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -59,7 +63,7 @@ pub async fn run<S: ClientStream>(
         smtp.require_tls,
         connection.over_tls,
     );
-    let mut session = Session::new(shared, pools, extensions, stream, tls);
+    let mut session = Session::new(shared, pools, extensions, stream, tls, connection);
     let next = session.dialogue(Greeting::Send).await;
     session.end_transaction().await;
     match next {
@@ -77,12 +81,14 @@ async fn after_starttls<S: ClientStream>(session: Session<S>) {
         pools,
         extensions,
         tls,
+        connection,
         ..
     } = session;
-    let Some(stream) = shared.start_tls("smtp", client).await else {
+    let Some(stream) = shared.start_tls("smtp", client, &connection).await else {
         return;
     };
-    let mut session = Session::new(shared, pools, extensions, stream, tls.upgraded());
+    let upgraded = tls.upgraded();
+    let mut session = Session::new(shared, pools, extensions, stream, upgraded, connection);
     if let Err(e) = session.dialogue(Greeting::None).await {
         debug!("client connection ended: {}", crate::error::io_reason(&e));
     }
@@ -104,6 +110,8 @@ struct Session<S> {
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
     tls: TlsPolicy,
+    /// The login deadline's start and the pre-login slot, given back at login.
+    connection: Connection,
     account: Option<Account>,
     /// The upstream connection of the transaction in progress, if any.
     lease: Option<Lease>,
@@ -178,6 +186,7 @@ impl<S: ClientStream> Session<S> {
         extensions: Arc<Extensions>,
         stream: S,
         tls: TlsPolicy,
+        connection: Connection,
     ) -> Self {
         Session {
             client: BufReader::with_capacity(64 * 1024, stream),
@@ -185,6 +194,7 @@ impl<S: ClientStream> Session<S> {
             pools,
             extensions,
             tls,
+            connection,
             account: None,
             lease: None,
             errors: 0,
@@ -201,6 +211,12 @@ impl<S: ClientStream> Session<S> {
             self.client.get_mut().flush().await?;
         }
         Ok(())
+    }
+
+    /// Passes an upstream reply on to the client verbatim.
+    async fn pass_on(&mut self, reply: &Reply) -> std::io::Result<()> {
+        count_relayed(DOWNSTREAM, reply.raw.len());
+        self.send(&reply.raw).await
     }
 
     async fn reply(&mut self, code: u16, text: &str) -> std::io::Result<()> {
@@ -225,12 +241,7 @@ impl<S: ClientStream> Session<S> {
             self.reply(220, &format!("{HOSTNAME} ESMTP ready")).await?;
         }
         loop {
-            let timeout = if self.account.is_some() {
-                self.shared.config.smtp.client_idle_timeout
-            } else {
-                self.shared.config.server.login_timeout
-            };
-            let next = match self.read_line_within(timeout, Awaiting::Command).await? {
+            let next = match self.read_line_within(Awaiting::Command).await? {
                 Received::Line => self.command().await?,
                 Received::Hangup | Received::Closed => Next::Close,
             };
@@ -240,41 +251,58 @@ impl<S: ClientStream> Session<S> {
         }
     }
 
-    /// Reads one line into `self.line` within `timeout`. A line too long or
-    /// too late is answered here and the connection closed: the rest of such
-    /// a line must not be read as commands.
-    async fn read_line_within(
-        &mut self,
-        timeout: Duration,
-        awaiting: Awaiting,
-    ) -> std::io::Result<Received> {
+    /// Reads one line into `self.line` before the login deadline, or after
+    /// login within `client_idle_timeout`. A line too long or too late is
+    /// answered here and the connection closed: the rest of such a line must
+    /// not be read as commands.
+    async fn read_line_within(&mut self, awaiting: Awaiting) -> std::io::Result<Received> {
         self.line.clear();
-        let read = tokio::time::timeout(
-            timeout,
+        let deadline = self.line_deadline();
+        match until(
+            deadline,
             read_line(&mut self.client, &mut self.line, MAX_LINE),
         )
-        .await;
-        match read {
-            Ok(Ok(())) => Ok(Received::Line),
-            Ok(Err(LineError::Closed)) => Ok(Received::Hangup),
-            Ok(Err(LineError::Io(e))) => Err(e),
-            Ok(Err(LineError::TooLong)) => {
+        .await
+        {
+            Some(Ok(())) => Ok(Received::Line),
+            Some(Err(LineError::Closed)) => Ok(Received::Hangup),
+            Some(Err(LineError::Io(e))) => Err(e),
+            Some(Err(LineError::TooLong)) => {
                 info!("client sent an overlong {}; closing", awaiting.noun());
                 self.reply(500, "5.5.2 Line too long").await?;
                 self.close_with(421, "4.7.0 Closing").await?;
                 Ok(Received::Closed)
             }
-            Err(_) => {
-                info!(
-                    "client sent {} for {}; closing",
-                    awaiting.silence(),
-                    humantime::format_duration(timeout)
-                );
-                self.close_with(421, "4.4.2 Idle for too long; closing")
-                    .await?;
-                Ok(Received::Closed)
+            None => self.too_late(awaiting).await,
+        }
+    }
+
+    /// When the next line must have come: the login deadline (from the
+    /// connection's start) before login, `client_idle_timeout` from now after.
+    fn line_deadline(&self) -> tokio::time::Instant {
+        match self.account {
+            Some(_) => tokio::time::Instant::now() + self.shared.config.smtp.client_idle_timeout,
+            None => {
+                let login_timeout = self.shared.config.server.login_timeout;
+                self.connection.login_deadline(login_timeout)
             }
         }
+    }
+
+    /// The line did not come in time: the client is told and closed.
+    async fn too_late(&mut self, awaiting: Awaiting) -> std::io::Result<Received> {
+        if self.account.is_some() {
+            let idle = humantime::format_duration(self.shared.config.smtp.client_idle_timeout);
+            info!("client sent {} for {idle}; closing", awaiting.silence());
+            self.close_with(421, "4.4.2 Idle for too long; closing")
+                .await?;
+        } else {
+            let login_timeout = humantime::format_duration(self.shared.config.server.login_timeout);
+            info!("client did not log in within {login_timeout} of connecting; closing");
+            let text = format!("4.4.2 Not logged in within {login_timeout} of connecting; closing");
+            self.close_with(421, &text).await?;
+        }
+        Ok(Received::Closed)
     }
 
     /// Parses the command in `self.line` and dispatches it.
@@ -426,6 +454,7 @@ impl<S: ClientStream> Session<S> {
 
     async fn logged_in(&mut self, account: Account) -> std::io::Result<Next> {
         info!(mailbox = %account.mailbox, "logged in");
+        self.connection.logged_in();
         self.account = Some(account);
         self.answer(235, "2.7.0 Authentication successful").await
     }
@@ -457,7 +486,10 @@ impl<S: ClientStream> Session<S> {
                 .await;
         }
         match self.begin_transaction(&account, line).await {
-            Ok((lease, reply)) => self.mail_answered(lease, reply).await,
+            Ok((lease, reply)) => {
+                count_relayed(UPSTREAM, line.len() + 2);
+                self.mail_answered(lease, reply).await
+            }
             Err(e) => self.mail_failed(&account, e).await,
         }
     }
@@ -501,7 +533,7 @@ impl<S: ClientStream> Session<S> {
             // No transaction began: the connection is clean.
             lease.release();
         }
-        self.send(&reply.raw).await?;
+        self.pass_on(&reply).await?;
         Ok(Next::Continue)
     }
 
@@ -531,6 +563,7 @@ impl<S: ClientStream> Session<S> {
             return self.error(503, "5.5.1 Need MAIL before RCPT").await;
         };
         let reply = lease.conn().command(line).await;
+        count_relayed(UPSTREAM, line.len() + 2);
         self.relay_or_abort(reply).await
     }
 
@@ -541,7 +574,7 @@ impl<S: ClientStream> Session<S> {
                 if reply.code == 421 {
                     self.lease = None;
                 }
-                self.send(&reply.raw).await?;
+                self.pass_on(&reply).await?;
             }
             Err(e) => {
                 warn!("the SMTP server failed mid-transaction: {e}");
@@ -562,11 +595,13 @@ impl<S: ClientStream> Session<S> {
                 .error(503, "5.5.1 Need MAIL and RCPT before DATA")
                 .await;
         };
-        let reply = match lease.conn().command(b"DATA").await {
+        let data = lease.conn().command(b"DATA").await;
+        count_relayed(UPSTREAM, b"DATA\r\n".len());
+        let reply = match data {
             Ok(reply) if reply.code == 354 => reply,
             other => return self.relay_or_abort(other).await,
         };
-        self.send(&reply.raw).await?;
+        self.pass_on(&reply).await?;
         self.client.get_mut().flush().await?;
         let lease = self.lease.take().expect("checked above");
         self.relay_message(lease).await?;
@@ -597,7 +632,7 @@ impl<S: ClientStream> Session<S> {
                     // The transaction is over, accepted or not: clean.
                     lease.release();
                 }
-                self.send(&reply.raw).await
+                self.pass_on(&reply).await
             }
             Err(e) => {
                 warn!("the SMTP server did not confirm a message: {e}");
@@ -683,16 +718,12 @@ fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
 }
 
 impl<S: ClientStream> Challenge for Session<S> {
-    /// `334 prompt`, then one line within the login timeout. A response too
-    /// long or too late closes the connection (see `read_line_within`).
+    /// `334 prompt`, then one line before the login deadline. A response
+    /// too long or too late closes the connection (see `read_line_within`).
     async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {
         self.send(format!("334 {prompt}\r\n").as_bytes()).await?;
         self.client.get_mut().flush().await?;
-        let timeout = self.shared.config.server.login_timeout;
-        match self
-            .read_line_within(timeout, Awaiting::SaslResponse)
-            .await?
-        {
+        match self.read_line_within(Awaiting::SaslResponse).await? {
             Received::Line => Ok(trim_eol(&self.line).to_vec()),
             Received::Hangup => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
             Received::Closed => Err(SaslError::Closed),
@@ -711,6 +742,20 @@ async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream,
     .await
 }
 
+/// The `direction` labels of `relayed_bytes`.
+const UPSTREAM: &str = "upstream";
+const DOWNSTREAM: &str = "downstream";
+
+/// Counts `n` bytes relayed after login (`relayed_bytes`), as IMAP's relay
+/// counts its own: upstream, the transaction's commands and the message
+/// content the client sent through; downstream, the upstream's replies
+/// passed back. The proxy's own words (its EHLO, RSET, QUIT) are not relayed.
+fn count_relayed(direction: &'static str, n: usize) {
+    crate::metrics::get()
+        .relayed("smtp", direction)
+        .inc_by(n as u64);
+}
+
 /// Copies DATA content from the client to the upstream up to and including
 /// the `CRLF . CRLF` terminator, unaltered (dot-stuffing stays as it is).
 /// Returns whether the upstream took all of it; the client's content is read
@@ -724,6 +769,7 @@ async fn pump_message<S: ClientStream>(
 ) -> std::io::Result<bool> {
     let mut end = EndOfData::default();
     let mut upstream_ok = true;
+    let relayed = crate::metrics::get().relayed("smtp", UPSTREAM);
     loop {
         let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
             Ok(chunk) => chunk?,
@@ -735,8 +781,11 @@ async fn pump_message<S: ClientStream>(
         let (n, done) = end.scan(chunk);
         if upstream_ok {
             let upstream = lease.conn().stream.get_mut();
-            if upstream.write_all(&chunk[..n]).await.is_err() {
-                upstream_ok = false;
+            match upstream.write_all(&chunk[..n]).await {
+                Ok(()) => {
+                    relayed.inc_by(n as u64);
+                }
+                Err(_) => upstream_ok = false,
             }
         }
         client.consume(n);
