@@ -52,7 +52,7 @@ pub(crate) mod tls;
 pub(crate) mod upstream;
 
 pub use accounts::hash_password;
-pub use admin::probe as probe_health;
+pub use admin::{probe as probe_health, unsaved_grants};
 pub use check::run as check_accounts;
 pub use lines::literal_announced;
 pub use local_tls::{Certificate as TlsCertificate, ca_certificate_pem, current_certificate};

@@ -316,19 +316,26 @@ struct AccountStatus {
     grant_sealed: Option<bool>,
     /// Why the grant file cannot be used (it does not open with the key).
     grant_error: Option<String>,
+    /// False while the running proxy holds the newest grant in memory only
+    /// (its save failed); `None` when no proxy answered.
+    grant_saved: Option<bool>,
 }
 
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = token_store(config)?;
     let now = unix_now();
-    let (rows, mut problems) = account_statuses(config, &store, now);
+    let (mut rows, mut problems) = account_statuses(config, &store, now);
+    let asked = ask_proxy_for_unsaved(config, &mut rows);
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&rows).expect("status serialises")
         );
     } else {
-        print_statuses(config, &rows, now);
+        print_statuses(config, store.dir(), &rows, now);
+        if let Err(e) = asked {
+            println!("Whether every grant is saved is not known: {e}");
+        }
         print_sealing(&store, &rows);
         print_tls(config, &mut problems);
     }
@@ -381,6 +388,7 @@ impl AccountStatus {
             authorized_at: g.authorized_at,
             last_error: g.last_error,
             last_error_at: g.last_error_at,
+            grant_saved: None,
             grant_sealed: sealed,
             grant_error: None,
         }
@@ -403,8 +411,18 @@ impl AccountStatus {
     }
 }
 
+/// Only the running proxy knows which grants it could not save: ask its
+/// admin listener.
+fn ask_proxy_for_unsaved(config: &Config, rows: &mut [AccountStatus]) -> Result<(), String> {
+    let unsaved = runtime().block_on(xoauth2_proxy::unsaved_grants(config.admin.listen))?;
+    for r in rows {
+        r.grant_saved = Some(!unsaved.iter().any(|a| a.eq_ignore_ascii_case(&r.account)));
+    }
+    Ok(())
+}
+
 /// The statuses for people: a headline per account, then indented details.
-fn print_statuses(config: &Config, rows: &[AccountStatus], now: u64) {
+fn print_statuses(config: &Config, tokens_dir: &std::path::Path, rows: &[AccountStatus], now: u64) {
     if rows.is_empty() {
         println!("No accounts are configured in {}.", config.path.display());
     }
@@ -414,6 +432,7 @@ fn print_statuses(config: &Config, rows: &[AccountStatus], now: u64) {
             r.account, r.mailbox, r.flow, r.provider, r.state
         );
         let details = [
+            not_saved(r, tokens_dir),
             r.grant_error.clone(),
             login_hint(r),
             token_expiry(r, now),
@@ -464,6 +483,15 @@ fn print_tls(config: &Config, problems: &mut Vec<String>) {
         ),
         Err(e) => problems.push(e),
     }
+}
+
+fn not_saved(r: &AccountStatus, dir: &std::path::Path) -> Option<String> {
+    (r.grant_saved == Some(false)).then(|| {
+        format!(
+            "grant not saved: the running proxy holds the newest grant in memory only and keeps trying to write it; free space in {}",
+            dir.display()
+        )
+    })
 }
 
 fn login_hint(r: &AccountStatus) -> Option<String> {
@@ -528,6 +556,7 @@ mod tests {
             last_error_at: Some(880),
             grant_sealed: Some(true),
             grant_error: None,
+            grant_saved: Some(false),
         }
     }
 
@@ -547,6 +576,10 @@ mod tests {
             Some("access token expired 1m ago")
         );
         assert_eq!(last_token(&r, 1000), None);
+        assert!(
+            not_saved(&r, std::path::Path::new("/state/tokens"))
+                .is_some_and(|line| line.contains("not saved") && line.contains("/state/tokens"))
+        );
         assert_eq!(
             last_error(&r, 1000).as_deref(),
             Some("last error (2m ago): the grant was refused")

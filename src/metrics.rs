@@ -77,6 +77,11 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    pub account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
     /// `host:port` of the upstream server.
     pub server: String,
@@ -103,6 +108,10 @@ pub struct Metrics {
     pub upstream_connect_seconds: Family<ServerLabels, Histogram>,
     pub upstream_login_seconds: Family<ServerLabels, Histogram>,
     pub refused_connections: Family<RefusalLabels, Counter>,
+    /// Background refreshes of idle grants; `outcome` as in `token_requests`.
+    pub grant_keepalive: Family<TokenLabels, Counter>,
+    /// 1 while an account's newest grant is in memory only (its save failed).
+    pub grant_unsaved: Family<AccountLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -171,6 +180,18 @@ impl Metrics {
             "Connections closed before being served, by listener and reason: max_connections (the listener's cap), per_address (server.max_prelogin_per_address)",
             refused_connections.clone(),
         );
+        let grant_keepalive = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "grant_keepalive_refreshes",
+            "Background refreshes of delegated grants unused for server.grant_keepalive, by account and outcome",
+            grant_keepalive.clone(),
+        );
+        let grant_unsaved = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            GRANT_UNSAVED,
+            "1 while the account's newest grant is held in memory only because writing its file failed; the write is retried until it succeeds",
+            grant_unsaved.clone(),
+        );
         Metrics {
             registry,
             logins,
@@ -182,6 +203,8 @@ impl Metrics {
             upstream_connect_seconds,
             upstream_login_seconds,
             refused_connections,
+            grant_keepalive,
+            grant_unsaved,
         }
     }
 
@@ -257,6 +280,41 @@ impl Metrics {
     }
 }
 
+/// The name of the unsaved-grant gauge, without the registry's prefix.
+const GRANT_UNSAVED: &str = "grant_unsaved";
+
+/// The accounts whose grant is not saved, read from the text exposition of
+/// a running proxy's `/metrics` (what `xoauth2-proxy status` asks for).
+pub fn unsaved_accounts(exposition: &str) -> Vec<String> {
+    let series = format!("xoauth2_proxy_{GRANT_UNSAVED}{{account=\"");
+    exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix(&series))
+        .filter_map(|rest| {
+            let (label, value) = rest.rsplit_once("\"} ")?;
+            (value.trim().parse::<f64>().ok()? > 0.0).then(|| unescape_label(label))
+        })
+        .collect()
+}
+
+/// A label value as the text format escapes it (`\\`, `\"`, `\n`), read back.
+fn unescape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some(escaped) => out.push(escaped),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
 impl Metrics {
     /// Counts a connection refused before it was served.
     pub fn refused(&self, protocol: &'static str, reason: &'static str) {
@@ -315,6 +373,28 @@ mod tests {
                 r#"xoauth2_proxy_refused_connections_total{protocol="smtp",reason="per_address"} 1"#
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn unsaved_grants_are_read_back_from_the_exposition() {
+        let m = Metrics::new();
+        let gauge = |account: &str| {
+            m.grant_unsaved.get_or_create(&AccountLabels {
+                account: account.into(),
+            })
+        };
+        gauge("saved@contoso.com").set(0);
+        gauge("full-disk@contoso.com").set(1);
+        gauge(r#"odd"name\@contoso.com"#).set(1);
+        let mut unsaved = unsaved_accounts(&m.encode());
+        unsaved.sort();
+        assert_eq!(
+            unsaved,
+            vec![
+                "full-disk@contoso.com".to_string(),
+                r#"odd"name\@contoso.com"#.to_string()
+            ]
         );
     }
 }

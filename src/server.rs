@@ -180,6 +180,7 @@ pub async fn run(
     crate::metrics::get().register_protocols(&[Imap::NAME, Smtp::NAME]);
     let admin_limits = shared.config.admin.clone();
     tokio::spawn(crate::admin::serve(admin, admin_limits, stop.clone()));
+    tokio::spawn(keep_grants_alive(publish.subscribe(), stop.clone()));
     info!(
         imap = %shared.config.imap.listen,
         smtp = %shared.config.smtp.listen,
@@ -227,7 +228,43 @@ pub async fn run(
             humantime::format_duration(grace)
         );
     }
+    let shared = publish.borrow().clone();
+    shared.tokens.save_before_exit().await;
     Ok(())
+}
+
+/// Refreshes the idle grants of the config in force (`grant_keepalive`)
+/// until shutdown; a reload changes both the accounts and the interval, and
+/// the next look stays due a period after the last one however often the
+/// config is reloaded.
+async fn keep_grants_alive(mut current: Current, stop: CancellationToken) {
+    let mut last_look = tokio::time::Instant::now();
+    loop {
+        let period = crate::oauth::keep_alive_period(
+            current.borrow_and_update().config.server.grant_keepalive,
+        );
+        let due = async {
+            match period {
+                Some(period) => tokio::time::sleep_until(last_look + period).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = current.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
+            () = due => {}
+        }
+        last_look = tokio::time::Instant::now();
+        let shared = current.borrow().clone();
+        let older_than = shared.config.server.grant_keepalive;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = shared.tokens.keep_alive_all(older_than) => {}
+        }
+    }
 }
 
 /// Loads the config again and, if it is good, puts it in force for new

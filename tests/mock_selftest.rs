@@ -1201,3 +1201,81 @@ fn literals_are_found_at_the_end_of_a_line() {
         assert_eq!(testkit::literal_announced(line), *expected, "{line:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redeemed_refresh_token_works_until_its_successor_is_used_and_reuse_is_counted() {
+    let (_tokens, idp) = idp().await;
+    idp.set_rotation(testkit::idp::Rotation::SpentWhenSuccessorUsed);
+    let refresh = |rt: String| {
+        let url = idp.token_url(TENANT);
+        async move {
+            let form = [
+                ("grant_type", "refresh_token"),
+                ("client_id", CLIENT),
+                ("client_secret", SECRET),
+                ("refresh_token", rt.as_str()),
+            ];
+            let (status, v) = post(&url, &form).await;
+            (
+                status,
+                v["refresh_token"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    let rt1 = idp.issue_refresh_token("sales@contoso.com");
+    let (_, lost) = refresh(rt1.clone()).await;
+    // The client died before saving `lost`: the token it kept still works,
+    // and the successor it never saw is replaced.
+    let (status, rt2) = refresh(rt1.clone()).await;
+    assert_eq!(status, 200);
+    let mut valid = idp.valid_refresh_tokens("sales@contoso.com");
+    valid.sort();
+    let mut expected = vec![rt1.clone(), rt2.clone()];
+    expected.sort();
+    assert_eq!(valid, expected, "the unused successor is gone");
+    // Using rt2 retires rt1; going back to rt1 (or to `lost`) is refused and counted.
+    let (status, _rt3) = refresh(rt2).await;
+    assert_eq!(status, 200);
+    assert_eq!(refresh(rt1).await.0, 400);
+    assert_eq!(refresh(lost).await.0, 400);
+    assert_eq!(idp.counts().superseded_refresh_tokens_presented, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_delay_redeems_the_token_before_a_client_that_gave_up_hears_of_it() {
+    let (_tokens, idp) = idp().await;
+    idp.set_answer_delay(Duration::from_millis(300));
+    let rt = idp.issue_refresh_token("sales@contoso.com");
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("client_id", CLIENT),
+        ("client_secret", SECRET),
+        ("refresh_token", rt.as_str()),
+    ];
+    let sent = impatient
+        .post(idp.token_url(TENANT))
+        .form(&form)
+        .send()
+        .await;
+    assert!(sent.is_err(), "no answer within 50 ms");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while idp.requests_in_flight() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(idp.requests()[0].status, 200, "redeemed");
+    let valid = idp.valid_refresh_tokens("sales@contoso.com");
+    assert_eq!(valid.len(), 1);
+    assert_ne!(
+        valid[0], rt,
+        "spent: only the successor nobody saw is valid"
+    );
+}

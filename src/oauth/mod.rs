@@ -4,19 +4,26 @@
 //! account it holds an async mutex, so however many clients log in at once,
 //! one refresh runs and the others wait for its result (single flight). Each
 //! rotated refresh token is saved atomically before the new access token is
-//! handed out, so a crash never loses the grant.
+//! handed out, so a crash never loses the grant. A save that fails (disk
+//! full) keeps the grant in memory and retries in the background
+//! ([`unsaved`]).
+//!
+//! [`TokenManager::keep_alive`] goes through the same door for grants nobody
+//! has used for a while: a refresh token unused for 90 days expires, and the
+//! mailbox would need `login` again although nothing changed.
 
 mod aadsts;
 pub mod authorize;
 pub mod provider;
 pub mod store;
+mod unsaved;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Account, Config, Flow};
 use crate::secret::Secret;
@@ -44,6 +51,38 @@ pub enum TokenError {
 pub struct AccessToken {
     pub token: Secret,
     pub fresh: bool,
+}
+
+/// What one keep-alive look at a grant did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Refreshed recently enough, not delegated, or not authorised: nothing to do.
+    NotDue,
+    Refreshed,
+    /// The identity provider refused the grant: the account needs `login`.
+    NeedsLogin,
+    /// The app was refused or the identity provider was unavailable; tried
+    /// again at the next look.
+    Failed,
+}
+
+impl KeepAlive {
+    /// The `outcome` label of the keep-alive metric (as `token_requests`).
+    fn label(self) -> &'static str {
+        match self {
+            KeepAlive::NotDue => "not_due",
+            KeepAlive::Refreshed => "ok",
+            KeepAlive::NeedsLogin => "needs_login",
+            KeepAlive::Failed => "failed",
+        }
+    }
+}
+
+/// How often the keep-alive looks for idle grants: a tenth of
+/// `grant_keepalive`, between a second and an hour; `None` when it is off.
+pub fn keep_alive_period(older_than: Duration) -> Option<Duration> {
+    (!older_than.is_zero())
+        .then(|| (older_than / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600)))
 }
 
 /// The token state of every configured account.
@@ -115,6 +154,16 @@ impl TokenManager {
             return Ok(token);
         }
 
+        self.redeem(entry, &mut cached).await
+    }
+
+    /// Asks the identity provider for a new token (the caller holds both
+    /// locks) and remembers the outcome.
+    async fn redeem(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+    ) -> Result<AccessToken, TokenError> {
         let result = match entry.account.flow {
             Flow::ClientCredentials => entry.provider.client_credentials(&entry.scopes).await,
             Flow::DeviceCode | Flow::AuthorizationCode => {
@@ -123,9 +172,82 @@ impl TokenManager {
             }
         };
         match result {
-            Ok(grant) => Ok(self.remember(entry, &mut cached, grant)),
-            Err(e) => self.remember_failure(entry, &mut cached, e),
+            Ok(grant) => Ok(self.remember(entry, cached, grant)),
+            Err(e) => self.remember_failure(entry, cached, e),
         }
+    }
+
+    /// Refreshes `username`'s delegated grant if its last refresh (or
+    /// `login`) is `older_than` ago, through the same locks as
+    /// [`access_token`](Self::access_token), so that it never races a login.
+    pub async fn keep_alive(&self, username: &str, older_than: Duration) -> KeepAlive {
+        let Ok(entry) = self.entry(username) else {
+            return KeepAlive::NotDue;
+        };
+        if !entry.account.flow.is_delegated() {
+            return KeepAlive::NotDue;
+        }
+        let mut cached = entry.state.lock().await;
+        if !self.keep_alive_due(entry, &mut cached, older_than) {
+            return KeepAlive::NotDue;
+        }
+        let _file_lock = self.lock_grant_file(entry).await;
+        // A login may have refreshed it while this waited for the lock.
+        if !self.keep_alive_due(entry, &mut cached, older_than) {
+            return KeepAlive::NotDue;
+        }
+        let outcome = match self.redeem(entry, &mut cached).await {
+            Ok(token) if token.fresh => KeepAlive::Refreshed,
+            Err(TokenError::NeedsLogin { .. }) => KeepAlive::NeedsLogin,
+            Ok(_) | Err(TokenError::Refused(_) | TokenError::Unavailable(_)) => KeepAlive::Failed,
+        };
+        if outcome == KeepAlive::Refreshed {
+            let idle = humantime::format_duration(older_than);
+            info!(account = %username, "refreshed a grant unused for {idle}, so that it does not expire");
+        }
+        count_keep_alive(&entry.account.username, outcome);
+        outcome
+    }
+
+    /// Writes the grants whose save failed one last time, as the proxy stops.
+    pub async fn save_before_exit(&self) {
+        unsaved::save_before_exit(&self.store).await;
+    }
+
+    /// Looks at every delegated grant with [`keep_alive`](Self::keep_alive),
+    /// one after another.
+    pub async fn keep_alive_all(&self, older_than: Duration) {
+        let mut refreshed = 0;
+        for entry in self.accounts.values() {
+            let outcome = self.keep_alive(&entry.account.username, older_than).await;
+            refreshed += usize::from(outcome == KeepAlive::Refreshed);
+        }
+        debug!(
+            accounts = self.accounts.len(),
+            refreshed, "grant keep-alive looked at every account"
+        );
+    }
+
+    /// The grant (as stored now) is authorised and was last refreshed, or
+    /// authorised, `older_than` ago or longer. A grant that records neither
+    /// goes by its file's age.
+    fn keep_alive_due(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+        older_than: Duration,
+    ) -> bool {
+        if self.sync_from_disk(entry, cached).is_err() {
+            // A sealed file that does not open: its account says so at login.
+            return false;
+        }
+        let grant = &cached.grant;
+        if grant.refresh_token.is_none() || grant.needs_login {
+            return false;
+        }
+        let file_age = cached.file_mtime.map(unix_seconds);
+        let last = grant.obtained_at.max(grant.authorized_at).or(file_age);
+        last.is_none_or(|t| unix_now().saturating_sub(t) >= older_than.as_secs())
     }
 
     fn entry(&self, username: &str) -> Result<&AccountTokens, TokenError> {
@@ -219,6 +341,7 @@ impl TokenManager {
         }
         match self.store.load(username) {
             Ok(grant) => {
+                let grant = unsaved::prefer_unsaved(&self.store, username, grant);
                 cached.grant = grant.unwrap_or_else(|| StoredGrant {
                     account: username.clone(),
                     flow: Some(entry.account.flow),
@@ -236,11 +359,19 @@ impl TokenManager {
         Ok(())
     }
 
+    /// Writes the cached grant. When that fails the grant stays in memory,
+    /// the file keeps the one before (and the cached mtime, so that it is not
+    /// read back over the memory), and [`unsaved`] writes it later.
     fn save(&self, entry: &AccountTokens, cached: &mut Cached) {
         let username = &entry.account.username;
         match self.store.save(username, &cached.grant) {
-            Ok(()) => cached.file_mtime = self.store.modified(username),
-            Err(e) => warn!(account = %username, "{e}"),
+            Ok(()) => {
+                cached.file_mtime = self.store.modified(username);
+                unsaved::saved(&self.store, username);
+            }
+            // An app-only account's file only caches its access token.
+            Err(e) if !entry.account.flow.is_delegated() => warn!(account = %username, "{e}"),
+            Err(e) => unsaved::failed(&self.store, username, &cached.grant, &e),
         }
     }
 
@@ -335,6 +466,22 @@ fn count_token_request(account: &str, outcome: &'static str) {
         .inc();
 }
 
+fn count_keep_alive(account: &str, outcome: KeepAlive) {
+    crate::metrics::get()
+        .grant_keepalive
+        .get_or_create(&crate::metrics::TokenLabels {
+            account: account.to_string(),
+            outcome: outcome.label(),
+        })
+        .inc();
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// The stored access token if it is valid now; with `ahead`, only if it is
 /// also outside the refresh-ahead window.
 fn usable_token(grant: &StoredGrant, now: u64, ahead: bool) -> Option<Secret> {
@@ -358,6 +505,165 @@ pub fn refresh_margin(obtained_at: u64, expires_at: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testkit::idp::MockIdp;
+    use testkit::tokens::TokenBook;
+
+    const USER: &str = "sales@contoso.com";
+
+    /// A token manager for one device-code account against `idp`, its
+    /// grants under `dir`.
+    fn manager(idp: &MockIdp, dir: &std::path::Path) -> TokenManager {
+        let base = format!("{}/contoso/oauth2/v2.0", idp.base_url());
+        let text = format!(
+            r#"
+[server]
+state_dir = "{state}"
+
+[providers.test]
+tenant = "contoso"
+client_id = "app"
+client_secret = "secret"
+token_url = "{base}/token"
+device_code_url = "{base}/devicecode"
+
+[[accounts]]
+username = "{USER}"
+password = "pw"
+provider = "test"
+flow = "device_code"
+"#,
+            state = dir.display()
+        );
+        let config = Config::parse(&dir.join("config.toml"), &text).unwrap();
+        TokenManager::new(&config, TokenStore::new(dir)).unwrap()
+    }
+
+    async fn idp() -> MockIdp {
+        let idp = MockIdp::start(TokenBook::default()).await;
+        idp.register_client("app", Some("secret"));
+        idp
+    }
+
+    fn grant(refresh_token: &str) -> StoredGrant {
+        StoredGrant {
+            account: USER.into(),
+            flow: Some(Flow::DeviceCode),
+            refresh_token: Some(Secret::new(refresh_token.into())),
+            ..Default::default()
+        }
+    }
+
+    /// What `manager` holds for the account after reading the file.
+    async fn held_refresh_token(manager: &TokenManager) -> String {
+        let entry = manager.entry(USER).unwrap();
+        let mut cached = entry.state.lock().await;
+        manager.sync_from_disk(entry, &mut cached).unwrap();
+        let rt = cached.grant.refresh_token.as_ref().map(Secret::expose);
+        rt.unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_refresh_presents_the_unsaved_refresh_token_not_the_spent_one_on_file() {
+        let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
+        let store = TokenStore::new(dir.path());
+        // The file holds a refresh token the IdP has spent; the newer one
+        // could not be written (what `save` records when the disk is full).
+        store.save(USER, &grant("spent")).unwrap();
+        let newer = idp.issue_refresh_token(USER);
+        unsaved::failed(&store, USER, &grant(&newer), "no space left on device");
+
+        // A manager made after the failure (a config reload) uses it.
+        let manager = manager(&idp, dir.path());
+        let token = manager.access_token(USER).await.unwrap();
+        assert!(token.fresh);
+        assert_eq!(
+            idp.counts().failed,
+            0,
+            "the spent token was never presented"
+        );
+        // That refresh was saved: nothing is left unsaved.
+        let on_file = store.load(USER).unwrap().unwrap().refresh_token.unwrap();
+        assert!(idp.valid_refresh_tokens(USER) == vec![on_file.expose().to_string()]);
+        assert!(!unsaved::is_unsaved(&store, USER));
+    }
+
+    #[tokio::test]
+    async fn a_stale_file_rewritten_or_touched_never_replaces_the_unsaved_grant() {
+        let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
+        let store = TokenStore::new(dir.path());
+        store.save(USER, &grant("old")).unwrap();
+        let manager = manager(&idp, dir.path());
+        assert_eq!(held_refresh_token(&manager).await, "old");
+        unsaved::failed(&store, USER, &grant("new"), "no space left on device");
+        // The same stale grant written again (a backup restored, a touch):
+        // the file's time changes, its refresh token does not.
+        store.save(USER, &grant("old")).unwrap();
+        assert_eq!(held_refresh_token(&manager).await, "new");
+        assert_eq!(
+            held_refresh_token(&super::tests::manager(&idp, dir.path())).await,
+            "new"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grant_written_by_login_wins_over_an_unsaved_one() {
+        let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
+        let store = TokenStore::new(dir.path());
+        store.save(USER, &grant("old")).unwrap();
+        let manager = manager(&idp, dir.path());
+        unsaved::failed(&store, USER, &grant("unsaved"), "no space left on device");
+        assert_eq!(held_refresh_token(&manager).await, "unsaved");
+        // `xoauth2-proxy login` in another process writes a new grant.
+        store.save(USER, &grant("from-login")).unwrap();
+        assert_eq!(held_refresh_token(&manager).await, "from-login");
+        assert!(!unsaved::is_unsaved(&store, USER), "forgotten");
+    }
+
+    #[tokio::test]
+    async fn keep_alive_refreshes_only_grants_idle_since_their_last_refresh_or_login() {
+        let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
+        let store = TokenStore::new(dir.path());
+        let day = Duration::from_secs(24 * 3600);
+        let now = unix_now();
+        let cases = [
+            // (obtained_at, authorized_at, needs_login, refreshed)
+            (Some(now - 3 * 86400), None, false, true),
+            (Some(now - 3 * 86400), Some(now - 3600), false, false),
+            (None, Some(now - 3600), false, false),
+            (None, Some(now - 3 * 86400), false, true),
+            (None, Some(now - 3 * 86400), true, false),
+        ];
+        for (obtained_at, authorized_at, needs_login, refreshed) in cases {
+            let rt = idp.issue_refresh_token(USER);
+            let grant = StoredGrant {
+                obtained_at,
+                authorized_at,
+                needs_login,
+                ..grant(&rt)
+            };
+            store.save(USER, &grant).unwrap();
+            let outcome = manager(&idp, dir.path()).keep_alive(USER, 2 * day).await;
+            let expected = if refreshed {
+                KeepAlive::Refreshed
+            } else {
+                KeepAlive::NotDue
+            };
+            assert_eq!(
+                outcome, expected,
+                "{obtained_at:?} {authorized_at:?} {needs_login}"
+            );
+        }
+        assert_eq!(keep_alive_period(Duration::ZERO), None, "off");
+        assert_eq!(keep_alive_period(7 * day), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            keep_alive_period(Duration::from_secs(30)),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            keep_alive_period(Duration::from_secs(2)),
+            Some(Duration::from_secs(1))
+        );
+    }
 
     #[test]
     fn tokens_are_replaced_ahead_of_expiry() {

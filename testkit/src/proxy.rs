@@ -290,6 +290,14 @@ impl TestProxy {
             .unwrap()
     }
 
+    /// Kills the proxy with SIGKILL, as a crash or the OOM killer would, and
+    /// waits for it to be gone.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        send_signal(child.id().unwrap() as i32, 9);
+        let _ = child.wait().await;
+    }
+
     /// Sends SIGHUP: reload the config file.
     pub fn reload(&self) {
         let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");

@@ -27,6 +27,7 @@ pub(super) fn control(shared: &Arc<Shared>, req: &Request) -> Option<Response> {
                     "client_credentials_grants": c.client_credentials_grants,
                     "authorization_code_grants": c.authorization_code_grants,
                     "failed": c.failed,
+                    "superseded_refresh_tokens_presented": c.superseded_refresh_tokens_presented,
                     "introspections": c.introspections,
                     "introspections_active": c.introspections_active,
                 }),

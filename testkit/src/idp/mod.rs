@@ -11,6 +11,8 @@
 //!
 //! Deliberate strictness (each is something real Entra also does, or stricter):
 //! - refresh tokens rotate and a used one is refused (`invalid_grant`, AADSTS70000);
+//!   [`Rotation::SpentWhenSuccessorUsed`] keeps it working until its successor is used,
+//!   and a superseded token presented again is counted either way (`rotation`);
 //! - a delegated grant gets a refresh token only when `offline_access` was asked for;
 //! - scopes of more than one resource in one request → `invalid_scope` AADSTS700022;
 //!   client credentials need a `…/.default` scope (AADSTS1002012);
@@ -48,7 +50,10 @@ mod aadsts;
 mod authorize;
 mod control;
 mod http;
+mod rotation;
 mod token;
+
+pub use rotation::Rotation;
 
 use token::{new_refresh_token, new_secret};
 
@@ -99,6 +104,9 @@ pub struct IdpCounts {
     /// Token/devicecode requests that got an error, a garbage body or no answer;
     /// `authorization_pending` and `slow_down` are not failures.
     pub failed: u32,
+    /// Refresh tokens presented after a newer one took their place (a client
+    /// that went back to an older grant); refused.
+    pub superseded_refresh_tokens_presented: u32,
     /// Requests to the introspection endpoint (whatever their answer).
     pub introspections: u32,
     /// Introspections answered `"active": true`.
@@ -146,6 +154,9 @@ struct Inner {
     clients: HashMap<String, Option<String>>,
     mode: IdpMode,
     delay: Duration,
+    answer_delay: Duration,
+    in_flight: u32,
+    lineage: rotation::Lineage,
     device_interval: u64,
     device_expires_in: u64,
     device_outcome: DeviceOutcome,
@@ -193,6 +204,9 @@ impl MockIdp {
                 clients: HashMap::new(),
                 mode: IdpMode::Normal,
                 delay: Duration::ZERO,
+                answer_delay: Duration::ZERO,
+                in_flight: 0,
+                lineage: rotation::Lineage::default(),
                 device_interval: 1,
                 device_expires_in: 900,
                 device_outcome: DeviceOutcome::ApproveAfterPolls(2),
@@ -289,6 +303,23 @@ impl MockIdp {
     /// Delays every token/devicecode answer by `delay` (the grant is processed after it).
     pub fn set_response_delay(&self, delay: Duration) {
         self.lock().delay = delay;
+    }
+
+    /// Delays every token/devicecode answer by `delay` after the grant is
+    /// processed: a client that dies meanwhile has had its refresh token
+    /// redeemed without seeing the new one.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.lock().answer_delay = delay;
+    }
+
+    /// When a redeemed refresh token stops working (see [`Rotation`]).
+    pub fn set_rotation(&self, rotation: Rotation) {
+        self.lock().lineage.rotation = rotation;
+    }
+
+    /// Token/devicecode requests received and not yet answered or dropped.
+    pub fn requests_in_flight(&self) -> u32 {
+        self.lock().in_flight
     }
 
     pub fn counts(&self) -> IdpCounts {

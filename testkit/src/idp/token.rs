@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::aadsts::{aad_error, default_text};
 use super::http::{Request, Response, url_decode};
-use super::{DeviceGrant, DeviceOutcome, Grant, IdpMode, Inner, Shared, TokenRequest};
+use super::{DeviceGrant, DeviceOutcome, Grant, IdpMode, Inner, Shared, TokenRequest, rotation};
 use crate::tokens::{Subject, TokenBook, random_text};
 
 /// Handles a token or devicecode request; `None` means "never answer" (Hang).
@@ -22,6 +22,7 @@ pub(super) async fn token_like(
     endpoint: &str,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Response> {
+    let _in_flight = InFlight::new(shared);
     let form = req.form();
     let basic = basic_credentials(req);
     let grant_type = form.get("grant_type").cloned();
@@ -115,19 +116,47 @@ pub(super) async fn token_like(
     let garbage =
         matches!(resp.status, 200) && serde_json::from_slice::<Value>(&resp.body).is_err();
     let error = resp.error_name();
-    let mut inner = shared.inner.lock().unwrap();
-    let benign = matches!(
-        error.as_deref(),
-        Some("authorization_pending") | Some("slow_down")
-    );
-    if (error.is_some() && !benign) || garbage {
-        inner.counts.failed += 1;
-    }
-    if let Some(r) = inner.requests.get_mut(index) {
-        r.status = resp.status;
-        r.error = error;
+    let answer_delay = {
+        let mut inner = shared.inner.lock().unwrap();
+        let benign = matches!(
+            error.as_deref(),
+            Some("authorization_pending") | Some("slow_down")
+        );
+        if (error.is_some() && !benign) || garbage {
+            inner.counts.failed += 1;
+        }
+        if let Some(r) = inner.requests.get_mut(index) {
+            r.status = resp.status;
+            r.error = error;
+        }
+        inner.answer_delay
+    };
+    if !answer_delay.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(answer_delay) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
     }
     Some(resp)
+}
+
+/// Counts a token or devicecode request from its arrival until it is
+/// answered or dropped (its client went away).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.inner.lock().unwrap().in_flight += 1;
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.0.inner.lock() {
+            inner.in_flight -= 1;
+        }
+    }
 }
 
 pub(super) type Basic = (String, String);
@@ -355,7 +384,7 @@ pub(super) fn token_grant(
                 client_id: Some(client_id),
                 scope: device.scope,
             };
-            Ok(delegated_tokens(tokens, inner, grant, None))
+            Ok(delegated_tokens(tokens, inner, grant, None, None))
         }
         "refresh_token" => {
             let Some(rt) = form.get("refresh_token") else {
@@ -366,6 +395,7 @@ pub(super) fn token_grant(
                 .get(rt)
                 .is_some_and(|g| g.client_id.as_deref().is_none_or(|c| c == client_id));
             if !valid {
+                rotation::refused(inner, rt);
                 return Err(aad_error(
                     400,
                     "invalid_grant",
@@ -377,10 +407,10 @@ pub(super) fn token_grant(
             if let Some(scope) = &requested {
                 check_scope(scope, false)?;
             }
-            let mut grant = inner.refresh.remove(rt).unwrap();
+            let mut grant = rotation::redeem(inner, rt);
             grant.client_id = Some(client_id);
             // The new refresh token keeps the grant's scopes (offline_access included).
-            Ok(delegated_tokens(tokens, inner, grant, requested))
+            Ok(delegated_tokens(tokens, inner, grant, requested, Some(rt)))
         }
         "client_credentials" => {
             if !confidential {
@@ -475,7 +505,7 @@ pub(super) fn token_grant(
             inner.redeemed_codes.insert(code.clone());
             let mut grant = entry.grant;
             grant.client_id = Some(client_id);
-            Ok(delegated_tokens(tokens, inner, grant, None))
+            Ok(delegated_tokens(tokens, inner, grant, None, None))
         }
         other => Err(aad_error(
             400,
@@ -486,12 +516,14 @@ pub(super) fn token_grant(
     }
 }
 
-/// Issues an access token (and a refresh token if the grant has offline_access).
+/// Issues an access token (and a refresh token if the grant has
+/// offline_access, in place of `replaces` when a refresh token was redeemed).
 pub(super) fn delegated_tokens(
     tokens: &TokenBook,
     inner: &mut Inner,
     grant: Grant,
     requested_scope: Option<String>,
+    replaces: Option<&str>,
 ) -> Response {
     let scope = requested_scope.unwrap_or_else(|| grant.scope.clone());
     let lifetime = inner.access_lifetime;
@@ -519,6 +551,9 @@ pub(super) fn delegated_tokens(
         .any(|s| s.eq_ignore_ascii_case("offline_access"));
     if offline {
         let rt = new_refresh_token(inner, grant);
+        if let Some(replaced) = replaces {
+            rotation::issued(inner, replaced, &rt);
+        }
         body["refresh_token"] = Value::String(rt);
     }
     Response::json(200, &body)
