@@ -53,6 +53,47 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// Removes the temporaries that [`write_atomically`] left in `dir` when its
+/// process was killed between creating one and renaming it (each holds a
+/// whole copy of what was being written, a grant included). A temporary of
+/// a process still running (another `xoauth2-proxy login`, say) is left
+/// alone. Returns how many were removed.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            temporary_writer(&name.to_string_lossy()).is_some_and(|pid| !process_runs(pid))
+        })
+        .filter(|entry| std::fs::remove_file(entry.path()).is_ok())
+        .count()
+}
+
+/// The process id in a temporary's name, `.NAME.PID.RANDOM.tmp`.
+fn temporary_writer(name: &str) -> Option<u32> {
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = inner.rsplitn(3, '.');
+    let _random: u32 = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next().filter(|target| !target.is_empty())?;
+    Some(pid)
+}
+
+/// Whether process `pid` still runs (unknown: assume it does).
+fn process_runs(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
 /// Writes `bytes` to a new file at `path`, mode 0600; an existing file (or
 /// link) is never replaced: the error's kind is then `AlreadyExists`.
 pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -312,6 +353,35 @@ mod tests {
         let e = write_new(&link, b"new").unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn temporaries_of_killed_writers_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = u32::MAX - 7; // above any pid the kernel hands out
+        let live = std::process::id();
+        for name in [
+            format!(".a@b.c.json.{dead}.12345.tmp"),
+            format!(".a@b.c.json.{live}.678.tmp"),
+            "a@b.c.json".to_string(),
+            format!(".{dead}.1.tmp"),
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()), 1);
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                format!(".{dead}.1.tmp"),
+                format!(".a@b.c.json.{live}.678.tmp"),
+                "a@b.c.json".to_string(),
+            ]
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, Flow};
 use crate::private_file::{
     Exposure, create_private_dir, dir_exposure, file_exposure, is_link_refusal, no_follow,
-    write_atomically,
+    remove_stale_temporaries, write_atomically,
 };
 use crate::sealing::{SealError, TokenKey};
 use crate::secret::Secret;
@@ -167,6 +167,12 @@ impl TokenStore {
             if let Some(exposure) = dir_exposure(&meta) {
                 return Err(exposure.sentence(&format!("the {what}"), dir));
             }
+        }
+        let removed = remove_stale_temporaries(&self.dir);
+        if removed > 0 {
+            tracing::info!(
+                "removed {removed} temporary grant file(s) left by a process that was killed while writing"
+            );
         }
         Ok(())
     }
