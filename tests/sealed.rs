@@ -191,6 +191,10 @@ async fn grants_are_sealed_with_the_key_and_a_wrong_key_never_destroys_them() {
     for secret in world.secrets() {
         assert!(!logs.contains(&secret), "a secret in the log");
     }
+    for key in [&right, &wrong] {
+        let text = std::fs::read_to_string(key).unwrap();
+        assert!(!logs.contains(text.trim()), "a token key in the log");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
