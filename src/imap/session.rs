@@ -209,9 +209,13 @@ impl<S: ClientStream> PreAuth<S> {
         match e {
             FrameError::Closed => Ok(Next::Close),
             FrameError::Io(e) => Err(e),
-            FrameError::TooLong => {
-                info!("client sent an overlong command; closing");
-                self.send("* BAD Command line too long\r\n").await?;
+            FrameError::TooLong { tag, bound } => {
+                info!("client sent a command over {bound} bytes before login; closing");
+                let tag = tag.as_deref().unwrap_or("*");
+                self.send(&format!(
+                    "{tag} BAD Command line too long (over {bound} bytes before login)\r\n"
+                ))
+                .await?;
                 self.bye("Too much data before login").await
             }
             FrameError::LiteralRefused { line } => {
@@ -236,7 +240,7 @@ impl<S: ClientStream> PreAuth<S> {
             Command::Capability => self.capability(&tag).await,
             Command::Noop => self.noop(&tag).await,
             Command::Logout => self.logout(&tag).await,
-            Command::Id => self.id(&tag).await,
+            Command::Id(params) => self.id(&tag, params).await,
             Command::StartTls => self.starttls(&tag).await,
             Command::Login { username, password } => self.login(&tag, username, &password).await,
             Command::Authenticate {
@@ -267,8 +271,12 @@ impl<S: ClientStream> PreAuth<S> {
         Ok(Next::Close)
     }
 
-    /// RFC 2971: the proxy names itself; the client's parameters are not used.
-    async fn id(&mut self, tag: &str) -> std::io::Result<Next> {
+    /// RFC 2971: the proxy names itself; the client's parameters are not
+    /// used, but parameters over the RFC's limits are refused.
+    async fn id(&mut self, tag: &str, params: parser::IdParams) -> std::io::Result<Next> {
+        if let Some(limit) = params.broken_limit() {
+            return self.error(&format!("{tag} BAD {limit}\r\n")).await;
+        }
         self.answer(&format!(
             "* ID (\"name\" \"xoauth2-proxy\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
             env!("CARGO_PKG_VERSION")
