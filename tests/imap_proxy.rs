@@ -850,3 +850,54 @@ async fn login_and_authenticate_keep_the_tight_bound() {
     }
     assert_eq!(world.imap.stats().connections, 0);
 }
+
+/// What a server that offers more after login announces, all but IMAP4rev1
+/// and IDLE to be hidden from a logged-in client.
+const UPSTREAM_CAPABILITIES: &str =
+    "IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR STARTTLS IDLE LOGINDISABLED LOGIN-REFERRALS";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capabilities_after_login_are_filtered_like_the_logins() {
+    let world = World::start().await;
+    world.imap.set_post_auth_capabilities(UPSTREAM_CAPABILITIES);
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    c.read().await;
+    c.line(&format!("a1 LOGIN {USER} {PASS}")).await;
+    assert_eq!(
+        c.until("a1 ").await,
+        ["a1 OK [CAPABILITY IMAP4rev1 IDLE] LOGIN completed"]
+    );
+    c.line("c1 CAPABILITY").await;
+    assert_eq!(
+        c.until("c1 ").await,
+        ["* CAPABILITY IMAP4rev1 IDLE", "c1 OK CAPABILITY completed."]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_reads_like_a_capability_response_is_fetched_unchanged() {
+    let world = World::start().await;
+    world.imap.set_post_auth_capabilities(UPSTREAM_CAPABILITIES);
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let message = b"Subject: caps\r\n\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nf1 OK [CAPABILITY AUTH=PLAIN] done\r\nends with {5}\r\n".to_vec();
+    let uid = world.imap.add_message(USER, message.clone());
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    c.read().await;
+    logged_in(&mut c).await;
+    c.line("s1 SELECT INBOX").await;
+    c.until("s1 ").await;
+    for _ in 0..2 {
+        c.line(&format!("f1 UID FETCH {uid} BODY.PEEK[]")).await;
+        let head = c.read().await.unwrap();
+        assert!(head.ends_with(&format!("{{{}}}", message.len())), "{head}");
+        assert!(
+            c.read_exact(message.len()).await == message,
+            "FETCH byte for byte"
+        );
+        assert!(c.until("f1 ").await.last().unwrap().starts_with("f1 OK"));
+        c.line("c1 CAPABILITY").await;
+        assert_eq!(c.read().await.unwrap(), "* CAPABILITY IMAP4rev1 IDLE");
+        c.until("c1 ").await;
+    }
+}

@@ -1,5 +1,6 @@
 //! One IMAP client connection: the pre-authentication dialogue (the proxy is
-//! the server), then the relay.
+//! the server), then the relay, whose [`CapabilityFilter`] shows the
+//! upstream's capability answers as the login's OK shows its list.
 //!
 //! The pre-login CAPABILITY is the proxy's own: Outlook may advertise
 //! LOGINDISABLED with only AUTH=XOAUTH2, which would make clients refuse to
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tracing::{debug, info};
 
+use super::filter::CapabilityFilter;
 use super::framing::{FrameError, read_command};
 use super::parser::{self, Command};
 use super::upstream::{self, ImapUpstream};
@@ -62,7 +64,14 @@ pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Co
         Ok(Next::Continue | Next::Close) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
-    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
+    if let Err(e) = crate::relay::splice(
+        "imap",
+        session.client,
+        upstream,
+        CapabilityFilter::default(),
+    )
+    .await
+    {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
@@ -84,7 +93,14 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         Ok(_) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
-    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
+    if let Err(e) = crate::relay::splice(
+        "imap",
+        session.client,
+        upstream,
+        CapabilityFilter::default(),
+    )
+    .await
+    {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
