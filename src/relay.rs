@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tracing::debug;
 
 /// What a protocol does to the bytes it relays.
@@ -55,40 +55,27 @@ const CHUNK: usize = 64 * 1024;
 /// always has room.
 pub const HOLD_MAX: usize = CHUNK / 4;
 
-/// Relays between `client` and `upstream` until both directions are closed.
-pub async fn splice<C, U, F>(
+/// Relays between `client` and `upstream` until both directions are closed,
+/// through a filter of type `F`. The filter is made here rather than
+/// passed in: an async fn's future keeps its arguments twice, and every
+/// byte of it lives as long as the session.
+pub async fn splice<F: Filter + Default>(
     protocol: &'static str,
-    client: BufReader<C>,
-    upstream: BufReader<U>,
-    mut filter: F,
-) -> io::Result<()>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-    F: Filter,
-{
+    client: BufReader<impl AsyncRead + AsyncWrite + Unpin>,
+    upstream: BufReader<impl AsyncRead + AsyncWrite + Unpin>,
+) -> io::Result<()> {
     let metrics = crate::metrics::get();
     let client_ahead = client.buffer().to_vec();
-    let mut upstream_ahead = upstream.buffer().to_vec();
+    let upstream_ahead = upstream.buffer().to_vec();
     let mut client = Counted {
         inner: client.into_inner(),
         read: metrics.relayed(protocol, "upstream"),
         written: metrics.relayed(protocol, "downstream"),
     };
     let mut upstream = Coalesce(upstream.into_inner());
-    if !client_ahead.is_empty() {
-        filter.client_sent(&client_ahead);
-        upstream.write_all(&client_ahead).await?;
-        upstream.flush().await?;
-    }
-    let ahead = upstream_ahead.len();
-    let scanned = filter.upstream_sent(&mut upstream_ahead, ahead);
-    if scanned.ready > 0 {
-        client.write_all(&upstream_ahead[..scanned.ready]).await?;
-        client.flush().await?;
-    }
-    let down = Half::holding(upstream_ahead[scanned.ready..scanned.len].to_vec());
-    let (up, down) = lazy_bidirectional(&mut client, &mut upstream, &mut filter, down).await?;
+    let mut filter = F::default();
+    let ahead = (client_ahead, upstream_ahead);
+    let (up, down) = lazy_bidirectional(&mut client, &mut upstream, &mut filter, ahead).await?;
     debug!(
         client_to_upstream = up,
         upstream_to_client = down,
@@ -202,11 +189,15 @@ struct Half {
 }
 
 impl Half {
-    /// A direction that starts with `held` held back by its filter.
-    fn holding(held: Vec<u8>) -> Self {
+    /// A direction that starts with `bytes` read ahead (by the login
+    /// dialogue), scanned by `scan` as if they had just been read.
+    fn read_ahead(mut bytes: Vec<u8>, scan: impl FnOnce(&mut [u8], usize) -> Scanned) -> Self {
+        let len = bytes.len();
+        let scanned = scan(&mut bytes, len);
         Half {
-            len: held.len(),
-            buf: held,
+            buf: bytes,
+            len: scanned.len,
+            ready: scanned.ready,
             ..Half::default()
         }
     }
@@ -309,19 +300,25 @@ impl Half {
 
 /// Copies both ways until both directions have ended, like
 /// `tokio::io::copy_bidirectional`, with buffers that exist only while data
-/// flows, through `filter`; `down` may start with bytes the filter held.
+/// flows, through `filter`; `ahead` is what the client and the upstream had
+/// sent before the relay began, delivered first.
 async fn lazy_bidirectional<A, B, F>(
     a: &mut A,
     b: &mut B,
     filter: &mut F,
-    mut down: Half,
+    ahead: (Vec<u8>, Vec<u8>),
 ) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
     F: Filter,
 {
-    let mut up = Half::default();
+    let (client_ahead, upstream_ahead) = ahead;
+    let mut up = Half::read_ahead(client_ahead, |buf, len| {
+        filter.client_sent(&buf[..len]);
+        Scanned::all(len)
+    });
+    let mut down = Half::read_ahead(upstream_ahead, |buf, len| filter.upstream_sent(buf, len));
     std::future::poll_fn(|cx| {
         let u = up.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), |buf, len| {
             filter.client_sent(&buf[..len]);
@@ -341,7 +338,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Lets everything pass.
     struct Verbatim;
@@ -406,8 +403,8 @@ mod tests {
         let (client, mut client_side) = tokio::io::duplex(8 * 1024);
         let (mut upstream_side, upstream) = tokio::io::duplex(8 * 1024);
         let relay = tokio::spawn(async move {
-            let down = Half::default();
-            lazy_bidirectional(&mut client_side, &mut upstream_side, &mut Verbatim, down).await
+            let ahead = (Vec::new(), Vec::new());
+            lazy_bidirectional(&mut client_side, &mut upstream_side, &mut Verbatim, ahead).await
         });
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = up.iter().rev().copied().collect();
@@ -431,14 +428,16 @@ mod tests {
         let (mut upstream_side, upstream) = tokio::io::duplex(64);
         let relay = tokio::spawn(async move {
             let mut filter = Shout::default();
-            let down = Half::holding(b"he#ld ".to_vec());
+            let ahead = (b"ahead ".to_vec(), b"he#ld ".to_vec());
             let counts =
-                lazy_bidirectional(&mut client_side, &mut upstream_side, &mut filter, down).await;
+                lazy_bidirectional(&mut client_side, &mut upstream_side, &mut filter, ahead).await;
             (counts.unwrap(), filter.client_sent)
         });
         let mut down = b"line #1\n".repeat(5_000);
         down.extend_from_slice(b"unfinished #");
-        let (got_down, _) = tokio::join!(talk(client, b"up".to_vec()), talk(upstream, down));
+        let (got_down, got_up) = tokio::join!(talk(client, b"up".to_vec()), talk(upstream, down));
+        assert_eq!(got_up, b"ahead up", "what the client sent ahead goes first");
+        // Held from before the relay began, then finished by the first read.
         let mut expected = b"HELD LINE 1\n".to_vec();
         expected.extend_from_slice(&b"LINE 1\n".repeat(4_999));
         expected.extend_from_slice(b"unfinished #");
@@ -449,6 +448,6 @@ mod tests {
         );
         let ((_, written), client_sent) = relay.await.unwrap();
         assert_eq!(written, expected.len() as u64);
-        assert_eq!(client_sent, 2);
+        assert_eq!(client_sent, 8, "the filter saw every byte from the client");
     }
 }

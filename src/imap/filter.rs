@@ -287,7 +287,8 @@ fn judge_start(head: &[u8]) -> Start {
 /// Where the scan of the client's stream stands.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Command {
-    /// At the start of a command, or in its first bytes (copied to `head`).
+    /// At the start of a command, or in its first bytes (in `tail`, which
+    /// then holds the line from its start).
     #[default]
     Start,
     /// In a line, up to its end.
@@ -296,15 +297,11 @@ enum Command {
     Literal(u64),
 }
 
-/// The first bytes of a command kept to read its tag and name: a tag
-/// longer than this is not followed (clients use short ones).
-const COMMAND_HEAD: usize = 64;
-
 /// The client's stream, followed command by command to see COMPRESS.
 #[derive(Default)]
 struct Commands {
     at: Command,
-    head: Head,
+    /// The line's last bytes; its first bytes while they are judged.
     tail: Tail,
 }
 
@@ -317,8 +314,7 @@ impl Commands {
                 Command::Literal(n) => self.literal(bytes, n),
                 Command::Passing => self.passing(bytes),
                 Command::Start => {
-                    let taken = self.head.take(bytes);
-                    self.tail.push(&bytes[..taken]);
+                    let taken = self.tail.start_line(bytes);
                     compress = self.judge_start().or(compress);
                     taken
                 }
@@ -348,17 +344,17 @@ impl Commands {
         end
     }
 
-    /// Once the head tells the command's name (or cannot): the tag of a
-    /// COMPRESS, and the scan goes on in the line.
+    /// Once the first bytes tell the command's name (or cannot): the tag of
+    /// a COMPRESS, and the scan goes on in the line. A tag too long for
+    /// [`TAIL`] bytes is not followed (clients use short ones).
     fn judge_start(&mut self) -> Option<Box<[u8]>> {
-        let head = self.head.bytes();
+        let head = self.tail.bytes();
         let ended = head.last() == Some(&b'\n');
         let compress = match parser::command_head(head) {
             Some((tag, name)) if name.eq_ignore_ascii_case(b"COMPRESS") => Some(tag.into()),
-            None if !ended && head.len() < COMMAND_HEAD => return None,
+            None if !ended && head.len() < TAIL => return None,
             _ => None,
         };
-        self.head = Head::default();
         if ended {
             self.line_ended();
         } else {
@@ -373,39 +369,6 @@ impl Commands {
             None => Command::Start,
         };
         self.tail = Tail::default();
-    }
-}
-
-/// The start of a command, up to [`COMMAND_HEAD`] bytes or its line's end.
-#[derive(Clone, Copy)]
-struct Head {
-    bytes: [u8; COMMAND_HEAD],
-    len: u8,
-}
-
-impl Default for Head {
-    fn default() -> Self {
-        Head {
-            bytes: [0; COMMAND_HEAD],
-            len: 0,
-        }
-    }
-}
-
-impl Head {
-    /// Copies from `more` up to the head's room or the line's end; returns
-    /// how many bytes it took.
-    fn take(&mut self, more: &[u8]) -> usize {
-        let len = usize::from(self.len);
-        let room = (COMMAND_HEAD - len).min(more.len());
-        let n = memchr(b'\n', &more[..room]).map_or(room, |i| i + 1);
-        self.bytes[len..len + n].copy_from_slice(&more[..n]);
-        self.len += n as u8;
-        n
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
     }
 }
 
@@ -431,6 +394,15 @@ impl Default for Tail {
 }
 
 impl Tail {
+    /// Takes the first bytes of a line from `more`, up to the tail's room or
+    /// the line's end; returns how many.
+    fn start_line(&mut self, more: &[u8]) -> usize {
+        let room = (TAIL - usize::from(self.len)).min(more.len());
+        let n = memchr(b'\n', &more[..room]).map_or(room, |i| i + 1);
+        self.push(&more[..n]);
+        n
+    }
+
     fn push(&mut self, more: &[u8]) {
         if more.len() >= TAIL {
             self.bytes.copy_from_slice(&more[more.len() - TAIL..]);

@@ -64,13 +64,7 @@ pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Co
         Ok(Next::Continue | Next::Close) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
-    if let Err(e) = crate::relay::splice(
-        "imap",
-        session.client,
-        upstream,
-        CapabilityFilter::default(),
-    )
-    .await
+    if let Err(e) = crate::relay::splice::<CapabilityFilter>("imap", session.client, upstream).await
     {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
@@ -93,13 +87,7 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         Ok(_) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
-    if let Err(e) = crate::relay::splice(
-        "imap",
-        session.client,
-        upstream,
-        CapabilityFilter::default(),
-    )
-    .await
+    if let Err(e) = crate::relay::splice::<CapabilityFilter>("imap", session.client, upstream).await
     {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
