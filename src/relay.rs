@@ -1,10 +1,13 @@
 //! The post-login byte pipe.
 //!
-//! After login the proxy neither parses nor buffers more than one chunk per
-//! direction: IDLE, APPEND literals, COMPRESS=DEFLATE all pass untouched.
-//! Bytes that the login dialogue had already read ahead on either side are
-//! delivered first, so nothing pipelined by the client or sent early by the
-//! server is lost.
+//! After login the proxy buffers no more than one chunk per direction, and
+//! only while data flows. The protocol may look at what passes through a
+//! [`Filter`]: it sees each chunk once, and may rewrite the upstream's bytes
+//! in place and hold back the end of a line it cannot judge yet (IMAP
+//! rewrites the capabilities the server announces); everything else passes
+//! as it came. Bytes that the login dialogue had already read ahead on
+//! either side are delivered first, through the filter, so nothing
+//! pipelined by the client or sent early by the server is lost.
 
 use std::io;
 use std::pin::Pin;
@@ -12,22 +15,55 @@ use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tracing::debug;
+
+/// What a protocol does to the bytes it relays.
+pub trait Filter {
+    /// Sees bytes from the client on their way upstream; they pass as they are.
+    fn client_sent(&mut self, bytes: &[u8]);
+
+    /// Scans the upstream's bytes `buf[..len]`: first what it held back
+    /// last time, then what has just been read. It may rewrite them in
+    /// place, never longer, and returns the new length and how many bytes
+    /// from the start may go to the client. The rest is held back and handed
+    /// in again, at the start, with the next bytes; at the end of the stream
+    /// it goes out as it is. It must hold back less than [`HOLD_MAX`] bytes.
+    fn upstream_sent(&mut self, buf: &mut [u8], len: usize) -> Scanned;
+}
+
+/// What [`Filter::upstream_sent`] made of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// The length of the buffer after rewriting.
+    pub len: usize,
+    /// The bytes, from the start, that may go to the client now.
+    pub ready: usize,
+}
+
+impl Scanned {
+    /// Everything may go.
+    pub fn all(len: usize) -> Self {
+        Scanned { len, ready: len }
+    }
+}
 
 /// Buffer per direction while data flows (none while the session is quiet).
 const CHUNK: usize = 64 * 1024;
 
-/// Relays between `client` and `upstream` until both directions are closed.
-pub async fn splice<C, U>(
+/// The most a filter may hold back: a quarter of the buffer, so that a read
+/// always has room.
+pub const HOLD_MAX: usize = CHUNK / 4;
+
+/// Relays between `client` and `upstream` until both directions are closed,
+/// through a filter of type `F`. The filter is made here rather than
+/// passed in: an async fn's future keeps its arguments twice, and every
+/// byte of it lives as long as the session.
+pub async fn splice<F: Filter + Default>(
     protocol: &'static str,
-    client: BufReader<C>,
-    upstream: BufReader<U>,
-) -> io::Result<()>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
+    client: BufReader<impl AsyncRead + AsyncWrite + Unpin>,
+    upstream: BufReader<impl AsyncRead + AsyncWrite + Unpin>,
+) -> io::Result<()> {
     let metrics = crate::metrics::get();
     let client_ahead = client.buffer().to_vec();
     let upstream_ahead = upstream.buffer().to_vec();
@@ -37,15 +73,9 @@ where
         written: metrics.relayed(protocol, "downstream"),
     };
     let mut upstream = Coalesce(upstream.into_inner());
-    if !client_ahead.is_empty() {
-        upstream.write_all(&client_ahead).await?;
-        upstream.flush().await?;
-    }
-    if !upstream_ahead.is_empty() {
-        client.write_all(&upstream_ahead).await?;
-        client.flush().await?;
-    }
-    let (up, down) = lazy_bidirectional(&mut client, &mut upstream).await?;
+    let mut filter = F::default();
+    let ahead = (client_ahead, upstream_ahead);
+    let (up, down) = lazy_bidirectional(&mut client, &mut upstream, &mut filter, ahead).await?;
     debug!(
         client_to_upstream = up,
         upstream_to_client = down,
@@ -140,24 +170,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
     }
 }
 
-/// One direction of the relay. Its buffer exists only while data flows:
-/// an idle session holds none.
+/// One direction of the relay. Its buffer exists only while data flows
+/// (or holds a few bytes a filter held back): an idle session holds none.
+///
+/// `buf[pos..ready]` is waiting to be written, `buf[ready..len]` is held
+/// back by the filter.
 #[derive(Default)]
 struct Half {
     buf: Vec<u8>,
     pos: usize,
+    ready: usize,
     len: usize,
+    /// The size of the last read: a small one means the transfer is over.
+    last: usize,
     eof: bool,
     done: bool,
     total: u64,
 }
 
 impl Half {
+    /// A direction that starts with `bytes` read ahead (by the login
+    /// dialogue), scanned by `scan` as if they had just been read.
+    fn read_ahead(mut bytes: Vec<u8>, scan: impl FnOnce(&mut [u8], usize) -> Scanned) -> Self {
+        let len = bytes.len();
+        let scanned = scan(&mut bytes, len);
+        Half {
+            buf: bytes,
+            len: scanned.len,
+            ready: scanned.ready,
+            ..Half::default()
+        }
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
+        mut scan: impl FnMut(&mut [u8], usize) -> Scanned,
     ) -> Poll<io::Result<u64>>
     where
         R: AsyncRead + ?Sized,
@@ -167,8 +217,8 @@ impl Half {
             if self.done {
                 return Poll::Ready(Ok(self.total));
             }
-            if self.pos < self.len {
-                match w.as_mut().poll_write(cx, &self.buf[self.pos..self.len]) {
+            if self.pos < self.ready {
+                match w.as_mut().poll_write(cx, &self.buf[self.pos..self.ready]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Poll::Ready(Ok(n)) => {
                         self.pos += n;
@@ -180,37 +230,40 @@ impl Half {
                 }
             }
             if self.eof {
+                if self.ready < self.len {
+                    // The stream ended inside what the filter held: it goes as it is.
+                    self.ready = self.len;
+                    continue;
+                }
                 match w.as_mut().poll_shutdown(cx) {
                     Poll::Ready(_) => {
                         self.done = true;
+                        self.buf = Vec::new();
                         return Poll::Ready(Ok(self.total));
                     }
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            let last = self.len;
-            self.pos = 0;
-            self.len = 0;
-            if self.buf.is_empty() {
-                self.buf = vec![0; CHUNK];
-            }
-            let mut rb = ReadBuf::new(&mut self.buf);
+            self.make_room();
+            let mut rb = ReadBuf::new(&mut self.buf[self.len..]);
             match r.as_mut().poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
+                    self.last = n;
                     if n == 0 {
                         self.eof = true;
-                        self.buf = Vec::new();
                     } else {
-                        self.len = n;
+                        let scanned = scan(&mut self.buf, self.len + n);
+                        self.len = scanned.len;
+                        self.ready = scanned.ready;
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Nothing to write yet. Flush what was written, and give the
                     // buffer back unless a bulk transfer is under way.
-                    if last < CHUNK / 4 {
-                        self.buf = Vec::new();
+                    if self.last < CHUNK / 4 {
+                        self.give_back();
                     }
                     if let Poll::Ready(Err(e)) = w.as_mut().poll_flush(cx) {
                         return Poll::Ready(Err(e));
@@ -220,20 +273,60 @@ impl Half {
             }
         }
     }
+
+    /// Once everything ready is written: moves what the filter held to the
+    /// front of a buffer of [`CHUNK`] bytes.
+    fn make_room(&mut self) {
+        if self.ready > 0 {
+            self.buf.copy_within(self.ready..self.len, 0);
+            self.len -= self.ready;
+            self.pos = 0;
+            self.ready = 0;
+        }
+        if self.buf.is_empty() {
+            self.buf = vec![0; CHUNK];
+        } else if self.buf.len() < CHUNK {
+            self.buf.resize(CHUNK, 0);
+        }
+        debug_assert!(self.len < HOLD_MAX, "a filter held {} bytes", self.len);
+    }
+
+    /// Frees the buffer but for the bytes the filter holds (none, mostly).
+    fn give_back(&mut self) {
+        self.buf.truncate(self.len);
+        self.buf.shrink_to_fit();
+    }
 }
 
 /// Copies both ways until both directions have ended, like
-/// `tokio::io::copy_bidirectional`, with buffers that exist only while data flows.
-async fn lazy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// `tokio::io::copy_bidirectional`, with buffers that exist only while data
+/// flows, through `filter`; `ahead` is what the client and the upstream had
+/// sent before the relay began, delivered first.
+async fn lazy_bidirectional<A, B, F>(
+    a: &mut A,
+    b: &mut B,
+    filter: &mut F,
+    ahead: (Vec<u8>, Vec<u8>),
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    F: Filter,
 {
-    let mut up = Half::default();
-    let mut down = Half::default();
+    let (client_ahead, upstream_ahead) = ahead;
+    let mut up = Half::read_ahead(client_ahead, |buf, len| {
+        filter.client_sent(&buf[..len]);
+        Scanned::all(len)
+    });
+    let mut down = Half::read_ahead(upstream_ahead, |buf, len| filter.upstream_sent(buf, len));
     std::future::poll_fn(|cx| {
-        let u = up.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let d = down.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let u = up.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b), |buf, len| {
+            filter.client_sent(&buf[..len]);
+            Scanned::all(len)
+        })?;
+        let d = down.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a), |buf, len| {
+            filter.upstream_sent(buf, len)
+        })?;
         match (u, d) {
             (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok((u, d))),
             _ => Poll::Pending,
@@ -245,7 +338,50 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Lets everything pass.
+    struct Verbatim;
+
+    impl Filter for Verbatim {
+        fn client_sent(&mut self, _: &[u8]) {}
+        fn upstream_sent(&mut self, _: &mut [u8], len: usize) -> Scanned {
+            Scanned::all(len)
+        }
+    }
+
+    /// Upper-cases whole lines from the upstream, drops `#` from them, and
+    /// holds back a line until its end; counts the client's bytes.
+    #[derive(Default)]
+    struct Shout {
+        held: usize,
+        client_sent: usize,
+    }
+
+    impl Filter for Shout {
+        fn client_sent(&mut self, bytes: &[u8]) {
+            self.client_sent += bytes.len();
+        }
+        fn upstream_sent(&mut self, buf: &mut [u8], len: usize) -> Scanned {
+            let Some(end) = buf[..len].iter().rposition(|b| *b == b'\n').map(|i| i + 1) else {
+                self.held = len;
+                return Scanned { len, ready: 0 };
+            };
+            let kept: Vec<u8> = buf[..end]
+                .iter()
+                .filter(|b| **b != b'#')
+                .map(u8::to_ascii_uppercase)
+                .collect();
+            buf[..kept.len()].copy_from_slice(&kept);
+            buf.copy_within(end..len, kept.len());
+            let len = len - (end - kept.len());
+            self.held = len - kept.len();
+            Scanned {
+                len,
+                ready: kept.len(),
+            }
+        }
+    }
 
     /// Writes `data` and reads until EOF at the same time, as a peer does.
     async fn talk(stream: tokio::io::DuplexStream, data: Vec<u8>) -> Vec<u8> {
@@ -266,10 +402,10 @@ mod tests {
     async fn relays_both_ways_byte_for_byte_and_ends_on_both_eofs() {
         let (client, mut client_side) = tokio::io::duplex(8 * 1024);
         let (mut upstream_side, upstream) = tokio::io::duplex(8 * 1024);
-        let relay =
-            tokio::spawn(
-                async move { lazy_bidirectional(&mut client_side, &mut upstream_side).await },
-            );
+        let relay = tokio::spawn(async move {
+            let ahead = (Vec::new(), Vec::new());
+            lazy_bidirectional(&mut client_side, &mut upstream_side, &mut Verbatim, ahead).await
+        });
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = up.iter().rev().copied().collect();
         let (got_down, got_up) =
@@ -284,5 +420,34 @@ mod tests {
     fn a_quiet_half_holds_no_buffer() {
         let half = Half::default();
         assert_eq!(half.buf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_filter_rewrites_and_holds_back_and_the_end_goes_out_as_it_is() {
+        let (client, mut client_side) = tokio::io::duplex(64);
+        let (mut upstream_side, upstream) = tokio::io::duplex(64);
+        let relay = tokio::spawn(async move {
+            let mut filter = Shout::default();
+            let ahead = (b"ahead ".to_vec(), b"he#ld ".to_vec());
+            let counts =
+                lazy_bidirectional(&mut client_side, &mut upstream_side, &mut filter, ahead).await;
+            (counts.unwrap(), filter.client_sent)
+        });
+        let mut down = b"line #1\n".repeat(5_000);
+        down.extend_from_slice(b"unfinished #");
+        let (got_down, got_up) = tokio::join!(talk(client, b"up".to_vec()), talk(upstream, down));
+        assert_eq!(got_up, b"ahead up", "what the client sent ahead goes first");
+        // Held from before the relay began, then finished by the first read.
+        let mut expected = b"HELD LINE 1\n".to_vec();
+        expected.extend_from_slice(&b"LINE 1\n".repeat(4_999));
+        expected.extend_from_slice(b"unfinished #");
+        assert!(
+            got_down == expected,
+            "{}",
+            String::from_utf8_lossy(&got_down[..64])
+        );
+        let ((_, written), client_sent) = relay.await.unwrap();
+        assert_eq!(written, expected.len() as u64);
+        assert_eq!(client_sent, 8, "the filter saw every byte from the client");
     }
 }

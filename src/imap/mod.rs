@@ -1,5 +1,7 @@
 //! IMAP: the proxy is the server until login, then a byte pipe.
 
+mod capabilities;
+mod filter;
 mod framing;
 mod parser;
 mod session;

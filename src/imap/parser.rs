@@ -5,11 +5,16 @@
 //! line, any literals inline with their `{n}` announcements, and the final
 //! CRLF. Only what a client may send before login is understood; anything
 //! else is reported as [`Command::Other`] so the session can answer it.
+//!
+//! ID (RFC 2971) is parsed for its sizes only: the proxy does not use the
+//! client's fields, but the RFC limits them (§3.3), and the session refuses
+//! an ID that breaks those limits.
 
 use nom::branch::alt;
-use nom::bytes::complete::{tag, take, take_while, take_while1};
+use nom::bytes::complete::{tag, tag_no_case, take, take_while, take_while1};
 use nom::character::complete::{char, digit1};
-use nom::combinator::{eof, map, map_res, opt, rest};
+use nom::combinator::{eof, map, map_res, opt};
+use nom::multi::fold_many0;
 use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
 
@@ -28,8 +33,8 @@ pub enum Command {
     Noop,
     Logout,
     StartTls,
-    /// RFC 2971; the client's parameters are not used.
-    Id,
+    /// RFC 2971; the client's parameters are not used, only measured.
+    Id(IdParams),
     Login {
         username: Vec<u8>,
         password: Vec<u8>,
@@ -53,9 +58,48 @@ impl std::fmt::Debug for Command {
             Command::Noop => f.write_str("Noop"),
             Command::Logout => f.write_str("Logout"),
             Command::StartTls => f.write_str("StartTls"),
-            Command::Id => f.write_str("Id"),
+            Command::Id(params) => write!(f, "Id({} pairs)", params.pairs),
             Command::Other(name) => write!(f, "Other({name})"),
         }
+    }
+}
+
+/// RFC 2971 §3.3: at most 30 field-value pairs.
+pub const ID_MAX_PAIRS: usize = 30;
+/// RFC 2971 §3.3: a field is at most 30 octets.
+pub const ID_MAX_FIELD: usize = 30;
+/// RFC 2971 §3.3: a value is at most 1,024 octets.
+pub const ID_MAX_VALUE: usize = 1024;
+
+/// The sizes of an ID command's parameters: how many field-value pairs, and
+/// the longest field and value (in octets, after unquoting).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IdParams {
+    pub pairs: usize,
+    pub longest_field: usize,
+    pub longest_value: usize,
+}
+
+impl IdParams {
+    /// The RFC 2971 limit these parameters break, as a sentence for the
+    /// client; `None` when they keep them all.
+    pub fn broken_limit(&self) -> Option<&'static str> {
+        if self.pairs > ID_MAX_PAIRS {
+            Some("ID takes at most 30 field-value pairs (RFC 2971)")
+        } else if self.longest_field > ID_MAX_FIELD {
+            Some("ID fields are at most 30 octets (RFC 2971)")
+        } else if self.longest_value > ID_MAX_VALUE {
+            Some("ID values are at most 1024 octets (RFC 2971)")
+        } else {
+            None
+        }
+    }
+
+    fn add(mut self, (field, value): (usize, usize)) -> Self {
+        self.pairs += 1;
+        self.longest_field = self.longest_field.max(field);
+        self.longest_value = self.longest_value.max(value);
+        self
     }
 }
 
@@ -138,6 +182,46 @@ fn string(i: &[u8]) -> Res<'_, Vec<u8>> {
     alt((quoted, literal)).parse(i)
 }
 
+/// `nil = "NIL"`
+fn nil(i: &[u8]) -> Res<'_, &[u8]> {
+    tag_no_case(&b"NIL"[..]).parse(i)
+}
+
+/// `nstring = string / nil`, as its length in octets (0 for NIL).
+fn nstring_len(i: &[u8]) -> Res<'_, usize> {
+    alt((map(string, |s| s.len()), map(nil, |_| 0))).parse(i)
+}
+
+/// `string SP nstring`, one field-value pair of ID, as their lengths.
+fn id_pair(i: &[u8]) -> Res<'_, (usize, usize)> {
+    (map(string, |s| s.len()), preceded(sp, nstring_len)).parse(i)
+}
+
+/// `[pair *(SP pair)]`, folded into their sizes without keeping them.
+fn id_pairs(i: &[u8]) -> Res<'_, IdParams> {
+    let (i, first) = opt(id_pair).parse(i)?;
+    let Some(first) = first else {
+        return Ok((i, IdParams::default()));
+    };
+    fold_many0(
+        preceded(sp, id_pair),
+        move || IdParams::default().add(first),
+        IdParams::add,
+    )
+    .parse(i)
+}
+
+/// RFC 2971 §4: `id_params_list = "(" #(string SP nstring) ")" / nil`; the
+/// pairs are separated by SP (as in RFC 9051's `id-params-list`), and an
+/// empty list is taken as NIL is.
+fn id_params_list(i: &[u8]) -> Res<'_, IdParams> {
+    alt((
+        delimited(char('('), id_pairs, char(')')),
+        map(nil, |_| IdParams::default()),
+    ))
+    .parse(i)
+}
+
 /// `astring = 1*ASTRING-CHAR / string`
 fn astring(i: &[u8]) -> Res<'_, Vec<u8>> {
     alt((
@@ -177,7 +261,7 @@ pub fn command(i: &[u8]) -> Res<'_, Request> {
         "NOOP" => map(end, |_| Command::Noop).parse(i)?,
         "LOGOUT" => map(end, |_| Command::Logout).parse(i)?,
         "STARTTLS" => map(end, |_| Command::StartTls).parse(i)?,
-        "ID" => map(rest, |_| Command::Id).parse(i)?,
+        "ID" => map(terminated(preceded(sp, id_params_list), end), Command::Id).parse(i)?,
         "LOGIN" => map(
             terminated((preceded(sp, astring), preceded(sp, astring)), end),
             |(username, password)| Command::Login { username, password },
@@ -203,6 +287,20 @@ pub fn command(i: &[u8]) -> Res<'_, Request> {
             command,
         },
     ))
+}
+
+/// The tag and name of the command that `i` begins, once the name is whole
+/// (`tag SP name` followed by SP or the end of the line). `None` before
+/// that, or when `i` does not begin a command.
+pub fn command_head(i: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (rest, head) = (terminated(tag_rule, sp), atom).parse(i).ok()?;
+    matches!(rest.first(), Some(b' ' | b'\r' | b'\n')).then_some(head)
+}
+
+/// The name of the command that `i` begins, as [`command_head`] reads it:
+/// the framer sizes its bound by it.
+pub fn command_name(i: &[u8]) -> Option<&[u8]> {
+    command_head(i).map(|(_, name)| name)
 }
 
 /// The tag of a line that failed to parse, if it has a usable one, so the
@@ -280,14 +378,90 @@ mod tests {
         assert_eq!(parse(b"2 NOOP\r\n").command, Command::Noop);
         assert_eq!(parse(b"3 LOGOUT\r\n").command, Command::Logout);
         assert_eq!(
-            parse(b"4 ID (\"name\" \"imapflow\")\r\n").command,
-            Command::Id
-        );
-        assert_eq!(parse(b"4 ID NIL\r\n").command, Command::Id);
-        assert_eq!(
             parse(b"5 SELECT INBOX\r\n").command,
             Command::Other("SELECT".into())
         );
+    }
+
+    fn id(input: &[u8]) -> IdParams {
+        match parse(input).command {
+            Command::Id(params) => params,
+            other => panic!("not ID: {other:?}"),
+        }
+    }
+
+    /// `(pairs, longest field, longest value)`
+    fn sizes(pairs: usize, longest_field: usize, longest_value: usize) -> IdParams {
+        IdParams {
+            pairs,
+            longest_field,
+            longest_value,
+        }
+    }
+
+    #[test]
+    fn id_parameters_are_measured_after_unquoting() {
+        for (input, expected) in [
+            (&b"4 ID (\"name\" \"imapflow\")\r\n"[..], sizes(1, 4, 8)),
+            (b"4 ID NIL\r\n", sizes(0, 0, 0)),
+            (b"4 id nil\r\n", sizes(0, 0, 0)),
+            (b"4 ID ()\r\n", sizes(0, 0, 0)),
+            (b"4 ID (\"name\" NIL \"os\" \"linux\")\r\n", sizes(2, 4, 5)),
+            (b"4 ID (\"na\\\"me\" \"a\\\\b\")\r\n", sizes(1, 5, 3)),
+            (b"4 ID ({4}\r\nname {3+}\r\na\r\n)\r\n", sizes(1, 4, 3)),
+            (b"4 ID (\"name\" {0}\r\n)\r\n", sizes(1, 4, 0)),
+        ] {
+            assert_eq!(id(input), expected, "{}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn id_limits_of_rfc_2971() {
+        assert_eq!(sizes(30, 30, 1024).broken_limit(), None);
+        assert!(
+            sizes(31, 1, 1)
+                .broken_limit()
+                .unwrap()
+                .contains("30 field-value pairs")
+        );
+        assert!(
+            sizes(1, 31, 1)
+                .broken_limit()
+                .unwrap()
+                .contains("30 octets")
+        );
+        assert!(
+            sizes(1, 1, 1025)
+                .broken_limit()
+                .unwrap()
+                .contains("1024 octets")
+        );
+    }
+
+    #[test]
+    fn malformed_ids_are_errors() {
+        for bad in [
+            &b"4 ID\r\n"[..],
+            b"4 ID (\r\n",
+            b"4 ID (\"name\")\r\n",
+            b"4 ID (\"name\" \"x\" )\r\n",
+            b"4 ID (\"name\"\"x\")\r\n",
+            b"4 ID (NIL \"x\")\r\n",
+            b"4 ID NIL extra\r\n",
+            b"4 ID name\r\n",
+        ] {
+            assert!(command(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn command_names_are_known_once_whole() {
+        assert_eq!(command_name(b"a1 ID ("), Some(&b"ID"[..]));
+        assert_eq!(command_name(b"a1 id\r\n"), Some(&b"id"[..]));
+        assert_eq!(command_name(b"a1 LOGIN "), Some(&b"LOGIN"[..]));
+        assert_eq!(command_name(b"a1 ID"), None, "IDLE may follow");
+        assert_eq!(command_name(b"a1"), None);
+        assert_eq!(command_name(b"+a ID ("), None);
     }
 
     #[test]

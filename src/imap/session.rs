@@ -1,5 +1,6 @@
 //! One IMAP client connection: the pre-authentication dialogue (the proxy is
-//! the server), then the relay.
+//! the server), then the relay, whose [`CapabilityFilter`] shows the
+//! upstream's capability answers as the login's OK shows its list.
 //!
 //! The pre-login CAPABILITY is the proxy's own: Outlook may advertise
 //! LOGINDISABLED with only AUTH=XOAUTH2, which would make clients refuse to
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tracing::{debug, info};
 
+use super::filter::CapabilityFilter;
 use super::framing::{FrameError, read_command};
 use super::parser::{self, Command};
 use super::upstream::{self, ImapUpstream};
@@ -65,7 +67,8 @@ pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Co
         Ok(Next::Continue | Next::Close) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
-    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
+    if let Err(e) = crate::relay::splice::<CapabilityFilter>("imap", session.client, upstream).await
+    {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
@@ -88,7 +91,8 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         Ok(_) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
-    if let Err(e) = crate::relay::splice("imap", session.client, upstream).await {
+    if let Err(e) = crate::relay::splice::<CapabilityFilter>("imap", session.client, upstream).await
+    {
         debug!("relay ended: {}", crate::error::io_reason(&e));
     }
 }
@@ -226,9 +230,13 @@ impl<S: ClientStream> PreAuth<S> {
         match e {
             FrameError::Closed => Ok(Next::Close),
             FrameError::Io(e) => Err(e),
-            FrameError::TooLong => {
-                info!("client sent an overlong command; closing");
-                self.send("* BAD Command line too long\r\n").await?;
+            FrameError::TooLong { tag, bound } => {
+                info!("client sent a command over {bound} bytes before login; closing");
+                let tag = tag.as_deref().unwrap_or("*");
+                self.send(&format!(
+                    "{tag} BAD Command line too long (over {bound} bytes before login)\r\n"
+                ))
+                .await?;
                 self.bye("Too much data before login").await
             }
             FrameError::LiteralRefused { line } => {
@@ -253,7 +261,7 @@ impl<S: ClientStream> PreAuth<S> {
             Command::Capability => self.capability(&tag).await,
             Command::Noop => self.noop(&tag).await,
             Command::Logout => self.logout(&tag).await,
-            Command::Id => self.id(&tag).await,
+            Command::Id(params) => self.id(&tag, params).await,
             Command::StartTls => self.starttls(&tag).await,
             Command::Login { username, password } => self.login(&tag, username, &password).await,
             Command::Authenticate {
@@ -284,8 +292,12 @@ impl<S: ClientStream> PreAuth<S> {
         Ok(Next::Close)
     }
 
-    /// RFC 2971: the proxy names itself; the client's parameters are not used.
-    async fn id(&mut self, tag: &str) -> std::io::Result<Next> {
+    /// RFC 2971: the proxy names itself; the client's parameters are not
+    /// used, but parameters over the RFC's limits are refused.
+    async fn id(&mut self, tag: &str, params: parser::IdParams) -> std::io::Result<Next> {
+        if let Some(limit) = params.broken_limit() {
+            return self.error(&format!("{tag} BAD {limit}\r\n")).await;
+        }
         self.answer(&format!(
             "* ID (\"name\" \"xoauth2-proxy\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
             env!("CARGO_PKG_VERSION")

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use super::capabilities::filter_capabilities;
 use crate::config::{Provider, TlsMode};
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::sasl::xoauth2;
@@ -429,40 +430,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(haystack, needle)
 }
 
-/// The post-login capabilities a client may see: no authentication
-/// mechanisms, no LOGINDISABLED, no STARTTLS (the client is already in, and
-/// must not try to upgrade a connection the proxy does not encrypt).
-pub fn filter_capabilities(capabilities: &[String]) -> String {
-    capabilities
-        .iter()
-        .filter(|c| {
-            let upper = c.to_ascii_uppercase();
-            !(upper.starts_with("AUTH=")
-                || upper == "LOGINDISABLED"
-                || upper == "STARTTLS"
-                || upper == "SASL-IR"
-                || upper == "LOGIN-REFERRALS")
-        })
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn filters_what_a_logged_in_client_must_not_see() {
-        let caps: Vec<String> = "IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS ID IDLE NAMESPACE LITERAL+ STARTTLS LOGINDISABLED"
-            .split(' ')
-            .map(String::from)
-            .collect();
-        assert_eq!(
-            filter_capabilities(&caps),
-            "IMAP4 IMAP4rev1 UIDPLUS ID IDLE NAMESPACE LITERAL+"
-        );
-    }
 
     #[test]
     fn capability_code_is_read_from_a_status_line() {

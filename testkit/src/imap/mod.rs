@@ -74,6 +74,7 @@ const LARGE_WRITE: usize = 64 * 1024;
 
 struct Config {
     failure_style: FailureStyle,
+    post_auth_capabilities: String,
     not_connected: bool,
     hang: bool,
     expire_sessions: bool,
@@ -150,6 +151,7 @@ impl MockImapUpstream {
             acceptor: pki.acceptor(),
             config: Mutex::new(Config {
                 failure_style: FailureStyle::Microsoft,
+                post_auth_capabilities: POST_AUTH_CAPABILITIES.to_string(),
                 not_connected: false,
                 hang: false,
                 expire_sessions: false,
@@ -214,6 +216,12 @@ impl MockImapUpstream {
 
     pub fn set_failure_style(&self, style: FailureStyle) {
         self.shared.config.lock().unwrap().failure_style = style;
+    }
+
+    /// The list `CAPABILITY` answers after login ([`POST_AUTH_CAPABILITIES`]
+    /// by default), as a server that offers more after login does.
+    pub fn set_post_auth_capabilities(&self, capabilities: &str) {
+        self.shared.config.lock().unwrap().post_auth_capabilities = capabilities.to_string();
     }
 
     /// Sessions that authenticate while this is true answer every command but

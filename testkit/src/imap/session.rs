@@ -14,8 +14,7 @@ use tokio_rustls::server::TlsStream;
 use super::mailbox::has_flag;
 use super::parse::{Command, tokenize, trailing_literal};
 use super::{
-    FailureStyle, GREETING, LARGE_WRITE, MAX_LINE, MAX_LITERAL, POST_AUTH_CAPABILITIES,
-    PRE_AUTH_CAPABILITIES, Shared,
+    FailureStyle, GREETING, LARGE_WRITE, MAX_LINE, MAX_LITERAL, PRE_AUTH_CAPABILITIES, Shared,
 };
 use crate::parse_xoauth2;
 
@@ -229,9 +228,14 @@ impl Session {
         match cmd.name.as_str() {
             "CAPABILITY" => {
                 let caps = if authed {
-                    POST_AUTH_CAPABILITIES
+                    self.shared
+                        .config
+                        .lock()
+                        .unwrap()
+                        .post_auth_capabilities
+                        .clone()
                 } else {
-                    PRE_AUTH_CAPABILITIES
+                    PRE_AUTH_CAPABILITIES.to_string()
                 };
                 self.put(&format!("* CAPABILITY {caps}"));
                 self.tagged(&tag, "OK CAPABILITY completed.");
