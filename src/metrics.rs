@@ -26,6 +26,10 @@ pub enum LoginOutcome {
     UpstreamRejected,
     IdpUnavailable,
     UpstreamUnavailable,
+    /// Refused unchecked: the client's address is throttled.
+    Throttled,
+    /// Every password check slot and queue place was taken: told to retry.
+    Busy,
 }
 
 impl LoginOutcome {
@@ -39,6 +43,8 @@ impl LoginOutcome {
             LoginOutcome::UpstreamRejected => "upstream_rejected",
             LoginOutcome::IdpUnavailable => "idp_unavailable",
             LoginOutcome::UpstreamUnavailable => "upstream_unavailable",
+            LoginOutcome::Throttled => "throttled",
+            LoginOutcome::Busy => "busy",
         }
     }
 }
@@ -93,6 +99,7 @@ pub struct Metrics {
     pub token_requests: Family<TokenLabels, Counter>,
     pub upstream_connect_seconds: Family<ServerLabels, Histogram>,
     pub upstream_login_seconds: Family<ServerLabels, Histogram>,
+    pub password_checks: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -155,6 +162,12 @@ impl Metrics {
             "Opening an authenticated upstream session, connect included",
             upstream_login_seconds.clone(),
         );
+        let password_checks = Counter::default();
+        registry.register(
+            "password_checks",
+            "Argon2 password checks run (those against the stand-in hash for unknown usernames included)",
+            password_checks.clone(),
+        );
         Metrics {
             registry,
             logins,
@@ -165,6 +178,7 @@ impl Metrics {
             token_requests,
             upstream_connect_seconds,
             upstream_login_seconds,
+            password_checks,
         }
     }
 
@@ -259,12 +273,19 @@ mod tests {
         m.upstream_connect("localhost:993", Duration::from_millis(3));
         m.client_tls("smtp", "starttls", true);
         m.client_tls("imap", "implicit", false);
+        m.login("imap", LoginOutcome::Throttled);
+        m.password_checks.inc();
         let text = m.encode();
         assert!(
             text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 1"#),
             "{text}"
         );
         assert!(text.contains(r#"outcome="bad_password""#), "{text}");
+        assert!(
+            text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="throttled"} 1"#)
+                && text.contains("xoauth2_proxy_password_checks_total 1"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"xoauth2_proxy_relayed_bytes_total{protocol="imap",direction="downstream"} 42"#

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_rustls::server::TlsStream;
 
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, LoginGuard};
 use crate::config::Config;
 use crate::local_tls::LocalTls;
 use crate::oauth::TokenManager;
@@ -31,10 +31,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Result<Self, String> {
+    /// The handles of `config`; its accounts check passwords through
+    /// `guard`, which the process keeps across reloads.
+    pub fn new(config: Config, guard: &LoginGuard) -> Result<Self, String> {
         let store = TokenStore::new(&crate::config::state_dir(&config));
         Ok(Shared {
-            accounts: Accounts::new(&config),
+            accounts: Accounts::new(&config, guard.clone())?,
             tokens: TokenManager::new(&config, store)?,
             tls: UpstreamTls::new(&config)?,
             local_tls: LocalTls::load(&config)?,

@@ -15,6 +15,7 @@
 //! AUTHENTICATE runs through [`crate::sasl`], which SMTP shares, and a failed
 //! login becomes a reply in `refusal` alone.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -48,7 +49,7 @@ pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Co
         imap.require_tls,
         connection.over_tls,
     );
-    let mut session = PreAuth::new(shared, stream, tls);
+    let mut session = PreAuth::new(shared, stream, tls, connection.peer.ip());
     // The dialogue's state (login, SASL, the upstream's opening) is the
     // larger part of this future; boxed, it is freed at login instead of
     // sitting in every idle session's task for the life of the relay. For
@@ -73,12 +74,13 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         client,
         shared,
         tls,
+        peer,
         ..
     } = session;
     let Some(stream) = shared.start_tls("imap", client).await else {
         return;
     };
-    let mut session = PreAuth::new(shared, stream, tls.upgraded());
+    let mut session = PreAuth::new(shared, stream, tls.upgraded(), peer);
     let upstream = match Box::pin(session.dialogue(Greeting::None)).await {
         Ok(Next::Relay(upstream)) => upstream.stream,
         Ok(_) => return,
@@ -101,6 +103,8 @@ struct PreAuth<S> {
     client: BufReader<S>,
     shared: Arc<Shared>,
     tls: TlsPolicy,
+    /// The client's address, which logins are throttled by.
+    peer: IpAddr,
     errors: u32,
     failed_logins: u32,
 }
@@ -119,11 +123,12 @@ enum Next {
 }
 
 impl<S: ClientStream> PreAuth<S> {
-    fn new(shared: Arc<Shared>, stream: S, tls: TlsPolicy) -> Self {
+    fn new(shared: Arc<Shared>, stream: S, tls: TlsPolicy, peer: IpAddr) -> Self {
         PreAuth {
             client: BufReader::new(stream),
             shared,
             tls,
+            peer,
             errors: 0,
             failed_logins: 0,
         }
@@ -374,7 +379,8 @@ impl<S: ClientStream> PreAuth<S> {
         let (accounts, tokens) = (&shared.accounts, &shared.tokens);
         let delay = shared.config.server.auth_failure_delay;
         let open = |account, token| open_upstream(shared.clone(), account, token);
-        let outcome = login::log_in(accounts, delay, tokens, username, password, open).await;
+        let peer = self.peer;
+        let outcome = login::log_in(accounts, delay, tokens, peer, username, password, open).await;
         crate::metrics::get().login("imap", &outcome);
         match outcome {
             Ok((_, upstream)) => {
@@ -402,7 +408,7 @@ impl<S: ClientStream> PreAuth<S> {
 /// The one place a failed login becomes an IMAP reply (after the tag).
 fn refusal(e: &LoginError) -> String {
     match e {
-        LoginError::BadCredentials | LoginError::NotAuthorised => {
+        LoginError::BadCredentials | LoginError::Throttled | LoginError::NotAuthorised => {
             "NO [AUTHENTICATIONFAILED] Authentication failed".to_string()
         }
         LoginError::Refused => {
@@ -413,6 +419,9 @@ fn refusal(e: &LoginError) -> String {
         }
         LoginError::IdpUnavailable | LoginError::UpstreamUnavailable => {
             "NO [UNAVAILABLE] The mail server or identity provider is unavailable; try again later".to_string()
+        }
+        LoginError::Busy => {
+            "NO [UNAVAILABLE] Too many logins are being checked at once; try again later".to_string()
         }
     }
 }

@@ -16,6 +16,7 @@
 //! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
 //! reply in `refusal` alone.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +60,8 @@ pub async fn run<S: ClientStream>(
         smtp.require_tls,
         connection.over_tls,
     );
-    let mut session = Session::new(shared, pools, extensions, stream, tls);
+    let peer = connection.peer.ip();
+    let mut session = Session::new(shared, pools, extensions, stream, tls, peer);
     let next = session.dialogue(Greeting::Send).await;
     session.end_transaction().await;
     match next {
@@ -77,12 +79,13 @@ async fn after_starttls<S: ClientStream>(session: Session<S>) {
         pools,
         extensions,
         tls,
+        peer,
         ..
     } = session;
     let Some(stream) = shared.start_tls("smtp", client).await else {
         return;
     };
-    let mut session = Session::new(shared, pools, extensions, stream, tls.upgraded());
+    let mut session = Session::new(shared, pools, extensions, stream, tls.upgraded(), peer);
     if let Err(e) = session.dialogue(Greeting::None).await {
         debug!("client connection ended: {}", crate::error::io_reason(&e));
     }
@@ -104,6 +107,8 @@ struct Session<S> {
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
     tls: TlsPolicy,
+    /// The client's address, which logins are throttled by.
+    peer: IpAddr,
     account: Option<Account>,
     /// The upstream connection of the transaction in progress, if any.
     lease: Option<Lease>,
@@ -178,6 +183,7 @@ impl<S: ClientStream> Session<S> {
         extensions: Arc<Extensions>,
         stream: S,
         tls: TlsPolicy,
+        peer: IpAddr,
     ) -> Self {
         Session {
             client: BufReader::with_capacity(64 * 1024, stream),
@@ -185,6 +191,7 @@ impl<S: ClientStream> Session<S> {
             pools,
             extensions,
             tls,
+            peer,
             account: None,
             lease: None,
             errors: 0,
@@ -416,7 +423,7 @@ impl<S: ClientStream> Session<S> {
             Err(SaslError::Closed) => return Ok(Next::Close),
             Err(SaslError::Io(e)) => return Err(e),
         };
-        let outcome = log_in(&self.shared, &self.pools, &credentials).await;
+        let outcome = log_in(&self.shared, &self.pools, self.peer, &credentials).await;
         crate::metrics::get().login("smtp", &outcome);
         match outcome {
             Ok(account) => self.logged_in(account).await,
@@ -628,11 +635,13 @@ impl<S: ClientStream> Session<S> {
 async fn log_in(
     shared: &Shared,
     pools: &Pools,
+    client: IpAddr,
     credentials: &Credentials,
 ) -> Result<Account, LoginError> {
     let delay = shared.config.server.auth_failure_delay;
     let (username, password) = (&credentials.username, &credentials.password);
-    let account = login::check_password(&shared.accounts, delay, username, password).await?;
+    let accounts = &shared.accounts;
+    let account = login::check_password(accounts, delay, client, username, password).await?;
     // A pool already warm for the mailbox proves the mailbox works,
     // not that this account's grant is still good.
     let opener = || open_pooled(shared, &account);
@@ -657,6 +666,10 @@ fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
             unavailable,
             "4.4.1 The mail server is unavailable; try again later".to_string(),
         ),
+        (LoginError::Busy, _) => (
+            unavailable,
+            "4.7.0 Too many logins are being checked at once; try again later".to_string(),
+        ),
         (_, LoginAt::Mail) => (
             451,
             "4.7.0 The mail server refused the mailbox's login; see the proxy's log".to_string(),
@@ -676,9 +689,10 @@ fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
             "5.7.8 The identity provider refused the proxy's app registration; see the proxy's log"
                 .to_string(),
         ),
-        (LoginError::BadCredentials | LoginError::NotAuthorised, LoginAt::Auth) => {
-            (535, "5.7.8 Authentication credentials invalid".to_string())
-        }
+        (
+            LoginError::BadCredentials | LoginError::Throttled | LoginError::NotAuthorised,
+            LoginAt::Auth,
+        ) => (535, "5.7.8 Authentication credentials invalid".to_string()),
     }
 }
 
