@@ -36,7 +36,7 @@ use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use memmap2::MmapMut;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
 use crate::config::{Account, Config, LocalPassword, ServerSection};
@@ -270,10 +270,10 @@ impl Argon2Hash {
 #[derive(Debug)]
 struct Busy;
 
-/// The process's argon2 checks: at most `slots.available_permits()` at once,
-/// at most `queue` waiting, and the memory they run in.
+/// The process's argon2 checks: at most as many at once as `slots` has
+/// permits, at most `queue` waiting, and the memory they run in.
 struct Hashing {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     queue: usize,
     waiting: AtomicUsize,
     /// Buffers of finished checks, kept only while other checks wait.
@@ -283,7 +283,7 @@ struct Hashing {
 impl Hashing {
     fn new(slots: usize, queue: usize) -> Self {
         Hashing {
-            slots: Semaphore::new(slots),
+            slots: Arc::new(Semaphore::new(slots)),
             queue,
             waiting: AtomicUsize::new(0),
             spare: Mutex::new(Vec::new()),
@@ -291,6 +291,8 @@ impl Hashing {
     }
 
     /// Checks `password` against `hash` in a slot, on a blocking thread.
+    /// The slot goes with the check, so that a login given up while its
+    /// check runs does not free the slot early.
     async fn verify(
         self: &Arc<Self>,
         hash: &Arc<Argon2Hash>,
@@ -299,8 +301,11 @@ impl Hashing {
         let slot = self.slot().await?;
         crate::metrics::get().password_checks.inc();
         let (hashing, hash, password) = (self.clone(), hash.clone(), password.to_vec());
-        let checked = tokio::task::spawn_blocking(move || hashing.run(&hash, &password)).await;
-        drop(slot);
+        let checked = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            hashing.run(&hash, &password)
+        })
+        .await;
         match checked {
             Ok(Some(ok)) => Ok(ok),
             // No memory for the check: the client may try again later.
@@ -310,12 +315,12 @@ impl Hashing {
     }
 
     /// A slot at once, or after waiting in the queue if it has room.
-    async fn slot(&self) -> Result<SemaphorePermit<'_>, Busy> {
-        if let Ok(slot) = self.slots.try_acquire() {
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, Busy> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Ok(slot);
         }
         let _place = self.queue_place().ok_or(Busy)?;
-        self.slots.acquire().await.map_err(|_| Busy)
+        self.slots.clone().acquire_owned().await.map_err(|_| Busy)
     }
 
     fn queue_place(&self) -> Option<QueuePlace<'_>> {
