@@ -9,7 +9,8 @@ use crate::upstream::UpstreamError;
 /// Checks every account against the identity provider and the upstream
 /// servers, printing one line per step. Returns whether all passed.
 pub async fn run(config: Config) -> Result<bool, String> {
-    let shared = Shared::new(config)?;
+    let guard = crate::accounts::LoginGuard::new(&config.server);
+    let shared = Shared::new(config, &guard)?;
     let mut all_ok = true;
     let state = crate::config::state_dir(&shared.config);
     match crate::private_file::create_private_dir(shared.tokens.store().dir()) {

@@ -7,15 +7,17 @@
 //! logged) happens here, once.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, Refused};
 use crate::config::Account;
 use crate::metrics::LoginOutcome;
 use crate::oauth::{TokenError, TokenManager};
 use crate::secret::Secret;
+use crate::throttle::Blocked;
 use crate::upstream::UpstreamError;
 
 /// What went wrong, in the terms the client is told about.
@@ -33,6 +35,11 @@ pub enum LoginError {
     UpstreamUnavailable,
     /// The upstream refused a fresh token; the server's reply.
     UpstreamRejected(String),
+    /// The client's address is throttled after too many failed logins; it
+    /// is told what a wrong password gets.
+    Throttled,
+    /// Every password check slot and queue place is taken: try again later.
+    Busy,
 }
 
 /// The `logins` metric's outcome label for a login's result.
@@ -46,17 +53,21 @@ impl<T> From<&Result<T, LoginError>> for LoginOutcome {
             Err(LoginError::UpstreamRejected(_)) => LoginOutcome::UpstreamRejected,
             Err(LoginError::IdpUnavailable) => LoginOutcome::IdpUnavailable,
             Err(LoginError::UpstreamUnavailable) => LoginOutcome::UpstreamUnavailable,
+            Err(LoginError::Throttled) => LoginOutcome::Throttled,
+            Err(LoginError::Busy) => LoginOutcome::Busy,
         }
     }
 }
 
-/// Checks the local password against `accounts` (a failure takes
-/// `failure_delay`) and opens an authenticated upstream session for the
-/// account with `open(account, token)`, the token from `tokens`.
+/// Checks the local password of a login from `client` against `accounts`
+/// (a failure takes `failure_delay`) and opens an authenticated upstream
+/// session for the account with `open(account, token)`, the token from
+/// `tokens`.
 pub async fn log_in<T, F, Fut>(
     accounts: &Accounts,
     failure_delay: Duration,
     tokens: &TokenManager,
+    client: IpAddr,
     username: &str,
     password: &[u8],
     open: F,
@@ -65,34 +76,72 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    let account = check_password(accounts, failure_delay, username, password).await?;
+    let account = check_password(accounts, failure_delay, client, username, password).await?;
     let session = open_as(tokens, &account, open).await?;
     info!(mailbox = %account.mailbox, "logged in");
     Ok((account, session))
 }
 
-/// The account for `username` if `password` is its local password. A
-/// failure takes at least `failure_delay` (`server.auth_failure_delay`),
-/// whatever the check cost, so unknown users and wrong passwords look alike.
+/// The account for `username` if `password` is its local password and
+/// `client` is not throttled. A refusal takes at least `failure_delay`
+/// (`server.auth_failure_delay`), whatever the check cost, so unknown users,
+/// wrong passwords and throttled addresses look alike; only "busy" (no
+/// password check slot free) is answered at once.
 pub async fn check_password(
     accounts: &Accounts,
     failure_delay: Duration,
+    client: IpAddr,
     username: &str,
     password: &[u8],
 ) -> Result<Account, LoginError> {
     let started = Instant::now();
-    let Some(account) = accounts.verify(username, password).await else {
-        tokio::time::sleep_until((started + failure_delay).into()).await;
-        let why = if accounts.knows(username) {
-            "wrong password"
-        } else {
-            "unknown user"
-        };
-        info!(user = %printable(username), "login refused: {why}");
-        return Err(LoginError::BadCredentials);
+    let refused = match accounts.verify(client, username, password).await {
+        Ok(account) => {
+            tracing::Span::current().record("account", account.username.as_str());
+            return Ok(account);
+        }
+        Err(refused) => refused,
     };
-    tracing::Span::current().record("account", account.username.as_str());
-    Ok(account)
+    let user = printable(username);
+    let error = match refused {
+        Refused::Busy => {
+            debug!(user = %user, "login refused: every password check slot is taken; told to try again later");
+            return Err(LoginError::Busy);
+        }
+        Refused::Throttled => {
+            debug!(user = %user, "login refused unchecked: {client} is throttled");
+            LoginError::Throttled
+        }
+        Refused::Wrong { known, blocked } => {
+            let why = if known {
+                "wrong password"
+            } else {
+                "unknown user"
+            };
+            info!(user = %user, "login refused: {why}");
+            log_throttling(client, &user, blocked);
+            LoginError::BadCredentials
+        }
+    };
+    tokio::time::sleep_until((started + failure_delay).into()).await;
+    Err(error)
+}
+
+/// One line for each back-off a failure started.
+fn log_throttling(client: IpAddr, user: &str, blocked: Blocked) {
+    let duration = |d| humantime::format_duration(d);
+    if let Some(backoff) = blocked.user {
+        warn!(
+            "throttling logins as {user} from {client} for {} after repeated failures (server.max_failed_logins); other addresses are not affected",
+            duration(backoff)
+        );
+    }
+    if let Some(backoff) = blocked.address {
+        warn!(
+            "throttling every login from {client} for {} after repeated failures (server.max_failed_logins_per_address)",
+            duration(backoff)
+        );
+    }
 }
 
 /// Why [`open_with_token`] produced no session.

@@ -26,6 +26,10 @@ pub enum LoginOutcome {
     UpstreamRejected,
     IdpUnavailable,
     UpstreamUnavailable,
+    /// Refused unchecked: the client's address is throttled.
+    Throttled,
+    /// Every password check slot and queue place was taken: told to retry.
+    Busy,
 }
 
 impl LoginOutcome {
@@ -39,6 +43,8 @@ impl LoginOutcome {
             LoginOutcome::UpstreamRejected => "upstream_rejected",
             LoginOutcome::IdpUnavailable => "idp_unavailable",
             LoginOutcome::UpstreamUnavailable => "upstream_unavailable",
+            LoginOutcome::Throttled => "throttled",
+            LoginOutcome::Busy => "busy",
         }
     }
 }
@@ -112,6 +118,7 @@ pub struct Metrics {
     pub grant_keepalive: Family<TokenLabels, Counter>,
     /// 1 while an account's newest grant is in memory only (its save failed).
     pub grant_unsaved: Family<AccountLabels, Gauge>,
+    pub password_checks: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -192,6 +199,12 @@ impl Metrics {
             "1 while the account's newest grant is held in memory only because writing its file failed; the write is retried until it succeeds",
             grant_unsaved.clone(),
         );
+        let password_checks = Counter::default();
+        registry.register(
+            "password_checks",
+            "Argon2 password checks run (those against the stand-in hash for unknown usernames included)",
+            password_checks.clone(),
+        );
         Metrics {
             registry,
             logins,
@@ -205,6 +218,7 @@ impl Metrics {
             refused_connections,
             grant_keepalive,
             grant_unsaved,
+            password_checks,
         }
     }
 
@@ -344,12 +358,19 @@ mod tests {
         m.client_tls("smtp", "starttls", true);
         m.client_tls("imap", "implicit", false);
         m.refused("smtp", "per_address");
+        m.login("imap", LoginOutcome::Throttled);
+        m.password_checks.inc();
         let text = m.encode();
         assert!(
             text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 1"#),
             "{text}"
         );
         assert!(text.contains(r#"outcome="bad_password""#), "{text}");
+        assert!(
+            text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="throttled"} 1"#)
+                && text.contains("xoauth2_proxy_password_checks_total 1"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"xoauth2_proxy_relayed_bytes_total{protocol="imap",direction="downstream"} 42"#

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::accounts::LoginGuard;
 use crate::config::Config;
 use crate::imap::Imap;
 use crate::shared::{Busy, Connection, PreloginSlot, PreloginSlots, Protocol, RefusalLog, Shared};
@@ -132,7 +133,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), String> {
-    let shared = Arc::new(Shared::new(config)?);
+    // The password check slots and the failed-login counters hold for the
+    // process: each reload's `Shared` gets the same guard.
+    let guard = LoginGuard::new(&config.server);
+    let shared = Arc::new(Shared::new(config, &guard)?);
     shared.prepare_state_dir()?;
 
     let Listeners {
@@ -207,13 +211,13 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(()) = reloads.recv() => reload(&config_path, &publish),
+            Some(()) = reloads.recv() => reload(&config_path, &publish, &guard),
             _ = renewal_check.tick() => {
                 let now = std::time::SystemTime::now();
                 let due = publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
                 if due {
                     info!("the proxy's server certificate ends within 30 days; renewing it");
-                    reload(&config_path, &publish);
+                    reload(&config_path, &publish, &guard);
                 }
             }
         }
@@ -270,7 +274,7 @@ async fn keep_grants_alive(mut current: Current, stop: CancellationToken) {
 /// Loads the config again and, if it is good, puts it in force for new
 /// connections. A bad config is refused and the old one stays; so is one
 /// without accounts (an emptied or half-written file would fail every login).
-fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
+fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, guard: &LoginGuard) {
     let config = match Config::load(path) {
         Ok(c) if c.accounts.is_empty() => {
             error!(
@@ -325,7 +329,13 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>) {
     if !pools_unchanged {
         warn!("the [smtp] pool settings changed; they apply from the next restart");
     }
-    let shared = match Shared::new(config).and_then(|s| s.prepare_state_dir().map(|_| s)) {
+    let (a, b) = (&old.config.server, &config.server);
+    if (a.password_checks, a.password_check_queue) != (b.password_checks, b.password_check_queue) {
+        warn!(
+            "`server.password_checks` or `password_check_queue` changed; they apply from the next restart"
+        );
+    }
+    let shared = match Shared::new(config, guard).and_then(|s| s.prepare_state_dir().map(|_| s)) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");

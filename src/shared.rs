@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, LoginGuard};
 use crate::config::Config;
 use crate::local_tls::LocalTls;
 use crate::oauth::TokenManager;
@@ -40,10 +40,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Result<Self, String> {
+    /// The handles of `config`; its accounts check passwords through
+    /// `guard`, which the process keeps across reloads.
+    pub fn new(config: Config, guard: &LoginGuard) -> Result<Self, String> {
         let store = TokenStore::for_config(&config)?;
         Ok(Shared {
-            accounts: Accounts::new(&config),
+            accounts: Accounts::new(&config, guard.clone())?,
             tokens: TokenManager::new(&config, store)?,
             tls: UpstreamTls::new(&config)?,
             local_tls: LocalTls::load(&config)?,

@@ -21,6 +21,7 @@
 
 mod client;
 mod dovecot;
+mod guess;
 mod measure;
 mod procs;
 mod report;
@@ -81,7 +82,10 @@ struct Args {
     /// Time allowed for opening one tier of email-oauth2-proxy sessions, in seconds [default: 120; quick: 30].
     #[arg(long)]
     peer_setup_secs: Option<u64>,
-    /// Parts to run, comma-separated: throughput, login, tls, idle, dovecot [default: all].
+    /// Parallel wrong logins of each attack of the `guess` part [default: 1000; quick: 200].
+    #[arg(long)]
+    guess_logins: Option<usize>,
+    /// Parts to run, comma-separated: throughput, login, tls, idle, dovecot, guess [default: all].
     /// `tls` adds the proxy's IMAP over TLS listener (a self-made CA) to the
     /// login cycles and to the FETCH runs, beside its plain listener.
     #[arg(long, value_delimiter = ',')]
@@ -122,6 +126,7 @@ struct Plan {
     peer_reps: usize,
     login_cycles: usize,
     peer_login_cycles: usize,
+    guess_logins: usize,
     sessions: Vec<usize>,
     peer_sessions: Vec<usize>,
     idle_secs: u64,
@@ -145,6 +150,7 @@ impl Plan {
             peer_reps: pick(a.peer_reps, 3, 2),
             login_cycles: pick(a.login_cycles, 1000, 200).max(10),
             peer_login_cycles: pick(a.peer_login_cycles, 40, 10),
+            guess_logins: pick(a.guess_logins, 1000, 200).max(1),
             sessions: a.sessions.clone().unwrap_or(if q {
                 vec![100, 1000]
             } else {
@@ -158,7 +164,7 @@ impl Plan {
             idle_secs: a.idle_secs.unwrap_or(if q { 5 } else { 30 }),
             peer_setup: Duration::from_secs(a.peer_setup_secs.unwrap_or(if q { 30 } else { 120 })),
             parts: a.only.clone().unwrap_or_else(|| {
-                ["throughput", "login", "tls", "idle", "dovecot"]
+                ["throughput", "login", "tls", "idle", "dovecot", "guess"]
                     .map(String::from)
                     .to_vec()
             }),
@@ -586,6 +592,13 @@ async fn run(args: Args) -> Result<(), String> {
         {
             Ok(section) => report.push_str(&format!("\n{section}")),
             Err(e) => report.push_str(&format!("\n### Against Dovecot\n\nNot run: {e}\n")),
+        }
+    }
+
+    if plan.runs("guess") {
+        match guess::run(&bin, &password_hash, &mut world, plan.guess_logins).await {
+            Ok(section) => report.push_str(&format!("\n{section}")),
+            Err(e) => report.push_str(&format!("\n### Under a guessing attack\n\nNot run: {e}\n")),
         }
     }
 

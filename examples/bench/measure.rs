@@ -79,6 +79,11 @@ pub fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
 
+/// Peak resident set size in KiB since the process started (VmHWM).
+pub fn hwm_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
 /// Threads of `pid`.
 pub fn threads(pid: u32) -> u64 {
     status_kib(pid, "Threads:")

@@ -32,6 +32,8 @@ pub struct Running {
     pub imaps: Option<SocketAddr>,
     /// xoauth2-proxy: its generated config file.
     pub config: Option<PathBuf>,
+    /// xoauth2-proxy: its admin listener (`/metrics`), if the build has one.
+    pub admin: Option<SocketAddr>,
     pub pid: u32,
     pub log: PathBuf,
     child: Option<Child>,
@@ -61,6 +63,7 @@ impl Running {
             smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
             imaps: None,
             config: None,
+            admin: None,
             pid: child.id().unwrap_or(0),
             log,
             child: Some(child),
@@ -172,11 +175,50 @@ pub async fn start_ours(
     max_connections: usize,
     tls: bool,
 ) -> Result<Running, String> {
+    let settings = Settings {
+        max_connections,
+        tls,
+        server: "",
+    };
+    start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
+}
+
+/// Like [`start_ours`] without TLS, with `server` (whole lines) added to
+/// the config's `[server]` section.
+pub async fn start_ours_with_server(
+    bin: &Path,
+    password_hash: &str,
+    upstream: &Upstream<'_>,
+    max_connections: usize,
+    server: &str,
+) -> Result<Running, String> {
+    let settings = Settings {
+        max_connections,
+        tls: false,
+        server,
+    };
+    start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
+}
+
+/// What a generated config sets beyond the account and the upstream.
+struct Settings<'a> {
+    max_connections: usize,
+    tls: bool,
+    /// Lines added to `[server]`.
+    server: &'a str,
+}
+
+async fn start_ours_admin_or_not(
+    bin: &Path,
+    password_hash: &str,
+    upstream: &Upstream<'_>,
+    settings: &Settings<'_>,
+) -> Result<Running, String> {
     // Newer builds have an admin listener (default 127.0.0.1:8025): give it a
     // free port; an older build that does not know the section is started without.
-    match start_ours_with(bin, password_hash, upstream, max_connections, true, tls).await {
+    match start_ours_with(bin, password_hash, upstream, settings, true).await {
         Err(e) if e.contains("admin") => {
-            start_ours_with(bin, password_hash, upstream, max_connections, false, tls).await
+            start_ours_with(bin, password_hash, upstream, settings, false).await
         }
         other => other,
     }
@@ -186,20 +228,24 @@ async fn start_ours_with(
     bin: &Path,
     password_hash: &str,
     upstream: &Upstream<'_>,
-    max_connections: usize,
+    settings: &Settings<'_>,
     admin: bool,
-    tls: bool,
 ) -> Result<Running, String> {
+    let Settings {
+        max_connections,
+        tls,
+        server,
+    } = *settings;
     let w = upstream.world;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let state = dir.path().join("state");
     let (imap, smtp) = (free_port(), free_port());
     let imaps = tls.then(free_port);
     let base = format!("{}/{TENANT}/oauth2/v2.0", w.idp_base);
-    let admin = if admin {
-        format!("\n[admin]\nlisten = \"127.0.0.1:{}\"\n", free_port())
-    } else {
-        String::new()
+    let admin_addr = admin.then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let admin = match admin_addr {
+        Some(addr) => format!("\n[admin]\nlisten = \"{addr}\"\n"),
+        None => String::new(),
     };
     // Local TLS: a self-made CA, a certificate for the names the client uses.
     let (tls_listen, tls) = match imaps {
@@ -214,7 +260,7 @@ async fn start_ours_with(
 state_dir = "{state}"
 max_connections = {max_connections}
 shutdown_grace = "1s"
-
+{server}
 [imap]
 listen = "127.0.0.1:{imap}"
 {tls_listen}
@@ -277,6 +323,7 @@ flow = "device_code"
     let mut running = Running::spawn(command, (imap, smtp), log, dir)?;
     running.imaps = imaps.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
     running.config = Some(config_path);
+    running.admin = admin_addr;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !running.log_text().contains("xoauth2-proxy is ready") {
         if running.exited() || Instant::now() > deadline {

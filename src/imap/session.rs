@@ -403,7 +403,8 @@ impl<S: ClientStream> PreAuth<S> {
         let (accounts, tokens) = (&shared.accounts, &shared.tokens);
         let delay = shared.config.server.auth_failure_delay;
         let open = |account, token| open_upstream(shared.clone(), account, token);
-        let outcome = login::log_in(accounts, delay, tokens, username, password, open).await;
+        let peer = self.connection.peer.ip();
+        let outcome = login::log_in(accounts, delay, tokens, peer, username, password, open).await;
         crate::metrics::get().login("imap", &outcome);
         match outcome {
             Ok((_, upstream)) => {
@@ -432,7 +433,7 @@ impl<S: ClientStream> PreAuth<S> {
 /// The one place a failed login becomes an IMAP reply (after the tag).
 fn refusal(e: &LoginError) -> String {
     match e {
-        LoginError::BadCredentials | LoginError::NotAuthorised => {
+        LoginError::BadCredentials | LoginError::Throttled | LoginError::NotAuthorised => {
             "NO [AUTHENTICATIONFAILED] Authentication failed".to_string()
         }
         LoginError::Refused => {
@@ -443,6 +444,9 @@ fn refusal(e: &LoginError) -> String {
         }
         LoginError::IdpUnavailable | LoginError::UpstreamUnavailable => {
             "NO [UNAVAILABLE] The mail server or identity provider is unavailable; try again later".to_string()
+        }
+        LoginError::Busy => {
+            "NO [UNAVAILABLE] Too many logins are being checked at once; try again later".to_string()
         }
     }
 }

@@ -20,6 +20,7 @@
 //! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
 //! reply in `refusal` alone.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -444,7 +445,13 @@ impl<S: ClientStream> Session<S> {
             Err(SaslError::Closed) => return Ok(Next::Close),
             Err(SaslError::Io(e)) => return Err(e),
         };
-        let outcome = log_in(&self.shared, &self.pools, &credentials).await;
+        let outcome = log_in(
+            &self.shared,
+            &self.pools,
+            self.connection.peer.ip(),
+            &credentials,
+        )
+        .await;
         crate::metrics::get().login("smtp", &outcome);
         match outcome {
             Ok(account) => self.logged_in(account).await,
@@ -663,11 +670,13 @@ impl<S: ClientStream> Session<S> {
 async fn log_in(
     shared: &Shared,
     pools: &Pools,
+    client: IpAddr,
     credentials: &Credentials,
 ) -> Result<Account, LoginError> {
     let delay = shared.config.server.auth_failure_delay;
     let (username, password) = (&credentials.username, &credentials.password);
-    let account = login::check_password(&shared.accounts, delay, username, password).await?;
+    let accounts = &shared.accounts;
+    let account = login::check_password(accounts, delay, client, username, password).await?;
     // A pool already warm for the mailbox proves the mailbox works,
     // not that this account's grant is still good.
     let opener = || open_pooled(shared, &account);
@@ -692,6 +701,10 @@ fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
             unavailable,
             "4.4.1 The mail server is unavailable; try again later".to_string(),
         ),
+        (LoginError::Busy, _) => (
+            unavailable,
+            "4.7.0 Too many logins are being checked at once; try again later".to_string(),
+        ),
         (_, LoginAt::Mail) => (
             451,
             "4.7.0 The mail server refused the mailbox's login; see the proxy's log".to_string(),
@@ -711,9 +724,10 @@ fn refusal(e: &LoginError, at: LoginAt) -> (u16, String) {
             "5.7.8 The identity provider refused the proxy's app registration; see the proxy's log"
                 .to_string(),
         ),
-        (LoginError::BadCredentials | LoginError::NotAuthorised, LoginAt::Auth) => {
-            (535, "5.7.8 Authentication credentials invalid".to_string())
-        }
+        (
+            LoginError::BadCredentials | LoginError::Throttled | LoginError::NotAuthorised,
+            LoginAt::Auth,
+        ) => (535, "5.7.8 Authentication credentials invalid".to_string()),
     }
 }
 
