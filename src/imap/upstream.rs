@@ -153,19 +153,19 @@ impl Session {
                 LineError::Io(e) => lost(e),
             })?;
         // A literal inside an untagged response (rare during login): skip it.
+        // The line's rest joins it within the same bound, however many
+        // literals it announces.
         while let Some((n, _)) = crate::lines::literal_announced(&self.line) {
             let mut skip = stream.take(n as u64);
             tokio::io::copy(&mut skip, &mut tokio::io::sink())
                 .await
                 .map_err(lost)?;
-            let mut rest = Vec::new();
-            read_line(stream, &mut rest, MAX_RESPONSE_LINE)
+            self.line.truncate(trim_eol(&self.line).len());
+            read_line(stream, &mut self.line, MAX_RESPONSE_LINE)
                 .await
                 .map_err(|_| {
                     UpstreamError::Unreachable("the IMAP server sent a broken literal".into())
                 })?;
-            self.line.truncate(self.line.len().saturating_sub(2));
-            self.line.extend_from_slice(&rest);
         }
         Ok(())
     }
@@ -470,6 +470,28 @@ mod tests {
         s.note_capabilities(b"x3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in");
         assert_eq!(s.capabilities, vec!["IMAP4rev1", "IDLE"]);
         assert!(s.has("idle"));
+    }
+
+    #[tokio::test]
+    async fn untagged_literals_cannot_grow_a_line_past_the_bound() {
+        let mut input = b"* ID (".to_vec();
+        while input.len() <= 2 * MAX_RESPONSE_LINE {
+            input.extend_from_slice(b"\"x\" {0}\r\n");
+        }
+        input.extend_from_slice(b")\r\n");
+        let mut s = Session::default();
+        assert!(s.read_line(&mut &input[..]).await.is_err());
+        assert!(s.line.len() <= MAX_RESPONSE_LINE);
+    }
+
+    #[tokio::test]
+    async fn untagged_literals_are_skipped_whole() {
+        let mut input: &[u8] = b"* ID (\"name\" {4}\r\nDove) (\"v\" {1+}\n2)\r\nx2 OK\r\n";
+        let mut s = Session::default();
+        s.read_line(&mut input).await.unwrap();
+        assert_eq!(s.line, b"* ID (\"name\" {4}) (\"v\" {1+})\r\n");
+        s.read_line(&mut input).await.unwrap();
+        assert_eq!(s.line, b"x2 OK\r\n");
     }
 
     #[test]
