@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use crate::config::{Provider, TlsMode};
 use crate::lines::{LineError, read_line, trim_eol};
@@ -84,6 +84,18 @@ pub async fn open(
     }
 }
 
+/// The whole login dialogue, greeting first, over any stream: the fuzz
+/// target's way in (`open` adds the connection, TLS and the time limit).
+pub(crate) async fn greet_and_log_in<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut BufReader<S>,
+    mailbox: &str,
+    token: &Secret,
+) -> Result<String, UpstreamError> {
+    let mut session = Session::default();
+    session.greeting(stream).await?;
+    session.log_in(stream, mailbox, token).await
+}
+
 fn lost(e: std::io::Error) -> UpstreamError {
     UpstreamError::Unreachable(format!(
         "the IMAP server closed the connection: {}",
@@ -129,7 +141,7 @@ impl Session {
         bytes: &[u8],
     ) -> Result<(), UpstreamError>
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         stream.get_mut().write_all(bytes).await.map_err(lost)?;
         stream.get_mut().flush().await.map_err(lost)
@@ -243,28 +255,37 @@ impl Session {
         mailbox: &str,
         token: &Secret,
     ) -> Result<ImapUpstream, UpstreamError> {
-        self.learn_capabilities(&mut stream).await?;
-        let sasl = xoauth2(mailbox, token);
-        let sent_response = self.start_xoauth2(&mut stream, &sasl).await?;
-        self.capabilities.clear();
-        if let Some(refusal) = self
-            .xoauth2_result(&mut stream, &sasl, sent_response)
-            .await?
-        {
-            return Err(rejected(&refusal));
-        }
-        self.prove_session(&mut stream).await?;
+        let capabilities = self.log_in(&mut stream, mailbox, token).await?;
         Ok(ImapUpstream {
             stream,
-            capabilities: filter_capabilities(&self.capabilities),
+            capabilities,
         })
+    }
+
+    /// The login dialogue after the greeting, over any stream (the fuzz
+    /// target drives it in memory): the capabilities a client may see.
+    async fn log_in<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut BufReader<S>,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<String, UpstreamError> {
+        self.learn_capabilities(stream).await?;
+        let sasl = xoauth2(mailbox, token);
+        let sent_response = self.start_xoauth2(stream, &sasl).await?;
+        self.capabilities.clear();
+        if let Some(refusal) = self.xoauth2_result(stream, &sasl, sent_response).await? {
+            return Err(rejected(&refusal));
+        }
+        self.prove_session(stream).await?;
+        Ok(filter_capabilities(&self.capabilities))
     }
 
     /// Asks for the capabilities when the greeting did not carry them: they
     /// decide whether the XOAUTH2 response may go with the command.
-    async fn learn_capabilities(
+    async fn learn_capabilities<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
     ) -> Result<(), UpstreamError> {
         if self.capabilities.is_empty() {
             self.send(stream, b"x2 CAPABILITY\r\n").await?;
@@ -276,9 +297,9 @@ impl Session {
     /// Sends AUTHENTICATE XOAUTH2, with the response inline when the server
     /// takes an initial response (SASL-IR, RFC 4959). True when the response
     /// went out with it.
-    async fn start_xoauth2(
+    async fn start_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
         sasl: &Secret,
     ) -> Result<bool, UpstreamError> {
         if self.has("SASL-IR") {
@@ -294,9 +315,9 @@ impl Session {
     /// Reads the answers to AUTHENTICATE up to its result, answering
     /// challenges on the way. `None` when the login is accepted, else the line
     /// that refused it (a tagged NO or BAD, or `* BYE`).
-    async fn xoauth2_result(
+    async fn xoauth2_result<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
         sasl: &Secret,
         mut sent_response: bool,
     ) -> Result<Option<Vec<u8>>, UpstreamError> {
@@ -322,9 +343,9 @@ impl Session {
     /// Answers a `+` challenge with the XOAUTH2 response when it has not gone
     /// out yet. A challenge after the response is an error report (base64
     /// JSON, Dovecot and Google): an empty line makes the server send the NO.
-    async fn answer_challenge(
+    async fn answer_challenge<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
         sasl: &Secret,
         sent_response: bool,
     ) -> Result<(), UpstreamError> {
@@ -339,9 +360,9 @@ impl Session {
     /// Proves the session works, since Outlook may accept AUTHENTICATE and
     /// refuse everything after; learns the capabilities if the OK did not
     /// carry them. Both in one round trip.
-    async fn prove_session(
+    async fn prove_session<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
     ) -> Result<(), UpstreamError> {
         if self.capabilities.is_empty() {
             self.send(stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n")
