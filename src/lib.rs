@@ -22,7 +22,7 @@
 //! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients
 //! 5. `login`, `shared`: the login path; what the sessions of one config share, and the `Protocol` trait
 //! 6. `imap`, `smtp`, `admin`: what the listeners speak
-//! 7. `server`, `check`: the listeners, reload and drain; `xoauth2-proxy check`
+//! 7. `server`, `check`, `fuzzing`: the listeners, reload and drain; `xoauth2-proxy check`; the fuzz targets' and property tests' way in (`fuzz/`)
 //!
 //! <!-- end of layers -->
 //!
@@ -34,6 +34,8 @@ pub(crate) mod admin;
 pub(crate) mod check;
 pub(crate) mod config;
 pub(crate) mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod imap;
 pub(crate) mod lines;
 pub(crate) mod local_tls;

@@ -2,8 +2,8 @@
 
 mod capabilities;
 mod filter;
-mod framing;
-mod parser;
+pub(crate) mod framing;
+pub(crate) mod parser;
 mod session;
 pub mod upstream;
 

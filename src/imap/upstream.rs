@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::capabilities::filter_capabilities;
 use crate::config::{Provider, TlsMode};
@@ -85,6 +85,18 @@ pub async fn open(
     }
 }
 
+/// The whole login dialogue, greeting first, over any stream: the fuzz
+/// target's way in (`open` adds the connection, TLS and the time limit).
+pub(crate) async fn greet_and_log_in<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut BufReader<S>,
+    mailbox: &str,
+    token: &Secret,
+) -> Result<String, UpstreamError> {
+    let mut session = Session::default();
+    session.greeting(stream).await?;
+    session.log_in(stream, mailbox, token).await
+}
+
 fn lost(e: std::io::Error) -> UpstreamError {
     UpstreamError::Unreachable(format!(
         "the IMAP server closed the connection: {}",
@@ -130,7 +142,7 @@ impl Session {
         bytes: &[u8],
     ) -> Result<(), UpstreamError>
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         stream.get_mut().write_all(bytes).await.map_err(lost)?;
         stream.get_mut().flush().await.map_err(lost)
@@ -154,19 +166,19 @@ impl Session {
                 LineError::Io(e) => lost(e),
             })?;
         // A literal inside an untagged response (rare during login): skip it.
+        // The line's rest joins it within the same bound, however many
+        // literals it announces.
         while let Some((n, _)) = crate::lines::literal_announced(&self.line) {
             let mut skip = stream.take(n as u64);
             tokio::io::copy(&mut skip, &mut tokio::io::sink())
                 .await
                 .map_err(lost)?;
-            let mut rest = Vec::new();
-            read_line(stream, &mut rest, MAX_RESPONSE_LINE)
+            self.line.truncate(trim_eol(&self.line).len());
+            read_line(stream, &mut self.line, MAX_RESPONSE_LINE)
                 .await
                 .map_err(|_| {
                     UpstreamError::Unreachable("the IMAP server sent a broken literal".into())
                 })?;
-            self.line.truncate(self.line.len().saturating_sub(2));
-            self.line.extend_from_slice(&rest);
         }
         Ok(())
     }
@@ -244,28 +256,37 @@ impl Session {
         mailbox: &str,
         token: &Secret,
     ) -> Result<ImapUpstream, UpstreamError> {
-        self.learn_capabilities(&mut stream).await?;
-        let sasl = xoauth2(mailbox, token);
-        let sent_response = self.start_xoauth2(&mut stream, &sasl).await?;
-        self.capabilities.clear();
-        if let Some(refusal) = self
-            .xoauth2_result(&mut stream, &sasl, sent_response)
-            .await?
-        {
-            return Err(rejected(&refusal));
-        }
-        self.prove_session(&mut stream).await?;
+        let capabilities = self.log_in(&mut stream, mailbox, token).await?;
         Ok(ImapUpstream {
             stream,
-            capabilities: filter_capabilities(&self.capabilities),
+            capabilities,
         })
+    }
+
+    /// The login dialogue after the greeting, over any stream (the fuzz
+    /// target drives it in memory): the capabilities a client may see.
+    async fn log_in<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut BufReader<S>,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<String, UpstreamError> {
+        self.learn_capabilities(stream).await?;
+        let sasl = xoauth2(mailbox, token);
+        let sent_response = self.start_xoauth2(stream, &sasl).await?;
+        self.capabilities.clear();
+        if let Some(refusal) = self.xoauth2_result(stream, &sasl, sent_response).await? {
+            return Err(rejected(&refusal));
+        }
+        self.prove_session(stream).await?;
+        Ok(filter_capabilities(&self.capabilities))
     }
 
     /// Asks for the capabilities when the greeting did not carry them: they
     /// decide whether the XOAUTH2 response may go with the command.
-    async fn learn_capabilities(
+    async fn learn_capabilities<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
     ) -> Result<(), UpstreamError> {
         if self.capabilities.is_empty() {
             self.send(stream, b"x2 CAPABILITY\r\n").await?;
@@ -277,9 +298,9 @@ impl Session {
     /// Sends AUTHENTICATE XOAUTH2, with the response inline when the server
     /// takes an initial response (SASL-IR, RFC 4959). True when the response
     /// went out with it.
-    async fn start_xoauth2(
+    async fn start_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
         sasl: &Secret,
     ) -> Result<bool, UpstreamError> {
         if self.has("SASL-IR") {
@@ -295,9 +316,9 @@ impl Session {
     /// Reads the answers to AUTHENTICATE up to its result, answering
     /// challenges on the way. `None` when the login is accepted, else the line
     /// that refused it (a tagged NO or BAD, or `* BYE`).
-    async fn xoauth2_result(
+    async fn xoauth2_result<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
         sasl: &Secret,
         mut sent_response: bool,
     ) -> Result<Option<Vec<u8>>, UpstreamError> {
@@ -323,9 +344,9 @@ impl Session {
     /// Answers a `+` challenge with the XOAUTH2 response when it has not gone
     /// out yet. A challenge after the response is an error report (base64
     /// JSON, Dovecot and Google): an empty line makes the server send the NO.
-    async fn answer_challenge(
+    async fn answer_challenge<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
         sasl: &Secret,
         sent_response: bool,
     ) -> Result<(), UpstreamError> {
@@ -340,9 +361,9 @@ impl Session {
     /// Proves the session works, since Outlook may accept AUTHENTICATE and
     /// refuse everything after; learns the capabilities if the OK did not
     /// carry them. Both in one round trip.
-    async fn prove_session(
+    async fn prove_session<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut BufReader<UpstreamStream>,
+        stream: &mut BufReader<S>,
     ) -> Result<(), UpstreamError> {
         if self.capabilities.is_empty() {
             self.send(stream, b"x5 CAPABILITY\r\nx4 NAMESPACE\r\n")
@@ -440,6 +461,28 @@ mod tests {
         s.note_capabilities(b"x3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in");
         assert_eq!(s.capabilities, vec!["IMAP4rev1", "IDLE"]);
         assert!(s.has("idle"));
+    }
+
+    #[tokio::test]
+    async fn untagged_literals_cannot_grow_a_line_past_the_bound() {
+        let mut input = b"* ID (".to_vec();
+        while input.len() <= 2 * MAX_RESPONSE_LINE {
+            input.extend_from_slice(b"\"x\" {0}\r\n");
+        }
+        input.extend_from_slice(b")\r\n");
+        let mut s = Session::default();
+        assert!(s.read_line(&mut &input[..]).await.is_err());
+        assert!(s.line.len() <= MAX_RESPONSE_LINE);
+    }
+
+    #[tokio::test]
+    async fn untagged_literals_are_skipped_whole() {
+        let mut input: &[u8] = b"* ID (\"name\" {4}\r\nDove) (\"v\" {1+}\n2)\r\nx2 OK\r\n";
+        let mut s = Session::default();
+        s.read_line(&mut input).await.unwrap();
+        assert_eq!(s.line, b"* ID (\"name\" {4}) (\"v\" {1+})\r\n");
+        s.read_line(&mut input).await.unwrap();
+        assert_eq!(s.line, b"x2 OK\r\n");
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! SMTP submission: the proxy answers until AUTH, then lends each transaction
 //! an upstream connection from the mailbox's pool.
 
-mod command;
+pub(crate) mod command;
 mod extensions;
 mod pool;
-mod session;
+pub(crate) mod session;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -39,7 +39,7 @@ use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until};
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
-const MAX_LINE: usize = 16 * 1024;
+pub(crate) const MAX_LINE: usize = 16 * 1024;
 /// Errors tolerated before the connection is closed.
 const MAX_ERRORS: u32 = 10;
 const MAX_FAILED_LOGINS: u32 = 3;
@@ -820,7 +820,7 @@ const END_OF_DATA: &[u8] = b"\r\n.\r\n";
 /// the last four bytes of what came before. The CRLF that ended the DATA
 /// command counts, so a message may end at once with `.CRLF`.
 #[derive(Debug)]
-struct EndOfData {
+pub(crate) struct EndOfData {
     tail: [u8; 4],
     tail_len: usize,
 }
@@ -837,7 +837,7 @@ impl Default for EndOfData {
 impl EndOfData {
     /// How many bytes of `chunk` belong to the message (terminator included),
     /// and whether the terminator was among them.
-    fn scan(&mut self, chunk: &[u8]) -> (usize, bool) {
+    pub(crate) fn scan(&mut self, chunk: &[u8]) -> (usize, bool) {
         // A terminator that begins before this chunk ends within its first
         // four bytes.
         let head = &chunk[..chunk.len().min(4)];

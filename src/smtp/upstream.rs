@@ -39,7 +39,7 @@ impl Reply {
 
     /// The lines after the first, without their `250-`/`250 ` prefix (EHLO
     /// keywords).
-    fn ehlo_keywords(&self) -> Vec<String> {
+    pub(crate) fn ehlo_keywords(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.raw)
             .lines()
             .skip(1)
