@@ -13,21 +13,16 @@ pub async fn run(config: Config) -> Result<bool, String> {
     let shared = Shared::new(config, &guard)?;
     let mut all_ok = true;
     let state = crate::config::state_dir(&shared.config);
-    match crate::private_file::create_private_dir(shared.tokens.store().dir()) {
+    // The same checks as `serve` at start: the folders exist and no other
+    // user may write them, grant and lock files are the proxy user's own.
+    match shared.prepare_state_dir() {
         Ok(()) => say(
             true,
             &format!("state directory {} is usable", state.display()),
         ),
         Err(e) => {
             all_ok = false;
-            say(
-                false,
-                &format!(
-                    "state directory {}: {}; make it writable by this user or set `state_dir` in [server]",
-                    state.display(),
-                    crate::error::io_reason(&e)
-                ),
-            );
+            say(false, &e);
         }
     }
     if shared.config.accounts.is_empty() {

@@ -307,6 +307,20 @@ async fn check_reaches_every_party_and_says_what_to_fix() {
         stdout.contains(&format!("run `xoauth2-proxy login {USER}`")),
         "{stdout}"
     );
+
+    // A folder of grants other users may write is what `serve` refuses at
+    // start: `check` says so, with the fix.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let tokens = proxy.state_dir.join("tokens");
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let out = proxy.cli(&["check"]).await;
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains("chmod 700"), "{stdout}");
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
