@@ -121,7 +121,7 @@ pub struct Metrics {
     pub password_checks: Counter,
     /// 1 while the account needs `login` (no grant, or the grant was refused).
     pub account_needs_login: Family<AccountLabels, Gauge>,
-    /// Unix seconds when the account's current access token expires.
+    /// Unix seconds when the account's last access token expires.
     pub access_token_expiry: Family<AccountLabels, Gauge>,
 }
 
@@ -218,7 +218,7 @@ impl Metrics {
         let access_token_expiry = Family::<AccountLabels, Gauge>::default();
         registry.register(
             "access_token_expiry_seconds",
-            "When the account's current access token expires, in Unix seconds (absent until one is known); tokens are renewed on use, so an idle account's may lie in the past",
+            "When the last access token obtained for the account expires, in Unix seconds (absent until one is known); tokens are renewed on use, so an idle account's may lie in the past",
             access_token_expiry.clone(),
         );
         Metrics {

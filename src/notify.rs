@@ -146,6 +146,9 @@ struct Settings {
 
 impl Settings {
     fn new(admin: &AdminSection) -> Self {
+        if let Some(url) = &admin.notify_url {
+            warn_if_plain_http(url);
+        }
         let client = admin.notify_url.as_ref().and_then(|_| {
             reqwest::Client::builder()
                 .timeout(admin.notify_timeout)
@@ -555,6 +558,26 @@ fn failure(e: reqwest::Error) -> String {
     }
     let e = e.without_url();
     format!("could not be reached ({})", crate::error::chain(&e))
+}
+
+/// A webhook reached over plain HTTP beyond this machine: its URL (and a
+/// key in it) and the events cross the network readable.
+fn warn_if_plain_http(url: &Secret) {
+    let Ok(parsed) = reqwest::Url::parse(url.expose()) else {
+        return;
+    };
+    let host = parsed.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if parsed.scheme() == "http" && !loopback {
+        warn!(
+            "admin.notify_url is plain http to {}: its address (with any key in it) and the events cross the network unencrypted; use https",
+            host_of(url)
+        );
+    }
 }
 
 /// The host of the webhook's URL: all the log may say of it.

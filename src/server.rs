@@ -33,7 +33,7 @@ use crate::accounts::LoginGuard;
 use crate::config::Config;
 use crate::imap::Imap;
 use crate::notify::Notifier;
-use crate::oauth::{AccountState, Health};
+use crate::oauth::{AccountHealth, AccountState, Health};
 use crate::shared::{Busy, Connection, PreloginSlot, PreloginSlots, Protocol, RefusalLog, Shared};
 use crate::smtp::Smtp;
 
@@ -212,7 +212,7 @@ pub async fn run(
             tls.certificate().describe(std::time::SystemTime::now())
         );
     }
-    say_who_needs_login(&shared.tokens);
+    say_who_needs_login(shared.tokens.healths());
     let config_path = shared.config.path.clone();
     let grace = shared.config.server.shutdown_grace;
     drop(shared);
@@ -283,11 +283,11 @@ async fn keep_grants_alive(mut current: Current, stop: CancellationToken) {
     }
 }
 
-/// One line per account that needs `login` as the proxy starts: its
-/// clients are refused until then. (The reason is logged when a client or
-/// the keep-alive meets it, and `status` shows it.)
-fn say_who_needs_login(tokens: &crate::oauth::TokenManager) {
-    for health in tokens.healths() {
+/// One line per account that needs `login` as the proxy starts (or as a
+/// reload adds it): its clients are refused until then. (The reason is
+/// logged when a client or the keep-alive meets it, and `status` shows it.)
+fn say_who_needs_login(accounts: impl IntoIterator<Item = AccountHealth>) {
+    for health in accounts {
         if health.state() == AccountState::NeedsLogin {
             warn!(
                 account = %health.username,
@@ -411,6 +411,13 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting:
         }
     }
     lasting.notifier.reconfigure(&shared.config.admin);
+    let added = shared
+        .config
+        .accounts
+        .iter()
+        .filter(|a| old.config.account(&a.username).is_none())
+        .filter_map(|a| shared.tokens.health(&a.username));
+    say_who_needs_login(added);
     let _ = publish.send(shared);
 }
 

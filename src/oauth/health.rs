@@ -40,7 +40,8 @@ pub struct AccountHealth {
     pub delegated: bool,
     /// Set while the account needs `login`.
     pub needs_login: Option<NeedsLogin>,
-    /// Unix seconds when the current access token expires, if one is known.
+    /// Unix seconds when the last access token obtained expires (it may lie
+    /// in the past: tokens are renewed when used), if one is known.
     pub access_token_expires_at: Option<u64>,
     /// Unix seconds when the last access token was obtained.
     pub last_refresh: Option<u64>,
@@ -283,21 +284,21 @@ impl Slot {
         });
     }
 
-    /// The access token was refused upstream and forgotten.
-    pub(super) fn token_dropped(&self) {
-        self.update(|h| h.access_token_expires_at = None);
+    /// Whether the account needs `login` now.
+    pub(super) fn needs_login(&self) -> bool {
+        self.read().needs_login.is_some()
     }
 
-    /// Applies `change`, moves the gauges, and signals a transition.
+    /// Applies `change`, moves the gauges (under the record's lock, so that
+    /// two updates cannot leave them out of step with it), and signals a
+    /// transition.
     fn update(&self, change: impl FnOnce(&mut AccountHealth)) {
         let mut record = self.write();
         let before = record.needs_login.is_some();
         change(&mut record);
         let after = record.needs_login.is_some();
-        let expiry = record.access_token_expires_at;
-        drop(record);
         self.needs_login_gauge.set(i64::from(after));
-        if let Some(expires_at) = expiry {
+        if let Some(expires_at) = record.access_token_expires_at {
             let gauge = self.expiry_gauge.get_or_init(|| {
                 crate::metrics::get()
                     .access_token_expiry
@@ -305,6 +306,7 @@ impl Slot {
             });
             gauge.set(i64::try_from(expires_at).unwrap_or(i64::MAX));
         }
+        drop(record);
         if before != after {
             self.transitions.send_modify(|n| *n += 1);
         }

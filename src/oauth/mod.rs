@@ -175,10 +175,7 @@ impl TokenManager {
     /// account; an account busy with a refresh is left to it.
     pub fn look_for_new_grants(&self) {
         for entry in self.accounts.values() {
-            let needs_login = self
-                .health(&entry.account.username)
-                .is_some_and(|h| h.needs_login.is_some());
-            if needs_login {
+            if entry.health.needs_login() {
                 self.look_at_grant(entry);
             }
         }
@@ -399,7 +396,6 @@ impl TokenManager {
         if cached.grant.access_token.as_ref() == Some(token) {
             cached.grant.access_token = None;
             cached.grant.expires_at = None;
-            entry.health.token_dropped();
         }
     }
 
