@@ -482,6 +482,8 @@ enum Posted {
     Retry(String),
     /// Refused for good (a 4xx other than 429).
     Refused(reqwest::StatusCode),
+    /// Not worth another try (its certificate is not trusted): why.
+    Hopeless(String),
 }
 
 /// Posts `event` with the settings in force at each try, retrying with
@@ -504,6 +506,14 @@ async fn post(settings: &watch::Receiver<Arc<Settings>>, event: &Event) {
                 warn!(
                     account = %event.account,
                     "the webhook at {host} refused the {} event ({status}); not retried: check admin.notify_url and what the receiver expects",
+                    event.kind.as_str()
+                );
+                return;
+            }
+            Posted::Hopeless(why) => {
+                warn!(
+                    account = %event.account,
+                    "the webhook at {host} {why}; the {} event is not sent",
                     event.kind.as_str()
                 );
                 return;
@@ -546,18 +556,24 @@ async fn try_post(client: &reqwest::Client, url: &Secret, body: bytes::Bytes) ->
             r.status()
         )),
         Ok(r) => Posted::Refused(r.status()),
-        Err(e) => Posted::Retry(failure(e)),
+        Err(e) => failure(e),
     }
 }
 
 /// A failed request as a sentence without the URL (reqwest's own message
 /// names it, and the URL may hold the webhook's key).
-fn failure(e: reqwest::Error) -> String {
+fn failure(e: reqwest::Error) -> Posted {
     if e.is_timeout() {
-        return "did not answer within admin.notify_timeout".to_string();
+        return Posted::Retry("did not answer within admin.notify_timeout".to_string());
     }
     let e = e.without_url();
-    format!("could not be reached ({})", crate::error::chain(&e))
+    let chain = crate::error::chain(&e);
+    if chain.contains("certificate") {
+        return Posted::Hopeless(format!(
+            "presented a TLS certificate that is not trusted ({chain}); give the webhook a certificate from a public CA, or add its CA to the system's trust store and restart"
+        ));
+    }
+    Posted::Retry(format!("could not be reached ({chain})"))
 }
 
 /// A webhook reached over plain HTTP beyond this machine: its URL (and a

@@ -431,3 +431,32 @@ async fn a_webhook_that_answers_500_gets_the_event_again_and_its_url_is_never_lo
     let event: serde_json::Value = serde_json::from_slice(&third.body).unwrap();
     assert_eq!(event["event"], "recovered");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_whose_certificate_is_not_trusted_is_never_sent_the_event() {
+    let world = World::start().await;
+    // A TLS webhook with the test CA's certificate, which the system roots
+    // the proxy trusts do not include.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = world.pki.acceptor();
+    let (handshakes, mut outcomes) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = handshakes.send(acceptor.accept(stream).await.is_ok());
+        }
+    });
+    let admin = format!("notify_url = \"https://localhost:{port}/hooks/hook-key-Tt5\"");
+    let proxy = start(&world, false, &admin).await;
+    proxy
+        .wait_for_log(
+            "the webhook at localhost presented a TLS certificate that is not trusted",
+            T,
+        )
+        .await;
+    let handshake = tokio::time::timeout(T, outcomes.recv()).await.unwrap();
+    assert_eq!(handshake, Some(false), "the proxy refused the certificate");
+    let logs = proxy.logs();
+    assert!(logs.contains("the needs_login event is not sent"), "{logs}");
+    assert!(!logs.contains("hook-key-Tt5"), "{logs}");
+}
