@@ -697,6 +697,24 @@ mod tests {
         assert_eq!(kinds(&mut events), []);
     }
 
+    #[tokio::test]
+    async fn a_sink_that_does_not_keep_up_drops_events_past_its_queue() {
+        let (command, mut commands) = mpsc::channel(QUEUE);
+        let (webhook, mut webhooks) = mpsc::channel(QUEUE);
+        let sinks = Sinks { command, webhook };
+        let admin = AdminSection {
+            notify_url: Some(Secret::new("https://hooks.example.com/x".into())),
+            ..Default::default()
+        };
+        let settings = Settings::new(&admin);
+        for _ in 0..3 * QUEUE {
+            let event = Event::new(EventKind::NeedsLogin, &health(Some(1)), "http://x");
+            sinks.send(event, &settings);
+        }
+        assert_eq!(kinds(&mut webhooks).len(), QUEUE, "bounded");
+        assert!(kinds(&mut commands).is_empty(), "no notify_command");
+    }
+
     #[test]
     fn the_webhook_body_has_every_field_and_a_message() {
         let event = Event {
