@@ -142,6 +142,7 @@ pub async fn run(
     let health = Health::default();
     let shared = Arc::new(Shared::new(config, &guard, &health)?);
     shared.prepare_state_dir()?;
+    shared.tokens.publish_health();
 
     let Listeners {
         imap,
@@ -310,7 +311,11 @@ async fn look_for_new_grants(current: Current, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = looks.tick() => current.borrow().tokens.look_for_new_grants(),
+            _ = looks.tick() => {
+                // Cloned out, so that a reload does not wait for the files.
+                let shared = current.borrow().clone();
+                shared.tokens.look_for_new_grants();
+            }
         }
     }
 }
@@ -410,6 +415,7 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting:
             );
         }
     }
+    shared.tokens.publish_health();
     lasting.notifier.reconfigure(&shared.config.admin);
     let added = shared
         .config

@@ -270,11 +270,23 @@ async fn a_reload_keeps_the_accounts_state_and_sends_no_duplicate() {
     }
     assert_eq!(metric(&proxy, &needs_login_series()).await, Some(1.0));
 
-    // The next event is the recovery: a duplicate from the reloads would
-    // have come before it.
+    // A reload refused late (its [tls] files do not exist) that would add
+    // an account without a grant: the record does not take the account.
+    let config = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let refused = format!(
+        "{config}\n[[accounts]]\nusername = \"new@contoso.com\"\npassword = \"pw\"\nprovider = \"test\"\n\n[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n"
+    );
+    std::fs::write(&proxy.config_path, refused).unwrap();
+    proxy.reload();
+    proxy.wait_for_log("reload refused", T).await;
+    assert!(!metrics(&proxy).await.contains("new@contoso.com"));
+
+    // The next event is the recovery: a duplicate from the reloads, or an
+    // event for the refused config's account, would have come before it.
     world.grant(&proxy, &AccountSpec::device(USER, PASS));
     let runs = until_recorded(&events, 2, &proxy).await;
     assert_eq!(kinds(&runs), ["needs_login", "recovered"]);
+    assert!(runs.iter().all(|r| r["XOAUTH2_PROXY_ACCOUNT"] == USER));
 }
 
 #[tokio::test(flavor = "multi_thread")]

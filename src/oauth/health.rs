@@ -12,6 +12,9 @@
 //! once (as `accounts::LoginGuard` is) and every `TokenManager` a reload
 //! builds picks up the same per-account slots. So a reload neither forgets
 //! that an account needs login nor makes it look new to whoever is told.
+//! A manager's accounts become the record's only when its config is put in
+//! force ([`Health::adopt`]): a reload that is refused after the manager was
+//! built leaves the record as it was.
 //!
 //! Readers (the notifier, the console) take a snapshot with [`Health::get`]
 //! or [`Health::all`] and wait for transitions with [`Health::subscribe`]: a
@@ -146,43 +149,31 @@ impl Health {
         self.inner.transitions.subscribe()
     }
 
-    /// The slot of `account`, made if it is new to the process; a known one
-    /// keeps its state (a reload) and takes the account's current mailbox.
+    /// The slot of `account`: the one the record holds (its state goes on
+    /// across a reload), else a new one, not in the record until adopted.
     pub(super) fn slot(&self, account: &Account) -> Arc<Slot> {
-        let mut slots = lock(&self.inner.slots);
-        let key = account.username.to_lowercase();
-        if let Some(slot) = slots.get(&key) {
-            let mut record = slot.write();
-            record.username.clone_from(&account.username);
-            record.mailbox.clone_from(&account.mailbox);
-            record.delegated = account.flow.is_delegated();
-            drop(record);
-            return slot.clone();
+        let slots = lock(&self.inner.slots);
+        match slots.get(&account.username.to_lowercase()) {
+            Some(slot) => slot.clone(),
+            None => Arc::new(Slot::new(account, self.inner.transitions.clone())),
         }
-        let slot = Arc::new(Slot::new(account, self.inner.transitions.clone()));
-        slots.insert(key, slot.clone());
-        drop(slots);
-        self.inner.transitions.send_modify(|n| *n += 1);
-        slot
     }
 
-    /// Forgets the accounts no longer configured (after a reload), and
-    /// their metric series.
-    pub(super) fn keep_only<'a>(&self, usernames: impl IntoIterator<Item = &'a str>) {
-        let keep: std::collections::HashSet<String> =
-            usernames.into_iter().map(str::to_lowercase).collect();
-        let mut removed = false;
-        lock(&self.inner.slots).retain(|key, slot| {
-            let kept = keep.contains(key);
-            if !kept {
-                slot.forget_metrics();
-                removed = true;
-            }
-            kept
-        });
-        if removed {
-            self.inner.transitions.send_modify(|n| *n += 1);
+    /// Makes `slots` (a token manager's, by lower-case username) the
+    /// accounts the record reports, with their metric series; the accounts
+    /// no longer configured are forgotten, series and all.
+    pub(super) fn adopt(&self, slots: impl IntoIterator<Item = (String, Arc<Slot>)>) {
+        let adopted: BTreeMap<String, Arc<Slot>> = slots.into_iter().collect();
+        for slot in adopted.values() {
+            slot.show_metrics();
         }
+        let before = std::mem::replace(&mut *lock(&self.inner.slots), adopted.clone());
+        for (key, slot) in before {
+            if !adopted.contains_key(&key) {
+                slot.forget_metrics();
+            }
+        }
+        self.inner.transitions.send_modify(|n| *n += 1);
     }
 }
 
@@ -191,28 +182,44 @@ pub(super) struct Slot {
     record: Mutex<AccountHealth>,
     transitions: watch::Sender<u64>,
     labels: AccountLabels,
-    needs_login_gauge: Gauge,
-    /// Made at the first known expiry, so that an account without a token
-    /// has no series (a 0 would read as an expiry in 1970).
+    /// Made when the record adopts the slot: an account of a config never
+    /// put in force has no series.
+    needs_login_gauge: OnceLock<Gauge>,
+    /// Made at the first known expiry after that, so that an account
+    /// without a token has no series (a 0 would read as an expiry in 1970).
     expiry_gauge: OnceLock<Gauge>,
 }
 
 impl Slot {
     fn new(account: &Account, transitions: watch::Sender<u64>) -> Self {
-        let labels = AccountLabels {
-            account: account.username.clone(),
-        };
-        let needs_login_gauge = crate::metrics::get()
-            .account_needs_login
-            .get_or_create_owned(&labels);
-        needs_login_gauge.set(0);
         Slot {
             record: Mutex::new(AccountHealth::new(account)),
             transitions,
-            labels,
-            needs_login_gauge,
+            labels: AccountLabels {
+                account: account.username.clone(),
+            },
+            needs_login_gauge: OnceLock::new(),
             expiry_gauge: OnceLock::new(),
         }
+    }
+
+    /// Takes the account's names and flow as the config in force spells
+    /// them (a reload may have changed its mailbox).
+    pub(super) fn identify(&self, account: &Account) {
+        let mut record = self.write();
+        record.username.clone_from(&account.username);
+        record.mailbox.clone_from(&account.mailbox);
+        record.delegated = account.flow.is_delegated();
+    }
+
+    /// Makes the slot's metric series (once) and sets them.
+    fn show_metrics(&self) {
+        self.needs_login_gauge.get_or_init(|| {
+            crate::metrics::get()
+                .account_needs_login
+                .get_or_create_owned(&self.labels)
+        });
+        self.update(|_| {});
     }
 
     fn read(&self) -> MutexGuard<'_, AccountHealth> {
@@ -297,8 +304,13 @@ impl Slot {
         let before = record.needs_login.is_some();
         change(&mut record);
         let after = record.needs_login.is_some();
-        self.needs_login_gauge.set(i64::from(after));
-        if let Some(expires_at) = record.access_token_expires_at {
+        if let Some(gauge) = self.needs_login_gauge.get() {
+            gauge.set(i64::from(after));
+        }
+        if let Some(expires_at) = record
+            .access_token_expires_at
+            .filter(|_| self.needs_login_gauge.get().is_some())
+        {
             let gauge = self.expiry_gauge.get_or_init(|| {
                 crate::metrics::get()
                     .access_token_expiry
@@ -369,6 +381,14 @@ mod tests {
         }
     }
 
+    /// The slot of `account` in `health`, put in force alone (what a token
+    /// manager of one account does at start).
+    fn adopted(health: &Health, account: &Account) -> Arc<Slot> {
+        let slot = health.slot(account);
+        health.adopt([(account.username.to_lowercase(), slot.clone())]);
+        slot
+    }
+
     fn grant(refresh_token: Option<&str>, needs_login: bool) -> StoredGrant {
         StoredGrant {
             refresh_token: refresh_token.map(|t| Secret::new(t.into())),
@@ -385,7 +405,7 @@ mod tests {
     fn an_account_needs_login_without_a_grant_or_after_a_refusal_and_not_after_a_refresh() {
         let health = Health::default();
         let mut changes = health.subscribe();
-        let slot = health.slot(&account("Sales@contoso.com", Flow::DeviceCode));
+        let slot = adopted(&health, &account("Sales@contoso.com", Flow::DeviceCode));
         changes.mark_unchanged();
 
         slot.grant_read(&grant(None, false));
@@ -437,7 +457,7 @@ mod tests {
     #[test]
     fn a_grant_marked_refused_on_disk_needs_login_with_its_sentence() {
         let health = Health::default();
-        let slot = health.slot(&account("a@contoso.com", Flow::DeviceCode));
+        let slot = adopted(&health, &account("a@contoso.com", Flow::DeviceCode));
         slot.grant_read(&grant(Some("rt"), true));
         let needs = health.get("a@contoso.com").unwrap().needs_login.unwrap();
         assert_eq!(needs.since, 1000);
@@ -458,7 +478,10 @@ mod tests {
     #[test]
     fn app_only_accounts_never_need_login_and_errors_show_until_the_next_token() {
         let health = Health::default();
-        let slot = health.slot(&account("app@contoso.com", Flow::ClientCredentials));
+        let slot = adopted(
+            &health,
+            &account("app@contoso.com", Flow::ClientCredentials),
+        );
         slot.grant_read(&grant(None, false));
         assert_eq!(
             health.get("app@contoso.com").unwrap().state(),
@@ -479,20 +502,57 @@ mod tests {
     #[test]
     fn a_reload_keeps_the_state_of_known_accounts_and_forgets_removed_ones() {
         let health = Health::default();
-        let kept = health.slot(&account("kept@contoso.com", Flow::DeviceCode));
-        kept.refused("revoked", 10);
-        health.slot(&account("gone@contoso.com", Flow::DeviceCode));
+        let first = [
+            account("kept@contoso.com", Flow::DeviceCode),
+            account("gone@contoso.com", Flow::DeviceCode),
+        ];
+        let slots: Vec<_> = first.iter().map(|a| health.slot(a)).collect();
+        health.adopt(
+            first
+                .iter()
+                .zip(&slots)
+                .map(|(a, s)| (a.username.clone(), s.clone())),
+        );
+        slots[0].refused("revoked", 10);
+        let series = |name: &str| {
+            let text = crate::metrics::get().encode();
+            text.contains(&format!("needs_login{{account=\"{name}\"}}"))
+        };
+        assert!(series("gone@contoso.com"));
+
+        // A new token manager's slots, of a config that may yet be refused:
+        // the record does not change until they are adopted.
+        let new = account("new@contoso.com", Flow::DeviceCode);
+        let kept = account("KEPT@contoso.com", Flow::DeviceCode);
+        let (new_slot, kept_slot) = (health.slot(&new), health.slot(&kept));
+        assert!(Arc::ptr_eq(&kept_slot, &slots[0]), "the same state");
+        new_slot.grant_read(&grant(None, false));
+        assert!(health.get("new@contoso.com").is_none());
+        assert!(!series("new@contoso.com"), "no series before adoption");
+
         let mut changes = health.subscribe();
         changes.mark_unchanged();
-
-        // What a new token manager does for the new config.
-        let again = health.slot(&account("KEPT@contoso.com", Flow::DeviceCode));
-        health.keep_only(["KEPT@contoso.com"]);
-        assert!(Arc::ptr_eq(&kept, &again));
-        assert_eq!(health.all().len(), 1);
-        let h = health.get("kept@contoso.com").unwrap();
-        assert_eq!(h.username, "KEPT@contoso.com");
-        assert_eq!(h.needs_login.unwrap().since, 10);
+        kept_slot.identify(&kept);
+        health.adopt([
+            ("kept@contoso.com".to_string(), kept_slot),
+            ("new@contoso.com".to_string(), new_slot),
+        ]);
         assert!(changes.has_changed().unwrap(), "the accounts changed");
+        let names: Vec<_> = health.all().into_iter().map(|h| h.username).collect();
+        assert_eq!(names, ["KEPT@contoso.com", "new@contoso.com"]);
+        assert_eq!(
+            health
+                .get("kept@contoso.com")
+                .unwrap()
+                .needs_login
+                .unwrap()
+                .since,
+            10
+        );
+        assert!(
+            !series("gone@contoso.com"),
+            "a removed account's series goes"
+        );
+        assert!(series("new@contoso.com"));
     }
 }

@@ -119,9 +119,8 @@ struct Cached {
 impl TokenManager {
     /// The token state of `config`'s accounts, their grants in `store`.
     /// Their standing goes to `health`, which the process keeps across
-    /// reloads: known accounts keep theirs, removed ones are forgotten, and
-    /// every grant is read once now so that an account that needs `login`
-    /// shows it before any client comes.
+    /// reloads (known accounts keep theirs) once
+    /// [`publish_health`](Self::publish_health) puts them in it.
     pub fn new(config: &Config, store: TokenStore, health: &Health) -> Result<Self, String> {
         let mut providers = HashMap::new();
         for (name, p) in &config.providers {
@@ -145,16 +144,26 @@ impl TokenManager {
                 (a.username.to_lowercase(), Arc::new(tokens))
             })
             .collect();
-        health.keep_only(config.accounts.iter().map(|a| a.username.as_str()));
-        let manager = TokenManager {
+        Ok(TokenManager {
             accounts,
             store,
             health: health.clone(),
-        };
-        for entry in manager.accounts.values() {
-            manager.survey(entry);
+        })
+    }
+
+    /// Makes this manager's accounts the ones the health record reports,
+    /// when its config is put in force (at start, at a reload that is
+    /// accepted): removed accounts are forgotten, and every grant is read
+    /// once, so that an account that needs `login` shows it before any
+    /// client comes.
+    pub fn publish_health(&self) {
+        for entry in self.accounts.values() {
+            entry.health.identify(&entry.account);
+            self.survey(entry);
         }
-        Ok(manager)
+        let slots = self.accounts.iter();
+        self.health
+            .adopt(slots.map(|(key, entry)| (key.clone(), entry.health.clone())));
     }
 
     /// The health of `username`'s account (case-insensitive): whether it
