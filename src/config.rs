@@ -240,7 +240,28 @@ pub struct AdminSection {
     /// client that stops reading its response), is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The admin listener's address as people's browsers reach it: the
+    /// link notifications carry.
+    pub public_url: String,
+    /// A program (and its arguments) run, never through a shell, when an
+    /// account starts needing `login`, again every `notify_repeat`, and once
+    /// when it recovers; empty: none.
+    pub notify_command: Vec<String>,
+    /// A webhook that gets the same events as a JSON POST. A secret: Slack
+    /// and Teams put their key in the URL.
+    pub notify_url: Option<Secret>,
+    /// How often a `needs_login` event is repeated while the account still
+    /// needs login; 0: never.
+    #[serde(with = "humantime_serde")]
+    pub notify_repeat: Duration,
+    /// How long `notify_command` may run (then it is killed), and one
+    /// `notify_url` request may take.
+    #[serde(with = "humantime_serde")]
+    pub notify_timeout: Duration,
 }
+
+/// The default of `admin.public_url`.
+pub const DEFAULT_PUBLIC_URL: &str = "http://localhost:8025";
 
 impl Default for AdminSection {
     fn default() -> Self {
@@ -249,6 +270,11 @@ impl Default for AdminSection {
             max_connections: 64,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            public_url: DEFAULT_PUBLIC_URL.to_string(),
+            notify_command: Vec::new(),
+            notify_url: None,
+            notify_repeat: Duration::from_secs(24 * 3600),
+            notify_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -521,6 +547,7 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 
 fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     check_limits(path, &raw.server, &raw.smtp, &raw.admin)?;
+    check_notify(path, &raw.admin)?;
     check_tls(path, &raw)?;
     let mut providers = BTreeMap::new();
     for (name, p) in raw.providers {
@@ -584,6 +611,55 @@ fn check_limits(
         Some((key, _)) => Err(ConfigError::at(path, key, "must be at least 1")),
         None => Ok(()),
     }
+}
+
+/// The notification keys: a program named by its absolute path (no shell,
+/// no `PATH` search), HTTP(S) URLs, a timeout. An error never quotes
+/// `notify_url`: it may hold a webhook's key.
+fn check_notify(path: &Path, admin: &AdminSection) -> Result<(), ConfigError> {
+    if let Some(program) = admin.notify_command.first()
+        && !Path::new(program).is_absolute()
+    {
+        return Err(ConfigError::at(
+            path,
+            "admin.notify_command",
+            format!(
+                "`{program}` is not an absolute path; name the program in full (e.g. \"/usr/local/bin/notify\"): it is run without a shell or a PATH search"
+            ),
+        ));
+    }
+    if let Some(url) = &admin.notify_url
+        && !is_http_url(url.expose())
+    {
+        return Err(ConfigError::at(
+            path,
+            "admin.notify_url",
+            "is not an http:// or https:// URL with a host; give the webhook's full address",
+        ));
+    }
+    if !is_http_url(&admin.public_url) {
+        return Err(ConfigError::at(
+            path,
+            "admin.public_url",
+            format!(
+                "`{}` is not an http:// or https:// URL with a host; give the address browsers use to reach the admin listener (e.g. \"{DEFAULT_PUBLIC_URL}\")",
+                admin.public_url
+            ),
+        ));
+    }
+    if admin.notify_timeout.is_zero() {
+        return Err(ConfigError::at(
+            path,
+            "admin.notify_timeout",
+            "must be more than 0 (e.g. \"30s\")",
+        ));
+    }
+    Ok(())
+}
+
+fn is_http_url(text: &str) -> bool {
+    reqwest::Url::parse(text)
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 /// `[tls]` names both files or neither, and some names; a TLS listener
@@ -1082,6 +1158,44 @@ provider = "contoso"
     }
 
     #[test]
+    fn notify_keys_default_and_bad_ones_are_refused_without_quoting_the_webhook() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.admin.public_url, "http://localhost:8025");
+        assert!(c.admin.notify_command.is_empty() && c.admin.notify_url.is_none());
+        assert_eq!(c.admin.notify_repeat, Duration::from_secs(24 * 3600));
+        let with = |admin: &str| parse(&format!("[admin]\n{admin}\n{MINIMAL}"));
+        let c = with(
+            "notify_command = [\"/usr/local/bin/alert\", \"ops\"]\nnotify_url = \"https://hooks.example.com/T/B/key\"\nnotify_repeat = \"1h\"",
+        )
+        .unwrap();
+        assert_eq!(c.admin.notify_command, ["/usr/local/bin/alert", "ops"]);
+        assert_eq!(c.admin.notify_repeat, Duration::from_secs(3600));
+        assert!(
+            !format!("{c:?}").contains("/T/B/key"),
+            "the URL is a secret"
+        );
+
+        let err = with("notify_command = [\"alert\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.notify_command") && err.contains("absolute path"),
+            "{err}"
+        );
+        let err = with("notify_url = \"hooks.example.com/T/B/hook-key\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.notify_url"), "{err}");
+        assert!(!err.contains("hook-key"), "{err}");
+        let err = with("public_url = \"localhost:8025\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.public_url"), "{err}");
+        let err = with("notify_timeout = \"0s\"").unwrap_err().to_string();
+        assert!(err.contains("admin.notify_timeout"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let err = parse(&MINIMAL.replace(
             "provider = \"contoso\"",
@@ -1213,6 +1327,11 @@ provider = "contoso"
             "cert_file",
             "key_file",
             "names",
+            "public_url",
+            "notify_command",
+            "notify_url",
+            "notify_repeat",
+            "notify_timeout",
         ] {
             assert!(
                 text.lines()
