@@ -54,6 +54,8 @@ pub struct Config {
     pub admin: AdminSection,
     /// TLS towards the clients; `None` keeps every listener plain.
     pub tls: Option<TlsSection>,
+    /// Where grants are kept: files under the state directory, or PostgreSQL.
+    pub store: StoreSection,
     pub providers: BTreeMap<String, Provider>,
     pub accounts: Vec<Account>,
 }
@@ -253,6 +255,41 @@ impl Default for AdminSection {
     }
 }
 
+/// `[store]`: where grants are kept. Replicas that share one PostgreSQL
+/// database share their grants and refresh each one once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub kind: StoreKind,
+    /// The PostgreSQL connection URL; it may hold a password, so it is a
+    /// secret (never logged).
+    pub url: Option<Secret>,
+    /// A file holding the URL (a Docker or Kubernetes secret); read at load.
+    pub url_file: Option<PathBuf>,
+    /// The schema the tables live in; created on first start.
+    pub schema: String,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            kind: StoreKind::File,
+            url: None,
+            url_file: None,
+            schema: "xoauth2_proxy".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// One file per account under `state_dir/tokens` (the default).
+    File,
+    /// One row per account in a PostgreSQL database.
+    Postgres,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
@@ -418,6 +455,8 @@ struct RawConfig {
     admin: AdminSection,
     tls: Option<TlsSection>,
     #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
@@ -528,6 +567,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         providers.insert(name, provider);
     }
     let accounts = validate_accounts(path, raw.accounts, &providers)?;
+    let store = validate_store(path, raw.store)?;
     Ok(Config {
         path: path.to_path_buf(),
         server: raw.server,
@@ -535,6 +575,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         smtp: raw.smtp,
         admin: raw.admin,
         tls: raw.tls,
+        store,
         providers,
         accounts,
     })
@@ -855,6 +896,59 @@ fn read_secret_file(t: &Table, file: &Path) -> Result<Secret, ConfigError> {
         return Err(t.error("client_secret_file", format!("{} is empty", file.display())));
     }
     Ok(Secret::new(secret.to_string()))
+}
+
+/// `[store]`: PostgreSQL needs its URL (inline or from `url_file`, which is
+/// read here), and the schema must be a plain SQL name.
+fn validate_store(path: &Path, mut store: StoreSection) -> Result<StoreSection, ConfigError> {
+    let at = |key: &str, what: String| ConfigError::at(path, &format!("store.{key}"), what);
+    let plain_name = |s: &str| {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && s.len() <= 63
+    };
+    if !plain_name(&store.schema) {
+        return Err(at(
+            "schema",
+            format!(
+                "{:?} is not a plain SQL name; use lower-case letters, digits and _ (like xoauth2_proxy)",
+                store.schema
+            ),
+        ));
+    }
+    match (&store.url, store.url_file.take()) {
+        (Some(_), Some(_)) => {
+            return Err(at("url", "give either url or url_file, not both".into()));
+        }
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                at(
+                    "url_file",
+                    format!(
+                        "cannot read {}: {}",
+                        file.display(),
+                        crate::error::io_reason(&e)
+                    ),
+                )
+            })?;
+            if text.trim().is_empty() {
+                return Err(at("url_file", format!("{} is empty", file.display())));
+            }
+            store.url = Some(Secret::new(text.trim().to_string()));
+            store.url_file = Some(file);
+        }
+        _ => {}
+    }
+    if store.kind == StoreKind::Postgres && store.url.is_none() {
+        return Err(at(
+            "url",
+            "kind = \"postgres\" needs the database's URL: set url (postgres://USER:PASSWORD@HOST:5432/DB) or url_file".into(),
+        ));
+    }
+    Ok(store)
 }
 
 /// A provider's identity provider endpoints, checked.
@@ -1213,6 +1307,9 @@ provider = "contoso"
             "cert_file",
             "key_file",
             "names",
+            "url",
+            "url_file",
+            "schema",
         ] {
             assert!(
                 text.lines()

@@ -137,7 +137,7 @@ pub async fn run(
     // process: each reload's `Shared` gets the same guard.
     let guard = LoginGuard::new(&config.server);
     let shared = Arc::new(Shared::new(config, &guard)?);
-    shared.prepare_state_dir()?;
+    shared.prepare_state_dir().await?;
 
     let Listeners {
         imap,
@@ -211,13 +211,13 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(()) = reloads.recv() => reload(&config_path, &publish, &guard),
+            Some(()) = reloads.recv() => reload(&config_path, &publish, &guard).await,
             _ = renewal_check.tick() => {
                 let now = std::time::SystemTime::now();
                 let due = publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
                 if due {
                     info!("the proxy's server certificate ends within 30 days; renewing it");
-                    reload(&config_path, &publish, &guard);
+                    reload(&config_path, &publish, &guard).await;
                 }
             }
         }
@@ -274,7 +274,7 @@ async fn keep_grants_alive(mut current: Current, stop: CancellationToken) {
 /// Loads the config again and, if it is good, puts it in force for new
 /// connections. A bad config is refused and the old one stays; so is one
 /// without accounts (an emptied or half-written file would fail every login).
-fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, guard: &LoginGuard) {
+async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, guard: &LoginGuard) {
     let config = match Config::load(path) {
         Ok(c) if c.accounts.is_empty() => {
             error!(
@@ -335,7 +335,11 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, guard: &
             "`server.password_checks` or `password_check_queue` changed; they apply from the next restart"
         );
     }
-    let shared = match Shared::new(config, guard).and_then(|s| s.prepare_state_dir().map(|_| s)) {
+    let prepared = match Shared::new(config, guard) {
+        Ok(s) => s.prepare_state_dir().await.map(|()| s),
+        Err(e) => Err(e),
+    };
+    let shared = match prepared {
         Ok(s) => Arc::new(s),
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
