@@ -25,6 +25,16 @@ pub async fn run(config: Config) -> Result<bool, String> {
             say(false, &e);
         }
     }
+    let store = shared.tokens.store();
+    if store.shared() {
+        match store.probe().await {
+            Ok(()) => say(true, &format!("grant store {} answers", store.describe())),
+            Err(e) => {
+                all_ok = false;
+                say(false, &e);
+            }
+        }
+    }
     if shared.config.accounts.is_empty() {
         say(
             false,

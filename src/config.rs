@@ -1251,6 +1251,38 @@ provider = "contoso"
     }
 
     #[test]
+    fn the_store_is_files_unless_postgres_is_given_with_its_url() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.store.kind, StoreKind::File);
+        assert_eq!(c.store.schema, "xoauth2_proxy");
+        let no_url = format!("{MINIMAL}\n[store]\nkind = \"postgres\"\n");
+        let e = parse(&no_url).unwrap_err().to_string();
+        assert!(e.contains("`store.url`") && e.contains("url_file"), "{e}");
+        let bad_schema = format!("{MINIMAL}\n[store]\nschema = \"a; DROP TABLE x\"\n");
+        let e = parse(&bad_schema).unwrap_err().to_string();
+        assert!(
+            e.contains("`store.schema`") && e.contains("plain SQL name"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db-url");
+        std::fs::write(&file, "postgres://u:SECRET@db/app\n").unwrap();
+        let from_file = format!(
+            "{MINIMAL}\n[store]\nkind = \"postgres\"\nurl_file = \"{}\"\n",
+            file.display()
+        );
+        let c = parse(&from_file).unwrap();
+        assert_eq!(c.store.kind, StoreKind::Postgres);
+        let url = c.store.url.as_ref().unwrap();
+        assert_eq!(url.expose(), "postgres://u:SECRET@db/app");
+        assert!(!format!("{:?}", c.store).contains("SECRET"), "a secret");
+        let both = from_file.replace("url_file", "url = \"x\"\nurl_file");
+        let e = parse(&both).unwrap_err().to_string();
+        assert!(e.contains("either url or url_file"), "{e}");
+    }
+
+    #[test]
     fn client_credentials_needs_a_secret() {
         let text = MINIMAL.replace("client_secret = \"s3cret\"", "").replace(
             "provider = \"contoso\"",

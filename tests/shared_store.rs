@@ -402,3 +402,44 @@ async fn store_migrate_both_ways_keeps_every_grant_sealed_too() {
     let refreshes = world.idp.counts().refresh_grants;
     assert_eq!(refreshes, 2, "one refresh per account, before the copies");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_the_database_verifies_its_certificate() {
+    let (world, mut pg) = (World::start().await, TestPostgres::start().await);
+    let chain = format!("{}{}", world.pki.cert_pem, world.pki.ca_pem);
+    pg.use_tls(&chain, &world.pki.key_pem).await;
+    let plain = pg.url();
+    let url = |query: &str| plain.replace("sslmode=disable", query);
+    let trusting = url(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        world.pki.ca_pem_path.display()
+    ));
+    let proxy = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{trusting}\"\n")
+    })
+    .await;
+    grants_without_access_tokens(&world, &proxy, &[USER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+    let over_tls = pg
+        .psql(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'xoauth2-proxy' AND s.ssl",
+        )
+        .await;
+    assert_ne!(over_tls, "0", "the proxy's connections use TLS");
+
+    // The test CA is not among the system's: without sslrootcert the
+    // server's certificate is refused, whatever sslmode says.
+    let untrusting = url("sslmode=require");
+    let stranger = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{untrusting}\"\n")
+    })
+    .await;
+    let out = stranger.cli(&["store", "migrate", "--to", "file"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
+    let answer = login(&stranger, USER, "pw").await;
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+}

@@ -152,6 +152,27 @@ impl TestPostgres {
             .unwrap();
     }
 
+    /// Restarts the server with TLS on, presenting `cert_pem` (the chain)
+    /// and `key_pem`; clients may still connect without TLS.
+    pub async fn use_tls(&mut self, cert_pem: &str, key_pem: &str) {
+        self.stop().await;
+        let data = self.dir.path().join("data");
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if self.as_nobody {
+            chown_nobody(&cert);
+            chown_nobody(&key);
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\n");
+        std::fs::write(&conf, text).unwrap();
+        self.start_again().await;
+    }
+
     /// Runs `sql` with psql as `postgres` and returns its output (rows one
     /// a line, columns split by `|`).
     pub async fn psql(&self, sql: &str) -> String {

@@ -145,9 +145,14 @@ impl PostgresStore {
     }
 
     /// The sentence for a database that does not answer (or refuses).
-    fn down(&self, e: impl std::fmt::Display) -> String {
+    fn down(&self, reason: String) -> String {
+        let advice = if reason.contains("certificate") {
+            "the database's TLS certificate is not trusted: add sslrootcert=/path/to/ca.pem (its CA) to [store] url, or fix the certificate's names"
+        } else {
+            "check that the database is up and that [store] url is right"
+        };
         format!(
-            "the grant store (PostgreSQL {}) cannot be used: {e}; check that the database is up and that [store] url is right",
+            "the grant store (PostgreSQL {}) cannot be used: {reason}; {advice}",
             self.inner.place
         )
     }
@@ -171,7 +176,12 @@ impl PostgresStore {
 
     /// A pooled connection, once the schema is migrated.
     async fn client(&self) -> Result<deadpool_postgres::Object, String> {
-        let mut client = self.inner.pool.get().await.map_err(|e| self.down(e))?;
+        let mut client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.down(chain(&e)))?;
         let mut migrated = self.inner.migrated.lock().await;
         if !*migrated {
             self.migrate(&mut client).await?;
@@ -189,10 +199,13 @@ impl PostgresStore {
             format!(
                 "cannot prepare schema {schema} in PostgreSQL {}: {}; the role in [store] url needs its own schema (docs/shared-store.md has the SQL that makes one)",
                 self.inner.place,
-                db_reason(&e)
+                chain(&e)
             )
         };
-        let tx = client.transaction().await.map_err(|e| self.down(e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.down(chain(&e)))?;
         let lock_key = format!("xoauth2-proxy/{schema}/migrations");
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
@@ -265,7 +278,7 @@ impl PostgresStore {
                     .connect
                     .connect(NoTls)
                     .await
-                    .map_err(|e| self.down(e))?;
+                    .map_err(|e| self.down(chain(&e)))?;
                 tokio::spawn(connection);
                 client
             }
@@ -274,7 +287,7 @@ impl PostgresStore {
                     .connect
                     .connect(tls.clone())
                     .await
-                    .map_err(|e| self.down(e))?;
+                    .map_err(|e| self.down(chain(&e)))?;
                 tokio::spawn(connection);
                 client
             }
@@ -296,7 +309,7 @@ impl PostgresStore {
         .await;
         match locked {
             Ok(Ok(_)) => Ok(GrantLock::new(client)),
-            Ok(Err(e)) => Err(self.down(e)),
+            Ok(Err(e)) => Err(self.down(chain(&e))),
             Err(_) => Err(format!(
                 "another process has held the refresh lock of {account} in PostgreSQL {} for over {}s; try again later",
                 self.inner.place,
@@ -390,13 +403,35 @@ impl PostgresStore {
     }
 }
 
+/// Why `e` happened, with its causes ("error performing TLS handshake:
+/// invalid peer certificate: UnknownIssuer"); the database's own message
+/// when it sent one.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = match e.downcast_ref::<tokio_postgres::Error>() {
+        Some(pg) => db_reason(pg),
+        None => e.to_string(),
+    };
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = match c.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => db_reason(pg),
+            None => c.to_string(),
+        };
+        if !reason.contains(&text) {
+            reason = format!("{reason}: {text}");
+        }
+        cause = c.source();
+    }
+    reason
+}
+
 /// One statement, bounded: a database that accepts connections and then
 /// stalls must not hold a login forever.
 async fn within<T>(
     query: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, String> {
     match tokio::time::timeout(DB_TIMEOUT, query).await {
-        Ok(result) => result.map_err(|e| db_reason(&e)),
+        Ok(result) => result.map_err(|e| chain(&e)),
         Err(_) => Err(format!(
             "the database did not answer within {}s",
             DB_TIMEOUT.as_secs()
