@@ -443,3 +443,32 @@ async fn tls_to_the_database_verifies_its_certificate() {
     let answer = login(&stranger, USER, "pw").await;
     assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_sql_gives_the_proxy_a_role_and_schema_of_its_own() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let snippet = include_str!("../packaging/shared-store.sql");
+    pg.psql(&snippet.replace("CHANGE-ME", "role-Secret-9x"))
+        .await;
+    // NocoBase's own table, which the proxy's role must not reach.
+    pg.psql("CREATE TABLE public.users (id int)").await;
+    let own_role = pg.url().replace(
+        &format!("postgres:{PASSWORD}@"),
+        "xoauth2_proxy:role-Secret-9x@",
+    );
+    let proxy = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{own_role}\"\n")
+    })
+    .await;
+    grants_without_access_tokens(&world, &proxy, &[USER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+    let tables = pg
+        .psql("SELECT tablename FROM pg_tables WHERE tableowner = 'xoauth2_proxy' ORDER BY 1")
+        .await;
+    assert_eq!(tables, "grants\nschema_migrations");
+    let reach = pg
+        .psql("SELECT has_table_privilege('xoauth2_proxy', 'public.users', 'SELECT')")
+        .await;
+    assert_eq!(reach, "f");
+    assert!(!proxy.logs().contains("role-Secret-9x"));
+}
