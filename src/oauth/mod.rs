@@ -2,11 +2,20 @@
 //!
 //! [`TokenManager::access_token`] is the one door the login path uses. Per
 //! account it holds an async mutex, so however many clients log in at once,
-//! one refresh runs and the others wait for its result (single flight). Each
-//! rotated refresh token is saved atomically before the new access token is
-//! handed out, so a crash never loses the grant. A save that fails (disk
-//! full) keeps the grant in memory and retries in the background
+//! one refresh runs and the others wait for its result (single flight).
+//! Across processes the store's lock does the same ([`store::TokenStore::lock`]:
+//! a lock file, or a database lock that every replica sharing a PostgreSQL
+//! store takes): under it the grant is read again, and refreshed only if the
+//! process that held the lock before did not just do it. Each rotated refresh
+//! token is saved (committed) before the new access token is handed out, so
+//! a crash never loses the grant. A save that fails (disk full, database
+//! gone) keeps the grant in memory and retries in the background
 //! ([`unsaved`]).
+//!
+//! With a shared store a replica uses its cached access token without asking
+//! the database, so logins go on while the database is down; a login that
+//! needs a refresh then gets "unavailable" (the client comes back later),
+//! never a refresh without the lock.
 //!
 //! [`TokenManager::keep_alive`] goes through the same door for grants nobody
 //! has used for a while: a refresh token unused for 90 days expires, and the
@@ -330,8 +339,9 @@ impl TokenManager {
                     fresh: false,
                 })
             }
+            // Already logged where it was found (the store logs an outage once).
             _ => {
-                warn!(account = %username, "no refresh: {e}");
+                debug!(account = %username, "no refresh: {e}");
                 Err(e)
             }
         }
@@ -426,7 +436,11 @@ impl TokenManager {
     /// A stored grant that cannot be used now: logged, and the client told
     /// to come back.
     fn unusable(&self, username: &str, e: LoadError) -> TokenError {
-        warn!(account = %username, "{e}");
+        match &e {
+            // The store says so once when it goes away, not at every login.
+            LoadError::Unavailable(_) => debug!(account = %username, "{e}"),
+            _ => warn!(account = %username, "{e}"),
+        }
         TokenError::Unavailable(e.to_string())
     }
 

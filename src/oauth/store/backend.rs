@@ -117,6 +117,8 @@ pub trait Backend: Send + Sync + 'static {
         account: &'a str,
         bytes: &'a [u8],
     ) -> Pending<'a, Result<Revision, String>>;
+    /// Removes `account`'s document; none there is not an error.
+    fn remove<'a>(&'a self, account: &'a str) -> Pending<'a, Result<(), String>>;
     /// Takes `account`'s lock across processes, waiting for it.
     fn lock<'a>(&'a self, account: &'a str) -> Pending<'a, Result<GrantLock, LockError>>;
     /// The accounts (lower-cased) that have a document, for `store migrate`.

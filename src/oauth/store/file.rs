@@ -174,6 +174,20 @@ impl FileStore {
             })
     }
 
+    /// Removes `username`'s grant file, if there is one.
+    fn remove_file(&self, username: &str) -> Result<(), String> {
+        let path = self.path(username);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!(
+                "cannot remove token file {}: {}; {FIX_PERMISSIONS}",
+                path.display(),
+                crate::error::io_reason(&e)
+            )),
+        }
+    }
+
     /// The accounts with a grant file: the names decoded (lower-cased).
     fn list(&self) -> Result<Vec<String>, String> {
         let entries = match std::fs::read_dir(&self.dir) {
@@ -271,6 +285,10 @@ impl Backend for FileStore {
         bytes: &'a [u8],
     ) -> Pending<'a, Result<Revision, String>> {
         ready(self.write_document(account, bytes))
+    }
+
+    fn remove<'a>(&'a self, account: &'a str) -> Pending<'a, Result<(), String>> {
+        ready(self.remove_file(account))
     }
 
     fn lock<'a>(&'a self, account: &'a str) -> Pending<'a, Result<GrantLock, LockError>> {

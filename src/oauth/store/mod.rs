@@ -271,6 +271,12 @@ impl TokenStore {
         self.backend.write(username, &bytes).await
     }
 
+    /// Deletes `username`'s grant (the account then needs `login`); none
+    /// there is not an error.
+    pub async fn forget(&self, username: &str) -> Result<(), String> {
+        self.backend.remove(username).await
+    }
+
     /// The file store under this store, if it is one (its paths).
     pub fn file(&self) -> Option<&FileStore> {
         self.backend.as_any().downcast_ref::<FileStore>()

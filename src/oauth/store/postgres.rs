@@ -365,6 +365,15 @@ impl PostgresStore {
         Ok(revision(row.get(0), row.get(1)))
     }
 
+    async fn delete_row(&self, account: &str) -> Result<(), String> {
+        let client = self.client().await?;
+        let sql = format!("DELETE FROM {} WHERE account = $1", self.table());
+        within(client.execute(&sql, &[&account.to_lowercase()]))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.down(e))
+    }
+
     async fn list(&self) -> Result<Vec<String>, String> {
         let client = self.client().await?;
         let sql = format!("SELECT account FROM {} ORDER BY account", self.table());
@@ -576,6 +585,10 @@ impl Backend for PostgresStore {
         Box::pin(async move { self.mark(self.write_row(account, bytes).await) })
     }
 
+    fn remove<'a>(&'a self, account: &'a str) -> Pending<'a, Result<(), String>> {
+        Box::pin(async move { self.mark(self.delete_row(account).await) })
+    }
+
     fn lock<'a>(&'a self, account: &'a str) -> Pending<'a, Result<GrantLock, LockError>> {
         Box::pin(async move {
             self.mark(self.take_lock(account).await)
@@ -609,6 +622,81 @@ mod tests {
         assert_eq!(config.get_ssl_mode(), SslMode::Require);
         assert_eq!(root, Some(PathBuf::from("/ca.pem")));
         assert_eq!(place(&config), "db.example:6543/app");
+    }
+
+    use crate::oauth::store::{StoredGrant, TokenStore};
+    use testkit::postgres::TestPostgres;
+
+    fn store(pg: &TestPostgres, schema: &str) -> PostgresStore {
+        PostgresStore::new(&Secret::new(pg.url()), schema).unwrap()
+    }
+
+    fn grant(refresh_token: &str) -> StoredGrant {
+        StoredGrant {
+            account: "a@x.com".into(),
+            refresh_token: Some(Secret::new(refresh_token.into())),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_are_written_versioned_listed_and_forgotten() {
+        let pg = TestPostgres::start().await;
+        let tokens = TokenStore::over(Arc::new(store(&pg, "grants_here")));
+        tokens.prepare().await.unwrap();
+        assert!(tokens.load("a@x.com").await.unwrap().is_none());
+        let first = tokens
+            .save_revision("A@x.com", &grant("rt1"))
+            .await
+            .unwrap();
+        let second = tokens
+            .save_revision("a@x.com", &grant("rt2"))
+            .await
+            .unwrap();
+        assert_eq!((first.version, second.version), (1, 2));
+        assert_eq!(tokens.revision("a@X.com").await.unwrap(), Some(second));
+        let (file, revision) = tokens.read_revision("a@x.com").await.unwrap().unwrap();
+        assert_eq!(file.grant.refresh_token.unwrap().expose(), "rt2");
+        assert_eq!(revision, second);
+        assert_eq!(
+            tokens.backend.accounts().await.unwrap(),
+            vec!["a@x.com".to_string()]
+        );
+        tokens.forget("a@x.com").await.unwrap();
+        assert!(tokens.load("a@x.com").await.unwrap().is_none());
+        tokens.forget("a@x.com").await.unwrap();
+        let applied = pg
+            .psql("SELECT version, description FROM grants_here.schema_migrations")
+            .await;
+        assert_eq!(applied, "1|grants: one row per account");
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_together_migrate_once_and_lock_each_other_out() {
+        let pg = TestPostgres::start().await;
+        let (a, b) = (store(&pg, "xoauth2_proxy"), store(&pg, "xoauth2_proxy"));
+        let (ra, rb) = tokio::join!(Backend::prepare(&a), Backend::prepare(&b));
+        ra.unwrap();
+        rb.unwrap();
+        let applied = pg
+            .psql("SELECT count(*) FROM xoauth2_proxy.schema_migrations")
+            .await;
+        assert_eq!(applied, "1");
+
+        let held = a.lock("a@x.com").await.ok().unwrap();
+        let waiting = tokio::spawn(async move { b.lock("A@X.COM").await.is_ok() });
+        let blocked = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+        while pg.psql(blocked).await != "1" {
+            assert!(
+                !waiting.is_finished(),
+                "the second lock was granted while the first was held"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Another account's lock is not held up.
+        drop(a.lock("b@x.com").await.ok().unwrap());
+        drop(held);
+        assert!(waiting.await.unwrap(), "granted once the first was dropped");
     }
 
     #[test]

@@ -311,3 +311,17 @@ async fn a_grant_file_another_user_owns_or_may_write_is_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn forgetting_a_grant_removes_its_file_and_none_is_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TokenStore::new(dir.path());
+    store
+        .save("a@x.com", &grant("a@x.com", "rt"))
+        .await
+        .unwrap();
+    store.forget("A@x.com").await.unwrap();
+    assert!(!store.file().unwrap().path("a@x.com").exists());
+    assert!(store.load("a@x.com").await.unwrap().is_none());
+    store.forget("a@x.com").await.unwrap();
+}
