@@ -70,6 +70,31 @@ async fn stored_refresh_token(pg: &TestPostgres, user: &str) -> String {
     grant["refresh_token"].as_str().unwrap().to_string()
 }
 
+/// The reply to an SMTP AUTH PLAIN as `user` (the last line of the reply).
+async fn smtp_auth(proxy: &TestProxy, user: &str, password: &str) -> String {
+    use base64::Engine;
+    let mut c = LineClient::connect(proxy.smtp_addr).await;
+    let mut last = String::new();
+    let blob = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    for command in [
+        None,
+        Some("EHLO client.example".to_string()),
+        Some(format!("AUTH PLAIN {blob}")),
+    ] {
+        if let Some(command) = command {
+            c.line(&command).await;
+        }
+        // One reply: lines until one whose fourth byte is not '-'.
+        loop {
+            last = c.read().await.unwrap_or_default();
+            if last.as_bytes().get(3) != Some(&b'-') {
+                break;
+            }
+        }
+    }
+    last
+}
+
 async fn admin(proxy: &TestProxy, path: &str) -> (u16, String) {
     let answer = reqwest::get(format!("http://{}{path}", proxy.admin_addr))
         .await
@@ -256,6 +281,13 @@ async fn with_the_database_down_cached_logins_go_on_refreshes_wait_and_all_recov
     for proxy in &replicas {
         let answer = login(proxy, OTHER, "pw2").await;
         assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+        let answer = smtp_auth(proxy, OTHER, "pw2").await;
+        assert!(answer.starts_with("421 "), "{answer}");
+        let answer = smtp_auth(proxy, USER, "pw").await;
+        assert!(
+            answer.starts_with("235 "),
+            "cached, over SMTP too: {answer}"
+        );
         let (health, _) = admin(proxy, "/healthz").await;
         assert_eq!(health, 200, "mail still flows");
         let (_, metrics) = admin(proxy, "/metrics").await;
