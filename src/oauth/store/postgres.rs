@@ -175,13 +175,13 @@ impl PostgresStore {
     }
 
     /// A pooled connection, once the schema is migrated.
-    async fn client(&self) -> Result<deadpool_postgres::Object, String> {
+    async fn client(&self) -> Result<deadpool_postgres::Object, Unready> {
         let mut client = self
             .inner
             .pool
             .get()
             .await
-            .map_err(|e| self.down(chain(&e)))?;
+            .map_err(|e| Unready::Down(self.down(chain(&e))))?;
         let mut migrated = self.inner.migrated.lock().await;
         if !*migrated {
             self.migrate(&mut client).await?;
@@ -192,20 +192,20 @@ impl PostgresStore {
 
     /// Creates the schema if it is missing and runs the migrations it has
     /// not had, under a lock so that replicas starting together do not race.
-    async fn migrate(&self, client: &mut Client) -> Result<(), String> {
+    async fn migrate(&self, client: &mut Client) -> Result<(), Unready> {
         let schema = &self.inner.schema;
         let quoted = format!("\"{schema}\"");
-        let fail = |e: tokio_postgres::Error| {
-            format!(
+        // The database refused (no right to create the schema or a table),
+        // or the connection broke.
+        let fail = |e: tokio_postgres::Error| match e.as_db_error() {
+            Some(_) => Unready::Schema(format!(
                 "cannot prepare schema {schema} in PostgreSQL {}: {}; the role in [store] url needs its own schema (docs/shared-store.md has the SQL that makes one)",
                 self.inner.place,
                 chain(&e)
-            )
+            )),
+            None => Unready::Down(self.down(chain(&e))),
         };
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| self.down(chain(&e)))?;
+        let tx = client.transaction().await.map_err(fail)?;
         let lock_key = format!("xoauth2-proxy/{schema}/migrations");
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
@@ -434,6 +434,24 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     reason
 }
 
+/// Why the store is not ready to use.
+enum Unready {
+    /// The database cannot be reached (or the connection broke): a later
+    /// use tries again.
+    Down(String),
+    /// The database refused the schema's migrations: a set-up problem,
+    /// reported at start.
+    Schema(String),
+}
+
+impl From<Unready> for String {
+    fn from(e: Unready) -> String {
+        match e {
+            Unready::Down(s) | Unready::Schema(s) => s,
+        }
+    }
+}
+
 /// One statement, bounded: a database that accepts connections and then
 /// stalls must not hold a login forever.
 async fn within<T>(
@@ -548,10 +566,11 @@ impl Backend for PostgresStore {
     fn prepare(&self) -> Pending<'_, Result<(), String>> {
         Box::pin(async move {
             self.start_probing();
-            match self.mark(self.ping().await) {
-                Ok(()) => Ok(()),
-                Err(e) if e.starts_with("cannot prepare schema") => Err(e),
-                Err(_) => Ok(()),
+            let ready = self.client().await.map(|_| ());
+            let refused = matches!(ready, Err(Unready::Schema(_)));
+            match self.mark(ready.map_err(String::from)) {
+                Err(e) if refused => Err(e),
+                _ => Ok(()),
             }
         })
     }
@@ -697,6 +716,32 @@ mod tests {
         drop(a.lock("b@x.com").await.ok().unwrap());
         drop(held);
         assert!(waiting.await.unwrap(), "granted once the first was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_role_that_may_not_make_the_schema_is_told_what_to_run_at_start() {
+        let pg = TestPostgres::start().await;
+        pg.psql("CREATE ROLE guest LOGIN PASSWORD 'guest-pw'").await;
+        let url = pg.url().replace(
+            &format!("postgres:{}@", testkit::postgres::PASSWORD),
+            "guest:guest-pw@",
+        );
+        let guest = PostgresStore::new(&Secret::new(url), "xoauth2_proxy").unwrap();
+        let e = Backend::prepare(&guest).await.unwrap_err();
+        assert!(e.contains("cannot prepare schema xoauth2_proxy"), "{e}");
+        assert!(e.contains("permission denied"), "{e}");
+        assert!(e.contains("docs/shared-store.md"), "{e}");
+        assert!(!e.contains("guest-pw"), "{e}");
+        // A database that is not there yet is no reason to stop: it is
+        // tried again at each use.
+        let mut pg = pg;
+        pg.stop().await;
+        let down = store(&pg, "xoauth2_proxy");
+        Backend::prepare(&down).await.unwrap();
+        let e = Backend::probe(&down).await.unwrap_err();
+        assert!(e.contains("cannot be used"), "{e}");
+        pg.start_again().await;
+        Backend::probe(&down).await.unwrap();
     }
 
     #[test]
