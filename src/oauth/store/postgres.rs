@@ -103,6 +103,8 @@ impl PostgresStore {
     pub fn new(url: &Secret, schema: &str) -> Result<Self, String> {
         let (mut connect, root_cert) = parse_url(url.expose())?;
         connect.connect_timeout(DB_TIMEOUT);
+        // And the proxy notices a vanished server on an idle connection.
+        connect.keepalives_idle(Duration::from_secs(10));
         connect.application_name("xoauth2-proxy");
         let tls = match connect.get_ssl_mode() {
             SslMode::Disable => Tls::Off,
@@ -297,6 +299,14 @@ impl PostgresStore {
 
     async fn take_lock(&self, account: &str) -> Result<GrantLock, String> {
         let client = self.dedicated().await?;
+        // A replica cut off from the database (not killed: its socket is
+        // never closed) must not hold the lock for the kernel's default two
+        // hours: the server probes the lock's connection and ends it.
+        within(client.batch_execute(
+            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
+        ))
+        .await
+        .map_err(|e| self.down(e))?;
         let key = format!(
             "xoauth2-proxy/{}/{}",
             self.inner.schema,
