@@ -15,7 +15,7 @@ pub async fn run(config: Config) -> Result<bool, String> {
     let state = crate::config::state_dir(&shared.config);
     // The same checks as `serve` at start: the folders exist and no other
     // user may write them, grant and lock files are the proxy user's own.
-    match shared.prepare_state_dir() {
+    match shared.prepare_state_dir().await {
         Ok(()) => say(
             true,
             &format!("state directory {} is usable", state.display()),
@@ -23,6 +23,16 @@ pub async fn run(config: Config) -> Result<bool, String> {
         Err(e) => {
             all_ok = false;
             say(false, &e);
+        }
+    }
+    let store = shared.tokens.store();
+    if store.shared() {
+        match store.probe().await {
+            Ok(()) => say(true, &format!("grant store {} answers", store.describe())),
+            Err(e) => {
+                all_ok = false;
+                say(false, &e);
+            }
         }
     }
     if shared.config.accounts.is_empty() {

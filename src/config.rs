@@ -54,6 +54,8 @@ pub struct Config {
     pub admin: AdminSection,
     /// TLS towards the clients; `None` keeps every listener plain.
     pub tls: Option<TlsSection>,
+    /// Where grants are kept: files under the state directory, or PostgreSQL.
+    pub store: StoreSection,
     pub providers: BTreeMap<String, Provider>,
     pub accounts: Vec<Account>,
 }
@@ -279,6 +281,41 @@ impl Default for AdminSection {
     }
 }
 
+/// `[store]`: where grants are kept. Replicas that share one PostgreSQL
+/// database share their grants and refresh each one once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub kind: StoreKind,
+    /// The PostgreSQL connection URL; it may hold a password, so it is a
+    /// secret (never logged).
+    pub url: Option<Secret>,
+    /// A file holding the URL (a Docker or Kubernetes secret); read at load.
+    pub url_file: Option<PathBuf>,
+    /// The schema the tables live in; created on first start.
+    pub schema: String,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            kind: StoreKind::File,
+            url: None,
+            url_file: None,
+            schema: "xoauth2_proxy".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// One file per account under `state_dir/tokens` (the default).
+    File,
+    /// One row per account in a PostgreSQL database.
+    Postgres,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
@@ -444,6 +481,8 @@ struct RawConfig {
     admin: AdminSection,
     tls: Option<TlsSection>,
     #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
@@ -555,6 +594,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         providers.insert(name, provider);
     }
     let accounts = validate_accounts(path, raw.accounts, &providers)?;
+    let store = validate_store(path, raw.store)?;
     Ok(Config {
         path: path.to_path_buf(),
         server: raw.server,
@@ -562,6 +602,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         smtp: raw.smtp,
         admin: raw.admin,
         tls: raw.tls,
+        store,
         providers,
         accounts,
     })
@@ -933,6 +974,59 @@ fn read_secret_file(t: &Table, file: &Path) -> Result<Secret, ConfigError> {
     Ok(Secret::new(secret.to_string()))
 }
 
+/// `[store]`: PostgreSQL needs its URL (inline or from `url_file`, which is
+/// read here), and the schema must be a plain SQL name.
+fn validate_store(path: &Path, mut store: StoreSection) -> Result<StoreSection, ConfigError> {
+    let at = |key: &str, what: String| ConfigError::at(path, &format!("store.{key}"), what);
+    let plain_name = |s: &str| {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && s.len() <= 63
+    };
+    if !plain_name(&store.schema) {
+        return Err(at(
+            "schema",
+            format!(
+                "{:?} is not a plain SQL name; use lower-case letters, digits and _ (like xoauth2_proxy)",
+                store.schema
+            ),
+        ));
+    }
+    match (&store.url, store.url_file.take()) {
+        (Some(_), Some(_)) => {
+            return Err(at("url", "give either url or url_file, not both".into()));
+        }
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                at(
+                    "url_file",
+                    format!(
+                        "cannot read {}: {}",
+                        file.display(),
+                        crate::error::io_reason(&e)
+                    ),
+                )
+            })?;
+            if text.trim().is_empty() {
+                return Err(at("url_file", format!("{} is empty", file.display())));
+            }
+            store.url = Some(Secret::new(text.trim().to_string()));
+            store.url_file = Some(file);
+        }
+        _ => {}
+    }
+    if store.kind == StoreKind::Postgres && store.url.is_none() {
+        return Err(at(
+            "url",
+            "kind = \"postgres\" needs the database's URL: set url (postgres://USER:PASSWORD@HOST:5432/DB) or url_file".into(),
+        ));
+    }
+    Ok(store)
+}
+
 /// A provider's identity provider endpoints, checked.
 struct Endpoints {
     authorize_url: String,
@@ -1271,6 +1365,38 @@ provider = "contoso"
     }
 
     #[test]
+    fn the_store_is_files_unless_postgres_is_given_with_its_url() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.store.kind, StoreKind::File);
+        assert_eq!(c.store.schema, "xoauth2_proxy");
+        let no_url = format!("{MINIMAL}\n[store]\nkind = \"postgres\"\n");
+        let e = parse(&no_url).unwrap_err().to_string();
+        assert!(e.contains("`store.url`") && e.contains("url_file"), "{e}");
+        let bad_schema = format!("{MINIMAL}\n[store]\nschema = \"a; DROP TABLE x\"\n");
+        let e = parse(&bad_schema).unwrap_err().to_string();
+        assert!(
+            e.contains("`store.schema`") && e.contains("plain SQL name"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db-url");
+        std::fs::write(&file, "postgres://u:SECRET@db/app\n").unwrap();
+        let from_file = format!(
+            "{MINIMAL}\n[store]\nkind = \"postgres\"\nurl_file = \"{}\"\n",
+            file.display()
+        );
+        let c = parse(&from_file).unwrap();
+        assert_eq!(c.store.kind, StoreKind::Postgres);
+        let url = c.store.url.as_ref().unwrap();
+        assert_eq!(url.expose(), "postgres://u:SECRET@db/app");
+        assert!(!format!("{:?}", c.store).contains("SECRET"), "a secret");
+        let both = from_file.replace("url_file", "url = \"x\"\nurl_file");
+        let e = parse(&both).unwrap_err().to_string();
+        assert!(e.contains("either url or url_file"), "{e}");
+    }
+
+    #[test]
     fn client_credentials_needs_a_secret() {
         let text = MINIMAL.replace("client_secret = \"s3cret\"", "").replace(
             "provider = \"contoso\"",
@@ -1332,6 +1458,9 @@ provider = "contoso"
             "notify_url",
             "notify_repeat",
             "notify_timeout",
+            "url",
+            "url_file",
+            "schema",
         ] {
             assert!(
                 text.lines()

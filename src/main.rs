@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use tokio::sync::mpsc;
 use xoauth2_proxy::{
-    Account, Config, Flow, Listeners, LoadError, LocalPassword, StoredGrant, TokenStore,
+    Account, Config, Flow, Listeners, LoadError, LocalPassword, StoreKind, StoredGrant, TokenStore,
     default_config_path, unix_now,
 };
 
@@ -61,6 +61,29 @@ enum Command {
         #[command(subcommand)]
         command: TlsCommand,
     },
+    /// Where grants are kept ([store] in the config).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy every grant to the other kind of store: from the files under the
+    /// state directory to PostgreSQL ([store] url), or back. Safe to run again:
+    /// grants already there are left as they are. Sealed grants stay sealed.
+    Migrate {
+        /// The store to copy to.
+        #[arg(long, value_enum)]
+        to: StoreTarget,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StoreTarget {
+    Postgres,
+    File,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +153,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tls {
             command: TlsCommand::Ca,
         } => tls_ca(&load_config(&cli)?),
+        Command::Store {
+            command: StoreCommand::Migrate { to },
+        } => migrate_store(&load_config(&cli)?, *to),
         Command::Health => {
             let config = load_config(&cli)?;
             runtime()
@@ -227,13 +253,51 @@ fn login(config: &Config, name: &str) -> Result<(), Failure> {
         )));
     };
     let store = token_store(config)?;
-    match store.load(&account.username) {
-        Ok(_) | Err(LoadError::Damaged(_)) => {}
-        Err(e) => return Err(Failure::Runtime(e.to_string())),
+    runtime().block_on(async {
+        store.prepare().await.map_err(Failure::Runtime)?;
+        match store.load(&account.username).await {
+            Ok(_) | Err(LoadError::Damaged(_)) => {}
+            Err(e) => return Err(Failure::Runtime(e.to_string())),
+        }
+        xoauth2_proxy::authorize(config, &store, &account)
+            .await
+            .map_err(Failure::Runtime)
+    })
+}
+
+/// `xoauth2-proxy store migrate --to KIND`: every grant of the other kind
+/// copied, as it is, into KIND.
+fn migrate_store(config: &Config, to: StoreTarget) -> Result<(), Failure> {
+    let (from_kind, to_kind) = match to {
+        StoreTarget::Postgres => (StoreKind::File, StoreKind::Postgres),
+        StoreTarget::File => (StoreKind::Postgres, StoreKind::File),
+    };
+    let open = |kind| TokenStore::of_kind(config, kind).map_err(Failure::Usage);
+    let (from, to) = (open(from_kind)?, open(to_kind)?);
+    let done = runtime()
+        .block_on(xoauth2_proxy::migrate_grants(&from, &to))
+        .map_err(Failure::Runtime)?;
+    for account in &done.copied {
+        println!("copied the grant of {account}");
     }
-    runtime()
-        .block_on(xoauth2_proxy::authorize(config, &store, &account))
-        .map_err(Failure::Runtime)
+    println!(
+        "{} grant(s) copied from {} to {}; {} already there.",
+        done.copied.len(),
+        from.describe(),
+        to.describe(),
+        done.unchanged.len()
+    );
+    if config.store.kind != to_kind {
+        let kind = match to_kind {
+            StoreKind::Postgres => "postgres",
+            StoreKind::File => "file",
+        };
+        println!(
+            "The proxy still uses {}: set `kind = \"{kind}\"` in [store] and restart it (every replica) to use the copy.",
+            from.describe()
+        );
+    }
+    Ok(())
 }
 
 /// `xoauth2-proxy keygen FILE`.
@@ -319,12 +383,23 @@ struct AccountStatus {
     /// False while the running proxy holds the newest grant in memory only
     /// (its save failed); `None` when no proxy answered.
     grant_saved: Option<bool>,
+    /// The kind of store the grants are in (`file`, `postgres`).
+    grant_store: &'static str,
+    /// Whether that store answered.
+    grant_store_up: bool,
 }
 
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = token_store(config)?;
     let now = unix_now();
-    let (mut rows, mut problems) = account_statuses(config, &store, now);
+    let (health, (mut rows, mut problems)) = runtime().block_on(async {
+        let health = store.probe().await;
+        (health, account_statuses(config, &store, now).await)
+    });
+    for row in &mut rows {
+        row.grant_store = store_kind_name(store.kind());
+        row.grant_store_up = health.is_ok();
+    }
     let asked = ask_proxy_for_unsaved(config, &mut rows);
     if json {
         println!(
@@ -332,9 +407,16 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
             serde_json::to_string_pretty(&rows).expect("status serialises")
         );
     } else {
-        print_statuses(config, store.dir(), &rows, now);
+        print_statuses(config, &store, &rows, now);
         if let Err(e) = asked {
             println!("Whether every grant is saved is not known: {e}");
+        }
+        match &health {
+            Ok(()) => println!("Grants are stored in {}.", store.describe()),
+            Err(e) => println!(
+                "Grants are stored in {}, which cannot be reached now: {e}",
+                store.describe()
+            ),
         }
         print_sealing(&store, &rows);
         print_tls(config, &mut problems);
@@ -345,30 +427,37 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Every account's status, and the grant files that could not be read: each
+/// Every account's status, and the grants that could not be read: each
 /// becomes a warning after the statuses, so one bad file hides no account.
-fn account_statuses(
+async fn account_statuses(
     config: &Config,
     store: &TokenStore,
     now: u64,
 ) -> (Vec<AccountStatus>, Vec<String>) {
     let mut problems = Vec::new();
-    let rows = config
-        .accounts
-        .iter()
-        .map(|a| match store.read(&a.username) {
+    let mut rows = Vec::new();
+    for a in &config.accounts {
+        rows.push(match store.read(&a.username).await {
             Ok(file) => {
                 let sealed = file.as_ref().map(|f| f.sealed);
                 AccountStatus::new(a, file.map(|f| f.grant), sealed, now)
             }
             Err(LoadError::Sealed(e)) => AccountStatus::undecryptable(a, store, e),
+            Err(LoadError::Unavailable(e)) => AccountStatus::store_down(a, e),
             Err(e) => {
                 problems.push(e.to_string());
                 AccountStatus::new(a, None, None, now)
             }
-        })
-        .collect();
+        });
+    }
     (rows, problems)
+}
+
+fn store_kind_name(kind: StoreKind) -> &'static str {
+    match kind {
+        StoreKind::File => "file",
+        StoreKind::Postgres => "postgres",
+    }
 }
 
 impl AccountStatus {
@@ -391,6 +480,18 @@ impl AccountStatus {
             grant_saved: None,
             grant_sealed: sealed,
             grant_error: None,
+            grant_store: "file",
+            grant_store_up: true,
+        }
+    }
+
+    /// An account whose grant cannot be read: the store is out of reach.
+    fn store_down(account: &Account, error: String) -> Self {
+        AccountStatus {
+            state: "unknown: the grant store cannot be reached",
+            needs_login: false,
+            grant_error: Some(error),
+            ..AccountStatus::new(account, None, None, 0)
         }
     }
 
@@ -422,7 +523,7 @@ fn ask_proxy_for_unsaved(config: &Config, rows: &mut [AccountStatus]) -> Result<
 }
 
 /// The statuses for people: a headline per account, then indented details.
-fn print_statuses(config: &Config, tokens_dir: &std::path::Path, rows: &[AccountStatus], now: u64) {
+fn print_statuses(config: &Config, store: &TokenStore, rows: &[AccountStatus], now: u64) {
     if rows.is_empty() {
         println!("No accounts are configured in {}.", config.path.display());
     }
@@ -432,7 +533,7 @@ fn print_statuses(config: &Config, tokens_dir: &std::path::Path, rows: &[Account
             r.account, r.mailbox, r.flow, r.provider, r.state
         );
         let details = [
-            not_saved(r, tokens_dir),
+            not_saved(r, store),
             r.grant_error.clone(),
             login_hint(r),
             token_expiry(r, now),
@@ -449,8 +550,8 @@ fn print_statuses(config: &Config, tokens_dir: &std::path::Path, rows: &[Account
 fn print_sealing(store: &TokenStore, rows: &[AccountStatus]) {
     let Some(key) = store.key_file() else {
         println!(
-            "Grants are not sealed: their files under {} hold the tokens in plain text (mode 0600). To seal them, run `xoauth2-proxy keygen FILE` with FILE outside the state directory (a Docker or Kubernetes secret), set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to it and restart; each grant is sealed at its next write.",
-            store.dir().display()
+            "Grants are not sealed: their tokens are in plain text in {}. To seal them, run `xoauth2-proxy keygen FILE` with FILE outside the state directory (a Docker or Kubernetes secret), set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to it and restart; each grant is sealed at its next write.",
+            store.describe()
         );
         return;
     };
@@ -485,11 +586,11 @@ fn print_tls(config: &Config, problems: &mut Vec<String>) {
     }
 }
 
-fn not_saved(r: &AccountStatus, dir: &std::path::Path) -> Option<String> {
+fn not_saved(r: &AccountStatus, store: &TokenStore) -> Option<String> {
     (r.grant_saved == Some(false)).then(|| {
         format!(
-            "grant not saved: the running proxy holds the newest grant in memory only and keeps trying to write it; free space in {}",
-            dir.display()
+            "grant not saved: the running proxy holds the newest grant in memory only and keeps trying to write it; {}",
+            store.write_advice()
         )
     })
 }
@@ -557,6 +658,8 @@ mod tests {
             grant_sealed: Some(true),
             grant_error: None,
             grant_saved: Some(false),
+            grant_store: "file",
+            grant_store_up: true,
         }
     }
 
@@ -577,7 +680,7 @@ mod tests {
         );
         assert_eq!(last_token(&r, 1000), None);
         assert!(
-            not_saved(&r, std::path::Path::new("/state/tokens"))
+            not_saved(&r, &TokenStore::new(std::path::Path::new("/state")))
                 .is_some_and(|line| line.contains("not saved") && line.contains("/state/tokens"))
         );
         assert_eq!(

@@ -118,6 +118,9 @@ pub struct Metrics {
     pub grant_keepalive: Family<TokenLabels, Counter>,
     /// 1 while an account's newest grant is in memory only (its save failed).
     pub grant_unsaved: Family<AccountLabels, Gauge>,
+    /// 1 while the grant store answers (always, for files); 0 while a
+    /// shared store (PostgreSQL) cannot be reached.
+    pub grant_store_up: Gauge,
     pub password_checks: Counter,
     /// 1 while the account needs `login` (no grant, or the grant was refused).
     pub account_needs_login: Family<AccountLabels, Gauge>,
@@ -203,6 +206,13 @@ impl Metrics {
             "1 while the account's newest grant is held in memory only because writing its file failed; the write is retried until it succeeds",
             grant_unsaved.clone(),
         );
+        let grant_store_up = Gauge::default();
+        grant_store_up.set(1);
+        registry.register(
+            "grant_store_up",
+            "1 while the grant store answers; 0 while the shared store (PostgreSQL) cannot be reached: logins with a cached access token go on, those that need a refresh are told to come back",
+            grant_store_up.clone(),
+        );
         let password_checks = Counter::default();
         registry.register(
             "password_checks",
@@ -234,6 +244,7 @@ impl Metrics {
             refused_connections,
             grant_keepalive,
             grant_unsaved,
+            grant_store_up,
             password_checks,
             account_needs_login,
             access_token_expiry,

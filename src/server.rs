@@ -141,8 +141,8 @@ pub async fn run(
     let guard = LoginGuard::new(&config.server);
     let health = Health::default();
     let shared = Arc::new(Shared::new(config, &guard, &health)?);
-    shared.prepare_state_dir()?;
-    shared.tokens.publish_health();
+    shared.prepare_state_dir().await?;
+    shared.tokens.publish_health().await;
 
     let Listeners {
         imap,
@@ -224,13 +224,13 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(()) = reloads.recv() => reload(&config_path, &publish, &lasting),
+            Some(()) = reloads.recv() => reload(&config_path, &publish, &lasting).await,
             _ = renewal_check.tick() => {
                 let now = std::time::SystemTime::now();
                 let due = publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
                 if due {
                     info!("the proxy's server certificate ends within 30 days; renewing it");
-                    reload(&config_path, &publish, &lasting);
+                    reload(&config_path, &publish, &lasting).await;
                 }
             }
         }
@@ -314,7 +314,7 @@ async fn look_for_new_grants(current: Current, stop: CancellationToken) {
             _ = looks.tick() => {
                 // Cloned out, so that a reload does not wait for the files.
                 let shared = current.borrow().clone();
-                shared.tokens.look_for_new_grants();
+                shared.tokens.look_for_new_grants().await;
             }
         }
     }
@@ -331,7 +331,7 @@ struct Lasting {
 /// Loads the config again and, if it is good, puts it in force for new
 /// connections. A bad config is refused and the old one stays; so is one
 /// without accounts (an emptied or half-written file would fail every login).
-fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting: &Lasting) {
+async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting: &Lasting) {
     let config = match Config::load(path) {
         Ok(c) if c.accounts.is_empty() => {
             error!(
@@ -392,8 +392,11 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting:
             "`server.password_checks` or `password_check_queue` changed; they apply from the next restart"
         );
     }
-    let built = Shared::new(config, &lasting.guard, &lasting.health);
-    let shared = match built.and_then(|s| s.prepare_state_dir().map(|_| s)) {
+    let prepared = match Shared::new(config, &lasting.guard, &lasting.health) {
+        Ok(s) => s.prepare_state_dir().await.map(|()| s),
+        Err(e) => Err(e),
+    };
+    let shared = match prepared {
         Ok(s) => Arc::new(s),
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
@@ -415,7 +418,7 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting:
             );
         }
     }
-    shared.tokens.publish_health();
+    shared.tokens.publish_health().await;
     lasting.notifier.reconfigure(&shared.config.admin);
     let added = shared
         .config

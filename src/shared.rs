@@ -83,13 +83,13 @@ impl Shared {
     /// says the `chmod`, `chown` or `rm` that fixes it). A grant that does
     /// not open (wrong token key?) is logged; its clients are told to come
     /// back later until the right key is in force.
-    pub fn prepare_state_dir(&self) -> Result<(), String> {
+    pub async fn prepare_state_dir(&self) -> Result<(), String> {
         let store = self.tokens.store();
-        store.prepare()?;
+        store.prepare().await?;
         for account in &self.config.accounts {
             let username = &account.username;
             store.check_lock(username)?;
-            match store.load(username) {
+            match store.load(username).await {
                 Ok(_) => {}
                 Err(LoadError::Unsafe(e)) => return Err(e),
                 Err(e) => warn!(account = %username, "{e}"),

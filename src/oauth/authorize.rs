@@ -46,6 +46,7 @@ pub async fn authorize(
     let now = unix_now();
     let mut stored = store
         .load(&account.username)
+        .await
         .ok()
         .flatten()
         .unwrap_or_default();
@@ -66,11 +67,11 @@ pub async fn authorize(
             "the identity provider sent no refresh token: add the offline_access scope".into(),
         );
     }
-    store.save(&account.username, &stored)?;
+    store.save(&account.username, &stored).await?;
     say(&format!(
         "Account {} is authorised; its grant is stored in {}.",
         account.username,
-        store.path(&account.username).display()
+        store.name_of(&account.username)
     ));
     Ok(())
 }

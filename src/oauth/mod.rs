@@ -2,11 +2,20 @@
 //!
 //! [`TokenManager::access_token`] is the one door the login path uses. Per
 //! account it holds an async mutex, so however many clients log in at once,
-//! one refresh runs and the others wait for its result (single flight). Each
-//! rotated refresh token is saved atomically before the new access token is
-//! handed out, so a crash never loses the grant. A save that fails (disk
-//! full) keeps the grant in memory and retries in the background
+//! one refresh runs and the others wait for its result (single flight).
+//! Across processes the store's lock does the same ([`store::TokenStore::lock`]:
+//! a lock file, or a database lock that every replica sharing a PostgreSQL
+//! store takes): under it the grant is read again, and refreshed only if the
+//! process that held the lock before did not just do it. Each rotated refresh
+//! token is saved (committed) before the new access token is handed out, so
+//! a crash never loses the grant. A save that fails (disk full, database
+//! gone) keeps the grant in memory and retries in the background
 //! ([`unsaved`]).
+//!
+//! With a shared store a replica uses its cached access token without asking
+//! the database, so logins go on while the database is down; a login that
+//! needs a refresh then gets "unavailable" (the client comes back later),
+//! never a refresh without the lock.
 //!
 //! [`TokenManager::keep_alive`] goes through the same door for grants nobody
 //! has used for a while: a refresh token unused for 90 days expires, and the
@@ -35,7 +44,7 @@ use crate::secret::Secret;
 use aadsts::ErrorClass;
 pub use health::{AccountHealth, AccountState, Health};
 use provider::{Grant, GrantError, ProviderClient};
-use store::{GrantLock, LoadError, StoredGrant, TokenStore, unix_now};
+use store::{GrantLock, LoadError, LockError, Revision, StoredGrant, TokenStore, unix_now};
 
 /// Why no access token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -110,10 +119,22 @@ struct AccountTokens {
 #[derive(Default)]
 struct Cached {
     grant: StoredGrant,
-    /// The file's modification time when last read or written; a different
-    /// one means `login` ran in another process.
-    file_mtime: Option<SystemTime>,
+    /// The stored grant's revision when last read or written; a different
+    /// one means another process (`login`, a replica) wrote it.
+    revision: Option<Revision>,
     loaded: bool,
+}
+
+/// How much [`TokenManager::sync`] must know of the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// Before using a cached access token: a shared store is not asked once
+    /// the grant is loaded (a replica's cached token is good until near
+    /// expiry); a file is looked at (its time is cheap to read).
+    Cached,
+    /// Under the lock, before a refresh token is used: the store must say
+    /// which revision it holds, or there is no refresh.
+    Fresh,
 }
 
 impl TokenManager {
@@ -156,10 +177,10 @@ impl TokenManager {
     /// accepted): removed accounts are forgotten, and every grant is read
     /// once, so that an account that needs `login` shows it before any
     /// client comes.
-    pub fn publish_health(&self) {
+    pub async fn publish_health(&self) {
         for entry in self.accounts.values() {
             entry.health.identify(&entry.account);
-            self.survey(entry);
+            self.survey(entry).await;
         }
         let slots = self.accounts.iter();
         self.health
@@ -182,10 +203,10 @@ impl TokenManager {
     /// changed: a grant written by `xoauth2-proxy login` brings the account
     /// back even before a client uses it. Costs a file `stat` per such
     /// account; an account busy with a refresh is left to it.
-    pub fn look_for_new_grants(&self) {
+    pub async fn look_for_new_grants(&self) {
         for entry in self.accounts.values() {
             if entry.health.needs_login() {
-                self.look_at_grant(entry);
+                self.look_at_grant(entry).await;
             }
         }
     }
@@ -194,9 +215,9 @@ impl TokenManager {
     /// kept unsaved) says, leaving the cache alone: it is filled at first
     /// use, so that a grant another manager (before a reload) could not save
     /// meanwhile is still preferred then.
-    fn survey(&self, entry: &AccountTokens) {
+    async fn survey(&self, entry: &AccountTokens) {
         let username = &entry.account.username;
-        match self.store.load(username) {
+        match self.store.load(username).await {
             Ok(grant) => {
                 let grant = unsaved::prefer_unsaved(&self.store, username, grant);
                 entry.health.grant_read(&grant.unwrap_or_default());
@@ -213,10 +234,10 @@ impl TokenManager {
     }
 
     /// Reads `entry`'s grant file if it changed, unless a refresh holds it.
-    fn look_at_grant(&self, entry: &AccountTokens) {
+    async fn look_at_grant(&self, entry: &AccountTokens) {
         if let Ok(mut cached) = entry.state.try_lock() {
-            // A file that does not open is logged and noted by sync_from_disk.
-            let _ = self.sync_from_disk(entry, &mut cached);
+            // A grant that does not open is logged and noted by sync.
+            let _ = self.sync(entry, &mut cached, Look::Fresh).await;
         }
     }
 
@@ -231,14 +252,19 @@ impl TokenManager {
         // Held until the outcome is saved: concurrent logins for this account
         // wait here, then find the new token cached (single flight).
         let mut cached = entry.state.lock().await;
-        if let Some(token) = self.cached_token(entry, &mut cached)? {
+        if let Some(token) = self.cached_token(entry, &mut cached, Look::Cached).await? {
             return Ok(token);
         }
         // Another process may be redeeming this grant right now: wait for it,
         // then use what it stored rather than spend the refresh token twice.
-        let _file_lock = self.lock_grant_file(entry).await;
-        if let Some(token) = self.cached_token(entry, &mut cached)? {
-            return Ok(token);
+        let _lock = match self.lock_grant(entry).await {
+            Ok(lock) => lock,
+            Err(e) => return self.without_lock(entry, &cached, e),
+        };
+        match self.cached_token(entry, &mut cached, Look::Fresh).await {
+            Ok(Some(token)) => return Ok(token),
+            Ok(None) => {}
+            Err(e) => return self.without_lock(entry, &cached, e),
         }
 
         self.redeem(entry, &mut cached).await
@@ -259,8 +285,8 @@ impl TokenManager {
             }
         };
         match result {
-            Ok(grant) => Ok(self.remember(entry, cached, grant)),
-            Err(e) => self.remember_failure(entry, cached, e),
+            Ok(grant) => Ok(self.remember(entry, cached, grant).await),
+            Err(e) => self.remember_failure(entry, cached, e).await,
         }
     }
 
@@ -275,12 +301,15 @@ impl TokenManager {
             return KeepAlive::NotDue;
         }
         let mut cached = entry.state.lock().await;
-        if !self.keep_alive_due(entry, &mut cached, older_than) {
+        if !self.keep_alive_due(entry, &mut cached, older_than).await {
             return KeepAlive::NotDue;
         }
-        let _file_lock = self.lock_grant_file(entry).await;
+        let Ok(_lock) = self.lock_grant(entry).await else {
+            count_keep_alive(&entry.account.username, KeepAlive::Failed);
+            return KeepAlive::Failed;
+        };
         // A login may have refreshed it while this waited for the lock.
-        if !self.keep_alive_due(entry, &mut cached, older_than) {
+        if !self.keep_alive_due(entry, &mut cached, older_than).await {
             return KeepAlive::NotDue;
         }
         let outcome = match self.redeem(entry, &mut cached).await {
@@ -318,21 +347,22 @@ impl TokenManager {
     /// The grant (as stored now) is authorised and was last refreshed, or
     /// authorised, `older_than` ago or longer. A grant that records neither
     /// goes by its file's age.
-    fn keep_alive_due(
+    async fn keep_alive_due(
         &self,
         entry: &AccountTokens,
         cached: &mut Cached,
         older_than: Duration,
     ) -> bool {
-        if self.sync_from_disk(entry, cached).is_err() {
-            // A sealed file that does not open: its account says so at login.
+        if self.sync(entry, cached, Look::Fresh).await.is_err() {
+            // A sealed grant that does not open, or a store out of reach:
+            // its account says so at login.
             return false;
         }
         let grant = &cached.grant;
         if grant.refresh_token.is_none() || grant.needs_login {
             return false;
         }
-        let file_age = cached.file_mtime.map(unix_seconds);
+        let file_age = cached.revision.map(|r| unix_seconds(r.written));
         let last = grant.obtained_at.max(grant.authorized_at).or(file_age);
         last.is_none_or(|t| unix_now().saturating_sub(t) >= older_than.as_secs())
     }
@@ -349,12 +379,13 @@ impl TokenManager {
 
     /// The cached access token, once what another process stored is read,
     /// if it is outside the refresh-ahead window.
-    fn cached_token(
+    async fn cached_token(
         &self,
         entry: &AccountTokens,
         cached: &mut Cached,
+        look: Look,
     ) -> Result<Option<AccessToken>, TokenError> {
-        self.sync_from_disk(entry, cached)?;
+        self.sync(entry, cached, look).await?;
         Ok(
             usable_token(&cached.grant, unix_now(), true).map(|token| AccessToken {
                 token,
@@ -363,14 +394,42 @@ impl TokenManager {
         )
     }
 
-    /// The lock on the account's grant file across processes. Without it (a
-    /// state directory we cannot write) the refresh still goes ahead.
-    async fn lock_grant_file(&self, entry: &AccountTokens) -> Option<GrantLock> {
+    /// The lock on the account's grant across processes. Without a file
+    /// store's lock (a state directory we cannot write) the refresh still
+    /// goes ahead; without a shared store's, it does not: another replica
+    /// might spend the same refresh token.
+    async fn lock_grant(&self, entry: &AccountTokens) -> Result<Option<GrantLock>, TokenError> {
         match self.store.lock(&entry.account.username).await {
-            Ok(lock) => Some(lock),
-            Err(e) => {
+            Ok(lock) => Ok(Some(lock)),
+            Err(LockError::Skippable(e)) => {
                 warn!(account = %entry.account.username, "{e}; going on without it");
-                None
+                Ok(None)
+            }
+            Err(LockError::Unavailable(e)) => Err(TokenError::Unavailable(e)),
+        }
+    }
+
+    /// No refresh now (the store is out of reach): the cached access token
+    /// while it is still valid, else `e` (the client comes back later).
+    fn without_lock(
+        &self,
+        entry: &AccountTokens,
+        cached: &Cached,
+        e: TokenError,
+    ) -> Result<AccessToken, TokenError> {
+        let username = &entry.account.username;
+        match usable_token(&cached.grant, unix_now(), false) {
+            Some(token) if matches!(e, TokenError::Unavailable(_)) => {
+                warn!(account = %username, "{e}; using the current access token until it expires");
+                Ok(AccessToken {
+                    token,
+                    fresh: false,
+                })
+            }
+            // Already logged where it was found (the store logs an outage once).
+            _ => {
+                debug!(account = %username, "no refresh: {e}");
+                Err(e)
             }
         }
     }
@@ -415,60 +474,91 @@ impl TokenManager {
         }
     }
 
-    /// Re-reads the grant file when it is new to us or was changed by another
-    /// process (`xoauth2-proxy login`). A sealed file that does not open
-    /// (wrong key, another account's) or an unsafe one is not used, and the
-    /// client is told to come back: it is tried again at the next login, so
-    /// the right key (after a reload) or file brings the account back.
-    fn sync_from_disk(&self, entry: &AccountTokens, cached: &mut Cached) -> Result<(), TokenError> {
-        let username = &entry.account.username;
-        let mtime = self.store.modified(username);
-        if cached.loaded && mtime == cached.file_mtime {
+    /// Re-reads the stored grant when it is new to us or was written by
+    /// another process (`xoauth2-proxy login`, another replica). A sealed
+    /// grant that does not open (wrong key, another account's), an unsafe
+    /// file or a store out of reach is not used, and the client is told to
+    /// come back: it is tried again at the next login, so the right key
+    /// (after a reload), file or database brings the account back.
+    async fn sync(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+        look: Look,
+    ) -> Result<(), TokenError> {
+        if look == Look::Cached && cached.loaded && self.store.shared() {
             return Ok(());
         }
-        match self.store.load(username) {
-            Ok(grant) => {
+        let username = &entry.account.username;
+        let revision = match self.store.revision(username).await {
+            Ok(revision) => revision,
+            Err(e) => return Err(self.unusable(entry, e)),
+        };
+        if cached.loaded && revision == cached.revision {
+            return Ok(());
+        }
+        match self.store.read_revision(username).await {
+            Ok(read) => {
+                let (grant, revision) = match read {
+                    Some((file, revision)) => (Some(file.grant), Some(revision)),
+                    None => (None, None),
+                };
                 let grant = unsaved::prefer_unsaved(&self.store, username, grant);
                 cached.grant = grant.unwrap_or_else(|| StoredGrant {
                     account: username.clone(),
                     flow: Some(entry.account.flow),
                     ..Default::default()
                 });
-                cached.file_mtime = mtime;
+                cached.revision = revision;
                 cached.loaded = true;
                 entry.health.grant_read(&cached.grant);
             }
-            Err(e @ (LoadError::Sealed(_) | LoadError::Unsafe(_))) => {
-                warn!(account = %username, "{e}");
-                let e = e.to_string();
-                entry.health.failed(&e, unix_now());
-                return Err(TokenError::Unavailable(e));
+            Err(e @ (LoadError::Damaged(_) | LoadError::Unreadable(_))) => {
+                warn!(account = %username, "{e}")
             }
-            Err(e) => warn!(account = %username, "{e}"),
+            Err(e) => return Err(self.unusable(entry, e)),
         }
         Ok(())
     }
 
-    /// Writes the cached grant. When that fails the grant stays in memory,
-    /// the file keeps the one before (and the cached mtime, so that it is not
-    /// read back over the memory), and [`unsaved`] writes it later.
-    fn save(&self, entry: &AccountTokens, cached: &mut Cached) {
+    /// A stored grant that cannot be used now: logged, and the client told
+    /// to come back.
+    fn unusable(&self, entry: &AccountTokens, e: LoadError) -> TokenError {
         let username = &entry.account.username;
-        match self.store.save(username, &cached.grant) {
-            Ok(()) => {
-                cached.file_mtime = self.store.modified(username);
+        entry.health.failed(&e.to_string(), unix_now());
+        match &e {
+            // The store says so once when it goes away, not at every login.
+            LoadError::Unavailable(_) => debug!(account = %username, "{e}"),
+            _ => warn!(account = %username, "{e}"),
+        }
+        TokenError::Unavailable(e.to_string())
+    }
+
+    /// Writes the cached grant. When that fails the grant stays in memory,
+    /// the store keeps the one before (and the cached revision, so that it
+    /// is not read back over the memory), and [`unsaved`] writes it later.
+    async fn save(&self, entry: &AccountTokens, cached: &mut Cached) {
+        let username = &entry.account.username;
+        match self.store.save_revision(username, &cached.grant).await {
+            Ok(revision) => {
+                cached.revision = Some(revision);
                 unsaved::saved(&self.store, username);
             }
             // An app-only account's file only caches its access token.
             Err(e) if !entry.account.flow.is_delegated() => warn!(account = %username, "{e}"),
-            Err(e) => unsaved::failed(&self.store, username, &cached.grant, &e),
+            Err(e) => unsaved::failed(&self.store, username, &cached.grant, &e).await,
         }
     }
 
     /// Stores a new grant and hands out its access token, in that order: a
-    /// rotated refresh token is on disk before anyone can use the new access
-    /// token, so a crash never loses the grant.
-    fn remember(&self, entry: &AccountTokens, cached: &mut Cached, grant: Grant) -> AccessToken {
+    /// rotated refresh token is stored (committed) before anyone can use the
+    /// new access token, so a crash never loses the grant.
+    async fn remember(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+        grant: Grant,
+    ) -> AccessToken {
         let token = grant.access_token.clone();
         let now = unix_now();
         let g = &mut cached.grant;
@@ -487,7 +577,7 @@ impl TokenManager {
         entry
             .health
             .refreshed(now + grant.expires_in.as_secs(), now);
-        self.save(entry, cached);
+        self.save(entry, cached).await;
         count_token_request(&entry.account.username, "ok");
         info!(
             account = %entry.account.username,
@@ -498,7 +588,7 @@ impl TokenManager {
         AccessToken { token, fresh: true }
     }
 
-    fn remember_failure(
+    async fn remember_failure(
         &self,
         entry: &AccountTokens,
         cached: &mut Cached,
@@ -551,7 +641,7 @@ impl TokenManager {
                 }
             }
         };
-        self.save(entry, cached);
+        self.save(entry, cached).await;
         outcome
     }
 }
@@ -657,7 +747,7 @@ flow = "device_code"
     async fn held_refresh_token(manager: &TokenManager) -> String {
         let entry = manager.entry(USER).unwrap();
         let mut cached = entry.state.lock().await;
-        manager.sync_from_disk(entry, &mut cached).unwrap();
+        manager.sync(entry, &mut cached, Look::Fresh).await.unwrap();
         let rt = cached.grant.refresh_token.as_ref().map(Secret::expose);
         rt.unwrap_or_default().to_string()
     }
@@ -668,9 +758,9 @@ flow = "device_code"
         let store = TokenStore::new(dir.path());
         // The file holds a refresh token the IdP has spent; the newer one
         // could not be written (what `save` records when the disk is full).
-        store.save(USER, &grant("spent")).unwrap();
+        store.save(USER, &grant("spent")).await.unwrap();
         let newer = idp.issue_refresh_token(USER);
-        unsaved::failed(&store, USER, &grant(&newer), "no space left on device");
+        unsaved::failed(&store, USER, &grant(&newer), "no space left on device").await;
 
         // A manager made after the failure (a config reload) uses it.
         let manager = manager(&idp, dir.path());
@@ -682,7 +772,13 @@ flow = "device_code"
             "the spent token was never presented"
         );
         // That refresh was saved: nothing is left unsaved.
-        let on_file = store.load(USER).unwrap().unwrap().refresh_token.unwrap();
+        let on_file = store
+            .load(USER)
+            .await
+            .unwrap()
+            .unwrap()
+            .refresh_token
+            .unwrap();
         assert!(idp.valid_refresh_tokens(USER) == vec![on_file.expose().to_string()]);
         assert!(!unsaved::is_unsaved(&store, USER));
     }
@@ -691,13 +787,13 @@ flow = "device_code"
     async fn a_stale_file_rewritten_or_touched_never_replaces_the_unsaved_grant() {
         let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
         let store = TokenStore::new(dir.path());
-        store.save(USER, &grant("old")).unwrap();
+        store.save(USER, &grant("old")).await.unwrap();
         let manager = manager(&idp, dir.path());
         assert_eq!(held_refresh_token(&manager).await, "old");
-        unsaved::failed(&store, USER, &grant("new"), "no space left on device");
+        unsaved::failed(&store, USER, &grant("new"), "no space left on device").await;
         // The same stale grant written again (a backup restored, a touch):
         // the file's time changes, its refresh token does not.
-        store.save(USER, &grant("old")).unwrap();
+        store.save(USER, &grant("old")).await.unwrap();
         assert_eq!(held_refresh_token(&manager).await, "new");
         assert_eq!(
             held_refresh_token(&super::tests::manager(&idp, dir.path())).await,
@@ -709,12 +805,12 @@ flow = "device_code"
     async fn a_grant_written_by_login_wins_over_an_unsaved_one() {
         let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
         let store = TokenStore::new(dir.path());
-        store.save(USER, &grant("old")).unwrap();
+        store.save(USER, &grant("old")).await.unwrap();
         let manager = manager(&idp, dir.path());
-        unsaved::failed(&store, USER, &grant("unsaved"), "no space left on device");
+        unsaved::failed(&store, USER, &grant("unsaved"), "no space left on device").await;
         assert_eq!(held_refresh_token(&manager).await, "unsaved");
         // `xoauth2-proxy login` in another process writes a new grant.
-        store.save(USER, &grant("from-login")).unwrap();
+        store.save(USER, &grant("from-login")).await.unwrap();
         assert_eq!(held_refresh_token(&manager).await, "from-login");
         assert!(!unsaved::is_unsaved(&store, USER), "forgotten");
     }
@@ -741,7 +837,7 @@ flow = "device_code"
                 needs_login,
                 ..grant(&rt)
             };
-            store.save(USER, &grant).unwrap();
+            store.save(USER, &grant).await.unwrap();
             let outcome = manager(&idp, dir.path()).keep_alive(USER, 2 * day).await;
             let expected = if refreshed {
                 KeepAlive::Refreshed

@@ -22,7 +22,6 @@
 //! so once when it starts and once when the grant is saved.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -51,18 +50,18 @@ struct Unsaved {
     failures: u32,
 }
 
-/// Every unsaved grant of the process, by grant file.
-static UNSAVED: LazyLock<Mutex<HashMap<PathBuf, Unsaved>>> = LazyLock::new(Default::default);
+/// Every unsaved grant of the process, by where it goes ([`TokenStore::name_of`]).
+static UNSAVED: LazyLock<Mutex<HashMap<String, Unsaved>>> = LazyLock::new(Default::default);
 
-fn records() -> MutexGuard<'static, HashMap<PathBuf, Unsaved>> {
+fn records() -> MutexGuard<'static, HashMap<String, Unsaved>> {
     // A panic elsewhere cannot leave a record half-written: use it anyway.
     UNSAVED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writing `grant` to `account`'s file failed with `reason`: keep it, say so
 /// (once), and retry in the background.
-pub(super) fn failed(store: &TokenStore, account: &str, grant: &StoredGrant, reason: &str) {
-    let path = store.path(account);
+pub(super) async fn failed(store: &TokenStore, account: &str, grant: &StoredGrant, reason: &str) {
+    let path = store.name_of(account);
     if let Some(record) = records().get_mut(&path) {
         record.grant = grant.clone();
         record.version += 1;
@@ -74,6 +73,7 @@ pub(super) fn failed(store: &TokenStore, account: &str, grant: &StoredGrant, rea
     // file cannot change in between.
     let replaced = store
         .load(account)
+        .await
         .ok()
         .flatten()
         .and_then(|g| g.refresh_token);
@@ -90,15 +90,15 @@ pub(super) fn failed(store: &TokenStore, account: &str, grant: &StoredGrant, rea
     set_gauge(account, 1);
     warn!(
         account,
-        "grant of {account} not saved: {reason}; kept in memory, retrying; free space in {}",
-        store.dir().display()
+        "grant of {account} not saved: {reason}; kept in memory, retrying; {}",
+        store.write_advice()
     );
     spawn_retries(store.clone(), account.to_string());
 }
 
 /// A grant of `account` was written: nothing of it is left unsaved.
 pub(super) fn saved(store: &TokenStore, account: &str) {
-    if let Some(record) = records().remove(&store.path(account)) {
+    if let Some(record) = records().remove(&store.name_of(account)) {
         recovered(account, &record);
     }
 }
@@ -120,7 +120,7 @@ fn unsaved_over(
     account: &str,
     on_file: Option<&StoredGrant>,
 ) -> Option<StoredGrant> {
-    let path = store.path(account);
+    let path = store.name_of(account);
     let mut records = records();
     let record = records.get(&path)?;
     if is_stale(record, on_file) {
@@ -163,16 +163,16 @@ fn recovered(account: &str, record: &Unsaved) {
 pub(super) async fn save_before_exit(store: &TokenStore) {
     let pending: Vec<(TokenStore, String)> = records()
         .values()
-        .filter(|r| r.store.dir() == store.dir())
+        .filter(|r| r.store.same_place(store))
         .map(|r| (r.store.clone(), r.account.clone()))
         .collect();
     for (store, account) in pending {
         let _lock = store.lock(&account).await.ok();
-        if !retry_once(&store, &account) {
+        if !retry_once(&store, &account).await {
             error!(
                 account,
-                "the newest grant of {account} could not be saved before exit; free space in {} before starting again, and if the proxy then says it needs login, run `xoauth2-proxy login {account}`",
-                store.dir().display()
+                "the newest grant of {account} could not be saved before exit; {} before starting again, and if the proxy then says it needs login, run `xoauth2-proxy login {account}`",
+                store.write_advice()
             );
         }
     }
@@ -181,7 +181,7 @@ pub(super) async fn save_before_exit(store: &TokenStore) {
 /// Whether `account` has a grant not yet written.
 #[cfg(test)]
 pub(super) fn is_unsaved(store: &TokenStore, account: &str) -> bool {
-    records().contains_key(&store.path(account))
+    records().contains_key(&store.name_of(account))
 }
 
 fn set_gauge(account: &str, value: i64) {
@@ -210,7 +210,7 @@ async fn retry_until_saved(store: TokenStore, account: String) {
         tokio::time::sleep(wait).await;
         // The lock a refresh takes: no refresh runs while the file is written.
         let _lock = store.lock(&account).await.ok();
-        if retry_once(&store, &account) {
+        if retry_once(&store, &account).await {
             return;
         }
         wait = next_wait(wait);
@@ -222,17 +222,17 @@ fn next_wait(wait: Duration) -> Duration {
 }
 
 /// One attempt; true when nothing is left to save.
-fn retry_once(store: &TokenStore, account: &str) -> bool {
-    let path = store.path(account);
+async fn retry_once(store: &TokenStore, account: &str) -> bool {
+    let path = store.name_of(account);
     let Some((grant, version)) = records().get(&path).map(|r| (r.grant.clone(), r.version)) else {
         return true;
     };
-    if let Ok(on_file) = store.load(account)
+    if let Ok(on_file) = store.load(account).await
         && unsaved_over(store, account, on_file.as_ref()).is_none()
     {
         return true;
     }
-    if let Err(e) = store.save(account, &grant) {
+    if let Err(e) = store.save(account, &grant).await {
         if let Some(record) = records().get_mut(&path) {
             record.failures += 1;
         }
@@ -275,8 +275,8 @@ mod tests {
         }
     }
 
-    fn on_file(store: &TokenStore, account: &str) -> Option<String> {
-        let grant = store.load(account).ok()??;
+    async fn on_file(store: &TokenStore, account: &str) -> Option<String> {
+        let grant = store.load(account).await.ok()??;
         Some(grant.refresh_token?.expose().to_string())
     }
 
@@ -291,36 +291,36 @@ mod tests {
             .get()
     }
 
-    #[test]
-    fn a_failed_write_is_retried_until_it_succeeds() {
+    #[tokio::test]
+    async fn a_failed_write_is_retried_until_it_succeeds() {
         const USER: &str = "retried@contoso.com";
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
         // Where the folder of grants should be, a file: every write fails.
-        std::fs::write(store.dir(), b"in the way").unwrap();
-        failed(&store, USER, &grant("rt1"), "cannot write");
+        std::fs::write(store.file().unwrap().dir(), b"in the way").unwrap();
+        failed(&store, USER, &grant("rt1"), "cannot write").await;
         assert_eq!(gauge(USER), 1);
-        assert!(!retry_once(&store, USER), "still failing");
+        assert!(!retry_once(&store, USER).await, "still failing");
         assert_eq!(gauge(USER), 1);
         // A newer grant arrives while the disk still refuses it.
-        failed(&store, USER, &grant("rt2"), "cannot write");
-        std::fs::remove_file(store.dir()).unwrap();
-        assert!(retry_once(&store, USER), "written");
-        assert_eq!(on_file(&store, USER).as_deref(), Some("rt2"));
+        failed(&store, USER, &grant("rt2"), "cannot write").await;
+        std::fs::remove_file(store.file().unwrap().dir()).unwrap();
+        assert!(retry_once(&store, USER).await, "written");
+        assert_eq!(on_file(&store, USER).await.as_deref(), Some("rt2"));
         assert_eq!(gauge(USER), 0);
-        assert!(retry_once(&store, USER), "nothing left to write");
+        assert!(retry_once(&store, USER).await, "nothing left to write");
     }
 
-    #[test]
-    fn a_retry_never_overwrites_a_grant_written_by_login() {
+    #[tokio::test]
+    async fn a_retry_never_overwrites_a_grant_written_by_login() {
         const USER: &str = "overtaken@contoso.com";
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
-        store.save(USER, &grant("rt1")).unwrap();
-        failed(&store, USER, &grant("rt2"), "cannot write");
-        store.save(USER, &grant("from-login")).unwrap();
-        assert!(retry_once(&store, USER), "nothing left to write");
-        assert_eq!(on_file(&store, USER).as_deref(), Some("from-login"));
+        store.save(USER, &grant("rt1")).await.unwrap();
+        failed(&store, USER, &grant("rt2"), "cannot write").await;
+        store.save(USER, &grant("from-login")).await.unwrap();
+        assert!(retry_once(&store, USER).await, "nothing left to write");
+        assert_eq!(on_file(&store, USER).await.as_deref(), Some("from-login"));
         assert_eq!(gauge(USER), 0);
     }
 
@@ -329,11 +329,11 @@ mod tests {
         const USER: &str = "stopping@contoso.com";
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path());
-        std::fs::write(store.dir(), b"in the way").unwrap();
-        failed(&store, USER, &grant("rt1"), "cannot write");
-        std::fs::remove_file(store.dir()).unwrap();
+        std::fs::write(store.file().unwrap().dir(), b"in the way").unwrap();
+        failed(&store, USER, &grant("rt1"), "cannot write").await;
+        std::fs::remove_file(store.file().unwrap().dir()).unwrap();
         save_before_exit(&store).await;
-        assert_eq!(on_file(&store, USER).as_deref(), Some("rt1"));
+        assert_eq!(on_file(&store, USER).await.as_deref(), Some("rt1"));
         assert!(!is_unsaved(&store, USER));
     }
 }

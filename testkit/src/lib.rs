@@ -22,6 +22,7 @@ pub mod idp;
 pub mod imap;
 pub mod node;
 pub mod pki;
+pub mod postgres;
 pub mod proxy;
 mod sasl;
 pub mod smtp;

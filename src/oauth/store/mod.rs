@@ -1,0 +1,331 @@
+//! Where grants are kept: [`TokenStore`], the one door the rest of the proxy
+//! uses, over a [`Backend`] that holds one document per account.
+//!
+//! The document is the same in every backend: the grant's JSON, sealed with
+//! the token key when one is configured ([`crate::sealing`], the account as
+//! associated data). Sealing, parsing and the sentences a user reads live
+//! here, once; a backend only keeps bytes, says which revision it holds and
+//! locks an account across processes. So a change of the grant's format
+//! needs no change of any backend, `store migrate` copies documents as they
+//! are (sealed ones stay sealed), and another backend (Redis, a Kubernetes
+//! Secret) is one file implementing [`Backend`].
+//!
+//! - [`file`]: one file per account under `state_dir/tokens` (one replica);
+//! - [`postgres`]: one row per account in PostgreSQL, shared by replicas,
+//!   with an advisory lock per account so that one replica refreshes a grant
+//!   at a time.
+
+mod backend;
+mod file;
+mod postgres;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Flow, StoreKind};
+use crate::sealing::{SealError, TokenKey};
+use crate::secret::Secret;
+
+pub use backend::{Backend, GrantLock, LoadError, LockError, Revision};
+pub use file::FileStore;
+pub use postgres::PostgresStore;
+
+/// What the proxy knows about one account's grant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoredGrant {
+    /// The account's `username`, for humans reading the file.
+    pub account: String,
+    pub flow: Option<Flow>,
+    pub refresh_token: Option<Secret>,
+    pub access_token: Option<Secret>,
+    /// Unix seconds when `access_token` expires.
+    pub expires_at: Option<u64>,
+    /// Unix seconds when `access_token` was obtained.
+    pub obtained_at: Option<u64>,
+    /// Unix seconds of the last successful `login`.
+    pub authorized_at: Option<u64>,
+    /// Set when the identity provider said the grant is no longer valid.
+    #[serde(default)]
+    pub needs_login: bool,
+    /// The last failure, as a sentence without secrets.
+    pub last_error: Option<String>,
+    /// Unix seconds of `last_error`.
+    pub last_error_at: Option<u64>,
+}
+
+/// A grant as read, and whether its document was sealed.
+#[derive(Debug, Clone)]
+pub struct GrantFile {
+    pub grant: StoredGrant,
+    pub sealed: bool,
+}
+
+/// The grants of one config, sealed with its token key if it has one.
+#[derive(Clone)]
+pub struct TokenStore {
+    backend: Arc<dyn Backend>,
+    key: Option<TokenKey>,
+}
+
+impl fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenStore")
+            .field("store", &self.backend.describe())
+            .field("sealed", &self.key.is_some())
+            .finish()
+    }
+}
+
+impl TokenStore {
+    /// The grant files under `state_dir`, unsealed.
+    pub fn new(state_dir: &Path) -> Self {
+        TokenStore::over(Arc::new(FileStore::new(state_dir)))
+    }
+
+    /// The grants in `backend`, unsealed.
+    pub fn over(backend: Arc<dyn Backend>) -> Self {
+        TokenStore { backend, key: None }
+    }
+
+    /// The grants of `config`: `[store]`'s kind (the state directory by
+    /// default), sealed with its token key if it names one. A key file that
+    /// is missing, unreadable, readable by every user or not a key, or a
+    /// database URL that cannot be used, is an error (one sentence).
+    pub fn for_config(config: &Config) -> Result<Self, String> {
+        TokenStore::of_kind(config, config.store.kind)
+    }
+
+    /// The grants of `config` in a store of `kind`, whatever `[store]` says
+    /// (`store migrate` opens both).
+    pub fn of_kind(config: &Config, kind: StoreKind) -> Result<Self, String> {
+        let backend: Arc<dyn Backend> = match kind {
+            StoreKind::File => Arc::new(FileStore::new(&crate::config::state_dir(config))),
+            StoreKind::Postgres => Arc::new(PostgresStore::for_config(config)?),
+        };
+        let store = TokenStore::over(backend);
+        match crate::config::token_key_file(config) {
+            Some(file) => Ok(store.with_key(TokenKey::read(&file)?)),
+            None => Ok(store),
+        }
+    }
+
+    /// The same grants, sealed with `key` from now on.
+    pub(crate) fn with_key(self, key: TokenKey) -> Self {
+        TokenStore {
+            key: Some(key),
+            ..self
+        }
+    }
+
+    /// The token key's file, when grants are sealed.
+    pub fn key_file(&self) -> Option<&Path> {
+        self.key.as_ref().map(TokenKey::file)
+    }
+
+    pub fn kind(&self) -> StoreKind {
+        self.backend.kind()
+    }
+
+    /// Where the grants are, for people; never a password.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// How sentences name `account`'s grant; also what tells two grants apart
+    /// across stores (the record of unsaved grants is keyed by it).
+    pub fn name_of(&self, account: &str) -> String {
+        self.backend.name_of(account)
+    }
+
+    /// What to do when a write fails.
+    pub fn write_advice(&self) -> String {
+        self.backend.write_advice()
+    }
+
+    /// Replicas share these grants (see [`Backend::shared`]).
+    pub fn shared(&self) -> bool {
+        self.backend.shared()
+    }
+
+    /// The same place as `other` (same backend, same location).
+    pub fn same_place(&self, other: &TokenStore) -> bool {
+        self.backend.describe() == other.backend.describe()
+    }
+
+    /// Makes the store ready and checks it (at start, at reload, `check`).
+    pub async fn prepare(&self) -> Result<(), String> {
+        self.backend.prepare().await
+    }
+
+    /// Checks `username`'s lock as [`lock`](Self::lock) would take it.
+    pub fn check_lock(&self, username: &str) -> Result<(), String> {
+        self.backend.check_lock(username)
+    }
+
+    /// Whether the store answers now.
+    pub async fn probe(&self) -> Result<(), String> {
+        self.backend.probe().await
+    }
+
+    /// Reads `username`'s grant; `Ok(None)` when there is none yet.
+    pub async fn load(&self, username: &str) -> Result<Option<StoredGrant>, LoadError> {
+        Ok(self.read(username).await?.map(|file| file.grant))
+    }
+
+    /// Reads `username`'s grant and whether it is sealed.
+    pub async fn read(&self, username: &str) -> Result<Option<GrantFile>, LoadError> {
+        Ok(self.read_revision(username).await?.map(|(file, _)| file))
+    }
+
+    /// Reads `username`'s grant, whether it is sealed, and its revision.
+    pub async fn read_revision(
+        &self,
+        username: &str,
+    ) -> Result<Option<(GrantFile, Revision)>, LoadError> {
+        let Some(document) = self.backend.read(username).await? else {
+            return Ok(None);
+        };
+        let name = || self.backend.name_of(username);
+        let unsealed = crate::sealing::unseal(self.key.as_ref(), username, &document.bytes)
+            .map_err(|e| LoadError::Sealed(self.does_not_open(username, &name(), e)))?;
+        let grant = serde_json::from_slice(&unsealed.plaintext).map_err(|e| {
+            LoadError::Damaged(format!(
+                "{} is damaged ({e}); run `xoauth2-proxy login {username}`",
+                name()
+            ))
+        })?;
+        let file = GrantFile {
+            grant,
+            sealed: unsealed.sealed,
+        };
+        Ok(Some((file, document.revision)))
+    }
+
+    /// Why a sealed grant does not open, and what to do: the document is
+    /// left as it is, so the right key still opens it.
+    fn does_not_open(&self, username: &str, name: &str, e: SealError) -> String {
+        let or_login = format!("or move it away and run `xoauth2-proxy login {username}`");
+        match e {
+            SealError::NoKey => format!(
+                "{name} is sealed, but no token key is configured; set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to the key it was sealed with and reload, {or_login}"
+            ),
+            SealError::DoesNotOpen => format!(
+                "{name} does not open with the token key in {}: that is not the key it was sealed with, or the file is another account's; put the right key there and reload, {or_login}",
+                self.key_file().unwrap_or(Path::new("?")).display()
+            ),
+            SealError::UnknownVersion(v) => format!(
+                "{name} is sealed in format {v}, which this version of xoauth2-proxy does not know; run the version that wrote it, {or_login}"
+            ),
+            SealError::Damaged(why) => format!(
+                "{name} is sealed but damaged ({why}); restore it from a backup, {or_login}"
+            ),
+        }
+    }
+
+    /// The revision of `username`'s grant, to notice a write by another
+    /// process (a replica, `login`) without reading it.
+    pub async fn revision(&self, username: &str) -> Result<Option<Revision>, LoadError> {
+        self.backend.revision(username).await
+    }
+
+    /// When `username`'s grant was last written.
+    pub async fn modified(&self, username: &str) -> Option<SystemTime> {
+        let revision = self.backend.revision(username).await.ok()??;
+        Some(revision.written)
+    }
+
+    /// Takes the account's lock, held while a grant is redeemed, so that two
+    /// processes (replicas, `serve` and `login` or `check`, or a config
+    /// reloaded while sessions of the old one live) never spend the same
+    /// refresh token.
+    pub async fn lock(&self, username: &str) -> Result<GrantLock, LockError> {
+        self.backend.lock(username).await
+    }
+
+    /// Replaces `username`'s grant atomically, sealed when there is a key.
+    /// A grant that is there and cannot be opened (sealed under another key,
+    /// another account's, unsafe, unreadable) is left as it is: an error.
+    pub async fn save(&self, username: &str, grant: &StoredGrant) -> Result<(), String> {
+        self.save_revision(username, grant).await.map(|_| ())
+    }
+
+    /// [`save`](Self::save), returning the revision written.
+    pub async fn save_revision(
+        &self,
+        username: &str,
+        grant: &StoredGrant,
+    ) -> Result<Revision, String> {
+        match self.read(username).await {
+            Ok(_) | Err(LoadError::Damaged(_)) => {}
+            Err(e) => return Err(format!("the new grant of {username} is not saved: {e}")),
+        }
+        let json = serde_json::to_vec_pretty(grant).expect("a grant always serialises");
+        let bytes = match &self.key {
+            Some(key) => key.seal(username, &json)?,
+            None => json,
+        };
+        self.backend.write(username, &bytes).await
+    }
+
+    /// Deletes `username`'s grant (the account then needs `login`); none
+    /// there is not an error.
+    pub async fn forget(&self, username: &str) -> Result<(), String> {
+        self.backend.remove(username).await
+    }
+
+    /// The file store under this store, if it is one (its paths).
+    pub fn file(&self) -> Option<&FileStore> {
+        self.backend.as_any().downcast_ref::<FileStore>()
+    }
+}
+
+/// What `store migrate` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// Accounts whose document was written to the target.
+    pub copied: Vec<String>,
+    /// Accounts the target already held byte for byte.
+    pub unchanged: Vec<String>,
+}
+
+/// Copies every grant of `from` to `to` as it is (a sealed document stays
+/// sealed: sealing binds it to its account, not to its store). Running it
+/// again copies nothing new: a document the target already holds is left.
+pub async fn migrate(from: &TokenStore, to: &TokenStore) -> Result<Migrated, String> {
+    to.prepare().await?;
+    let mut done = Migrated::default();
+    for account in from.backend.accounts().await? {
+        let Some(document) = from
+            .backend
+            .read(&account)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            continue;
+        };
+        let there = to.backend.read(&account).await.map_err(|e| e.to_string())?;
+        if there.is_some_and(|t| t.bytes == document.bytes) {
+            done.unchanged.push(account);
+            continue;
+        }
+        let _lock = to.lock(&account).await.map_err(|e| e.to_string())?;
+        to.backend.write(&account, &document.bytes).await?;
+        done.copied.push(account);
+    }
+    Ok(done)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

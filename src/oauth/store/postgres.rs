@@ -1,0 +1,765 @@
+//! Grants in PostgreSQL: one row per account, shared by every replica of a
+//! deployment (NocoBase's own database, in a schema of the proxy's own).
+//!
+//! A row holds the account, the document (the grant as a file would hold
+//! it, sealed when there is a token key), a version bumped by every write,
+//! and when it was created and last written. The schema and its tables are
+//! made by versioned migrations, run once per store before its first use
+//! (under a transaction-level advisory lock, so replicas starting together
+//! run each migration once).
+//!
+//! The cross-replica lock of an account is a session-level advisory lock
+//! held on a connection of its own, outside the pool: it is released when
+//! the lock is dropped (the connection closes) or when the process dies
+//! (the kernel closes the socket, the server ends the session). Rows are
+//! written through the pool, each write committed on its own, so a rotated
+//! refresh token is committed before the lock is released and before its
+//! access token is handed out.
+//!
+//! The URL may hold a password: it is a [`Secret`], and logs and errors name
+//! the database by host, port and name only. TLS to the database, when the
+//! URL asks for it (`sslmode=prefer`, the default, or `require`), always
+//! verifies the server's certificate (system roots, plus `sslrootcert`).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tracing::{info, warn};
+
+use super::backend::{Backend, Document, GrantLock, LoadError, LockError, Pending, Revision};
+use crate::config::{Config, StoreKind};
+use crate::secret::Secret;
+
+/// Connecting, waiting for a pooled connection, and one statement.
+const DB_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refresh waits for another replica's: longer than a slow
+/// identity provider answers.
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+/// How often a running proxy checks that the database answers (`/metrics`).
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// Connections in the pool: grants are read and written seldom.
+const POOL_SIZE: usize = 4;
+
+/// The schema's migrations, in order; each runs once, in a transaction.
+/// `{schema}` stands for the quoted schema name. Never edit one that has
+/// shipped: add the next.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "grants: one row per account",
+    "CREATE TABLE {schema}.grants (
+        account text PRIMARY KEY,
+        document bytea NOT NULL,
+        version bigint NOT NULL DEFAULT 1,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )",
+)];
+
+/// The grants in one PostgreSQL schema.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    connect: tokio_postgres::Config,
+    tls: Tls,
+    schema: String,
+    /// `host:port/db`, for sentences; never the password.
+    place: String,
+    /// The migrations have run since this store was made.
+    migrated: tokio::sync::Mutex<bool>,
+    /// The last operation reached the database (logged when it changes).
+    up: AtomicBool,
+    probing: AtomicBool,
+}
+
+#[derive(Clone)]
+enum Tls {
+    Off,
+    Verified(MakeRustlsConnect),
+}
+
+impl PostgresStore {
+    /// The store `[store]` of `config` names (its `url`, `schema`). Nothing
+    /// is connected yet; a URL that cannot be used is an error.
+    pub fn for_config(config: &Config) -> Result<Self, String> {
+        let url = config.store.url.as_ref().ok_or(
+            "[store] has no url: set url (postgres://USER:PASSWORD@HOST:5432/DB) or url_file",
+        )?;
+        PostgresStore::new(url, &config.store.schema)
+    }
+
+    /// The store at `url` (a secret: it may hold a password), tables in
+    /// `schema` (a plain SQL name, checked by the config).
+    pub fn new(url: &Secret, schema: &str) -> Result<Self, String> {
+        let (mut connect, root_cert) = parse_url(url.expose())?;
+        connect.connect_timeout(DB_TIMEOUT);
+        // And the proxy notices a vanished server on an idle connection.
+        connect.keepalives_idle(Duration::from_secs(10));
+        connect.application_name("xoauth2-proxy");
+        let tls = match connect.get_ssl_mode() {
+            SslMode::Disable => Tls::Off,
+            _ => {
+                let rustls = crate::tls::client_config(root_cert.as_deref())?;
+                Tls::Verified(MakeRustlsConnect::new((*rustls).clone()))
+            }
+        };
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Tls::Off => Manager::from_config(connect.clone(), NoTls, manager_config),
+            Tls::Verified(t) => Manager::from_config(connect.clone(), t.clone(), manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(DB_TIMEOUT))
+            .create_timeout(Some(DB_TIMEOUT))
+            .recycle_timeout(Some(DB_TIMEOUT))
+            .build()
+            .map_err(|e| format!("cannot set up the database pool ({e}); please report this"))?;
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                place: place(&connect),
+                connect,
+                tls,
+                schema: schema.to_string(),
+                migrated: tokio::sync::Mutex::new(false),
+                up: AtomicBool::new(true),
+                probing: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn table(&self) -> String {
+        format!("\"{}\".grants", self.inner.schema)
+    }
+
+    /// The sentence for a database that does not answer (or refuses).
+    fn down(&self, reason: String) -> String {
+        let advice = if reason.contains("certificate") {
+            "the database's TLS certificate is not trusted: add sslrootcert=/path/to/ca.pem (its CA) to [store] url, or fix the certificate's names"
+        } else {
+            "check that the database is up and that [store] url is right"
+        };
+        format!(
+            "the grant store (PostgreSQL {}) cannot be used: {reason}; {advice}",
+            self.inner.place
+        )
+    }
+
+    /// Notes whether the database answered: logged when it changes, and
+    /// the `grant_store_up` gauge follows.
+    fn mark<T>(&self, result: Result<T, String>) -> Result<T, String> {
+        let up = result.is_ok();
+        let was = self.inner.up.swap(up, Ordering::Relaxed);
+        crate::metrics::get().grant_store_up.set(i64::from(up));
+        match (&result, was) {
+            (Err(e), true) => warn!("{e}"),
+            (Ok(_), false) => info!(
+                "the grant store (PostgreSQL {}) answers again",
+                self.inner.place
+            ),
+            _ => {}
+        }
+        result
+    }
+
+    /// A pooled connection, once the schema is migrated.
+    async fn client(&self) -> Result<deadpool_postgres::Object, Unready> {
+        let mut client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| Unready::Down(self.down(chain(&e))))?;
+        let mut migrated = self.inner.migrated.lock().await;
+        if !*migrated {
+            self.migrate(&mut client).await?;
+            *migrated = true;
+        }
+        Ok(client)
+    }
+
+    /// Creates the schema if it is missing and runs the migrations it has
+    /// not had, under a lock so that replicas starting together do not race.
+    async fn migrate(&self, client: &mut Client) -> Result<(), Unready> {
+        let schema = &self.inner.schema;
+        let quoted = format!("\"{schema}\"");
+        // The database refused (no right to create the schema or a table),
+        // or the connection broke.
+        let fail = |e: tokio_postgres::Error| match e.as_db_error() {
+            Some(_) => Unready::Schema(format!(
+                "cannot prepare schema {schema} in PostgreSQL {}: {}; the role in [store] url needs its own schema (docs/shared-store.md has the SQL that makes one)",
+                self.inner.place,
+                chain(&e)
+            )),
+            None => Unready::Down(self.down(chain(&e))),
+        };
+        let tx = client.transaction().await.map_err(fail)?;
+        let lock_key = format!("xoauth2-proxy/{schema}/migrations");
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&lock_key],
+        )
+        .await
+        .map_err(fail)?;
+        let exists = tx
+            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[schema])
+            .await
+            .map_err(fail)?
+            .is_some();
+        if !exists {
+            tx.batch_execute(&format!("CREATE SCHEMA {quoted}"))
+                .await
+                .map_err(fail)?;
+        }
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations (
+                version integer PRIMARY KEY,
+                description text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )"
+        ))
+        .await
+        .map_err(fail)?;
+        let applied: Vec<i32> = tx
+            .query(
+                &format!("SELECT version FROM {quoted}.schema_migrations"),
+                &[],
+            )
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for (version, description, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            tx.batch_execute(&sql.replace("{schema}", &quoted))
+                .await
+                .map_err(fail)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {quoted}.schema_migrations (version, description) VALUES ($1, $2)"
+                ),
+                &[version, description],
+            )
+            .await
+            .map_err(fail)?;
+            info!("grant store: applied migration {version} ({description}) to schema {schema}");
+        }
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        if applied.iter().any(|v| *v > newest) {
+            warn!(
+                "schema {schema} was migrated by a newer xoauth2-proxy (version {}); this one knows up to {newest}: run the newer version on every replica",
+                applied.iter().max().unwrap_or(&0)
+            );
+        }
+        tx.commit().await.map_err(fail)
+    }
+
+    /// A connection of its own for a lock (closed with it).
+    async fn dedicated(&self) -> Result<Client, String> {
+        let inner = &self.inner;
+        let client = match &inner.tls {
+            Tls::Off => {
+                let (client, connection) = inner
+                    .connect
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.down(chain(&e)))?;
+                tokio::spawn(connection);
+                client
+            }
+            Tls::Verified(tls) => {
+                let (client, connection) = inner
+                    .connect
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.down(chain(&e)))?;
+                tokio::spawn(connection);
+                client
+            }
+        };
+        Ok(client)
+    }
+
+    async fn take_lock(&self, account: &str) -> Result<GrantLock, String> {
+        let client = self.dedicated().await?;
+        // A replica cut off from the database (not killed: its socket is
+        // never closed) must not hold the lock for the kernel's default two
+        // hours: the server probes the lock's connection and ends it.
+        within(client.batch_execute(
+            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
+        ))
+        .await
+        .map_err(|e| self.down(e))?;
+        let key = format!(
+            "xoauth2-proxy/{}/{}",
+            self.inner.schema,
+            account.to_lowercase()
+        );
+        let locked = tokio::time::timeout(
+            LOCK_WAIT,
+            client.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]),
+        )
+        .await;
+        match locked {
+            Ok(Ok(_)) => Ok(GrantLock::new(client)),
+            Ok(Err(e)) => Err(self.down(chain(&e))),
+            Err(_) => Err(format!(
+                "another process has held the refresh lock of {account} in PostgreSQL {} for over {}s; try again later",
+                self.inner.place,
+                LOCK_WAIT.as_secs()
+            )),
+        }
+    }
+
+    async fn read_row(&self, account: &str) -> Result<Option<Document>, String> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT document, version, extract(epoch FROM updated_at)::float8 FROM {} WHERE account = $1",
+            self.table()
+        );
+        let row = within(client.query_opt(&sql, &[&account.to_lowercase()]))
+            .await
+            .map_err(|e| self.down(e))?;
+        Ok(row.map(|row| Document {
+            bytes: row.get(0),
+            revision: revision(row.get(1), row.get(2)),
+        }))
+    }
+
+    async fn row_revision(&self, account: &str) -> Result<Option<Revision>, String> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT version, extract(epoch FROM updated_at)::float8 FROM {} WHERE account = $1",
+            self.table()
+        );
+        let row = within(client.query_opt(&sql, &[&account.to_lowercase()]))
+            .await
+            .map_err(|e| self.down(e))?;
+        Ok(row.map(|row| revision(row.get(0), row.get(1))))
+    }
+
+    async fn write_row(&self, account: &str, bytes: &[u8]) -> Result<Revision, String> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {table} (account, document) VALUES ($1, $2)
+             ON CONFLICT (account) DO UPDATE
+                SET document = EXCLUDED.document, version = grants.version + 1, updated_at = now()
+             RETURNING version, extract(epoch FROM updated_at)::float8",
+            table = self.table()
+        );
+        let row = within(client.query_one(&sql, &[&account.to_lowercase(), &bytes]))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot write the grant of {account} to PostgreSQL {}: {e}",
+                    self.inner.place
+                )
+            })?;
+        Ok(revision(row.get(0), row.get(1)))
+    }
+
+    async fn delete_row(&self, account: &str) -> Result<(), String> {
+        let client = self.client().await?;
+        let sql = format!("DELETE FROM {} WHERE account = $1", self.table());
+        within(client.execute(&sql, &[&account.to_lowercase()]))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.down(e))
+    }
+
+    async fn list(&self) -> Result<Vec<String>, String> {
+        let client = self.client().await?;
+        let sql = format!("SELECT account FROM {} ORDER BY account", self.table());
+        let rows = within(client.query(&sql, &[]))
+            .await
+            .map_err(|e| self.down(e))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        let client = self.client().await?;
+        within(client.simple_query("SELECT 1"))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.down(e))
+    }
+
+    /// Checks the database every [`PROBE_EVERY`] while this store lives,
+    /// so that `/metrics` shows an outage nobody's login has met yet.
+    fn start_probing(&self) {
+        if self.inner.probing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = PostgresStore { inner };
+                let _ = store.mark(store.ping().await);
+            }
+        });
+    }
+}
+
+/// Why `e` happened, with its causes ("error performing TLS handshake:
+/// invalid peer certificate: UnknownIssuer"); the database's own message
+/// when it sent one.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = match e.downcast_ref::<tokio_postgres::Error>() {
+        Some(pg) => db_reason(pg),
+        None => e.to_string(),
+    };
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = match c.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => db_reason(pg),
+            None => c.to_string(),
+        };
+        if !reason.contains(&text) {
+            reason = format!("{reason}: {text}");
+        }
+        cause = c.source();
+    }
+    reason
+}
+
+/// Why the store is not ready to use.
+enum Unready {
+    /// The database cannot be reached (or the connection broke): a later
+    /// use tries again.
+    Down(String),
+    /// The database refused the schema's migrations: a set-up problem,
+    /// reported at start.
+    Schema(String),
+}
+
+impl From<Unready> for String {
+    fn from(e: Unready) -> String {
+        match e {
+            Unready::Down(s) | Unready::Schema(s) => s,
+        }
+    }
+}
+
+/// One statement, bounded: a database that accepts connections and then
+/// stalls must not hold a login forever.
+async fn within<T>(
+    query: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(DB_TIMEOUT, query).await {
+        Ok(result) => result.map_err(|e| chain(&e)),
+        Err(_) => Err(format!(
+            "the database did not answer within {}s",
+            DB_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The database's own message when there is one (it says more than
+/// "db error").
+fn db_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+fn revision(version: i64, epoch: f64) -> Revision {
+    Revision {
+        version,
+        written: UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
+    }
+}
+
+/// `host:port/db` of a connection config, for sentences.
+fn place(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres");
+    format!("{host}:{port}/{db}")
+}
+
+/// Parses the URL as libpq would, for what tokio-postgres does not know:
+/// `sslmode=verify-ca` and `verify-full` (TLS here is always verified, so
+/// they mean `require`), and `sslrootcert=FILE` (a CA to trust besides the
+/// system's). Errors never repeat the URL (it may hold a password).
+fn parse_url(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), String> {
+    let mut root_cert = None;
+    let url = match url.split_once('?') {
+        Some((base, query)) => {
+            let mut kept = Vec::new();
+            for pair in query.split('&') {
+                match pair.split_once('=') {
+                    Some(("sslrootcert", file)) => root_cert = Some(PathBuf::from(file)),
+                    Some(("sslmode", "verify-ca" | "verify-full")) => kept.push("sslmode=require"),
+                    _ => kept.push(pair),
+                }
+            }
+            if kept.is_empty() {
+                base.to_string()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            }
+        }
+        None => url.to_string(),
+    };
+    let config = tokio_postgres::Config::from_str(&url).map_err(|e| {
+        format!("[store] url is not a PostgreSQL URL ({e}); write it as postgres://USER:PASSWORD@HOST:5432/DB")
+    })?;
+    Ok((config, root_cert))
+}
+
+impl Backend for PostgresStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Postgres
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "PostgreSQL {}, schema {}",
+            self.inner.place, self.inner.schema
+        )
+    }
+
+    fn name_of(&self, account: &str) -> String {
+        format!(
+            "the grant of {} in PostgreSQL {} (schema {})",
+            account.to_lowercase(),
+            self.inner.place,
+            self.inner.schema
+        )
+    }
+
+    fn write_advice(&self) -> String {
+        format!(
+            "check that PostgreSQL {} is up and has room",
+            self.inner.place
+        )
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// Migrates and checks the database. Out of reach at start is not an
+    /// error: logins with cached tokens do not need it, and every use tries
+    /// again, so the proxy recovers by itself.
+    fn prepare(&self) -> Pending<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.start_probing();
+            let ready = self.client().await.map(|_| ());
+            let refused = matches!(ready, Err(Unready::Schema(_)));
+            match self.mark(ready.map_err(String::from)) {
+                Err(e) if refused => Err(e),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn check_lock(&self, _account: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn read<'a>(&'a self, account: &'a str) -> Pending<'a, Result<Option<Document>, LoadError>> {
+        Box::pin(async move {
+            self.mark(self.read_row(account).await)
+                .map_err(LoadError::Unavailable)
+        })
+    }
+
+    fn revision<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> Pending<'a, Result<Option<Revision>, LoadError>> {
+        Box::pin(async move {
+            self.mark(self.row_revision(account).await)
+                .map_err(LoadError::Unavailable)
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        account: &'a str,
+        bytes: &'a [u8],
+    ) -> Pending<'a, Result<Revision, String>> {
+        Box::pin(async move { self.mark(self.write_row(account, bytes).await) })
+    }
+
+    fn remove<'a>(&'a self, account: &'a str) -> Pending<'a, Result<(), String>> {
+        Box::pin(async move { self.mark(self.delete_row(account).await) })
+    }
+
+    fn lock<'a>(&'a self, account: &'a str) -> Pending<'a, Result<GrantLock, LockError>> {
+        Box::pin(async move {
+            self.mark(self.take_lock(account).await)
+                .map_err(LockError::Unavailable)
+        })
+    }
+
+    fn accounts(&self) -> Pending<'_, Result<Vec<String>, String>> {
+        Box::pin(async move { self.mark(self.list().await) })
+    }
+
+    fn probe(&self) -> Pending<'_, Result<(), String>> {
+        Box::pin(async move { self.mark(self.ping().await) })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_modes_mean_require_and_the_root_cert_is_taken_out() {
+        let (config, root) = parse_url(
+            "postgres://u:pw@db.example:6543/app?sslmode=verify-full&sslrootcert=/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(config.get_ssl_mode(), SslMode::Require);
+        assert_eq!(root, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(place(&config), "db.example:6543/app");
+    }
+
+    use crate::oauth::store::{StoredGrant, TokenStore};
+    use testkit::postgres::TestPostgres;
+
+    fn store(pg: &TestPostgres, schema: &str) -> PostgresStore {
+        PostgresStore::new(&Secret::new(pg.url()), schema).unwrap()
+    }
+
+    fn grant(refresh_token: &str) -> StoredGrant {
+        StoredGrant {
+            account: "a@x.com".into(),
+            refresh_token: Some(Secret::new(refresh_token.into())),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_are_written_versioned_listed_and_forgotten() {
+        let pg = TestPostgres::start().await;
+        let tokens = TokenStore::over(Arc::new(store(&pg, "grants_here")));
+        tokens.prepare().await.unwrap();
+        assert!(tokens.load("a@x.com").await.unwrap().is_none());
+        let first = tokens
+            .save_revision("A@x.com", &grant("rt1"))
+            .await
+            .unwrap();
+        let second = tokens
+            .save_revision("a@x.com", &grant("rt2"))
+            .await
+            .unwrap();
+        assert_eq!((first.version, second.version), (1, 2));
+        assert_eq!(tokens.revision("a@X.com").await.unwrap(), Some(second));
+        let (file, revision) = tokens.read_revision("a@x.com").await.unwrap().unwrap();
+        assert_eq!(file.grant.refresh_token.unwrap().expose(), "rt2");
+        assert_eq!(revision, second);
+        assert_eq!(
+            tokens.backend.accounts().await.unwrap(),
+            vec!["a@x.com".to_string()]
+        );
+        tokens.forget("a@x.com").await.unwrap();
+        assert!(tokens.load("a@x.com").await.unwrap().is_none());
+        tokens.forget("a@x.com").await.unwrap();
+        let applied = pg
+            .psql("SELECT version, description FROM grants_here.schema_migrations")
+            .await;
+        assert_eq!(applied, "1|grants: one row per account");
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_together_migrate_once_and_lock_each_other_out() {
+        let pg = TestPostgres::start().await;
+        let (a, b) = (store(&pg, "xoauth2_proxy"), store(&pg, "xoauth2_proxy"));
+        let (ra, rb) = tokio::join!(Backend::prepare(&a), Backend::prepare(&b));
+        ra.unwrap();
+        rb.unwrap();
+        let applied = pg
+            .psql("SELECT count(*) FROM xoauth2_proxy.schema_migrations")
+            .await;
+        assert_eq!(applied, "1");
+
+        let held = a.lock("a@x.com").await.ok().unwrap();
+        let waiting = tokio::spawn(async move { b.lock("A@X.COM").await.is_ok() });
+        let blocked = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+        while pg.psql(blocked).await != "1" {
+            assert!(
+                !waiting.is_finished(),
+                "the second lock was granted while the first was held"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Another account's lock is not held up.
+        drop(a.lock("b@x.com").await.ok().unwrap());
+        drop(held);
+        assert!(waiting.await.unwrap(), "granted once the first was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_role_that_may_not_make_the_schema_is_told_what_to_run_at_start() {
+        let pg = TestPostgres::start().await;
+        pg.psql("CREATE ROLE guest LOGIN PASSWORD 'guest-pw'").await;
+        let url = pg.url().replace(
+            &format!("postgres:{}@", testkit::postgres::PASSWORD),
+            "guest:guest-pw@",
+        );
+        let guest = PostgresStore::new(&Secret::new(url), "xoauth2_proxy").unwrap();
+        let e = Backend::prepare(&guest).await.unwrap_err();
+        assert!(e.contains("cannot prepare schema xoauth2_proxy"), "{e}");
+        assert!(e.contains("permission denied"), "{e}");
+        assert!(e.contains("docs/shared-store.md"), "{e}");
+        assert!(!e.contains("guest-pw"), "{e}");
+        // A database that is not there yet is no reason to stop: it is
+        // tried again at each use.
+        let mut pg = pg;
+        pg.stop().await;
+        let down = store(&pg, "xoauth2_proxy");
+        Backend::prepare(&down).await.unwrap();
+        let e = Backend::probe(&down).await.unwrap_err();
+        assert!(e.contains("cannot be used"), "{e}");
+        pg.start_again().await;
+        Backend::probe(&down).await.unwrap();
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_repeating_it() {
+        let e = parse_url("postgres://u:SECRET-pw@db:notaport/app")
+            .err()
+            .unwrap();
+        assert!(!e.contains("SECRET-pw"), "{e}");
+        assert!(e.contains("postgres://USER:PASSWORD@HOST:5432/DB"), "{e}");
+    }
+}

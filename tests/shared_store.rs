@@ -1,0 +1,506 @@
+//! More than one proxy on one PostgreSQL database (`[store] kind =
+//! "postgres"`): real `xoauth2-proxy serve` processes, a real PostgreSQL
+//! server (Debian's, started in a temporary directory), the test identity
+//! provider counting every token request.
+
+use std::time::Duration;
+
+use testkit::idp::{DeviceOutcome, Rotation};
+use testkit::postgres::{PASSWORD, TestPostgres};
+use testkit::proxy::{AccountSpec, TestProxy};
+use testkit::world::{LineClient, World};
+
+const USER: &str = "sales@contoso.com";
+const OTHER: &str = "support@contoso.com";
+
+/// A proxy of `world` for `accounts` whose grants are in `pg`.
+async fn replica(world: &World, pg: &TestPostgres, accounts: &[AccountSpec]) -> TestProxy {
+    patient_replica(world, pg, accounts, "3s").await
+}
+
+/// [`replica`], waiting up to `idp_timeout` for the identity provider.
+async fn patient_replica(
+    world: &World,
+    pg: &TestPostgres,
+    accounts: &[AccountSpec],
+    idp_timeout: &str,
+) -> TestProxy {
+    let url = pg.url();
+    TestProxy::start_with(&world.endpoints, accounts, "debug", |text| {
+        let text = text.replace(
+            "idp_timeout = \"3s\"",
+            &format!("idp_timeout = \"{idp_timeout}\""),
+        );
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{url}\"\n")
+    })
+    .await
+}
+
+fn accounts() -> Vec<AccountSpec> {
+    vec![
+        AccountSpec::device(USER, "pw"),
+        AccountSpec::device(OTHER, "pw2"),
+    ]
+}
+
+/// Puts a grant holding only a refresh token (its access token long gone)
+/// for each of `users` into the database, through `store migrate` from a
+/// state directory written as `login` would.
+async fn grants_without_access_tokens(world: &World, proxy: &TestProxy, users: &[&str]) {
+    for user in users {
+        world.grant_in(&proxy.state_dir, &AccountSpec::device(user, "pw"));
+    }
+    let out = proxy.cli(&["store", "migrate", "--to", "postgres"]).await;
+    assert!(out.status.success(), "{out:?}");
+}
+
+async fn login(proxy: &TestProxy, user: &str, password: &str) -> String {
+    LineClient::imap_login(proxy.imap_addr, user, password).await
+}
+
+/// The refresh token the database holds for `user` (grants are not sealed
+/// here, so the document is the grant's JSON).
+async fn stored_refresh_token(pg: &TestPostgres, user: &str) -> String {
+    let json = pg
+        .psql(&format!(
+            "SELECT convert_from(document, 'UTF8') FROM xoauth2_proxy.grants WHERE account = '{user}'"
+        ))
+        .await;
+    let grant: serde_json::Value = serde_json::from_str(&json).unwrap();
+    grant["refresh_token"].as_str().unwrap().to_string()
+}
+
+/// The reply to an SMTP AUTH PLAIN as `user` (the last line of the reply).
+async fn smtp_auth(proxy: &TestProxy, user: &str, password: &str) -> String {
+    use base64::Engine;
+    let mut c = LineClient::connect(proxy.smtp_addr).await;
+    let mut last = String::new();
+    let blob = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    for command in [
+        None,
+        Some("EHLO client.example".to_string()),
+        Some(format!("AUTH PLAIN {blob}")),
+    ] {
+        if let Some(command) = command {
+            c.line(&command).await;
+        }
+        // One reply: lines until one whose fourth byte is not '-'.
+        loop {
+            last = c.read().await.unwrap_or_default();
+            if last.as_bytes().get(3) != Some(&b'-') {
+                break;
+            }
+        }
+    }
+    last
+}
+
+async fn admin(proxy: &TestProxy, path: &str) -> (u16, String) {
+    let answer = reqwest::get(format!("http://{}{path}", proxy.admin_addr))
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_authorised_through_one_replica_serves_logins_on_all() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    world.idp.set_device_user(USER);
+    world
+        .idp
+        .set_device_outcome(DeviceOutcome::ApproveAfterPolls(1));
+    let replicas = [
+        replica(&world, &pg, &accounts()).await,
+        replica(&world, &pg, &accounts()).await,
+        replica(&world, &pg, &accounts()).await,
+    ];
+    let out = replicas[0].cli(&["login", USER]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{out:?}");
+    assert!(
+        stdout.contains("stored in the grant of sales@contoso.com in PostgreSQL 127.0.0.1:"),
+        "{stdout}"
+    );
+
+    for proxy in &replicas {
+        let answer = login(proxy, USER, "pw").await;
+        assert!(answer.starts_with("a OK"), "{answer}");
+    }
+    let counts = world.idp.counts();
+    assert_eq!(counts.device_code_requests, 1, "one login for all");
+    assert_eq!(
+        counts.refresh_grants, 0,
+        "the access token of `login` served every replica"
+    );
+
+    let status = replicas[2].cli(&["status"]).await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!("{USER} (")), "{text}");
+    assert!(
+        text.contains("Grants are stored in PostgreSQL 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(text.contains("schema xoauth2_proxy"), "{text}");
+    let json = replicas[2].cli(&["status", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(rows[0]["grant_store"], "postgres");
+    assert_eq!(rows[0]["grant_store_up"], true);
+
+    // The database's password is in the URL: never in a log.
+    for proxy in &replicas {
+        assert!(!proxy.logs().contains(PASSWORD), "{}", proxy.logs());
+    }
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_logins_over_three_replicas_refresh_an_expired_grant_once() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let replicas = [
+        replica(&world, &pg, &accounts()).await,
+        replica(&world, &pg, &accounts()).await,
+        replica(&world, &pg, &accounts()).await,
+    ];
+    grants_without_access_tokens(&world, &replicas[0], &[USER]).await;
+    let before = stored_refresh_token(&pg, USER).await;
+    // A slow answer, so that every replica wants the refresh at once.
+    world.idp.set_answer_delay(Duration::from_millis(1500));
+
+    let mut logins = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let addr = replicas[i % 3].imap_addr;
+        logins.spawn(async move { LineClient::imap_login(addr, USER, "pw").await });
+    }
+    while let Some(answer) = logins.join_next().await {
+        let answer = answer.unwrap();
+        assert!(answer.starts_with("a OK"), "{answer}");
+    }
+    let counts = world.idp.counts();
+    assert_eq!(counts.refresh_grants, 1, "one refresh for every replica");
+    assert_eq!(counts.superseded_refresh_tokens_presented, 0);
+    let after = stored_refresh_token(&pg, USER).await;
+    assert_ne!(before, after, "the rotated refresh token is stored");
+    assert_eq!(world.idp.valid_refresh_tokens(USER), vec![after]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_while_it_refreshes_loses_no_grant_and_spends_no_token_twice() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    world.idp.set_rotation(Rotation::SpentWhenSuccessorUsed);
+    let mut doomed = patient_replica(&world, &pg, &accounts(), "60s").await;
+    let others = [
+        patient_replica(&world, &pg, &accounts(), "60s").await,
+        patient_replica(&world, &pg, &accounts(), "60s").await,
+    ];
+    grants_without_access_tokens(&world, &doomed, &[USER]).await;
+
+    // The doomed replica holds the lock while the identity provider, having
+    // redeemed its refresh token, takes its time to answer.
+    world.idp.set_answer_delay(Duration::from_secs(50));
+    let addr = doomed.imap_addr;
+    let stranded = tokio::spawn(async move { LineClient::imap_login(addr, USER, "pw").await });
+    let redeemed = || {
+        world
+            .idp
+            .requests()
+            .iter()
+            .any(|r| r.grant_type.as_deref() == Some("refresh_token") && r.status == 200)
+    };
+    until(redeemed).await;
+    world.idp.set_answer_delay(Duration::ZERO);
+    // The others wait for its lock.
+    let waiting: Vec<_> = others
+        .iter()
+        .map(|p| {
+            let addr = p.imap_addr;
+            tokio::spawn(async move { LineClient::imap_login(addr, USER, "pw").await })
+        })
+        .collect();
+    let blocked = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pg.psql(blocked).await != "2" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the others never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.kill().await;
+    let _ = stranded.await;
+
+    for login in waiting {
+        let answer = login.await.unwrap();
+        assert!(answer.starts_with("a OK"), "{answer}");
+    }
+    let counts = world.idp.counts();
+    assert_eq!(counts.superseded_refresh_tokens_presented, 0);
+    assert_eq!(
+        counts.refresh_grants, 2,
+        "the killed replica's refresh, then one for the others"
+    );
+    let stored = stored_refresh_token(&pg, USER).await;
+    assert!(
+        world.idp.valid_refresh_tokens(USER).contains(&stored),
+        "the stored grant still works"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_database_down_cached_logins_go_on_refreshes_wait_and_all_recovers() {
+    let (world, mut pg) = (World::start().await, TestPostgres::start().await);
+    let replicas = [
+        replica(&world, &pg, &accounts()).await,
+        replica(&world, &pg, &accounts()).await,
+    ];
+    grants_without_access_tokens(&world, &replicas[0], &[USER, OTHER]).await;
+    // USER's token is cached on both replicas; OTHER's refresh is left for
+    // the outage.
+    for proxy in &replicas {
+        assert!(login(proxy, USER, "pw").await.starts_with("a OK"));
+    }
+    let refreshes = world.idp.counts().refresh_grants;
+
+    // Load: logins on both replicas all along the outage.
+    let stop = stop_flag();
+    let load: Vec<_> = replicas
+        .iter()
+        .map(|p| {
+            let (addr, stop) = (p.imap_addr, stop.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    answers.push(LineClient::imap_login(addr, USER, "pw").await);
+                }
+                answers
+            })
+        })
+        .collect();
+
+    pg.stop().await;
+    for proxy in &replicas {
+        let answer = login(proxy, OTHER, "pw2").await;
+        assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+        let answer = smtp_auth(proxy, OTHER, "pw2").await;
+        assert!(answer.starts_with("421 "), "{answer}");
+        let answer = smtp_auth(proxy, USER, "pw").await;
+        assert!(
+            answer.starts_with("235 "),
+            "cached, over SMTP too: {answer}"
+        );
+        let (health, _) = admin(proxy, "/healthz").await;
+        assert_eq!(health, 200, "mail still flows");
+        let (_, metrics) = admin(proxy, "/metrics").await;
+        assert!(
+            metrics.contains("xoauth2_proxy_grant_store_up 0"),
+            "{metrics}"
+        );
+    }
+    let status = replicas[0].cli(&["status"]).await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("cannot be reached now"), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+
+    pg.start_again().await;
+    for proxy in &replicas {
+        let answer = login(proxy, OTHER, "pw2").await;
+        assert!(answer.starts_with("a OK"), "{answer}");
+        let (_, metrics) = admin(proxy, "/metrics").await;
+        assert!(
+            metrics.contains("xoauth2_proxy_grant_store_up 1"),
+            "{metrics}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for answers in load {
+        let answers = answers.await.unwrap();
+        assert!(!answers.is_empty());
+        for answer in answers {
+            assert!(
+                answer.starts_with("a OK"),
+                "a cached login failed: {answer}"
+            );
+        }
+    }
+    let counts = world.idp.counts();
+    assert_eq!(
+        counts.refresh_grants,
+        refreshes + 1,
+        "OTHER refreshed once, after"
+    );
+    assert_eq!(counts.superseded_refresh_tokens_presented, 0);
+    for proxy in &replicas {
+        assert!(!proxy.logs().contains(PASSWORD));
+    }
+}
+
+fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+}
+
+/// Waits until `done` says so (the parties here have no event to await).
+async fn until(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_migrate_both_ways_keeps_every_grant_sealed_too() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("token.key");
+    let url = pg.url();
+    let sealed = |kind: &'static str| {
+        let (url, key) = (url.clone(), key.clone());
+        move |text: String| {
+            format!(
+                "{}\n[store]\nkind = \"{kind}\"\nurl = \"{url}\"\n",
+                text.replacen(
+                    "[server]\n",
+                    &format!("[server]\ntoken_key_file = \"{}\"\n", key.display()),
+                    1
+                )
+            )
+        }
+    };
+    // A proxy on files, its grants sealed by a first refresh.
+    let out = std::process::Command::new(testkit::proxy::binary())
+        .arg("keygen")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let files = TestProxy::start_with(&world.endpoints, &accounts(), "debug", sealed("file")).await;
+    for user in [USER, OTHER] {
+        world.grant_in(&files.state_dir, &AccountSpec::device(user, "pw"));
+    }
+    assert!(login(&files, USER, "pw").await.starts_with("a OK"));
+    assert!(login(&files, OTHER, "pw2").await.starts_with("a OK"));
+
+    let out = files.cli(&["store", "migrate", "--to", "postgres"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{out:?}");
+    assert!(stdout.contains("2 grant(s) copied"), "{stdout}");
+    assert!(
+        stdout.contains("set `kind = \"postgres\"` in [store]"),
+        "{stdout}"
+    );
+    let again = files.cli(&["store", "migrate", "--to", "postgres"]).await;
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        stdout.contains("0 grant(s) copied") && stdout.contains("2 already there"),
+        "{stdout}"
+    );
+    let rows = pg
+        .psql("SELECT convert_from(document, 'UTF8') FROM xoauth2_proxy.grants")
+        .await;
+    assert!(
+        rows.contains("\"sealed\":1") || rows.contains("\"sealed\": 1"),
+        "{rows}"
+    );
+    for secret in world.secrets() {
+        assert!(!rows.contains(&secret), "a token in clear in the database");
+    }
+
+    // A replica on the database serves both accounts from the copies.
+    let db =
+        TestProxy::start_with(&world.endpoints, &accounts(), "debug", sealed("postgres")).await;
+    assert!(login(&db, USER, "pw").await.starts_with("a OK"));
+    assert!(login(&db, OTHER, "pw2").await.starts_with("a OK"));
+
+    // And back, into an emptied state directory.
+    std::fs::remove_dir_all(files.state_dir.join("tokens")).unwrap();
+    let out = files.cli(&["store", "migrate", "--to", "file"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{out:?}");
+    assert!(stdout.contains("2 grant(s) copied"), "{stdout}");
+    let json = files.cli(&["status", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["grant_store"], "file", "{row}");
+        assert_eq!(row["state"], "authorised", "{row}");
+        assert_eq!(row["grant_sealed"], true, "{row}");
+    }
+    let restored = files.state_dir.join("tokens");
+    let names: Vec<_> = std::fs::read_dir(&restored)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let refreshes = world.idp.counts().refresh_grants;
+    assert_eq!(refreshes, 2, "one refresh per account, before the copies");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_the_database_verifies_its_certificate() {
+    let (world, mut pg) = (World::start().await, TestPostgres::start().await);
+    let chain = format!("{}{}", world.pki.cert_pem, world.pki.ca_pem);
+    pg.use_tls(&chain, &world.pki.key_pem).await;
+    let plain = pg.url();
+    let url = |query: &str| plain.replace("sslmode=disable", query);
+    let trusting = url(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        world.pki.ca_pem_path.display()
+    ));
+    let proxy = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{trusting}\"\n")
+    })
+    .await;
+    grants_without_access_tokens(&world, &proxy, &[USER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+    let over_tls = pg
+        .psql(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'xoauth2-proxy' AND s.ssl",
+        )
+        .await;
+    assert_ne!(over_tls, "0", "the proxy's connections use TLS");
+
+    // The test CA is not among the system's: without sslrootcert the
+    // server's certificate is refused, whatever sslmode says.
+    let untrusting = url("sslmode=require");
+    let stranger = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{untrusting}\"\n")
+    })
+    .await;
+    let out = stranger.cli(&["store", "migrate", "--to", "file"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
+    let answer = login(&stranger, USER, "pw").await;
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_sql_gives_the_proxy_a_role_and_schema_of_its_own() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let snippet = include_str!("../packaging/shared-store.sql");
+    pg.psql(&snippet.replace("CHANGE-ME", "role-Secret-9x"))
+        .await;
+    // NocoBase's own table, which the proxy's role must not reach.
+    pg.psql("CREATE TABLE public.users (id int)").await;
+    let own_role = pg.url().replace(
+        &format!("postgres:{PASSWORD}@"),
+        "xoauth2_proxy:role-Secret-9x@",
+    );
+    let proxy = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{own_role}\"\n")
+    })
+    .await;
+    grants_without_access_tokens(&world, &proxy, &[USER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+    let tables = pg
+        .psql("SELECT tablename FROM pg_tables WHERE tableowner = 'xoauth2_proxy' ORDER BY 1")
+        .await;
+    assert_eq!(tables, "grants\nschema_migrations");
+    let reach = pg
+        .psql("SELECT has_table_privilege('xoauth2_proxy', 'public.users', 'SELECT')")
+        .await;
+    assert_eq!(reach, "f");
+    assert!(!proxy.logs().contains("role-Secret-9x"));
+}
