@@ -46,10 +46,10 @@ pub async fn run(config: Config) -> Result<bool, String> {
         })
         .await;
         all_ok &= report(&format!("IMAP {}", provider.imap_server), imap);
-        let smtp = open_with_token(&shared.tokens, account, |account, token| async move {
-            let conn =
-                crate::smtp::upstream::open(tls, provider, timeout, &account.mailbox, &token)
-                    .await?;
+        let tokens = &shared.tokens;
+        let smtp = open_with_token(tokens, account, |account, token| async move {
+            let user = crate::smtp::upstream::login_user(tokens, &account).await;
+            let conn = crate::smtp::upstream::open(tls, provider, timeout, &user, &token).await?;
             conn.quit().await;
             Ok(())
         })

@@ -25,13 +25,21 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8025";
 /// Scopes for the delegated flows (device code, authorization code). Fully
 /// qualified: a bare `IMAP.AccessAsUser.All` yields a Graph token that
 /// Exchange rejects, and Graph scopes may not be mixed in (AADSTS700022).
+///
+/// `openid` and `profile` bring an ID token with the token response, whose
+/// `preferred_username` names the user who signed in: SMTP must log in as
+/// that user (the delegate) when the mailbox is a shared one.
 pub const DELEGATED_SCOPES: &[&str] = &[
     "https://outlook.office.com/IMAP.AccessAsUser.All",
     "https://outlook.office.com/SMTP.Send",
     "offline_access",
+    "openid",
+    "profile",
 ];
 /// Scope for the client credentials (app-only) flow.
 pub const APP_ONLY_SCOPES: &[&str] = &["https://outlook.office365.com/.default"];
+/// Microsoft Graph, where `sendMail` lives (`providers.NAME.graph_url`).
+pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com";
 
 /// A configuration problem, already phrased for the user.
 #[derive(Debug, thiserror::Error)]
@@ -356,6 +364,33 @@ pub struct Provider {
     pub smtp_server: ServerAddr,
     pub smtp_tls: TlsMode,
     pub ca_file: Option<PathBuf>,
+    /// Microsoft Graph's base URL, without a trailing slash.
+    pub graph_url: String,
+}
+
+impl Provider {
+    /// The resource Graph scopes are named after: `graph_url`, except that
+    /// an http loopback stand-in (tests, a local relay) is given tokens for
+    /// Microsoft Graph itself.
+    pub fn graph_resource(&self) -> &str {
+        if self.graph_url.starts_with("https://") {
+            &self.graph_url
+        } else {
+            DEFAULT_GRAPH_URL
+        }
+    }
+}
+
+/// How an account's mail leaves: `[[accounts]] send_via`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendVia {
+    /// SMTP AUTH XOAUTH2 (the default).
+    Smtp,
+    /// Microsoft Graph `sendMail`, for tenants with SMTP AUTH off.
+    Graph,
+    /// SMTP, and Graph for the mailbox once SMTP answers 5.7.139.
+    Auto,
 }
 
 /// How a local password is checked.
@@ -385,6 +420,10 @@ pub struct Account {
     pub mailbox: String,
     pub flow: Flow,
     pub scopes: Option<Vec<String>>,
+    /// Who signs in for a delegated grant, when set in the config; else it
+    /// is learnt at `login` from the ID token.
+    pub sign_in_user: Option<String>,
+    pub send_via: SendVia,
 }
 
 impl Account {
@@ -442,6 +481,7 @@ struct RawProvider {
     smtp_server: Option<String>,
     smtp_tls: Option<TlsMode>,
     ca_file: Option<PathBuf>,
+    graph_url: Option<String>,
 }
 
 fn default_kind() -> ProviderKind {
@@ -459,6 +499,13 @@ struct RawAccount {
     #[serde(default = "default_flow")]
     flow: Flow,
     scopes: Option<Vec<String>>,
+    sign_in_user: Option<String>,
+    #[serde(default = "default_send_via")]
+    send_via: SendVia,
+}
+
+fn default_send_via() -> SendVia {
+    SendVia::Smtp
 }
 
 fn default_flow() -> Flow {
@@ -707,6 +754,15 @@ fn validate_account(
     if mailbox.trim().is_empty() {
         return Err(t.error("mailbox", "must not be empty"));
     }
+    if a.sign_in_user
+        .as_deref()
+        .is_some_and(|u| u.trim().is_empty())
+    {
+        return Err(t.error(
+            "sign_in_user",
+            "must not be empty; remove it to use the user learnt at `login`",
+        ));
+    }
     Ok(Account {
         username: a.username,
         password,
@@ -714,6 +770,8 @@ fn validate_account(
         mailbox,
         flow: a.flow,
         scopes: a.scopes,
+        sign_in_user: a.sign_in_user,
+        send_via: a.send_via,
     })
 }
 
@@ -802,6 +860,11 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
     if let Some(ca) = &p.ca_file {
         crate::tls::load_ca_file(ca).map_err(|e| t.error("ca_file", e))?;
     }
+    let graph_url = p
+        .graph_url
+        .take()
+        .unwrap_or_else(|| DEFAULT_GRAPH_URL.into());
+    check_url(&t, "graph_url", &graph_url)?;
     Ok(Provider {
         name: name.to_string(),
         kind: p.kind,
@@ -818,6 +881,7 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
         smtp_server: servers.smtp_server,
         smtp_tls: servers.smtp_tls,
         ca_file: p.ca_file,
+        graph_url: graph_url.trim_end_matches('/').to_string(),
     })
 }
 
@@ -1213,6 +1277,9 @@ provider = "contoso"
             "cert_file",
             "key_file",
             "names",
+            "sign_in_user",
+            "send_via",
+            "graph_url",
         ] {
             assert!(
                 text.lines()

@@ -64,7 +64,8 @@ pub use sealing::write_key_file;
 pub use secret::Secret;
 
 pub use config::{
-    Account, Config, Flow, LocalPassword, default_config_path, exposed_secret_warning, state_dir,
+    Account, Config, Flow, LocalPassword, SendVia, default_config_path, exposed_secret_warning,
+    state_dir,
 };
 pub use oauth::authorize::authorize;
 pub use oauth::store::{LoadError, StoredGrant, TokenStore, unix_now};

@@ -751,7 +751,8 @@ async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream,
     let timeout = shared.config.server.upstream_timeout;
     open_as(&shared.tokens, account, |account, token| async move {
         let provider = shared.config.provider(&account.provider);
-        upstream::open(&shared.tls, provider, timeout, &account.mailbox, &token).await
+        let user = upstream::login_user(&shared.tokens, &account).await;
+        upstream::open(&shared.tls, provider, timeout, &user, &token).await
     })
     .await
 }
