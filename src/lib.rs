@@ -19,7 +19,7 @@
 //! 1. `error`, `secret`, `lines`, `metrics`, `private_file`, `throttle`: leaves that import nothing of the crate (`metrics` owns its label types; `private_file` writes 0600 files atomically; `throttle` counts failed logins per address)
 //! 2. `sasl`, `tls`, `sealing`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup; the token key and sealed grant files
 //! 3. `config`: the config file, validated
-//! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients
+//! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`, `graph`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients; Microsoft Graph `sendMail`
 //! 5. `login`, `shared`: the login path; what the sessions of one config share, and the `Protocol` trait
 //! 6. `imap`, `smtp`, `admin`: what the listeners speak
 //! 7. `server`, `check`, `fuzzing`: the listeners, reload and drain; `xoauth2-proxy check`; the fuzz targets' and property tests' way in (`fuzz/`)
@@ -36,6 +36,7 @@ pub(crate) mod config;
 pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod graph;
 pub(crate) mod imap;
 pub(crate) mod lines;
 pub(crate) mod local_tls;

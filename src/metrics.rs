@@ -119,6 +119,11 @@ pub struct Metrics {
     /// 1 while an account's newest grant is in memory only (its save failed).
     pub grant_unsaved: Family<AccountLabels, Gauge>,
     pub password_checks: Counter,
+    /// Messages submitted to Microsoft Graph `sendMail`, by account and
+    /// outcome (`ok`, `refused`, `throttled`, `unavailable`, `too_large`).
+    pub graph_sends: Family<TokenLabels, Counter>,
+    /// Mailboxes with `send_via = "auto"` switched to Graph after 5.7.139.
+    pub graph_switches: Family<AccountLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -205,8 +210,22 @@ impl Metrics {
             "Argon2 password checks run (those against the stand-in hash for unknown usernames included)",
             password_checks.clone(),
         );
+        let graph_sends = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "graph_sends",
+            "Messages submitted to Microsoft Graph sendMail (send_via graph or auto), by account and outcome: ok, refused, throttled, unavailable, too_large",
+            graph_sends.clone(),
+        );
+        let graph_switches = Family::<AccountLabels, Counter>::default();
+        registry.register(
+            "graph_switches",
+            "Accounts with send_via = auto switched to Microsoft Graph after SMTP answered 5.7.139 (SMTP AUTH disabled)",
+            graph_switches.clone(),
+        );
         Metrics {
             registry,
+            graph_sends,
+            graph_switches,
             logins,
             connections,
             client_connections,

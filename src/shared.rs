@@ -37,6 +37,8 @@ pub struct Shared {
     pub tls: UpstreamTls,
     /// The certificate presented to clients; `None` without `[tls]`.
     pub local_tls: Option<LocalTls>,
+    /// Microsoft Graph `sendMail`, for `send_via = "graph"` and `"auto"`.
+    pub graph: crate::graph::Graph,
 }
 
 impl Shared {
@@ -49,6 +51,7 @@ impl Shared {
             tokens: TokenManager::new(&config, store)?,
             tls: UpstreamTls::new(&config)?,
             local_tls: LocalTls::load(&config)?,
+            graph: crate::graph::Graph::new(&config)?,
             config,
         })
     }

@@ -108,7 +108,6 @@ struct AccountTokens {
 #[derive(Default)]
 struct Cached {
     grant: StoredGrant,
-    #[allow(dead_code)] // graph sending, next commit
     /// The access token for Microsoft Graph, in memory only.
     graph: Option<GraphToken>,
     /// The file's modification time when last read or written; a different
@@ -117,7 +116,6 @@ struct Cached {
     loaded: bool,
 }
 
-#[allow(dead_code)] // graph sending, next commit
 /// An access token for Microsoft Graph and its lifetime (Unix seconds).
 struct GraphToken {
     token: Secret,
@@ -125,14 +123,11 @@ struct GraphToken {
     expires_at: u64,
 }
 
-#[allow(dead_code)] // graph sending, next commit
 /// The permission Graph's `sendMail` needs, delegated, as a scope name.
 const MAIL_SEND: &str = "Mail.Send";
-#[allow(dead_code)] // graph sending, next commit
 /// …and to send as a mailbox other than the signed-in user's own.
 const MAIL_SEND_SHARED: &str = "Mail.Send.Shared";
 
-#[allow(dead_code)] // graph sending, next commit
 /// What to add in Entra when Graph refuses to issue a token.
 const GRAPH_PERMISSIONS_HINT: &str = "for sending with Microsoft Graph the app needs Mail.Send (delegated; plus Mail.Send.Shared for a shared mailbox) or, for client_credentials, the Mail.Send application permission, with admin consent: add it under Entra > App registrations > API permissions > Microsoft Graph and grant consent";
 
@@ -293,7 +288,6 @@ impl TokenManager {
         cached.grant.sign_in_user.clone()
     }
 
-    #[allow(dead_code)] // graph sending, next commit
     /// A valid access token for Microsoft Graph for `username`'s mailbox,
     /// from the same grant as the mail token: cached, or redeemed once
     /// however many senders wait (the same locks as
@@ -322,7 +316,6 @@ impl TokenManager {
         }
     }
 
-    #[allow(dead_code)] // graph sending, next commit
     /// Microsoft Graph refused `token`: forget it, so that the next
     /// [`graph_token`](Self::graph_token) asks the identity provider.
     pub async fn reject_graph(&self, username: &str, token: &Secret) {
@@ -335,7 +328,6 @@ impl TokenManager {
         }
     }
 
-    #[allow(dead_code)] // graph sending, next commit
     /// Keeps a Graph token in memory and what came with it on file: a
     /// rotated refresh token (saved before the token is handed out, as for
     /// the mail token) and the signed-in user.
@@ -376,7 +368,6 @@ impl TokenManager {
         AccessToken { token, fresh: true }
     }
 
-    #[allow(dead_code)] // graph sending, next commit
     /// A refused Graph token request. Only a grant the identity provider
     /// says is gone marks the account for `login`: a missing Graph
     /// permission must not stop its IMAP.
@@ -657,7 +648,6 @@ fn usable_token(grant: &StoredGrant, now: u64, ahead: bool) -> Option<Secret> {
     (now + margin < expires_at).then(|| token.clone())
 }
 
-#[allow(dead_code)] // graph sending, next commit
 /// The cached Graph token if it is outside the refresh-ahead window.
 fn usable_graph_token(cached: &Cached, now: u64) -> Option<AccessToken> {
     let g = cached.graph.as_ref()?;
@@ -667,7 +657,6 @@ fn usable_graph_token(cached: &Cached, now: u64) -> Option<AccessToken> {
     })
 }
 
-#[allow(dead_code)] // graph sending, next commit
 /// The scopes of a Graph token for `account`. App-only: Graph's
 /// `.default` (the application permissions the admin granted). Delegated:
 /// `Mail.Send`, and `Mail.Send.Shared` when the mailbox is not the signed-in

@@ -118,29 +118,7 @@ impl ProviderClient {
         if let Some(secret) = &config.client_secret {
             oauth = oauth.set_client_secret(ClientSecret::new(secret.expose().to_string()));
         }
-        let mut http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .user_agent(concat!("xoauth2-proxy/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &config.ca_file {
-            for der in crate::tls::load_ca_file(ca)? {
-                let cert = reqwest::Certificate::from_der(&der)
-                    .map_err(|e| {
-                    format!(
-                        "{} holds a certificate the HTTPS client cannot use ({e}); put the CA's PEM certificate in `ca_file`",
-                        ca.display()
-                    )
-                })?;
-                http = http.add_root_certificate(cert);
-            }
-        }
-        let http = http.build().map_err(|e| {
-            format!(
-                "cannot set up HTTPS: {}; check `ca_file`, else please report this as a bug",
-                crate::error::chain(&e)
-            )
-        })?;
+        let http = crate::tls::https_client(config.ca_file.as_deref(), timeout)?;
         Ok(ProviderClient {
             config: config.clone(),
             oauth,
