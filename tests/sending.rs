@@ -544,3 +544,31 @@ async fn reqwest_metrics(proxy: &TestProxy) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+// ---- check ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_gets_a_graph_token_for_accounts_that_send_via_graph_without_sending() {
+    let world = World::start().await;
+    let proxy = graph_proxy(&world).await;
+    let out = proxy.cli(&["check"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("Microsoft Graph") && stdout.contains(&format!("sending as {USER}")),
+        "{stdout}"
+    );
+    assert_eq!(world.idp.graph_requests(), 0, "no mail was sent");
+
+    // An auto account whose SMTP AUTH is off passes through Graph.
+    world.smtp.set_auth_disabled(SHARED, true);
+    let auto = proxy_with(&world, SHARED, SHARED, &["send_via = \"auto\""]).await;
+    write_grant(&world, &auto.state_dir, SHARED, SHARED, true);
+    let out = auto.cli(&["check"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("sends through Microsoft Graph instead"),
+        "{stdout}"
+    );
+}
