@@ -747,6 +747,15 @@ fn validate_account(
         ));
     };
     check_flow(t, a.flow, provider)?;
+    if a.send_via != SendVia::Smtp && provider.kind == ProviderKind::Google {
+        return Err(t.error(
+            "send_via",
+            format!(
+                "Microsoft Graph sends only for Microsoft providers, and provider `{}` is Google; use send_via = \"smtp\"",
+                provider.name
+            ),
+        ));
+    }
     if let Some(scopes) = &a.scopes {
         check_scopes(t, "scopes", scopes)?;
     }
@@ -1127,6 +1136,74 @@ username = "sales@contoso.com"
 password = "pw"
 provider = "contoso"
 "#;
+
+    #[test]
+    fn sending_keys_parse_and_refuse_what_cannot_work() {
+        let c = parse(MINIMAL).unwrap();
+        let (a, p) = (&c.accounts[0], c.provider("contoso"));
+        assert_eq!(
+            (a.send_via, a.sign_in_user.as_deref()),
+            (SendVia::Smtp, None)
+        );
+        assert_eq!(p.graph_url, DEFAULT_GRAPH_URL);
+        let text = MINIMAL.replace(
+            "provider = \"contoso\"",
+            "provider = \"contoso\"\nsend_via = \"auto\"\nsign_in_user = \"d@contoso.com\"",
+        );
+        let c = parse(&text.replace(
+            "client_id",
+            "graph_url = \"https://graph.microsoft.us/\"\nclient_id",
+        ))
+        .unwrap();
+        assert_eq!(c.accounts[0].send_via, SendVia::Auto);
+        assert_eq!(c.accounts[0].sign_in_user.as_deref(), Some("d@contoso.com"));
+        let p = c.provider("contoso");
+        assert_eq!(
+            (p.graph_url.as_str(), p.graph_resource()),
+            ("https://graph.microsoft.us", "https://graph.microsoft.us")
+        );
+        let local =
+            parse(&MINIMAL.replace("client_id", "graph_url = \"http://127.0.0.1:9\"\nclient_id"))
+                .unwrap();
+        assert_eq!(
+            local.provider("contoso").graph_resource(),
+            DEFAULT_GRAPH_URL
+        );
+        for (edit, key) in [
+            (
+                (
+                    "provider = \"contoso\"",
+                    "provider = \"contoso\"\nsend_via = \"pigeon\"",
+                ),
+                "send_via",
+            ),
+            (
+                (
+                    "provider = \"contoso\"",
+                    "provider = \"contoso\"\nsign_in_user = \" \"",
+                ),
+                "sign_in_user",
+            ),
+            (
+                (
+                    "client_id",
+                    "graph_url = \"http://graph.example.com\"\nclient_id",
+                ),
+                "graph_url",
+            ),
+            (("client_id", "kind = \"google\"\nclient_id"), "send_via"),
+        ] {
+            let mut text = MINIMAL.replace(edit.0, edit.1);
+            if key == "send_via" && edit.1.contains("google") {
+                text = text.replace(
+                    "provider = \"contoso\"",
+                    "provider = \"contoso\"\nsend_via = \"graph\"",
+                );
+            }
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
 
     #[test]
     fn minimal_microsoft_config_gets_microsoft_defaults() {

@@ -30,7 +30,8 @@
 //!   passdb asks it. An app-only (client credentials) token is reported as the mailbox
 //!   set with [`MockIdp::set_app_mailbox`], and as inactive when none is set.
 //! - `/control/…` — test-only hooks: `GET counts`, `GET refresh-tokens?mailbox=…`,
-//!   `GET requests`, `GET secrets`, `POST revoke` (form `mailbox=…`: every grant and
+//!   `GET requests`, `GET secrets`, `GET graph-messages` (what the mock Graph accepted,
+//!   each `{mailbox, token_user, mime_base64}`), `POST revoke` (form `mailbox=…`: every grant and
 //!   access token of the mailbox), `POST revoke-access-tokens` (form `mailbox=…`: its
 //!   access tokens only; the refresh token still works), `POST device-user` (form
 //!   `mailbox=…`).
