@@ -572,3 +572,28 @@ async fn check_gets_a_graph_token_for_accounts_that_send_via_graph_without_sendi
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_switches_at_mail_when_a_new_smtp_connection_meets_5_7_139() {
+    let world = World::start().await;
+    let mut proxy = proxy_with(&world, USER, USER, &["send_via = \"auto\""]).await;
+    write_grant(&world, &proxy.state_dir, USER, USER, true);
+    // Idle pooled connections close quickly, so that MAIL must open one.
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let text = text.replacen("[smtp]\n", "[smtp]\npool_idle_timeout = \"300ms\"\n", 1);
+    std::fs::write(&proxy.config_path, text).unwrap();
+    proxy.restart().await;
+
+    let mut c = logged_in(&proxy, USER).await;
+    let reply = send_one(&mut c, USER, "over SMTP").await;
+    assert!(reply.starts_with("250"), "{reply}");
+    world.smtp.wait_for_messages(1, T).await;
+    // SMTP AUTH is switched off while the client stays logged in.
+    world.smtp.set_auth_disabled(USER, true);
+    world.smtp.wait_for_stats(|s| s.active_now == 0, T).await;
+    let reply = send_one(&mut c, USER, "through Graph").await;
+    assert!(reply.starts_with("250 2.0.0"), "{reply}\n{}", proxy.logs());
+    let got = world.idp.wait_for_graph_messages(1, T).await;
+    assert!(String::from_utf8_lossy(&got[0].mime).contains("through Graph"));
+    assert_eq!(world.smtp.messages().len(), 1);
+}

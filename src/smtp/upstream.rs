@@ -22,7 +22,7 @@ const MAX_REPLY_LINE: usize = 8 * 1024;
 /// Nor does a reply need more lines than this.
 const MAX_REPLY_LINES: usize = 100;
 
-const SMTP_AUTH_DISABLED_HINT: &str = "SMTP AUTH is disabled for this mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (or, tenant-wide, `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) in Exchange Online PowerShell";
+const SMTP_AUTH_DISABLED_HINT: &str = "SMTP AUTH is disabled for this mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (or, tenant-wide, `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) in Exchange Online PowerShell, or set `send_via = \"graph\"` (or `\"auto\"`) for the account to send through Microsoft Graph instead";
 const SMTP_HINT: &str = "check that the app has SMTP.Send (delegated) or SMTP.SendAsApp plus an Exchange service principal with rights on the mailbox (app-only), and that `mailbox` is right";
 
 /// One complete reply: its code and its lines as received (CRLF included),
