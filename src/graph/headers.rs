@@ -57,25 +57,31 @@ fn header_section(message: &[u8]) -> &[u8] {
 }
 
 /// The header fields (§2.2), unfolded (§2.2.3): a line that begins with a
-/// space or tab continues the field before it. Lines without a colon are
-/// skipped.
+/// space or tab continues the field before it. A line without a colon is
+/// no field, and what follows it continues nothing; an empty line (a bare
+/// LF too) ends the section.
 fn fields(section: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
     let mut unfolded: Vec<(String, String)> = Vec::new();
+    let mut open = false;
     for line in section.split(|b| *b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            continue;
+            break;
         }
         let text = String::from_utf8_lossy(line);
         if line[0] == b' ' || line[0] == b'\t' {
-            if let Some((_, body)) = unfolded.last_mut() {
+            if let (true, Some((_, body))) = (open, unfolded.last_mut()) {
                 body.push_str(&text);
             }
             continue;
         }
-        if let Some((name, body)) = text.split_once(':') {
-            unfolded.push((name.trim().to_string(), body.to_string()));
-        }
+        open = match text.split_once(':') {
+            Some((name, body)) => {
+                unfolded.push((name.trim().to_string(), body.to_string()));
+                true
+            }
+            None => false,
+        };
     }
     unfolded.into_iter()
 }

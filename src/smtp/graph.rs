@@ -89,21 +89,90 @@ pub struct Transaction {
 
 /// The address of a `MAIL FROM:<…>` or `RCPT TO:<…>` line (`prefix` the
 /// command and colon), parameters after it ignored; `None` when malformed.
-/// The null reverse-path `<>` is an empty address.
+/// The null reverse-path `<>` is an empty address; any other must be a
+/// `Mailbox` (RFC 5321 §4.1.2), since it is written into the `Bcc` field.
 pub fn path_argument(line: &[u8], prefix: &str) -> Option<String> {
     let text = std::str::from_utf8(line).ok()?;
     let head = text.get(..prefix.len())?;
     if !head.eq_ignore_ascii_case(prefix) {
         return None;
     }
-    let rest = text[prefix.len()..].trim_start();
-    let path = rest.strip_prefix('<')?;
-    let end = path.find('>')?;
-    let address = &path[..end];
-    // A source route (`@a,@b:user@c`, RFC 5321 §4.1.2) is ignored, as
-    // servers do.
-    let address = address.rsplit(':').next().unwrap_or(address);
-    (!address.chars().any(|c| c.is_control() || c == ' ')).then(|| address.to_string())
+    let path = text[prefix.len()..].trim_start().strip_prefix('<')?;
+    let path = &path[..path.find('>')?];
+    // A source route (`@a,@b:user@c`) is ignored, as servers do.
+    let address = match path.strip_prefix('@') {
+        Some(_) => &path[path.find(':')? + 1..],
+        None => path,
+    };
+    (address.is_empty() || mailbox(address)).then(|| address.to_string())
+}
+
+/// `Mailbox = Local-part "@" ( Domain / address-literal )` (RFC 5321
+/// §4.1.2), with UTF-8 allowed where RFC 6531 allows it.
+fn mailbox(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return false;
+    };
+    (dot_string(local) || quoted_string(local)) && (domain_name(domain) || address_literal(domain))
+}
+
+/// `Dot-string = Atom *("." Atom)`.
+fn dot_string(text: &str) -> bool {
+    text.split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+}
+
+/// `atext` (RFC 5322 §3.2.3), and any non-ASCII character (RFC 6531).
+fn atext(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+}
+
+/// `Quoted-string = DQUOTE *QcontentSMTP DQUOTE`: printable characters,
+/// a backslash quoting the next one.
+fn quoted_string(text: &str) -> bool {
+    let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
+        return false;
+    };
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        let ok = match c {
+            '\\' => chars
+                .next()
+                .is_some_and(|q| q == ' ' || q.is_ascii_graphic()),
+            '"' => false,
+            c => c == ' ' || c.is_ascii_graphic() || !c.is_ascii(),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// `Domain = sub-domain *("." sub-domain)`, letters, digits and inner
+/// hyphens (and UTF-8 labels, RFC 6531).
+fn domain_name(text: &str) -> bool {
+    text.split('.').all(|label| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+    })
+}
+
+/// `address-literal = "[" ( IPv4 / IPv6 / General ) "]"`, checked for
+/// its brackets and printable content.
+fn address_literal(text: &str) -> bool {
+    text.strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .is_some_and(|inner| {
+            !inner.is_empty()
+                && inner
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !matches!(b, b'[' | b']' | b'\\'))
+        })
 }
 
 /// Checks at AUTH that a Graph token can be had for `account`, so that a
@@ -326,6 +395,26 @@ mod tests {
             (b"RCPT TO:<c@d.com", "RCPT TO:", None),
             (b"RCPT TO:<c d@x>", "RCPT TO:", None),
             (b"RCPT", "RCPT TO:", None),
+            (
+                br#"RCPT TO:<"c d"@x.org>"#,
+                "RCPT TO:",
+                Some(r#""c d"@x.org"#),
+            ),
+            (br#"RCPT TO:<a@"x.com>"#, "RCPT TO:", None),
+            (br#"RCPT TO:<"a"b"@x.com>"#, "RCPT TO:", None),
+            (b"RCPT TO:<a..b@x.com>", "RCPT TO:", None),
+            (
+                b"RCPT TO:<a@[192.0.2.1]>",
+                "RCPT TO:",
+                Some("a@[192.0.2.1]"),
+            ),
+            (
+                "RCPT TO:<jörg@bücher.de>".as_bytes(),
+                "RCPT TO:",
+                Some("jörg@bücher.de"),
+            ),
+            (b"RCPT TO:<a@-x.com>", "RCPT TO:", None),
+            (b"RCPT TO:<a@>", "RCPT TO:", None),
         ];
         for (line, prefix, expected) in cases {
             assert_eq!(

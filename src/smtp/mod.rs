@@ -3,7 +3,7 @@
 
 pub(crate) mod command;
 mod extensions;
-mod graph;
+pub(crate) mod graph;
 mod pool;
 pub(crate) mod session;
 pub mod upstream;
