@@ -1,7 +1,10 @@
 //! The tests' mock Microsoft identity platform (v2.0) as a standalone HTTP server,
 //! for the end-to-end suite (tests/e2e/run.py): the proxy logs in against it, and
 //! Dovecot's `oauth2` passdb validates the proxy's access tokens at its RFC 7662
-//! introspection endpoint (`POST /introspect`).
+//! introspection endpoint (`POST /introspect`). It also serves Microsoft Graph's
+//! `sendMail` (`POST /v1.0/users/{mailbox}/sendMail`, for `send_via = "graph"`;
+//! its base URL is the `graph_url`), recording what it accepts
+//! (`GET /control/graph-messages`).
 //!
 //! ```text
 //! cargo run --example test_idp -- --listen 127.0.0.1:0 \

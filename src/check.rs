@@ -1,7 +1,7 @@
 //! `xoauth2-proxy check`: what a user runs after editing the config, to learn
 //! in plain words whether each account will work and, if not, what to fix.
 
-use crate::config::Config;
+use crate::config::{Account, Config, SendVia};
 use crate::login::{OpenError, open_with_token};
 use crate::shared::Shared;
 use crate::upstream::UpstreamError;
@@ -56,17 +56,58 @@ pub async fn run(config: Config) -> Result<bool, String> {
         })
         .await;
         all_ok &= report(&format!("IMAP {}", provider.imap_server), imap);
-        let smtp = open_with_token(&shared.tokens, account, |account, token| async move {
-            let conn =
-                crate::smtp::upstream::open(tls, provider, timeout, &account.mailbox, &token)
-                    .await?;
+        if account.send_via == SendVia::Graph {
+            all_ok &= check_graph(&shared, account).await;
+            continue;
+        }
+        let tokens = &shared.tokens;
+        let smtp = open_with_token(tokens, account, |account, token| async move {
+            let user = crate::smtp::upstream::login_user(tokens, &account).await;
+            let conn = crate::smtp::upstream::open(tls, provider, timeout, &user, &token).await?;
             conn.quit().await;
             Ok(())
         })
         .await;
-        all_ok &= report(&format!("SMTP {}", provider.smtp_server), smtp);
+        let what = format!("SMTP {}", provider.smtp_server);
+        match smtp {
+            Err(OpenError::Upstream(UpstreamError::Rejected { reply, .. }))
+                if account.send_via == SendVia::Auto && reply.contains("5.7.139") =>
+            {
+                say(
+                    true,
+                    &format!(
+                        "{what}: SMTP AUTH is disabled ({reply}); send_via = \"auto\" sends through Microsoft Graph instead"
+                    ),
+                );
+                all_ok &= check_graph(&shared, account).await;
+            }
+            smtp => all_ok &= report(&what, smtp),
+        }
     }
     Ok(all_ok)
+}
+
+/// Gets an access token for Microsoft Graph, as sending would, without
+/// sending anything.
+async fn check_graph(shared: &Shared, account: &Account) -> bool {
+    let graph_url = &shared.config.provider(&account.provider).graph_url;
+    let what = format!("Microsoft Graph {graph_url}");
+    match shared.tokens.graph_token(&account.username).await {
+        Ok(_) => {
+            say(
+                true,
+                &format!(
+                    "{what}: got a token for sending as {} (no mail sent; Graph itself checks Mail.Send at the first message)",
+                    account.mailbox
+                ),
+            );
+            true
+        }
+        Err(e) => {
+            say(false, &format!("{what}: no access token: {e}"));
+            false
+        }
+    }
 }
 
 fn report(what: &str, result: Result<(), OpenError>) -> bool {

@@ -25,13 +25,21 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8025";
 /// Scopes for the delegated flows (device code, authorization code). Fully
 /// qualified: a bare `IMAP.AccessAsUser.All` yields a Graph token that
 /// Exchange rejects, and Graph scopes may not be mixed in (AADSTS700022).
+///
+/// `openid` and `profile` bring an ID token with the token response, whose
+/// `preferred_username` names the user who signed in: SMTP must log in as
+/// that user (the delegate) when the mailbox is a shared one.
 pub const DELEGATED_SCOPES: &[&str] = &[
     "https://outlook.office.com/IMAP.AccessAsUser.All",
     "https://outlook.office.com/SMTP.Send",
     "offline_access",
+    "openid",
+    "profile",
 ];
 /// Scope for the client credentials (app-only) flow.
 pub const APP_ONLY_SCOPES: &[&str] = &["https://outlook.office365.com/.default"];
+/// Microsoft Graph, where `sendMail` lives (`providers.NAME.graph_url`).
+pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com";
 
 /// A configuration problem, already phrased for the user.
 #[derive(Debug, thiserror::Error)]
@@ -419,6 +427,33 @@ pub struct Provider {
     pub smtp_server: ServerAddr,
     pub smtp_tls: TlsMode,
     pub ca_file: Option<PathBuf>,
+    /// Microsoft Graph's base URL, without a trailing slash.
+    pub graph_url: String,
+}
+
+impl Provider {
+    /// The resource Graph scopes are named after: `graph_url`, except that
+    /// an http loopback stand-in (tests, a local relay) is given tokens for
+    /// Microsoft Graph itself.
+    pub fn graph_resource(&self) -> &str {
+        if self.graph_url.starts_with("https://") {
+            &self.graph_url
+        } else {
+            DEFAULT_GRAPH_URL
+        }
+    }
+}
+
+/// How an account's mail leaves: `[[accounts]] send_via`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendVia {
+    /// SMTP AUTH XOAUTH2 (the default).
+    Smtp,
+    /// Microsoft Graph `sendMail`, for tenants with SMTP AUTH off.
+    Graph,
+    /// SMTP, and Graph for the mailbox once SMTP answers 5.7.139.
+    Auto,
 }
 
 /// How a local password is checked.
@@ -448,6 +483,10 @@ pub struct Account {
     pub mailbox: String,
     pub flow: Flow,
     pub scopes: Option<Vec<String>>,
+    /// Who signs in for a delegated grant, when set in the config; else it
+    /// is learnt at `login` from the ID token.
+    pub sign_in_user: Option<String>,
+    pub send_via: SendVia,
 }
 
 impl Account {
@@ -507,6 +546,7 @@ struct RawProvider {
     smtp_server: Option<String>,
     smtp_tls: Option<TlsMode>,
     ca_file: Option<PathBuf>,
+    graph_url: Option<String>,
 }
 
 fn default_kind() -> ProviderKind {
@@ -524,6 +564,13 @@ struct RawAccount {
     #[serde(default = "default_flow")]
     flow: Flow,
     scopes: Option<Vec<String>>,
+    sign_in_user: Option<String>,
+    #[serde(default = "default_send_via")]
+    send_via: SendVia,
+}
+
+fn default_send_via() -> SendVia {
+    SendVia::Smtp
 }
 
 fn default_flow() -> Flow {
@@ -817,12 +864,30 @@ fn validate_account(
         ));
     };
     check_flow(t, a.flow, provider)?;
+    if a.send_via != SendVia::Smtp && provider.kind == ProviderKind::Google {
+        return Err(t.error(
+            "send_via",
+            format!(
+                "Microsoft Graph sends only for Microsoft providers, and provider `{}` is Google; use send_via = \"smtp\"",
+                provider.name
+            ),
+        ));
+    }
     if let Some(scopes) = &a.scopes {
         check_scopes(t, "scopes", scopes)?;
     }
     let mailbox = a.mailbox.unwrap_or_else(|| a.username.clone());
     if mailbox.trim().is_empty() {
         return Err(t.error("mailbox", "must not be empty"));
+    }
+    if a.sign_in_user
+        .as_deref()
+        .is_some_and(|u| u.trim().is_empty())
+    {
+        return Err(t.error(
+            "sign_in_user",
+            "must not be empty; remove it to use the user learnt at `login`",
+        ));
     }
     Ok(Account {
         username: a.username,
@@ -831,6 +896,8 @@ fn validate_account(
         mailbox,
         flow: a.flow,
         scopes: a.scopes,
+        sign_in_user: a.sign_in_user,
+        send_via: a.send_via,
     })
 }
 
@@ -919,6 +986,11 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
     if let Some(ca) = &p.ca_file {
         crate::tls::load_ca_file(ca).map_err(|e| t.error("ca_file", e))?;
     }
+    let graph_url = p
+        .graph_url
+        .take()
+        .unwrap_or_else(|| DEFAULT_GRAPH_URL.into());
+    check_url(&t, "graph_url", &graph_url)?;
     Ok(Provider {
         name: name.to_string(),
         kind: p.kind,
@@ -935,6 +1007,7 @@ fn validate_provider(path: &Path, name: &str, mut p: RawProvider) -> Result<Prov
         smtp_server: servers.smtp_server,
         smtp_tls: servers.smtp_tls,
         ca_file: p.ca_file,
+        graph_url: graph_url.trim_end_matches('/').to_string(),
     })
 }
 
@@ -1235,6 +1308,74 @@ provider = "contoso"
 "#;
 
     #[test]
+    fn sending_keys_parse_and_refuse_what_cannot_work() {
+        let c = parse(MINIMAL).unwrap();
+        let (a, p) = (&c.accounts[0], c.provider("contoso"));
+        assert_eq!(
+            (a.send_via, a.sign_in_user.as_deref()),
+            (SendVia::Smtp, None)
+        );
+        assert_eq!(p.graph_url, DEFAULT_GRAPH_URL);
+        let text = MINIMAL.replace(
+            "provider = \"contoso\"",
+            "provider = \"contoso\"\nsend_via = \"auto\"\nsign_in_user = \"d@contoso.com\"",
+        );
+        let c = parse(&text.replace(
+            "client_id",
+            "graph_url = \"https://graph.microsoft.us/\"\nclient_id",
+        ))
+        .unwrap();
+        assert_eq!(c.accounts[0].send_via, SendVia::Auto);
+        assert_eq!(c.accounts[0].sign_in_user.as_deref(), Some("d@contoso.com"));
+        let p = c.provider("contoso");
+        assert_eq!(
+            (p.graph_url.as_str(), p.graph_resource()),
+            ("https://graph.microsoft.us", "https://graph.microsoft.us")
+        );
+        let local =
+            parse(&MINIMAL.replace("client_id", "graph_url = \"http://127.0.0.1:9\"\nclient_id"))
+                .unwrap();
+        assert_eq!(
+            local.provider("contoso").graph_resource(),
+            DEFAULT_GRAPH_URL
+        );
+        for (edit, key) in [
+            (
+                (
+                    "provider = \"contoso\"",
+                    "provider = \"contoso\"\nsend_via = \"pigeon\"",
+                ),
+                "send_via",
+            ),
+            (
+                (
+                    "provider = \"contoso\"",
+                    "provider = \"contoso\"\nsign_in_user = \" \"",
+                ),
+                "sign_in_user",
+            ),
+            (
+                (
+                    "client_id",
+                    "graph_url = \"http://graph.example.com\"\nclient_id",
+                ),
+                "graph_url",
+            ),
+            (("client_id", "kind = \"google\"\nclient_id"), "send_via"),
+        ] {
+            let mut text = MINIMAL.replace(edit.0, edit.1);
+            if key == "send_via" && edit.1.contains("google") {
+                text = text.replace(
+                    "provider = \"contoso\"",
+                    "provider = \"contoso\"\nsend_via = \"graph\"",
+                );
+            }
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn minimal_microsoft_config_gets_microsoft_defaults() {
         let c = parse(MINIMAL).unwrap();
         let p = c.provider("contoso");
@@ -1461,6 +1602,9 @@ provider = "contoso"
             "url",
             "url_file",
             "schema",
+            "sign_in_user",
+            "send_via",
+            "graph_url",
         ] {
             assert!(
                 text.lines()

@@ -19,7 +19,7 @@
 //! 1. `error`, `secret`, `lines`, `metrics`, `private_file`, `throttle`: leaves that import nothing of the crate (`metrics` owns its label types; `private_file` writes 0600 files atomically; `throttle` counts failed logins per address)
 //! 2. `sasl`, `tls`, `sealing`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup; the token key and sealed grant files
 //! 3. `config`: the config file, validated
-//! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients
+//! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`, `graph`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients; Microsoft Graph `sendMail`
 //! 5. `login`, `shared`, `notify`: the login path; what the sessions of one config share, and the `Protocol` trait; the notifications when an account needs `login` (kept across reloads)
 //! 6. `imap`, `smtp`, `admin`: what the listeners speak
 //! 7. `server`, `check`, `fuzzing`: the listeners, reload and drain; `xoauth2-proxy check`; the fuzz targets' and property tests' way in (`fuzz/`)
@@ -36,6 +36,7 @@ pub(crate) mod config;
 pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod graph;
 pub(crate) mod imap;
 pub(crate) mod lines;
 pub(crate) mod local_tls;
@@ -65,8 +66,8 @@ pub use sealing::write_key_file;
 pub use secret::Secret;
 
 pub use config::{
-    Account, Config, Flow, LocalPassword, StoreKind, default_config_path, exposed_secret_warning,
-    state_dir,
+    Account, Config, Flow, LocalPassword, SendVia, StoreKind, default_config_path,
+    exposed_secret_warning, state_dir,
 };
 pub use oauth::authorize::authorize;
 pub use oauth::store::migrate as migrate_grants;

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use tokio::sync::mpsc;
 use xoauth2_proxy::{
-    Account, Config, Flow, Listeners, LoadError, LocalPassword, StoreKind, StoredGrant, TokenStore,
-    default_config_path, unix_now,
+    Account, Config, Flow, Listeners, LoadError, LocalPassword, SendVia, StoreKind, StoredGrant,
+    TokenStore, default_config_path, unix_now,
 };
 
 /// Local IMAP/SMTP proxy: mail clients log in with a plain password, the proxy
@@ -387,6 +387,11 @@ struct AccountStatus {
     grant_store: &'static str,
     /// Whether that store answered.
     grant_store_up: bool,
+    /// Who signed in for a delegated grant (`sign_in_user`, or learnt from
+    /// the ID token): the user SMTP logs in as. `None` when not known.
+    signed_in_as: Option<String>,
+    /// `smtp`, `graph` or `auto`.
+    send_via: &'static str,
 }
 
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
@@ -482,6 +487,8 @@ impl AccountStatus {
             grant_error: None,
             grant_store: "file",
             grant_store_up: true,
+            signed_in_as: account.sign_in_user.clone().or(g.sign_in_user),
+            send_via: send_via_name(account.send_via),
         }
     }
 
@@ -533,6 +540,7 @@ fn print_statuses(config: &Config, store: &TokenStore, rows: &[AccountStatus], n
             r.account, r.mailbox, r.flow, r.provider, r.state
         );
         let details = [
+            signed_in(r),
             not_saved(r, store),
             r.grant_error.clone(),
             login_hint(r),
@@ -593,6 +601,34 @@ fn not_saved(r: &AccountStatus, store: &TokenStore) -> Option<String> {
             store.write_advice()
         )
     })
+}
+
+/// Who SMTP logs in as, for a delegated grant; for a grant stored before
+/// the signed-in user was recorded, what that means for a shared mailbox.
+fn signed_in(r: &AccountStatus) -> Option<String> {
+    if !r.flow.is_delegated() || r.needs_login {
+        return None;
+    }
+    let via = match r.send_via {
+        "smtp" => String::new(),
+        other => format!("; sends via {other}"),
+    };
+    Some(match &r.signed_in_as {
+        Some(user) => format!("signed in as {user}{via}"),
+        None => format!(
+            "signed in as: not recorded (the grant predates it), so SMTP logs in as {mailbox}; if {mailbox} is a shared mailbox, run `xoauth2-proxy login {account}` again (or set sign_in_user){via}",
+            mailbox = r.mailbox,
+            account = r.account
+        ),
+    })
+}
+
+fn send_via_name(send_via: SendVia) -> &'static str {
+    match send_via {
+        SendVia::Smtp => "smtp",
+        SendVia::Graph => "graph",
+        SendVia::Auto => "auto",
+    }
 }
 
 fn login_hint(r: &AccountStatus) -> Option<String> {
@@ -660,6 +696,8 @@ mod tests {
             grant_saved: Some(false),
             grant_store: "file",
             grant_store_up: true,
+            signed_in_as: None,
+            send_via: "smtp",
         }
     }
 
@@ -687,5 +725,38 @@ mod tests {
             last_error(&r, 1000).as_deref(),
             Some("last error (2m ago): the grant was refused")
         );
+    }
+
+    #[test]
+    fn status_names_the_signed_in_user_or_says_a_shared_mailbox_needs_login_again() {
+        let authorised = AccountStatus {
+            state: "authorised",
+            needs_login: false,
+            mailbox: "shared@contoso.com".into(),
+            ..row()
+        };
+        let known = AccountStatus {
+            signed_in_as: Some("delegate@contoso.com".into()),
+            send_via: "graph",
+            ..AccountStatus { ..authorised }
+        };
+        assert_eq!(
+            signed_in(&known).as_deref(),
+            Some("signed in as delegate@contoso.com; sends via graph")
+        );
+        let old = AccountStatus {
+            state: "authorised",
+            needs_login: false,
+            mailbox: "shared@contoso.com".into(),
+            ..row()
+        };
+        let line = signed_in(&old).unwrap();
+        assert!(
+            line.contains("not recorded")
+                && line.contains("if shared@contoso.com is a shared mailbox")
+                && line.contains("run `xoauth2-proxy login user@contoso.com` again"),
+            "{line}"
+        );
+        assert_eq!(signed_in(&row()), None, "needs login says so already");
     }
 }

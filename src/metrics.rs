@@ -126,6 +126,11 @@ pub struct Metrics {
     pub account_needs_login: Family<AccountLabels, Gauge>,
     /// Unix seconds when the account's last access token expires.
     pub access_token_expiry: Family<AccountLabels, Gauge>,
+    /// Messages submitted to Microsoft Graph `sendMail`, by account and
+    /// outcome (`ok`, `refused`, `throttled`, `unavailable`, `too_large`).
+    pub graph_sends: Family<TokenLabels, Counter>,
+    /// Mailboxes with `send_via = "auto"` switched to Graph after 5.7.139.
+    pub graph_switches: Family<AccountLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -231,8 +236,22 @@ impl Metrics {
             "When the last access token obtained for the account expires, in Unix seconds (absent until one is known); tokens are renewed on use, so an idle account's may lie in the past",
             access_token_expiry.clone(),
         );
+        let graph_sends = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "graph_sends",
+            "Messages submitted to Microsoft Graph sendMail (send_via graph or auto), by account and outcome: ok, refused, throttled, unavailable, too_large",
+            graph_sends.clone(),
+        );
+        let graph_switches = Family::<AccountLabels, Counter>::default();
+        registry.register(
+            "graph_switches",
+            "Accounts with send_via = auto switched to Microsoft Graph after SMTP answered 5.7.139 (SMTP AUTH disabled)",
+            graph_switches.clone(),
+        );
         Metrics {
             registry,
+            graph_sends,
+            graph_switches,
             logins,
             connections,
             client_connections,

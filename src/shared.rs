@@ -37,6 +37,8 @@ pub struct Shared {
     pub tls: UpstreamTls,
     /// The certificate presented to clients; `None` without `[tls]`.
     pub local_tls: Option<LocalTls>,
+    /// Microsoft Graph `sendMail`, for `send_via = "graph"` and `"auto"`.
+    pub graph: crate::graph::Graph,
 }
 
 impl Shared {
@@ -50,6 +52,7 @@ impl Shared {
             tokens: TokenManager::new(&config, store, health)?,
             tls: UpstreamTls::new(&config)?,
             local_tls: LocalTls::load(&config)?,
+            graph: crate::graph::Graph::new(&config)?,
             config,
         })
     }

@@ -316,6 +316,36 @@ pub fn pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemE
     Ok(certs)
 }
 
+/// An HTTPS client for the identity provider and Microsoft Graph: system
+/// roots plus `ca_file`, no redirects followed, every phase within `timeout`.
+pub fn https_client(
+    ca_file: Option<&Path>,
+    timeout: std::time::Duration,
+) -> Result<reqwest::Client, String> {
+    let mut http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(concat!("xoauth2-proxy/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = ca_file {
+        for der in load_ca_file(ca)? {
+            let cert = reqwest::Certificate::from_der(&der).map_err(|e| {
+                format!(
+                    "{} holds a certificate the HTTPS client cannot use ({e}); put the CA's PEM certificate in `ca_file`",
+                    ca.display()
+                )
+            })?;
+            http = http.add_root_certificate(cert);
+        }
+    }
+    http.build().map_err(|e| {
+        format!(
+            "cannot set up HTTPS: {}; check `ca_file`, else please report this as a bug",
+            crate::error::chain(&e)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,7 +67,7 @@ async fn login_runs_the_device_flow_and_stores_the_grant() {
     assert_eq!(
         request.scope.as_deref(),
         Some(
-            "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access"
+            "https://outlook.office.com/IMAP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access openid profile"
         )
     );
     assert!(

@@ -62,12 +62,20 @@ pub async fn authorize(
     stored.needs_login = false;
     stored.last_error = None;
     stored.last_error_at = None;
+    // A new sign-in may be another user's: what the old grant knew goes.
+    stored.sign_in_user = grant.sign_in_user.filter(|_| account.flow.is_delegated());
     if account.flow.is_delegated() && stored.refresh_token.is_none() {
         return Err(
             "the identity provider sent no refresh token: add the offline_access scope".into(),
         );
     }
     store.save(&account.username, &stored).await?;
+    if let Some(user) = &stored.sign_in_user {
+        say(&format!(
+            "Signed in as {user}; SMTP logs in as {user}, sending as {}.",
+            account.mailbox
+        ));
+    }
     say(&format!(
         "Account {} is authorised; its grant is stored in {}.",
         account.username,

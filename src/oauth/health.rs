@@ -378,6 +378,8 @@ mod tests {
             mailbox: username.into(),
             flow,
             scopes: None,
+            sign_in_user: None,
+            send_via: crate::config::SendVia::Smtp,
         }
     }
 

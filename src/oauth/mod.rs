@@ -17,6 +17,13 @@
 //! needs a refresh then gets "unavailable" (the client comes back later),
 //! never a refresh without the lock.
 //!
+//! [`TokenManager::graph_token`] is the same door for Microsoft Graph
+//! (`send_via = "graph"`): Entra issues an access token per resource, so the
+//! same refresh token is redeemed a second time with Graph's scopes alone
+//! (mixing them with Exchange's is AADSTS700022). That token is cached in
+//! memory beside the mail token, under the same lock, so it too is fetched
+//! once however many senders wait.
+//!
 //! [`TokenManager::keep_alive`] goes through the same door for grants nobody
 //! has used for a while: a refresh token unused for 90 days expires, and the
 //! mailbox would need `login` again although nothing changed.
@@ -119,6 +126,8 @@ struct AccountTokens {
 #[derive(Default)]
 struct Cached {
     grant: StoredGrant,
+    /// The access token for Microsoft Graph, in memory only.
+    graph: Option<GraphToken>,
     /// The stored grant's revision when last read or written; a different
     /// one means another process (`login`, a replica) wrote it.
     revision: Option<Revision>,
@@ -136,6 +145,21 @@ enum Look {
     /// which revision it holds, or there is no refresh.
     Fresh,
 }
+
+/// An access token for Microsoft Graph and its lifetime (Unix seconds).
+struct GraphToken {
+    token: Secret,
+    obtained_at: u64,
+    expires_at: u64,
+}
+
+/// The permission Graph's `sendMail` needs, delegated, as a scope name.
+const MAIL_SEND: &str = "Mail.Send";
+/// …and to send as a mailbox other than the signed-in user's own.
+const MAIL_SEND_SHARED: &str = "Mail.Send.Shared";
+
+/// What to add in Entra when Graph refuses to issue a token.
+const GRAPH_PERMISSIONS_HINT: &str = "for sending with Microsoft Graph the app needs Mail.Send (delegated; plus Mail.Send.Shared for a shared mailbox) or, for client_credentials, the Mail.Send application permission, with admin consent: add it under Entra > App registrations > API permissions > Microsoft Graph and grant consent";
 
 impl TokenManager {
     /// The token state of `config`'s accounts, their grants in `store`.
@@ -367,6 +391,133 @@ impl TokenManager {
         last.is_none_or(|t| unix_now().saturating_sub(t) >= older_than.as_secs())
     }
 
+    /// Who signs in for `username`'s delegated grant: `sign_in_user` from
+    /// the config, else the user learnt from the ID token at `login` or at a
+    /// refresh; `None` when neither is known (a grant stored before the
+    /// proxy recorded it).
+    pub async fn sign_in_user(&self, username: &str) -> Option<String> {
+        let entry = self.entry(username).ok()?;
+        if let Some(user) = &entry.account.sign_in_user {
+            return Some(user.clone());
+        }
+        let mut cached = entry.state.lock().await;
+        let _ = self.sync(entry, &mut cached, Look::Cached).await;
+        cached.grant.sign_in_user.clone()
+    }
+
+    /// A valid access token for Microsoft Graph for `username`'s mailbox,
+    /// from the same grant as the mail token: cached, or redeemed once
+    /// however many senders wait (the same locks as
+    /// [`access_token`](Self::access_token)).
+    pub async fn graph_token(&self, username: &str) -> Result<AccessToken, TokenError> {
+        let entry = self.entry(username)?;
+        let mut cached = entry.state.lock().await;
+        self.sync(entry, &mut cached, Look::Cached).await?;
+        if let Some(token) = usable_graph_token(&cached, unix_now()) {
+            return Ok(token);
+        }
+        let _lock = self.lock_grant(entry).await?;
+        // Another process may have rotated the refresh token meanwhile.
+        self.sync(entry, &mut cached, Look::Fresh).await?;
+        let scopes = graph_scopes(&entry.account, &entry.provider.config, &cached.grant);
+        let result = match entry.account.flow {
+            Flow::ClientCredentials => entry.provider.client_credentials(&scopes).await,
+            Flow::DeviceCode | Flow::AuthorizationCode => {
+                let refresh_token = self.refresh_token(entry, &cached.grant)?;
+                entry.provider.refresh(refresh_token, &scopes).await
+            }
+        };
+        match result {
+            Ok(grant) => Ok(self.remember_graph(entry, &mut cached, grant).await),
+            Err(e) => Err(self.remember_graph_failure(entry, &mut cached, e).await),
+        }
+    }
+
+    /// Microsoft Graph refused `token`: forget it, so that the next
+    /// [`graph_token`](Self::graph_token) asks the identity provider.
+    pub async fn reject_graph(&self, username: &str, token: &Secret) {
+        let Ok(entry) = self.entry(username) else {
+            return;
+        };
+        let mut cached = entry.state.lock().await;
+        if cached.graph.as_ref().is_some_and(|g| &g.token == token) {
+            cached.graph = None;
+        }
+    }
+
+    /// Keeps a Graph token in memory and what came with it on file: a
+    /// rotated refresh token (saved before the token is handed out, as for
+    /// the mail token) and the signed-in user.
+    async fn remember_graph(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+        grant: Grant,
+    ) -> AccessToken {
+        let now = unix_now();
+        let token = grant.access_token;
+        cached.graph = Some(GraphToken {
+            token: token.clone(),
+            obtained_at: now,
+            expires_at: now + grant.expires_in.as_secs(),
+        });
+        let delegated = entry.account.flow.is_delegated();
+        let rotated = grant.refresh_token.is_some();
+        let learnt = grant.sign_in_user.filter(|_| delegated);
+        let g = &mut cached.grant;
+        let changed_user = learnt.is_some() && learnt != g.sign_in_user;
+        if rotated {
+            g.refresh_token = grant.refresh_token;
+        }
+        if changed_user {
+            g.sign_in_user = learnt;
+        }
+        if delegated && (rotated || changed_user) {
+            self.save(entry, cached).await;
+        }
+        count_token_request(&entry.account.username, "ok");
+        info!(
+            account = %entry.account.username,
+            expires_in = grant.expires_in.as_secs(),
+            refresh_token_rotated = rotated,
+            "obtained a new access token for Microsoft Graph"
+        );
+        AccessToken { token, fresh: true }
+    }
+
+    /// A refused Graph token request. Only a grant the identity provider
+    /// says is gone marks the account for `login`: a missing Graph
+    /// permission must not stop its IMAP.
+    async fn remember_graph_failure(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+        e: GrantError,
+    ) -> TokenError {
+        let username = &entry.account.username;
+        match e.class {
+            ErrorClass::GrantInvalid if entry.account.flow.is_delegated() => self
+                .remember_failure(entry, cached, e)
+                .await
+                .err()
+                .unwrap_or_else(|| self.needs_login(entry, "the grant was refused")),
+            ErrorClass::GrantInvalid | ErrorClass::AppRefused => {
+                count_token_request(username, "refused");
+                let message = format!(
+                    "no token for Microsoft Graph: {}; {GRAPH_PERMISSIONS_HINT}",
+                    e.message
+                );
+                warn!(account = %username, "{message}");
+                TokenError::Refused(message)
+            }
+            ErrorClass::Transient => {
+                count_token_request(username, "unavailable");
+                warn!(account = %username, "no token for Microsoft Graph: {}", e.message);
+                TokenError::Unavailable(e.message)
+            }
+        }
+    }
+
     fn entry(&self, username: &str) -> Result<&AccountTokens, TokenError> {
         self.accounts
             .get(&username.to_lowercase())
@@ -574,6 +725,9 @@ impl TokenManager {
         g.needs_login = false;
         g.last_error = None;
         g.last_error_at = None;
+        if grant.sign_in_user.is_some() && entry.account.flow.is_delegated() {
+            g.sign_in_user = grant.sign_in_user;
+        }
         entry
             .health
             .refreshed(now + grant.expires_in.as_secs(), now);
@@ -683,6 +837,41 @@ fn usable_token(grant: &StoredGrant, now: u64, ahead: bool) -> Option<Secret> {
         0
     };
     (now + margin < expires_at).then(|| token.clone())
+}
+
+/// The cached Graph token if it is outside the refresh-ahead window.
+fn usable_graph_token(cached: &Cached, now: u64) -> Option<AccessToken> {
+    let g = cached.graph.as_ref()?;
+    (now + refresh_margin(g.obtained_at, g.expires_at) < g.expires_at).then(|| AccessToken {
+        token: g.token.clone(),
+        fresh: false,
+    })
+}
+
+/// The scopes of a Graph token for `account`. App-only: Graph's
+/// `.default` (the application permissions the admin granted). Delegated:
+/// `Mail.Send`, and `Mail.Send.Shared` when the mailbox is not the signed-in
+/// user's own; with `openid profile` so that the answer names that user, and
+/// nothing of Exchange's (one resource per request, or AADSTS700022).
+fn graph_scopes(
+    account: &Account,
+    provider: &crate::config::Provider,
+    grant: &StoredGrant,
+) -> Vec<String> {
+    let resource = provider.graph_resource();
+    if !account.flow.is_delegated() {
+        return vec![format!("{resource}/.default")];
+    }
+    let mut scopes = vec![format!("{resource}/{MAIL_SEND}")];
+    let user = account
+        .sign_in_user
+        .as_ref()
+        .or(grant.sign_in_user.as_ref());
+    if user.is_some_and(|u| !u.eq_ignore_ascii_case(&account.mailbox)) {
+        scopes.push(format!("{resource}/{MAIL_SEND_SHARED}"));
+    }
+    scopes.extend(["offline_access", "openid", "profile"].map(String::from));
+    scopes
 }
 
 /// How long before expiry a token is replaced: a third of its lifetime, at

@@ -3,20 +3,47 @@
 
 use std::time::Duration;
 
-use oauth2::basic::{BasicClient, BasicTokenResponse};
+use base64::Engine as _;
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, DeviceAuthorizationUrl,
-    EndpointMaybeSet, EndpointNotSet, EndpointSet, ErrorResponse, HttpClientError,
-    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
-    StandardDeviceAuthorizationResponse, StandardErrorResponse, TokenResponse, TokenUrl,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, ErrorResponse, ExtraTokenFields,
+    HttpClientError, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
+    StandardDeviceAuthorizationResponse, StandardErrorResponse, StandardRevocableToken,
+    StandardTokenResponse, TokenResponse, TokenUrl,
 };
 
 use super::aadsts::{self, ErrorClass};
 use crate::config::Provider;
 use crate::secret::Secret;
 
-type OAuthClient =
-    BasicClient<EndpointSet, EndpointMaybeSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+/// The token response's fields beyond OAuth's: the OpenID Connect ID token,
+/// sent when `openid` was asked for.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct IdTokenFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<String>,
+}
+
+impl ExtraTokenFields for IdTokenFields {}
+
+type TokenResponseWithId = StandardTokenResponse<IdTokenFields, BasicTokenType>;
+
+type OAuthClient = oauth2::Client<
+    BasicErrorResponse,
+    TokenResponseWithId,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointMaybeSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
 
 /// A token response, reduced to what the proxy keeps.
 #[derive(Debug)]
@@ -24,6 +51,30 @@ pub struct Grant {
     pub access_token: Secret,
     pub expires_in: Duration,
     pub refresh_token: Option<Secret>,
+    /// Who signed in: the ID token's `preferred_username`, when an ID token
+    /// came with the response.
+    pub sign_in_user: Option<String>,
+}
+
+/// The `preferred_username` claim of an ID token (a JWT: header, payload,
+/// signature, base64url each).
+///
+/// The signature is not checked, on purpose: the token came straight from
+/// the token endpoint over verified TLS, in answer to our own request, and
+/// the proxy reads it only as an identity hint (which user signed in, so
+/// that SMTP logs in as that user), never to authorise anything; Microsoft's
+/// guidance for public clients allows exactly that use. A token that does
+/// not parse yields `None`.
+pub fn preferred_username(id_token: &str) -> Option<String> {
+    let payload = id_token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let name = claims.get("preferred_username")?.as_str()?.trim();
+    // An address is at most 254 characters; anything else is not a login.
+    (!name.is_empty() && name.len() <= 254 && !name.chars().any(char::is_control))
+        .then(|| name.to_string())
 }
 
 /// A failed grant request: what it means, and a sentence without secrets.
@@ -47,7 +98,7 @@ pub struct ProviderClient {
 
 impl ProviderClient {
     pub fn new(config: &Provider, timeout: Duration) -> Result<Self, String> {
-        let mut oauth = BasicClient::new(ClientId::new(config.client_id.clone()))
+        let mut oauth = oauth2::Client::new(ClientId::new(config.client_id.clone()))
             .set_auth_type(AuthType::RequestBody)
             .set_auth_uri(
                 AuthUrl::new(config.authorize_url.clone()).map_err(bad_url("authorize_url"))?,
@@ -67,29 +118,7 @@ impl ProviderClient {
         if let Some(secret) = &config.client_secret {
             oauth = oauth.set_client_secret(ClientSecret::new(secret.expose().to_string()));
         }
-        let mut http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .user_agent(concat!("xoauth2-proxy/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &config.ca_file {
-            for der in crate::tls::load_ca_file(ca)? {
-                let cert = reqwest::Certificate::from_der(&der)
-                    .map_err(|e| {
-                    format!(
-                        "{} holds a certificate the HTTPS client cannot use ({e}); put the CA's PEM certificate in `ca_file`",
-                        ca.display()
-                    )
-                })?;
-                http = http.add_root_certificate(cert);
-            }
-        }
-        let http = http.build().map_err(|e| {
-            format!(
-                "cannot set up HTTPS: {}; check `ca_file`, else please report this as a bug",
-                crate::error::chain(&e)
-            )
-        })?;
+        let http = crate::tls::https_client(config.ca_file.as_deref(), timeout)?;
         Ok(ProviderClient {
             config: config.clone(),
             oauth,
@@ -194,7 +223,7 @@ impl ProviderClient {
     fn grant<T>(
         &self,
         response: Result<
-            BasicTokenResponse,
+            TokenResponseWithId,
             RequestTokenError<HttpClientError<reqwest::Error>, StandardErrorResponse<T>>,
         >,
     ) -> Result<Grant, GrantError>
@@ -213,6 +242,11 @@ impl ProviderClient {
             refresh_token: response
                 .refresh_token()
                 .map(|t| Secret::new(t.secret().clone())),
+            sign_in_user: response
+                .extra_fields()
+                .id_token
+                .as_deref()
+                .and_then(preferred_username),
         })
     }
 
@@ -297,5 +331,33 @@ fn describe_http_error(e: &HttpClientError<reqwest::Error>) -> String {
             text.rsplit(": ").next().unwrap_or(&text).to_string()
         }
         other => crate::error::chain(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(payload: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(payload))
+    }
+
+    #[test]
+    fn the_signed_in_user_is_read_from_the_id_tokens_payload() {
+        let cases = [
+            (
+                jwt(r#"{"preferred_username":"delegate@contoso.com","name":"D"}"#),
+                Some("delegate@contoso.com"),
+            ),
+            (jwt(r#"{"name":"no username"}"#), None),
+            (jwt(r#"{"preferred_username":""}"#), None),
+            (jwt(r#"{"preferred_username":"a\nb"}"#), None),
+            ("not a jwt".to_string(), None),
+            ("a.!!!.c".to_string(), None),
+        ];
+        for (token, expected) in cases {
+            assert_eq!(preferred_username(&token).as_deref(), expected, "{token}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub(crate) mod command;
 mod extensions;
+pub(crate) mod graph;
 mod pool;
 pub(crate) mod session;
 pub mod upstream;
@@ -22,6 +23,8 @@ use pool::Pools;
 pub struct Smtp {
     pools: Arc<Pools>,
     extensions: Arc<Extensions>,
+    /// `send_via = "auto"` mailboxes switched to Graph.
+    switched: Arc<graph::Switched>,
 }
 
 impl Smtp {
@@ -48,6 +51,7 @@ impl Smtp {
         Smtp {
             pools,
             extensions: Arc::default(),
+            switched: Arc::default(),
         }
     }
 }
@@ -56,14 +60,11 @@ impl Protocol for Smtp {
     const NAME: &'static str = "smtp";
 
     async fn serve<S: ClientStream>(&self, shared: Arc<Shared>, stream: S, connection: Connection) {
-        session::run(
-            shared,
-            self.pools.clone(),
-            self.extensions.clone(),
-            stream,
-            connection,
-        )
-        .await
+        let routes = session::Routes {
+            pools: self.pools.clone(),
+            switched: self.switched.clone(),
+        };
+        session::run(shared, routes, self.extensions.clone(), stream, connection).await
     }
 
     async fn refuse_busy<S: ClientStream>(mut stream: S, busy: Busy) {

@@ -16,6 +16,11 @@
 //! from the connection's start whatever it sends (NOOP, RSET, a SASL
 //! exchange, STARTTLS); after it, `client_idle_timeout` for each line.
 //!
+//! An account that sends through Microsoft Graph (`send_via = "graph"`, or
+//! `auto` after SMTP answered 5.7.139) leases nothing: MAIL and RCPT are
+//! answered here, DATA reads the whole message and `super::graph` submits
+//! it (see there).
+//!
 //! `Session::command` hands each command to one small method; AUTH runs
 //! through [`crate::sasl`], which IMAP shares, and a failed login becomes a
 //! reply in `refusal` alone.
@@ -29,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::command::{self, Command};
 use super::extensions::Extensions;
+use super::graph::{self, Route, Switched, Transaction};
 use super::pool::{Lease, LeaseError, Opened, Pools};
 use super::upstream::{self, Reply, ReplyError, SmtpUpstream, enhanced_code};
 use crate::config::Account;
@@ -49,10 +55,18 @@ const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 /// The proxy's own host name in greetings.
 const HOSTNAME: &str = "xoauth2-proxy";
 
+/// Where transactions go: the per-mailbox SMTP pools, and which `auto`
+/// mailboxes have switched to Graph. Both live as long as the listener.
+#[derive(Clone)]
+pub struct Routes {
+    pub pools: Arc<Pools>,
+    pub switched: Arc<Switched>,
+}
+
 /// Serves one client connection to the end.
 pub async fn run<S: ClientStream>(
     shared: Arc<Shared>,
-    pools: Arc<Pools>,
+    routes: Routes,
     extensions: Arc<Extensions>,
     stream: S,
     connection: Connection,
@@ -64,7 +78,7 @@ pub async fn run<S: ClientStream>(
         smtp.require_tls,
         connection.over_tls,
     );
-    let mut session = Session::new(shared, pools, extensions, stream, tls, connection);
+    let mut session = Session::new(shared, routes, extensions, stream, tls, connection);
     let next = session.dialogue(Greeting::Send).await;
     session.end_transaction().await;
     match next {
@@ -79,7 +93,7 @@ async fn after_starttls<S: ClientStream>(session: Session<S>) {
     let Session {
         client,
         shared,
-        pools,
+        routes,
         extensions,
         tls,
         connection,
@@ -89,7 +103,7 @@ async fn after_starttls<S: ClientStream>(session: Session<S>) {
         return;
     };
     let upgraded = tls.upgraded();
-    let mut session = Session::new(shared, pools, extensions, stream, upgraded, connection);
+    let mut session = Session::new(shared, routes, extensions, stream, upgraded, connection);
     if let Err(e) = session.dialogue(Greeting::None).await {
         debug!("client connection ended: {}", crate::error::io_reason(&e));
     }
@@ -107,8 +121,8 @@ enum Greeting {
 struct Session<S> {
     client: BufReader<S>,
     shared: Arc<Shared>,
-    /// The process's upstream connection pools.
-    pools: Arc<Pools>,
+    /// The process's upstream connection pools and Graph switches.
+    routes: Routes,
     extensions: Arc<Extensions>,
     tls: TlsPolicy,
     /// The login deadline's start and the pre-login slot, given back at login.
@@ -116,6 +130,8 @@ struct Session<S> {
     account: Option<Account>,
     /// The upstream connection of the transaction in progress, if any.
     lease: Option<Lease>,
+    /// The transaction in progress on its way to Graph, if any.
+    graph: Option<Transaction>,
     errors: u32,
     failed_logins: u32,
     line: Vec<u8>,
@@ -183,7 +199,7 @@ enum MailError {
 impl<S: ClientStream> Session<S> {
     fn new(
         shared: Arc<Shared>,
-        pools: Arc<Pools>,
+        routes: Routes,
         extensions: Arc<Extensions>,
         stream: S,
         tls: TlsPolicy,
@@ -192,12 +208,13 @@ impl<S: ClientStream> Session<S> {
         Session {
             client: BufReader::with_capacity(64 * 1024, stream),
             shared,
-            pools,
+            routes,
             extensions,
             tls,
             connection,
             account: None,
             lease: None,
+            graph: None,
             errors: 0,
             failed_logins: 0,
             line: Vec::new(),
@@ -447,7 +464,7 @@ impl<S: ClientStream> Session<S> {
         };
         let outcome = log_in(
             &self.shared,
-            &self.pools,
+            &self.routes,
             self.connection.peer.ip(),
             &credentials,
         )
@@ -487,18 +504,79 @@ impl<S: ClientStream> Session<S> {
         let Some(account) = self.account.clone() else {
             return self.error(530, "5.7.0 Authentication required").await;
         };
-        if self.lease.is_some() {
+        if self.lease.is_some() || self.graph.is_some() {
             return self
                 .error(503, "5.5.1 Sender already given; RSET first")
                 .await;
+        }
+        if self.routes.switched.route(&account) == Route::Graph {
+            return self.graph_mail(line).await;
         }
         match self.begin_transaction(&account, line).await {
             Ok((lease, reply)) => {
                 count_relayed(UPSTREAM, line.len() + 2);
                 self.mail_answered(lease, reply).await
             }
+            Err(MailError::Lease(LeaseError::Login(LoginError::UpstreamRejected(reply))))
+                if self.routes.switched.switch_after(&account, &reply) =>
+            {
+                self.graph_mail(line).await
+            }
             Err(e) => self.mail_failed(&account, e).await,
         }
+    }
+
+    /// MAIL for Graph: the sender is checked for syntax only (Graph sends
+    /// as the mailbox, and its `From` field says who wrote).
+    async fn graph_mail(&mut self, line: &[u8]) -> std::io::Result<Next> {
+        if graph::path_argument(line, "MAIL FROM:").is_none() {
+            return self.error(501, "5.5.4 Syntax: MAIL FROM:<address>").await;
+        }
+        self.graph = Some(Transaction::default());
+        self.answer(250, "2.1.0 Sender OK").await
+    }
+
+    /// RCPT for Graph: the address is remembered for the `Bcc` field.
+    async fn graph_rcpt(&mut self, line: &[u8]) -> std::io::Result<Next> {
+        let Some(address) = graph::path_argument(line, "RCPT TO:").filter(|a| a.contains('@'))
+        else {
+            return self.error(501, "5.1.3 Syntax: RCPT TO:<address>").await;
+        };
+        let transaction = self.graph.as_mut().expect("checked by the caller");
+        if transaction.recipients.len() >= graph::MAX_RECIPIENTS {
+            return self.answer(452, "4.5.3 Too many recipients").await;
+        }
+        transaction.recipients.push(address);
+        self.answer(250, "2.1.5 Recipient OK").await
+    }
+
+    /// DATA for Graph: the whole message is read (bounded by what Graph
+    /// takes), then submitted; the client's verdict waits for Graph's.
+    async fn graph_data(&mut self) -> std::io::Result<Next> {
+        let recipients = match self.graph.take() {
+            Some(t) if !t.recipients.is_empty() => t.recipients,
+            other => {
+                self.graph = other;
+                return self.error(503, "5.5.1 Need RCPT before DATA").await;
+            }
+        };
+        self.reply(354, "Start mail input; end with <CRLF>.<CRLF>")
+            .await?;
+        self.client.get_mut().flush().await?;
+        let idle = self.shared.config.smtp.client_idle_timeout;
+        let account = self.account.clone().expect("a transaction needs a login");
+        let limit = crate::graph::MAX_MESSAGE;
+        let verdict = match read_message(&mut self.client, idle, limit).await? {
+            Some(message) => {
+                count_relayed(UPSTREAM, message.len());
+                graph::submit(&self.shared, &account, &recipients, &message).await
+            }
+            None => graph::too_large(&account),
+        };
+        if verdict.close {
+            return self.close_with(verdict.code, &verdict.text).await;
+        }
+        self.answer(verdict.code, &verdict.text).await
     }
 
     /// Sends MAIL on a leased upstream connection; returns the lease with
@@ -515,9 +593,10 @@ impl<S: ClientStream> Session<S> {
         let mut stale = 0;
         loop {
             let opener = || open_pooled(&self.shared, account);
-            let leased = self.pools.lease(account, opener).await;
+            let pools = &self.routes.pools;
+            let leased = pools.lease(account, opener).await;
             let mut lease = leased.map_err(MailError::Lease)?;
-            let retry = lease.reused() && stale < self.pools.max_per_mailbox();
+            let retry = lease.reused() && stale < pools.max_per_mailbox();
             match lease.conn().command(line).await {
                 Ok(reply) if reply.code == 421 && retry => {
                     debug!("pooled connection was closed by the server; retrying with another");
@@ -566,6 +645,9 @@ impl<S: ClientStream> Session<S> {
     }
 
     async fn rcpt(&mut self, line: &[u8]) -> std::io::Result<Next> {
+        if self.graph.is_some() {
+            return self.graph_rcpt(line).await;
+        }
         let Some(lease) = self.lease.as_mut() else {
             return self.error(503, "5.5.1 Need MAIL before RCPT").await;
         };
@@ -597,6 +679,9 @@ impl<S: ClientStream> Session<S> {
     }
 
     async fn data(&mut self) -> std::io::Result<Next> {
+        if self.graph.is_some() {
+            return self.graph_data().await;
+        }
         let Some(lease) = self.lease.as_mut() else {
             return self
                 .error(503, "5.5.1 Need MAIL and RCPT before DATA")
@@ -656,6 +741,7 @@ impl<S: ClientStream> Session<S> {
     /// Ends a transaction in progress with RSET, returning a clean upstream
     /// connection to the pool (or closing one that fails).
     async fn end_transaction(&mut self) {
+        self.graph = None;
         if let Some(mut lease) = self.lease.take() {
             match lease.conn().command(b"RSET").await {
                 Ok(reply) if reply.code == 250 => lease.release(),
@@ -666,10 +752,11 @@ impl<S: ClientStream> Session<S> {
 }
 
 /// Checks the password and that the mailbox can be served now, so that a
-/// refused token or disabled SMTP AUTH surfaces at AUTH, not at MAIL.
+/// refused token or disabled SMTP AUTH surfaces at AUTH, not at MAIL. An
+/// `auto` account whose SMTP AUTH is disabled switches to Graph here.
 async fn log_in(
     shared: &Shared,
-    pools: &Pools,
+    routes: &Routes,
     client: IpAddr,
     credentials: &Credentials,
 ) -> Result<Account, LoginError> {
@@ -677,11 +764,22 @@ async fn log_in(
     let (username, password) = (&credentials.username, &credentials.password);
     let accounts = &shared.accounts;
     let account = login::check_password(accounts, delay, client, username, password).await?;
+    if routes.switched.route(&account) == Route::Graph {
+        graph::ready(shared, &account).await?;
+        return Ok(account);
+    }
     // A pool already warm for the mailbox proves the mailbox works,
     // not that this account's grant is still good.
     let opener = || open_pooled(shared, &account);
-    if pools.ensure(&account, opener).await? == Opened::No {
-        login::check_grant(&shared.tokens, &account).await?;
+    match routes.pools.ensure(&account, opener).await {
+        Ok(Opened::No) => login::check_grant(&shared.tokens, &account).await?,
+        Ok(Opened::Yes) => {}
+        Err(LoginError::UpstreamRejected(reply))
+            if routes.switched.switch_after(&account, &reply) =>
+        {
+            graph::ready(shared, &account).await?
+        }
+        Err(e) => return Err(e),
     }
     Ok(account)
 }
@@ -751,7 +849,8 @@ async fn open_pooled(shared: &Shared, account: &Account) -> Result<SmtpUpstream,
     let timeout = shared.config.server.upstream_timeout;
     open_as(&shared.tokens, account, |account, token| async move {
         let provider = shared.config.provider(&account.provider);
-        upstream::open(&shared.tls, provider, timeout, &account.mailbox, &token).await
+        let user = upstream::login_user(&shared.tokens, &account).await;
+        upstream::open(&shared.tls, provider, timeout, &user, &token).await
     })
     .await
 }
@@ -811,6 +910,60 @@ async fn pump_message<S: ClientStream>(
         upstream_ok = false;
     }
     Ok(upstream_ok)
+}
+
+/// Reads DATA content from the client up to the `CRLF . CRLF` terminator
+/// and undoes dot-stuffing (RFC 5321 §4.5.2): the message as the client
+/// composed it, for Graph. `None` when it is longer than `limit`: the rest
+/// is read and dropped, so the dialogue stays in step and memory bounded.
+async fn read_message<S: ClientStream>(
+    client: &mut BufReader<S>,
+    idle: Duration,
+    limit: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut end = EndOfData::default();
+    let mut wire = Vec::new();
+    let mut too_large = false;
+    loop {
+        let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
+            Ok(chunk) => chunk?,
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        };
+        if chunk.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let (n, done) = end.scan(chunk);
+        // Dot-stuffing adds at most a byte per line: a little slack.
+        if wire.len() + n > limit + limit / 8 + END_OF_DATA.len() {
+            too_large = true;
+            wire = Vec::new();
+        }
+        if !too_large {
+            wire.extend_from_slice(&chunk[..n]);
+        }
+        client.consume(n);
+        if done {
+            break;
+        }
+    }
+    if too_large {
+        return Ok(None);
+    }
+    let message = unstuff(&wire[..wire.len() - b".\r\n".len()]);
+    Ok((message.len() <= limit).then_some(message))
+}
+
+/// Removes the dot that dot-stuffing put before each line starting with one.
+fn unstuff(wire: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(wire.len());
+    let mut line_start = true;
+    for &b in wire {
+        if !(line_start && b == b'.') {
+            out.push(b);
+        }
+        line_start = b == b'\n';
+    }
+    out
 }
 
 /// The end of DATA content (RFC 5321 §4.1.1.4).

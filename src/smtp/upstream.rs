@@ -1,12 +1,18 @@
 //! Upstream SMTP connections: TLS (STARTTLS on 587, implicit on 465),
-//! EHLO, AUTH XOAUTH2 as the account's mailbox, and replies read whole.
+//! EHLO, AUTH XOAUTH2 as the account's [`login_user`], and replies read whole.
+//!
+//! Exchange Online accepts a shared mailbox's address as the XOAUTH2 user on
+//! IMAP (with a delegate's token) but not on SMTP, where it answers
+//! `535 5.7.3`: SMTP must log in as the delegate who signed in, and Exchange
+//! applies the delegate's Send As right to `MAIL FROM` (the shared address).
 
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::config::{Provider, TlsMode};
+use crate::config::{Account, Provider, TlsMode};
 use crate::lines::{LineError, read_line, trim_eol};
+use crate::oauth::TokenManager;
 use crate::sasl::xoauth2;
 use crate::secret::Secret;
 use crate::upstream::{UpstreamError, UpstreamStream, UpstreamTls, quote_reply};
@@ -16,7 +22,7 @@ const MAX_REPLY_LINE: usize = 8 * 1024;
 /// Nor does a reply need more lines than this.
 const MAX_REPLY_LINES: usize = 100;
 
-const SMTP_AUTH_DISABLED_HINT: &str = "SMTP AUTH is disabled for this mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (or, tenant-wide, `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) in Exchange Online PowerShell";
+const SMTP_AUTH_DISABLED_HINT: &str = "SMTP AUTH is disabled for this mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (or, tenant-wide, `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) in Exchange Online PowerShell, or set `send_via = \"graph\"` (or `\"auto\"`) for the account to send through Microsoft Graph instead";
 const SMTP_HINT: &str = "check that the app has SMTP.Send (delegated) or SMTP.SendAsApp plus an Exchange service principal with rights on the mailbox (app-only), and that `mailbox` is right";
 
 /// One complete reply: its code and its lines as received (CRLF included),
@@ -211,13 +217,29 @@ pub async fn probe_extensions(
     Ok(extensions)
 }
 
+/// The XOAUTH2 user of `account`'s SMTP logins: for a delegated grant the
+/// user who signed in (`sign_in_user`, or learnt from the ID token), for an
+/// app-only one the mailbox. A grant stored before the signed-in user was
+/// recorded falls back to the mailbox, which is right unless it is shared
+/// (`status` says so).
+pub async fn login_user(tokens: &TokenManager, account: &Account) -> String {
+    if !account.flow.is_delegated() {
+        return account.mailbox.clone();
+    }
+    tokens
+        .sign_in_user(&account.username)
+        .await
+        .unwrap_or_else(|| account.mailbox.clone())
+}
+
 /// Opens an upstream SMTP connection to `provider`'s server and
-/// authenticates as `mailbox` with `token`, all within `timeout`.
+/// authenticates as `user` (see [`login_user`]) with `token`, all within
+/// `timeout`.
 pub async fn open(
     tls: &UpstreamTls,
     provider: &Provider,
     timeout: Duration,
-    mailbox: &str,
+    user: &str,
     token: &Secret,
 ) -> Result<SmtpUpstream, UpstreamError> {
     let server = &provider.smtp_server;
@@ -227,7 +249,7 @@ pub async fn open(
     let attempt = async {
         let mut upstream = hello(tls, provider, timeout).await?;
         // AUTH XOAUTH2, the response after the 334 as Microsoft documents it.
-        let sasl = xoauth2(mailbox, token);
+        let sasl = xoauth2(user, token);
         let mut reply = upstream
             .command(b"AUTH XOAUTH2")
             .await

@@ -9,7 +9,7 @@
 // Options: host, port, secure (false: plain, upgraded by STARTTLS when the server
 // offers it; true: implicit TLS, NocoBase's default on port 465), user, pass, pool
 // (bool), maxConnections (5), count (1),
-// from (user), to ([user]), runId, outDir (each message as the server should store
+// from (user), to ([user]), bcc (none), runId, outDir (each message as the server should store
 // it is written to OUTDIR/<index>.eml), attachments ([{index, size, filename, text}]:
 // message `index` gets an attachment of `size` bytes, random binary or, with `text`,
 // non-ASCII text), verifyOnly (log in only: transporter.verify()), timeoutMs (60000
@@ -193,6 +193,9 @@ if (opts.verifyOnly) {
             text: `Hello from nodemailer, message ${i}: Grüße, 日本語, emoji 📨.\r\n.a line with a leading dot\r\n..\r\n.\r\nend\r\n`,
             html: `<p>Message <b>${i}</b> — Grüße ✓</p>\r\n`
         };
+        if (opts.bcc) {
+            mail.bcc = opts.bcc;
+        }
         const spec = attachments.get(i);
         if (spec) {
             const content = spec.text

@@ -29,6 +29,7 @@ scenario failed.
 
 import argparse
 import base64
+import hashlib
 import imaplib
 import json
 import os
@@ -58,6 +59,7 @@ CLIENT_SECRET = "e2e~Secret.Value_9xQ2"
 SALES = "sales@example.test"  # device code; hashed local password
 OPS = "ops@example.test"  # device code; its grant gets revoked
 NOTIFY = "notify@example.test"  # client credentials (app-only)
+SHARED = "shared@example.test"  # a shared mailbox; SALES signs in for it (scenario 9c)
 PASSWORDS = {
     # A quote and a backslash: imaplib's LOGIN sends them as an escaped quoted string.
     SALES: 'correct horse "battery" \\ staple',
@@ -488,7 +490,12 @@ service anvil {{
         self.pf_data.mkdir()
         shutil.chown(self.pf_data, "postfix", "postfix")
         self.pf_log = self.logs / "postfix.log"
-        (self.pf_etc / "sender_login").write_text("# MAIL FROM must be the authenticated user, as at Microsoft 365\n/^(.*)$/ ${1}\n")
+        (self.pf_etc / "sender_login").write_text(
+            "# MAIL FROM must be the authenticated user, as at Microsoft 365, or a shared\n"
+            "# mailbox the user has Send As on (scenario 9c)\n"
+            f"/^{re.escape(SHARED)}$/ {SHARED},{SALES}\n"
+            "/^(.*)$/ ${1}\n"
+        )
         main_cf = self.pf_etc / "main.cf"
         main_cf.write_text(f"""# xoauth2-proxy end-to-end suite: Postfix as an XOAUTH2-only submission server.
 compatibility_level = 3.6
@@ -1732,6 +1739,81 @@ def s9_upstream_down(w):
     )
     check(res.get("ok"), f"nodemailer after Dovecot is back: {res}")
     w.wait_for_messages(SALES, ["HEADER", "X-E2E-Run", run_id], 1)
+
+
+@scenario("9c. a shared mailbox sends over SMTP as the delegate who signed in (Postfix applies Send As)")
+def s9c_shared_mailbox(w):
+    """Exchange refuses a shared mailbox's address as the SMTP login (535 5.7.3):
+    `login` learns from the ID token who signed in, and SMTP logs in as that user
+    with MAIL FROM the shared address."""
+    original = w.config.read_text()
+    password = "shared-local-password"
+    w.stop_proxy()
+    w.config.write_text(
+        original + f'\n[[accounts]]\nusername = "{SHARED}"\npassword = "{password}"\nprovider = "e2e"\n'
+        f'mailbox = "{SHARED}"\nflow = "device_code"\n'
+    )
+    try:
+        w.start_proxy()
+        w.idp_control("device-user", mailbox=SALES)
+        res = w.cli("login", SHARED)
+        out = res.stdout + res.stderr
+        check(res.returncode == 0 and f"Signed in as {SALES}" in out, f"login {SHARED}:\n{out}")
+        check(w.status()[SHARED]["signed_in_as"] == SALES, f"status: {w.status()[SHARED]}")
+        run_id = f"{time.time_ns():x}"
+        res = w.node(
+            "nodemailer_e2e.mjs",
+            {"host": "127.0.0.1", "port": w.ports["proxy_smtp"], "user": SHARED, "pass": password, "pool": True,
+             "count": 2, "from": SHARED, "to": [SALES], "runId": run_id, "outDir": str(w.dir)},
+        )
+        check(res.get("ok"), f"nodemailer as the shared mailbox: {res}")
+        uids = w.wait_for_messages(SALES, ["HEADER", "X-E2E-Run", run_id], 2)
+        check(len(uids) == 2, f"{SALES} got {len(uids)} of 2 from the shared mailbox")
+    finally:
+        w.config.write_text(original)
+        w.stop_proxy()
+        w.start_proxy()
+
+
+@scenario("9b. send_via = graph (restarted proxy): nodemailer, pooled as in NocoBase, sends through Graph byte for byte; Bcc kept")
+def s9b_graph(w):
+    """A tenant with SMTP AUTH off: the account sends through the test identity
+    provider's Microsoft Graph `sendMail`, which records the MIME it received."""
+    original = w.config.read_text()
+    user, password = "graph@example.test", "graph-local-password"
+    w.stop_proxy()
+    w.config.write_text(
+        original.replace('ca_file = "', f'graph_url = "{w.idp_url}"\nca_file = "', 1)
+        + f'\n[[accounts]]\nusername = "{user}"\npassword = "{password}"\nprovider = "e2e"\n'
+        f'mailbox = "{NOTIFY}"\nflow = "client_credentials"\nsend_via = "graph"\n'
+    )
+    try:
+        w.start_proxy()
+        seen = len(http("GET", f"{w.idp_url}/control/graph-messages")[1]["messages"])
+        run_id = f"{time.time_ns():x}"
+        res = w.node(
+            "nodemailer_e2e.mjs",
+            {"host": "127.0.0.1", "port": w.ports["proxy_smtp"], "user": user, "pass": password, "pool": True,
+             "count": 3, "from": NOTIFY, "to": [SALES], "bcc": ["hidden@example.test"], "runId": run_id,
+             "outDir": str(w.dir), "attachments": [{"index": 2, "size": 1_500_000}]},
+        )
+        check(res.get("ok"), f"nodemailer through Graph: {res}")
+        got = http("GET", f"{w.idp_url}/control/graph-messages")[1]["messages"][seen:]
+        check(len(got) == 3, f"Graph received {len(got)} of 3 messages")
+        bcc = b"Bcc: hidden@example.test\r\n"
+        for sent in res["sent"]:
+            check(sent["response"].startswith("250"), f"reply: {sent['response']}")
+            mime = next((base64.b64decode(m["mime_base64"]) for m in got
+                         if f"Message-ID: {sent['messageId']}".encode() in base64.b64decode(m["mime_base64"])), None)
+            check(mime is not None, f"{sent['messageId']} did not reach Graph")
+            check(mime.startswith(bcc), f"no Bcc field first: {mime[:80]!r}")
+            check(hashlib.sha256(mime[len(bcc):]).hexdigest() == sent["sha256"],
+                  f"{sent['messageId']}: Graph got other bytes than nodemailer sent")
+        check(all(m["mailbox"] == NOTIFY and m["token_user"] is None for m in got), f"sent as: {got[0]['mailbox']}")
+    finally:
+        w.config.write_text(original)
+        w.stop_proxy()
+        w.start_proxy()
 
 
 @scenario("10. no token, grant or secret in the proxy's log or CLI output")

@@ -3,7 +3,7 @@
 //   node tests/node/nodemailer_send.mjs '<json options>'
 //
 // Options: {host, port, secure, user, pass?, accessToken?, caFile?, pool,
-//           maxConnections? (5), maxMessages?, count? (1), attachmentSize?, to?, from?,
+//           maxConnections? (5), maxMessages?, count? (1), attachmentSize?, to?, cc?, bcc?, from?,
 //           verifyOnly?, timeoutMs? (15000, per socket phase), overallTimeoutMs? (180000),
 //           debug? (nodemailer's log on stderr)}
 //
@@ -282,6 +282,12 @@ if (opts.verifyOnly) {
             mail.subject = `msg ${i} Grüße aus Köln ✓`;
             mail.headers = { 'X-Test-Unicode': 'Ünïcödé ✓' };
             mail.text = `Hello from nodemailer, message ${i}: Grüße, 日本語, emoji 📨.\r\n.leading dot\r\n`;
+        }
+        if (opts.cc) {
+            mail.cc = opts.cc;
+        }
+        if (opts.bcc) {
+            mail.bcc = opts.bcc;
         }
         if (attachment) {
             mail.attachments = [{ filename: 'random.bin', content: attachment, contentType: 'application/octet-stream' }];

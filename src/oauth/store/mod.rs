@@ -55,6 +55,11 @@ pub struct StoredGrant {
     pub last_error: Option<String>,
     /// Unix seconds of `last_error`.
     pub last_error_at: Option<u64>,
+    /// Who signed in for a delegated grant (the ID token's
+    /// `preferred_username`), learnt at `login` and at each refresh. Grants
+    /// stored before this was recorded have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_in_user: Option<String>,
 }
 
 /// A grant as read, and whether its document was sealed.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::Shared;
@@ -44,6 +45,20 @@ pub(super) fn control(shared: &Arc<Shared>, req: &Request) -> Option<Response> {
                 .map(|(t, _)| t)
                 .collect();
             Response::json(200, &json!({ "refresh_tokens": valid }))
+        }
+        ("GET", "/control/graph-messages") => {
+            let sent = shared.inner.lock().unwrap().graph_sent.clone();
+            let list: Vec<Value> = sent
+                .iter()
+                .map(|m| {
+                    json!({
+                        "mailbox": m.mailbox,
+                        "token_user": m.token_user,
+                        "mime_base64": base64::engine::general_purpose::STANDARD.encode(&m.mime),
+                    })
+                })
+                .collect();
+            Response::json(200, &json!({ "messages": list }))
         }
         ("GET", "/control/requests") => {
             let inner = shared.inner.lock().unwrap();

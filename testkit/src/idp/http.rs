@@ -19,10 +19,12 @@ use tokio::sync::watch;
 use super::Shared;
 use super::authorize::authorize;
 use super::control::control;
+use super::graph::send_mail;
 use super::token::token_like;
 
 /// The largest request body read; a larger one closes the connection.
-const MAX_BODY: usize = 1024 * 1024;
+/// Graph's `sendMail` takes up to 4 MB, and the mock answers 413 above that.
+const MAX_BODY: usize = 8 * 1024 * 1024;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,6 +101,9 @@ async fn route(
     if let Some(response) = control(shared, request) {
         return Some(response);
     }
+    if let Some(response) = send_mail(shared, request) {
+        return Some(response);
+    }
     let segments: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
     let endpoint = match segments.as_slice() {
         [tenant, "oauth2", "v2.0", endpoint] if !tenant.is_empty() => *endpoint,
@@ -156,6 +161,7 @@ pub(super) struct Response {
     content_type: &'static str,
     pub(super) body: Vec<u8>,
     pub(super) location: Option<String>,
+    pub(super) retry_after: Option<u64>,
 }
 
 impl Response {
@@ -165,6 +171,7 @@ impl Response {
             content_type: "application/json; charset=utf-8",
             body: value.to_string().into_bytes(),
             location: None,
+            retry_after: None,
         }
     }
 
@@ -174,6 +181,7 @@ impl Response {
             content_type: "text/html; charset=utf-8",
             body: body.as_bytes().to_vec(),
             location: None,
+            retry_after: None,
         }
     }
 
@@ -214,6 +222,9 @@ impl Response {
         set(header::CONNECTION, "close");
         if let Some(location) = &self.location {
             set(header::LOCATION, location);
+        }
+        if let Some(seconds) = self.retry_after {
+            set(header::RETRY_AFTER, &seconds.to_string());
         }
         response
     }

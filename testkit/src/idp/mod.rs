@@ -20,13 +20,18 @@
 //!   (e.g. a bare `IMAP.AccessAsUser.All`, which Entra reads as Graph) is handed out but is
 //!   not in the [`TokenBook`], so the mock upstreams reject it like Exchange does.
 //!
+//! Microsoft Graph's `sendMail` (MIME), for `send_via = "graph"`: see `graph`;
+//! its tokens come from this token endpoint (a scope of
+//! `https://graph.microsoft.com`, delegated or `/.default`).
+//!
 //! For real mail servers (the end-to-end suite runs it as `examples/test_idp.rs`):
 //! - `POST /introspect` — RFC 7662 token introspection, form `token=…` →
 //!   `{"active":true,"email":"<mailbox>",…}` or `{"active":false}`, as Dovecot's `oauth2`
 //!   passdb asks it. An app-only (client credentials) token is reported as the mailbox
 //!   set with [`MockIdp::set_app_mailbox`], and as inactive when none is set.
 //! - `/control/…` — test-only hooks: `GET counts`, `GET refresh-tokens?mailbox=…`,
-//!   `GET requests`, `GET secrets`, `POST revoke` (form `mailbox=…`: every grant and
+//!   `GET requests`, `GET secrets`, `GET graph-messages` (what the mock Graph accepted,
+//!   each `{mailbox, token_user, mime_base64}`), `POST revoke` (form `mailbox=…`: every grant and
 //!   access token of the mailbox), `POST revoke-access-tokens` (form `mailbox=…`: its
 //!   access tokens only; the refresh token still works), `POST device-user` (form
 //!   `mailbox=…`).
@@ -49,10 +54,12 @@ use crate::tokens::TokenBook;
 mod aadsts;
 mod authorize;
 mod control;
+mod graph;
 mod http;
 mod rotation;
 mod token;
 
+pub use graph::{GRAPH_MAX_REQUEST, GraphFault, GraphMessage};
 pub use rotation::Rotation;
 
 use token::{new_refresh_token, new_secret};
@@ -170,11 +177,22 @@ struct Inner {
     requests: Vec<TokenRequest>,
     secrets: Vec<String>,
     app_mailbox: Option<String>,
+    /// The Graph application permissions a client credentials token gets.
+    graph_app_roles: Vec<String>,
+    graph_sent: Vec<GraphMessage>,
+    graph_faults: std::collections::VecDeque<GraphFault>,
+    /// `sendMail` requests, whatever their answer.
+    graph_requests: u32,
+    /// Lower-cased mailbox → the `preferred_username` its ID tokens carry,
+    /// when it is not the mailbox (a UPN other than the address).
+    preferred_usernames: HashMap<String, String>,
 }
 
 struct Shared {
     tokens: TokenBook,
     inner: Mutex<Inner>,
+    /// Signalled after each `sendMail` answer.
+    graph_changed: tokio::sync::Notify,
 }
 
 pub struct MockIdp {
@@ -220,7 +238,13 @@ impl MockIdp {
                 requests: Vec::new(),
                 secrets: Vec::new(),
                 app_mailbox: None,
+                graph_app_roles: vec!["Mail.Send".to_string()],
+                graph_sent: Vec::new(),
+                graph_faults: Default::default(),
+                graph_requests: 0,
+                preferred_usernames: HashMap::new(),
             }),
+            graph_changed: tokio::sync::Notify::new(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(http::serve(listener, shared.clone(), shutdown_rx));
@@ -375,6 +399,60 @@ impl MockIdp {
             },
         );
         code
+    }
+
+    /// ID tokens for `mailbox`'s grants name `username` (a user principal
+    /// name other than the address) instead of the mailbox.
+    pub fn set_preferred_username(&self, mailbox: &str, username: &str) {
+        self.lock()
+            .preferred_usernames
+            .insert(mailbox.to_ascii_lowercase(), username.to_string());
+    }
+
+    /// Microsoft Graph's base URL here (`providers.NAME.graph_url`).
+    pub fn graph_url(&self) -> String {
+        self.base_url()
+    }
+
+    /// The Graph application permissions client credentials tokens carry
+    /// (default `Mail.Send`).
+    pub fn set_graph_app_roles(&self, roles: &[&str]) {
+        self.lock().graph_app_roles = roles.iter().map(|r| r.to_string()).collect();
+    }
+
+    /// Answers the next `sendMail` with `fault` instead (faults queue up).
+    pub fn push_graph_fault(&self, fault: GraphFault) {
+        self.lock().graph_faults.push_back(fault);
+    }
+
+    /// Every message Graph accepted, in order.
+    pub fn graph_messages(&self) -> Vec<GraphMessage> {
+        self.lock().graph_sent.clone()
+    }
+
+    /// `sendMail` requests received, whatever their answer.
+    pub fn graph_requests(&self) -> u32 {
+        self.lock().graph_requests
+    }
+
+    /// Waits until Graph accepted at least `n` messages; panics after `timeout`.
+    pub async fn wait_for_graph_messages(&self, n: usize, timeout: Duration) -> Vec<GraphMessage> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.graph_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let sent = self.graph_messages();
+            if sent.len() >= n {
+                return sent;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!(
+                    "mock Graph: waited {timeout:?} for {n} messages, got {}",
+                    sent.len()
+                );
+            }
+        }
     }
 
     /// Invalidates every refresh token of `mailbox` and revokes its access tokens.

@@ -354,7 +354,7 @@ impl Session {
         }
         let ok = parsed
             .as_ref()
-            .is_some_and(|(user, token)| self.shared.tokens.check(user, token));
+            .is_some_and(|(user, token)| self.shared.tokens.check_mailbox(user, token));
         if ok {
             let (user, token) = parsed.unwrap();
             self.token = Some(token);
@@ -387,7 +387,8 @@ impl Session {
         let (Some(user), Some(token)) = (&self.user, &self.token) else {
             return false;
         };
-        self.shared.config.lock().unwrap().expire_sessions && !self.shared.tokens.check(user, token)
+        self.shared.config.lock().unwrap().expire_sessions
+            && !self.shared.tokens.check_mailbox(user, token)
     }
 
     pub(super) fn user(&self) -> String {

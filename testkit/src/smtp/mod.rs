@@ -8,6 +8,11 @@
 //!
 //! Decisions worth knowing when writing tests against it:
 //!
+//! - **Shared mailboxes** (Exchange's rule, from the [`TokenBook`]): XOAUTH2 logs in
+//!   only as the token's own user, so a delegate's token with a shared mailbox as the
+//!   user gets `535 5.7.3`; `MAIL FROM` a shared mailbox the logged-in user has no
+//!   Send As on gets `550 5.7.60`. Addresses the book does not know as shared are not
+//!   policed.
 //! - **Thread limit.** The limit is checked at `MAIL FROM` (where Microsoft reports
 //!   it), not at AUTH: AUTH always succeeds, and a connection whose mailbox has at
 //!   least N *other, earlier-authenticated* connections still open gets
@@ -73,6 +78,8 @@ const GREETING: &str = "220 mock.outlook.office365.com Microsoft ESMTP MAIL Serv
 const THREAD_LIMIT: &str =
     "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=mock]";
 const NOT_AUTHENTICATED: &str = "530 5.7.57 Client not authenticated to send mail.";
+const SEND_AS_DENIED: &str =
+    "550 5.7.60 SMTP; Client does not have permissions to send as this sender";
 const AUTH_OK: &str = "235 2.7.0 Authentication successful";
 const AUTH_FAILED_MICROSOFT: &str =
     "535 5.7.3 Authentication unsuccessful [mock.outlook.office365.com]";

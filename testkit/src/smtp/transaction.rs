@@ -5,7 +5,14 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use super::session::{Flow, Session, find_lf, strip_prefix_ci};
-use super::{HOSTNAME, NOT_AUTHENTICATED, ReceivedMessage, THREAD_LIMIT};
+use super::{HOSTNAME, NOT_AUTHENTICATED, ReceivedMessage, SEND_AS_DENIED, THREAD_LIMIT};
+
+/// The address in a `MAIL FROM:` argument (`<a@b> SIZE=10` → `a@b`).
+fn reverse_path(arg: &str) -> &str {
+    let arg = arg.trim();
+    let path = arg.split_whitespace().next().unwrap_or("");
+    path.trim_start_matches('<').trim_end_matches('>')
+}
 
 impl Session {
     pub(super) fn mail(&mut self, arg: &str) {
@@ -21,6 +28,12 @@ impl Session {
             self.reply("501 5.5.4 Invalid arguments");
             return;
         };
+        // Exchange applies Send As at submission: a shared mailbox as the
+        // sender needs the logged-in user's Send As right on it.
+        if !self.shared.tokens.may_send_as(&user, reverse_path(from)) {
+            self.reply(SEND_AS_DENIED);
+            return;
+        }
         let over_limit = {
             let limit = self.shared.cfg.lock().unwrap().max_sessions;
             let mut state = self.shared.state.lock().unwrap();
