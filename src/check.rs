@@ -1,7 +1,7 @@
 //! `xoauth2-proxy check`: what a user runs after editing the config, to learn
 //! in plain words whether each account will work and, if not, what to fix.
 
-use crate::config::Config;
+use crate::config::{Account, Config};
 use crate::login::{OpenError, open_with_token};
 use crate::shared::Shared;
 use crate::upstream::UpstreamError;
@@ -33,53 +33,63 @@ pub async fn run(config: Config) -> Result<bool, String> {
         return Ok(false);
     }
     for account in &shared.config.accounts {
-        let provider = shared.config.provider(&account.provider);
         println!(
             "{} → mailbox {} (provider {}, {:?})",
             account.username, account.mailbox, account.provider, account.flow
         );
-        let (tls, timeout) = (&shared.tls, shared.config.server.upstream_timeout);
-        let imap = open_with_token(&shared.tokens, account, |account, token| async move {
-            crate::imap::upstream::open(tls, provider, timeout, &account.mailbox, &token)
-                .await
-                .map(|_| ())
-        })
-        .await;
-        all_ok &= report(&format!("IMAP {}", provider.imap_server), imap);
-        let smtp = open_with_token(&shared.tokens, account, |account, token| async move {
-            let conn =
-                crate::smtp::upstream::open(tls, provider, timeout, &account.mailbox, &token)
-                    .await?;
-            conn.quit().await;
-            Ok(())
-        })
-        .await;
-        all_ok &= report(&format!("SMTP {}", provider.smtp_server), smtp);
+        for step in account_steps(&shared, account).await {
+            say(step.ok, &step.line);
+            all_ok &= step.ok;
+        }
     }
     Ok(all_ok)
 }
 
-fn report(what: &str, result: Result<(), OpenError>) -> bool {
+/// One step of a check: whether it passed, and its sentence (which says
+/// what to fix when it did not).
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub ok: bool,
+    pub line: String,
+}
+
+/// Logs in to `account`'s IMAP and SMTP servers with a token from the
+/// identity provider, as `xoauth2-proxy check` does for every account (the
+/// console's Check runs it for one).
+pub async fn account_steps(shared: &Shared, account: &Account) -> Vec<Step> {
+    let provider = shared.config.provider(&account.provider);
+    let (tls, timeout) = (&shared.tls, shared.config.server.upstream_timeout);
+    let imap = open_with_token(&shared.tokens, account, |account, token| async move {
+        crate::imap::upstream::open(tls, provider, timeout, &account.mailbox, &token)
+            .await
+            .map(|_| ())
+    })
+    .await;
+    let imap = step(&format!("IMAP {}", provider.imap_server), imap);
+    let smtp = open_with_token(&shared.tokens, account, |account, token| async move {
+        let conn =
+            crate::smtp::upstream::open(tls, provider, timeout, &account.mailbox, &token).await?;
+        conn.quit().await;
+        Ok(())
+    })
+    .await;
+    vec![imap, step(&format!("SMTP {}", provider.smtp_server), smtp)]
+}
+
+fn step(what: &str, result: Result<(), OpenError>) -> Step {
+    let failed = |line: String| Step { ok: false, line };
     match result {
-        Ok(()) => {
-            say(true, &format!("{what}: logged in with XOAUTH2"));
-            true
-        }
-        Err(OpenError::Token(e)) => {
-            say(false, &format!("{what}: no access token: {e}"));
-            false
-        }
+        Ok(()) => Step {
+            ok: true,
+            line: format!("{what}: logged in with XOAUTH2"),
+        },
+        Err(OpenError::Token(e)) => failed(format!("{what}: no access token: {e}")),
         Err(OpenError::Upstream(UpstreamError::Unreachable(reason))) => {
-            say(false, &format!("{what}: {reason}"));
-            false
+            failed(format!("{what}: {reason}"))
         }
-        Err(OpenError::Upstream(UpstreamError::Rejected { reply, hint })) => {
-            say(
-                false,
-                &format!("{what}: the server refused the login ({reply}); {hint}"),
-            );
-            false
-        }
+        Err(OpenError::Upstream(UpstreamError::Rejected { reply, hint })) => failed(format!(
+            "{what}: the server refused the login ({reply}); {hint}"
+        )),
     }
 }
 

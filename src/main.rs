@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
 use tokio::sync::mpsc;
 use xoauth2_proxy::{
-    Account, Config, Flow, Listeners, LoadError, LocalPassword, StoredGrant, TokenStore,
+    AccountStatus, Config, Listeners, LoadError, LocalPassword, TokenStore, account_statuses,
     default_config_path, unix_now,
 };
 
@@ -298,29 +297,6 @@ fn hash_password() -> Result<(), Failure> {
     Ok(())
 }
 
-#[derive(Serialize)]
-struct AccountStatus {
-    account: String,
-    mailbox: String,
-    provider: String,
-    flow: Flow,
-    state: &'static str,
-    needs_login: bool,
-    access_token_expires_at: Option<u64>,
-    access_token_valid: bool,
-    last_refresh: Option<u64>,
-    authorized_at: Option<u64>,
-    last_error: Option<String>,
-    last_error_at: Option<u64>,
-    /// Whether the grant file is sealed with the token key; `None` without a file.
-    grant_sealed: Option<bool>,
-    /// Why the grant file cannot be used (it does not open with the key).
-    grant_error: Option<String>,
-    /// False while the running proxy holds the newest grant in memory only
-    /// (its save failed); `None` when no proxy answered.
-    grant_saved: Option<bool>,
-}
-
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = token_store(config)?;
     let now = unix_now();
@@ -343,72 +319,6 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
         eprintln!("warning: {p}");
     }
     Ok(())
-}
-
-/// Every account's status, and the grant files that could not be read: each
-/// becomes a warning after the statuses, so one bad file hides no account.
-fn account_statuses(
-    config: &Config,
-    store: &TokenStore,
-    now: u64,
-) -> (Vec<AccountStatus>, Vec<String>) {
-    let mut problems = Vec::new();
-    let rows = config
-        .accounts
-        .iter()
-        .map(|a| match store.read(&a.username) {
-            Ok(file) => {
-                let sealed = file.as_ref().map(|f| f.sealed);
-                AccountStatus::new(a, file.map(|f| f.grant), sealed, now)
-            }
-            Err(LoadError::Sealed(e)) => AccountStatus::undecryptable(a, store, e),
-            Err(e) => {
-                problems.push(e.to_string());
-                AccountStatus::new(a, None, None, now)
-            }
-        })
-        .collect();
-    (rows, problems)
-}
-
-impl AccountStatus {
-    fn new(account: &Account, grant: Option<StoredGrant>, sealed: Option<bool>, now: u64) -> Self {
-        let state = describe(grant.as_ref(), account.flow);
-        let g = grant.unwrap_or_default();
-        AccountStatus {
-            account: account.username.clone(),
-            mailbox: account.mailbox.clone(),
-            provider: account.provider.clone(),
-            flow: account.flow,
-            state,
-            needs_login: state == "needs login",
-            access_token_expires_at: g.expires_at,
-            access_token_valid: g.access_token.is_some() && g.expires_at.is_some_and(|t| t > now),
-            last_refresh: g.obtained_at,
-            authorized_at: g.authorized_at,
-            last_error: g.last_error,
-            last_error_at: g.last_error_at,
-            grant_saved: None,
-            grant_sealed: sealed,
-            grant_error: None,
-        }
-    }
-
-    /// An account whose sealed grant does not open: the file stays as it
-    /// is, and `error` says what to do.
-    fn undecryptable(account: &Account, store: &TokenStore, error: String) -> Self {
-        let state = match store.key_file() {
-            Some(_) => "cannot decrypt its grant: wrong token key?",
-            None => "cannot decrypt its grant: no token key is configured",
-        };
-        AccountStatus {
-            state,
-            needs_login: false,
-            grant_sealed: Some(true),
-            grant_error: Some(error),
-            ..AccountStatus::new(account, None, None, 0)
-        }
-    }
 }
 
 /// Only the running proxy knows which grants it could not save: ask its
@@ -522,16 +432,6 @@ fn last_error(r: &AccountStatus, now: u64) -> Option<String> {
     Some(format!("last error{when}: {e}"))
 }
 
-/// How `status` names the state of an account's grant.
-fn describe(grant: Option<&StoredGrant>, flow: Flow) -> &'static str {
-    match (flow, grant) {
-        (Flow::ClientCredentials, _) => "app-only (no login needed)",
-        (_, None) => "needs login",
-        (_, Some(g)) if g.needs_login || g.refresh_token.is_none() => "needs login",
-        (_, Some(_)) => "authorised",
-    }
-}
-
 fn ago(seconds: u64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
 }
@@ -539,6 +439,7 @@ fn ago(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xoauth2_proxy::Flow;
 
     fn row() -> AccountStatus {
         AccountStatus {

@@ -30,6 +30,9 @@
 //!   access token of the mailbox), `POST revoke-access-tokens` (form `mailbox=…`: its
 //!   access tokens only; the refresh token still works), `POST device-user` (form
 //!   `mailbox=…`).
+//! - `GET`/`POST /devicelogin` — the page where a person enters the device code,
+//!   with [`DeviceOutcome::ApproveInBrowser`] (which also names it as the
+//!   `verification_uri`): polls stay pending until the code is entered there.
 //!
 //! HTTP is served by hyper (`http`: the endpoint table, requests, responses);
 //! every response carries `Connection: close`, one request per connection. The
@@ -49,6 +52,7 @@ use crate::tokens::TokenBook;
 mod aadsts;
 mod authorize;
 mod control;
+mod devicelogin;
 mod http;
 mod rotation;
 mod token;
@@ -71,6 +75,9 @@ pub enum DeviceOutcome {
     Decline,
     /// Every poll gets `expired_token`.
     Expire,
+    /// Polls get `authorization_pending` until someone enters the user code
+    /// at this identity provider's `/devicelogin` page (a browser test).
+    ApproveInBrowser,
 }
 
 /// How the token and device-code endpoints behave as a whole.
@@ -135,6 +142,9 @@ struct DeviceGrant {
     scope: String,
     expires_at: Instant,
     polls: u32,
+    user_code: String,
+    /// The user code was entered at `/devicelogin`.
+    approved: bool,
 }
 
 #[derive(Clone)]
@@ -170,6 +180,8 @@ struct Inner {
     requests: Vec<TokenRequest>,
     secrets: Vec<String>,
     app_mailbox: Option<String>,
+    /// This identity provider's own address, for its `/devicelogin` page.
+    base_url: String,
 }
 
 struct Shared {
@@ -220,6 +232,7 @@ impl MockIdp {
                 requests: Vec::new(),
                 secrets: Vec::new(),
                 app_mailbox: None,
+                base_url: format!("http://{addr}"),
             }),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
