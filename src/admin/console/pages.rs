@@ -183,7 +183,12 @@ fn state_cell(row: &Row) -> Markup {
         @if let Some(Device::Waiting { user_code, verification_uri }) = &row.device {
             div.sign-in role="status" {
                 "To connect, open "
-                a href=(verification_uri) target="_blank" rel="noopener noreferrer" { (verification_uri) }
+                // Only a web address becomes a link, whatever the identity provider sent.
+                @if verification_uri.starts_with("https://") || verification_uri.starts_with("http://") {
+                    a href=(verification_uri) target="_blank" rel="noopener noreferrer" { (verification_uri) }
+                } @else {
+                    (verification_uri)
+                }
                 " and enter the code "
                 code data-user-code=(user_code) { (user_code) }
                 ". This row turns to authorised by itself."
@@ -229,12 +234,14 @@ fn at(t: u64, now: u64) -> Markup {
 fn last_error(row: &Row, now: u64) -> Markup {
     let s = row.status;
     let fix = match row.health {
-        Health::NeedsLogin => {
-            Some("Press Connect to sign in (or run `xoauth2-proxy login` on the server).")
-        }
-        Health::Error => {
-            Some("Press Check to see what fails; the proxy tries again at the next login.")
-        }
+        Health::NeedsLogin => Some(html! {
+            "Press Connect to sign in (or run "
+            code { "xoauth2-proxy login " (s.account) }
+            " on the server)."
+        }),
+        Health::Error => Some(html! {
+            "Press Check to see what fails; the proxy tries again at the next login."
+        }),
         Health::Authorised => None,
     };
     html! {
@@ -343,7 +350,7 @@ form>button{margin-top:.75rem}.notice{padding:.5rem .75rem;border-left:4px solid
 .notice.problem,.problem{color:var(--bad)}.notice.problem{border-left-color:var(--bad);background:#fbeeee}
 .hint{color:var(--muted)}.sign-in{margin-top:.5rem;padding:.5rem;border:2px dashed var(--accent);border-radius:4px}
 code[data-user-code]{font-size:1.25rem;font-weight:700;letter-spacing:.1em}td p{margin:0 0 .25rem}
-@media (max-width:48rem){thead{position:absolute;left:-9999px}table,tbody,tr,th,td{display:block}
+@media (max-width:48rem){thead{position:absolute;left:-9999px}table,tbody,tr,th,td,caption{display:block;width:100%}
 tr{border:1px solid var(--line);border-radius:6px;margin-bottom:1rem;padding:.25rem}
 th[scope=row],td{border:0;padding:.25rem .5rem}td::before{content:attr(data-label);display:block;font-size:.85rem;color:var(--muted);font-weight:600}}
 "#;
@@ -370,3 +377,68 @@ pub const JS: &str = r#"(function () {
   setTimeout(poll, 2000);
 })();
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(account: &str, last_error: Option<&str>) -> AccountStatus {
+        AccountStatus {
+            account: account.into(),
+            mailbox: account.into(),
+            provider: "m365".into(),
+            flow: Flow::DeviceCode,
+            state: "needs login",
+            needs_login: true,
+            access_token_expires_at: None,
+            access_token_valid: false,
+            last_refresh: None,
+            authorized_at: None,
+            last_error: last_error.map(str::to_string),
+            last_error_at: None,
+            grant_sealed: None,
+            grant_error: None,
+            grant_saved: None,
+        }
+    }
+
+    #[test]
+    fn every_value_in_a_row_is_escaped() {
+        let s = status(
+            "a\"><script>alert(1)</script>@x.com",
+            Some("<img src=x onerror=alert(2)>"),
+        );
+        let row = Row {
+            status: &s,
+            health: Health::NeedsLogin,
+            device: Some(Device::Waiting {
+                user_code: "<b>CODE</b>".into(),
+                verification_uri: "javascript:alert(3)\"".into(),
+            }),
+            problem: None,
+        };
+        let (_, html) = account_row(&row, "tok\"en", 0);
+        for raw in ["<script>", "<img", "<b>", "alert(3)\"", "tok\"en"] {
+            assert!(!html.contains(raw), "{raw} unescaped in {html}");
+        }
+        assert!(html.contains("&lt;script&gt;"), "{html}");
+        assert!(!html.contains("href=\"javascript"), "{html}");
+        assert!(html.contains(r#"data-state="needs-login""#));
+    }
+
+    #[test]
+    fn a_row_changes_its_version_when_what_it_shows_changes() {
+        let s = status("u@x.com", None);
+        let row = |health| Row {
+            status: &s,
+            health,
+            device: None,
+            problem: None,
+        };
+        let (needs, _) = account_row(&row(Health::NeedsLogin), "t", 0);
+        let (again, _) = account_row(&row(Health::NeedsLogin), "t", 0);
+        let (authorised, _) = account_row(&row(Health::Authorised), "t", 0);
+        assert_eq!(needs, again);
+        assert_ne!(needs, authorised);
+    }
+}
