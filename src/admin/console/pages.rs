@@ -79,7 +79,7 @@ pub struct Row<'a> {
 }
 
 /// The Accounts page: a row per account, and a notice at the top.
-pub fn accounts(rows: &[(String, String)], csrf: &str, notice: Option<(&str, bool)>) -> Markup {
+pub fn accounts(rows: &[String], csrf: &str, notice: Option<(&str, bool)>) -> Markup {
     page(
         "Accounts",
         Some(csrf),
@@ -107,7 +107,7 @@ pub fn accounts(rows: &[(String, String)], csrf: &str, notice: Option<(&str, boo
                         }
                     }
                     tbody aria-live="polite" {
-                        @for (_, row) in rows { (PreEscaped(row)) }
+                        @for row in rows { (PreEscaped(row)) }
                     }
                 }
             }
