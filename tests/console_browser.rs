@@ -148,11 +148,17 @@ async fn a_newcomer_connects_mailboxes_from_the_browser() {
             ..AccountSpec::device(OPS, "ops-pw")
         },
     ];
+    // The console as `localhost`, the identity provider as 127.0.0.1: two
+    // sites, as in real life, so that the way back from the sign-in crosses
+    // sites and the SameSite=Strict cookie is put to the test.
     let proxy = TestProxy::start_with(&world.endpoints, &accounts, "debug", |text| {
-        with_console(text, ADMIN_PASSWORD)
+        with_console(text, ADMIN_PASSWORD).replace(
+            "public_url = \"http://127.0.0.1:",
+            "public_url = \"http://localhost:",
+        )
     })
     .await;
-    let console = format!("http://{}", proxy.admin_addr);
+    let console = format!("http://localhost:{}", proxy.admin_addr.port());
     let driver = Driver::start().await;
     let profile = tempfile::tempdir().unwrap();
     let browser = driver.browser(profile.path()).await;
