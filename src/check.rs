@@ -10,7 +10,7 @@ use crate::upstream::UpstreamError;
 /// servers, printing one line per step. Returns whether all passed.
 pub async fn run(config: Config) -> Result<bool, String> {
     let guard = crate::accounts::LoginGuard::new(&config.server);
-    let shared = Shared::new(config, &guard)?;
+    let shared = Shared::new(config, &guard, &crate::oauth::Health::default())?;
     let mut all_ok = true;
     let state = crate::config::state_dir(&shared.config);
     // The same checks as `serve` at start: the folders exist and no other

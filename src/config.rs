@@ -244,14 +244,30 @@ pub struct AdminSection {
     pub console: bool,
     /// The console's admin password, an argon2id PHC string from `hash-password`.
     pub password_hash: Option<String>,
-    /// Where browsers reach this listener: the authorization code flow
-    /// returns to `{public_url}/oauth/callback`.
-    pub public_url: String,
     /// Lets the console run without `password_hash` when `listen` is loopback.
     pub console_allow_loopback_without_password: bool,
+    /// The admin listener's address as people's browsers reach it: the
+    /// link notifications carry, and where the console's browser sign-in
+    /// returns (`{public_url}/oauth/callback`).
+    pub public_url: String,
+    /// A program (and its arguments) run, never through a shell, when an
+    /// account starts needing `login`, again every `notify_repeat`, and once
+    /// when it recovers; empty: none.
+    pub notify_command: Vec<String>,
+    /// A webhook that gets the same events as a JSON POST. A secret: Slack
+    /// and Teams put their key in the URL.
+    pub notify_url: Option<Secret>,
+    /// How often a `needs_login` event is repeated while the account still
+    /// needs login; 0: never.
+    #[serde(with = "humantime_serde")]
+    pub notify_repeat: Duration,
+    /// How long `notify_command` may run (then it is killed), and one
+    /// `notify_url` request may take.
+    #[serde(with = "humantime_serde")]
+    pub notify_timeout: Duration,
 }
 
-/// Where browsers reach the admin listener unless `admin.public_url` says otherwise.
+/// The default of `admin.public_url`.
 pub const DEFAULT_PUBLIC_URL: &str = "http://localhost:8025";
 
 impl Default for AdminSection {
@@ -263,8 +279,12 @@ impl Default for AdminSection {
             idle_timeout: Duration::from_secs(60),
             console: false,
             password_hash: None,
-            public_url: DEFAULT_PUBLIC_URL.to_string(),
             console_allow_loopback_without_password: false,
+            public_url: DEFAULT_PUBLIC_URL.to_string(),
+            notify_command: Vec::new(),
+            notify_url: None,
+            notify_repeat: Duration::from_secs(24 * 3600),
+            notify_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -537,6 +557,7 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 
 fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     check_limits(path, &raw.server, &raw.smtp, &raw.admin)?;
+    check_notify(path, &raw.admin)?;
     check_tls(path, &raw)?;
     check_console(path, &raw.admin)?;
     let mut providers = BTreeMap::new();
@@ -604,17 +625,9 @@ fn check_limits(
 }
 
 /// The console needs an admin password, unless it is on loopback and the
-/// file says plainly that it may go without; `public_url` is a URL.
+/// file says plainly that it may go without (`public_url` is checked with
+/// the notification keys).
 fn check_console(path: &Path, admin: &AdminSection) -> Result<(), ConfigError> {
-    if let Err(e) = reqwest::Url::parse(&admin.public_url) {
-        return Err(ConfigError::at(
-            path,
-            "admin.public_url",
-            format!(
-                "is not a URL ({e}); set it to where browsers reach the admin listener, such as {DEFAULT_PUBLIC_URL}"
-            ),
-        ));
-    }
     if !admin.console || admin.password_hash.is_some() {
         return Ok(());
     }
@@ -626,6 +639,55 @@ fn check_console(path: &Path, admin: &AdminSection) -> Result<(), ConfigError> {
         "admin.password_hash",
         "the console needs an admin password: set `password_hash` in [admin] to the output of `xoauth2-proxy hash-password` (or, on a loopback `listen` only, `console_allow_loopback_without_password = true`)",
     ))
+}
+
+/// The notification keys: a program named by its absolute path (no shell,
+/// no `PATH` search), HTTP(S) URLs, a timeout. An error never quotes
+/// `notify_url`: it may hold a webhook's key.
+fn check_notify(path: &Path, admin: &AdminSection) -> Result<(), ConfigError> {
+    if let Some(program) = admin.notify_command.first()
+        && !Path::new(program).is_absolute()
+    {
+        return Err(ConfigError::at(
+            path,
+            "admin.notify_command",
+            format!(
+                "`{program}` is not an absolute path; name the program in full (e.g. \"/usr/local/bin/notify\"): it is run without a shell or a PATH search"
+            ),
+        ));
+    }
+    if let Some(url) = &admin.notify_url
+        && !is_http_url(url.expose())
+    {
+        return Err(ConfigError::at(
+            path,
+            "admin.notify_url",
+            "is not an http:// or https:// URL with a host; give the webhook's full address",
+        ));
+    }
+    if !is_http_url(&admin.public_url) {
+        return Err(ConfigError::at(
+            path,
+            "admin.public_url",
+            format!(
+                "`{}` is not an http:// or https:// URL with a host; give the address browsers use to reach the admin listener (e.g. \"{DEFAULT_PUBLIC_URL}\")",
+                admin.public_url
+            ),
+        ));
+    }
+    if admin.notify_timeout.is_zero() {
+        return Err(ConfigError::at(
+            path,
+            "admin.notify_timeout",
+            "must be more than 0 (e.g. \"30s\")",
+        ));
+    }
+    Ok(())
+}
+
+fn is_http_url(text: &str) -> bool {
+    reqwest::Url::parse(text)
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 /// `[tls]` names both files or neither, and some names; a TLS listener
@@ -1124,6 +1186,44 @@ provider = "contoso"
     }
 
     #[test]
+    fn notify_keys_default_and_bad_ones_are_refused_without_quoting_the_webhook() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.admin.public_url, "http://localhost:8025");
+        assert!(c.admin.notify_command.is_empty() && c.admin.notify_url.is_none());
+        assert_eq!(c.admin.notify_repeat, Duration::from_secs(24 * 3600));
+        let with = |admin: &str| parse(&format!("[admin]\n{admin}\n{MINIMAL}"));
+        let c = with(
+            "notify_command = [\"/usr/local/bin/alert\", \"ops\"]\nnotify_url = \"https://hooks.example.com/T/B/key\"\nnotify_repeat = \"1h\"",
+        )
+        .unwrap();
+        assert_eq!(c.admin.notify_command, ["/usr/local/bin/alert", "ops"]);
+        assert_eq!(c.admin.notify_repeat, Duration::from_secs(3600));
+        assert!(
+            !format!("{c:?}").contains("/T/B/key"),
+            "the URL is a secret"
+        );
+
+        let err = with("notify_command = [\"alert\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.notify_command") && err.contains("absolute path"),
+            "{err}"
+        );
+        let err = with("notify_url = \"hooks.example.com/T/B/hook-key\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.notify_url"), "{err}");
+        assert!(!err.contains("hook-key"), "{err}");
+        let err = with("public_url = \"localhost:8025\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.public_url"), "{err}");
+        let err = with("notify_timeout = \"0s\"").unwrap_err().to_string();
+        assert!(err.contains("admin.notify_timeout"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let err = parse(&MINIMAL.replace(
             "provider = \"contoso\"",
@@ -1275,8 +1375,12 @@ provider = "contoso"
             "key_file",
             "names",
             "console",
-            "public_url",
             "console_allow_loopback_without_password",
+            "public_url",
+            "notify_command",
+            "notify_url",
+            "notify_repeat",
+            "notify_timeout",
         ] {
             assert!(
                 text.lines()

@@ -20,7 +20,7 @@
 //! 2. `sasl`, `tls`, `sealing`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup; the token key and sealed grant files
 //! 3. `config`: the config file, validated
 //! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients
-//! 5. `login`, `shared`: the login path; what the sessions of one config share, and the `Protocol` trait
+//! 5. `login`, `shared`, `notify`: the login path; what the sessions of one config share, and the `Protocol` trait; the notifications when an account needs `login` (kept across reloads)
 //! 6. `imap`, `smtp`: what the mail listeners speak
 //! 7. `check`, `fuzzing`: `xoauth2-proxy check` (and the console's Check); the fuzz targets' and property tests' way in (`fuzz/`)
 //! 8. `admin`: the admin listener: `/healthz`, `/metrics` and the web console
@@ -43,6 +43,7 @@ pub(crate) mod lines;
 pub(crate) mod local_tls;
 pub(crate) mod login;
 pub(crate) mod metrics;
+pub(crate) mod notify;
 pub(crate) mod oauth;
 pub(crate) mod private_file;
 pub(crate) mod relay;

@@ -119,6 +119,10 @@ pub struct Metrics {
     /// 1 while an account's newest grant is in memory only (its save failed).
     pub grant_unsaved: Family<AccountLabels, Gauge>,
     pub password_checks: Counter,
+    /// 1 while the account needs `login` (no grant, or the grant was refused).
+    pub account_needs_login: Family<AccountLabels, Gauge>,
+    /// Unix seconds when the account's last access token expires.
+    pub access_token_expiry: Family<AccountLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -205,6 +209,18 @@ impl Metrics {
             "Argon2 password checks run (those against the stand-in hash for unknown usernames included)",
             password_checks.clone(),
         );
+        let account_needs_login = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            "account_needs_login",
+            "1 while the account needs `xoauth2-proxy login` (no grant yet, or the identity provider revoked, expired or refused it), else 0",
+            account_needs_login.clone(),
+        );
+        let access_token_expiry = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            "access_token_expiry_seconds",
+            "When the last access token obtained for the account expires, in Unix seconds (absent until one is known); tokens are renewed on use, so an idle account's may lie in the past",
+            access_token_expiry.clone(),
+        );
         Metrics {
             registry,
             logins,
@@ -219,6 +235,8 @@ impl Metrics {
             grant_keepalive,
             grant_unsaved,
             password_checks,
+            account_needs_login,
+            access_token_expiry,
         }
     }
 

@@ -32,6 +32,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::accounts::LoginGuard;
 use crate::config::Config;
 use crate::imap::Imap;
+use crate::notify::Notifier;
+use crate::oauth::{AccountHealth, AccountState, Health};
 use crate::shared::{Busy, Connection, PreloginSlot, PreloginSlots, Protocol, RefusalLog, Shared};
 use crate::smtp::Smtp;
 
@@ -134,10 +136,13 @@ pub async fn run(
     mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), String> {
     // The password check slots and the failed-login counters hold for the
-    // process: each reload's `Shared` gets the same guard.
+    // process: each reload's `Shared` gets the same guard. So do the
+    // accounts' health and the notifications about it.
     let guard = LoginGuard::new(&config.server);
-    let shared = Arc::new(Shared::new(config, &guard)?);
+    let health = Health::default();
+    let shared = Arc::new(Shared::new(config, &guard, &health)?);
     shared.prepare_state_dir()?;
+    shared.tokens.publish_health();
 
     let Listeners {
         imap,
@@ -190,6 +195,13 @@ pub async fn run(
         stop.clone(),
     ));
     tokio::spawn(keep_grants_alive(publish.subscribe(), stop.clone()));
+    tokio::spawn(look_for_new_grants(publish.subscribe(), stop.clone()));
+    let notifier = Notifier::start(health.clone(), &shared.config.admin, stop.clone());
+    let lasting = Lasting {
+        guard,
+        health,
+        notifier,
+    };
     info!(
         imap = %shared.config.imap.listen,
         smtp = %shared.config.smtp.listen,
@@ -206,6 +218,7 @@ pub async fn run(
             tls.certificate().describe(std::time::SystemTime::now())
         );
     }
+    say_who_needs_login(shared.tokens.healths());
     let config_path = shared.config.path.clone();
     let grace = shared.config.server.shutdown_grace;
     drop(shared);
@@ -216,13 +229,13 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(()) = reloads.recv() => reload(&config_path, &publish, &guard),
+            Some(()) = reloads.recv() => reload(&config_path, &publish, &lasting),
             _ = renewal_check.tick() => {
                 let now = std::time::SystemTime::now();
                 let due = publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
                 if due {
                     info!("the proxy's server certificate ends within 30 days; renewing it");
-                    reload(&config_path, &publish, &guard);
+                    reload(&config_path, &publish, &lasting);
                 }
             }
         }
@@ -276,10 +289,54 @@ async fn keep_grants_alive(mut current: Current, stop: CancellationToken) {
     }
 }
 
+/// One line per account that needs `login` as the proxy starts (or as a
+/// reload adds it): its clients are refused until then. (The reason is
+/// logged when a client or the keep-alive meets it, and `status` shows it.)
+fn say_who_needs_login(accounts: impl IntoIterator<Item = AccountHealth>) {
+    for health in accounts {
+        if health.state() == AccountState::NeedsLogin {
+            warn!(
+                account = %health.username,
+                "this account is not signed in: its clients are refused until it is; `xoauth2-proxy status` says why and what to run"
+            );
+        }
+    }
+}
+
+/// How often the grant files of accounts that need `login` are looked at,
+/// so that a grant `xoauth2-proxy login` wrote counts (and is announced as
+/// recovered) before any client comes: a `stat` per such account.
+const NEW_GRANT_LOOK: Duration = Duration::from_secs(5);
+
+/// Looks for new grants of the accounts that need `login`, with the token
+/// manager of the config in force, until shutdown.
+async fn look_for_new_grants(current: Current, stop: CancellationToken) {
+    let mut looks = tokio::time::interval(NEW_GRANT_LOOK);
+    looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = looks.tick() => {
+                // Cloned out, so that a reload does not wait for the files.
+                let shared = current.borrow().clone();
+                shared.tokens.look_for_new_grants();
+            }
+        }
+    }
+}
+
+/// What the process keeps across reloads: the login guard, the accounts'
+/// health and the notifier watching it.
+struct Lasting {
+    guard: LoginGuard,
+    health: Health,
+    notifier: Notifier,
+}
+
 /// Loads the config again and, if it is good, puts it in force for new
 /// connections. A bad config is refused and the old one stays; so is one
 /// without accounts (an emptied or half-written file would fail every login).
-fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, guard: &LoginGuard) {
+fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting: &Lasting) {
     let config = match Config::load(path) {
         Ok(c) if c.accounts.is_empty() => {
             error!(
@@ -340,7 +397,8 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, guard: &
             "`server.password_checks` or `password_check_queue` changed; they apply from the next restart"
         );
     }
-    let shared = match Shared::new(config, guard).and_then(|s| s.prepare_state_dir().map(|_| s)) {
+    let built = Shared::new(config, &lasting.guard, &lasting.health);
+    let shared = match built.and_then(|s| s.prepare_state_dir().map(|_| s)) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
@@ -362,6 +420,15 @@ fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, guard: &
             );
         }
     }
+    shared.tokens.publish_health();
+    lasting.notifier.reconfigure(&shared.config.admin);
+    let added = shared
+        .config
+        .accounts
+        .iter()
+        .filter(|a| old.config.account(&a.username).is_none())
+        .filter_map(|a| shared.tokens.health(&a.username));
+    say_who_needs_login(added);
     let _ = publish.send(shared);
 }
 

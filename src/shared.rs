@@ -23,8 +23,8 @@ use tracing::warn;
 use crate::accounts::{Accounts, LoginGuard};
 use crate::config::Config;
 use crate::local_tls::LocalTls;
-use crate::oauth::TokenManager;
 use crate::oauth::store::{LoadError, TokenStore};
+use crate::oauth::{Health, TokenManager};
 use crate::upstream::UpstreamTls;
 
 /// What every session needs, built once from the config and replaced whole
@@ -41,12 +41,13 @@ pub struct Shared {
 
 impl Shared {
     /// The handles of `config`; its accounts check passwords through
-    /// `guard`, which the process keeps across reloads.
-    pub fn new(config: Config, guard: &LoginGuard) -> Result<Self, String> {
+    /// `guard`, and its tokens report to `health`: both the process keeps
+    /// across reloads.
+    pub fn new(config: Config, guard: &LoginGuard, health: &Health) -> Result<Self, String> {
         let store = TokenStore::for_config(&config)?;
         Ok(Shared {
             accounts: Accounts::new(&config, guard.clone())?,
-            tokens: TokenManager::new(&config, store)?,
+            tokens: TokenManager::new(&config, store, health)?,
             tls: UpstreamTls::new(&config)?,
             local_tls: LocalTls::load(&config)?,
             config,

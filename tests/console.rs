@@ -154,6 +154,27 @@ async fn console_proxy(world: &World, accounts: &[AccountSpec], extra: &str) -> 
     .await
 }
 
+/// Like [`console_proxy`], with `granted` holding a grant before the proxy
+/// starts (as after `xoauth2-proxy login`).
+async fn console_proxy_granted(world: &World, granted: &AccountSpec, extra: &str) -> TestProxy {
+    let extra = extra.to_string();
+    TestProxy::start_with(
+        &world.endpoints,
+        std::slice::from_ref(granted),
+        "debug",
+        move |text| {
+            let state_dir = text
+                .lines()
+                .find_map(|l| l.strip_prefix("state_dir = "))
+                .map(|d| std::path::PathBuf::from(d.trim_matches('"')))
+                .expect("the generated config names its state_dir");
+            world.grant_in(&state_dir, granted);
+            with_console(text, ADMIN_PASSWORD) + &extra
+        },
+    )
+    .await
+}
+
 fn browser_account(username: &str) -> AccountSpec {
     AccountSpec {
         flow: "authorization_code",
@@ -504,4 +525,57 @@ async fn browser_sign_in_goes_to_the_identity_provider_and_back_to_the_callback(
     assert_no_secret(&world, "pages", &b.seen.join("\n"));
     assert_no_secret(&world, "pages", &from_idp.seen.join("\n"));
     assert_no_secret(&world, "log", &proxy.logs());
+}
+
+/// The lines `events` holds once it holds `n`.
+async fn until_lines(events: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(events).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "only {lines:?} were notified");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn disconnect_notifies_needs_login_and_connect_notifies_recovered() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::start().await;
+    world.idp.set_device_user(SALES);
+    world
+        .idp
+        .set_device_outcome(DeviceOutcome::ApproveAfterPolls(1));
+    let account = AccountSpec::device(SALES, "pw");
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events");
+    let command = dir.path().join("notify.sh");
+    std::fs::write(
+        &command,
+        format!(
+            "#!/bin/sh\necho \"$XOAUTH2_PROXY_EVENT $XOAUTH2_PROXY_ACCOUNT $XOAUTH2_PROXY_CONSOLE_URL\" >> {}\n",
+            events.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&command, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let notify = format!("notify_command = [\"{}\"]\n", command.display());
+    let proxy = console_proxy_granted(&world, &account, &notify).await;
+    let mut b = Browser::new(&proxy);
+    b.signed_in().await;
+    let console = format!("http://{}", proxy.admin_addr);
+    assert_eq!(state(&b.row(SALES).await), "authorised");
+
+    b.act("disconnect", SALES).await;
+    let lines = until_lines(&events, 1).await;
+    assert_eq!(lines, [format!("needs_login {SALES} {console}")]);
+
+    b.act("connect", SALES).await;
+    wait_for_state(&mut b, SALES, "authorised").await;
+    let lines = until_lines(&events, 2).await;
+    assert_eq!(lines[1], format!("recovered {SALES} {console}"));
+    assert_eq!(lines.len(), 2, "{lines:?}");
 }

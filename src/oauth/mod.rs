@@ -11,10 +11,15 @@
 //! [`TokenManager::keep_alive`] goes through the same door for grants nobody
 //! has used for a while: a refresh token unused for 90 days expires, and the
 //! mailbox would need `login` again although nothing changed.
+//!
+//! Each account's standing (needs `login` or not, since when, the token's
+//! expiry) is kept in the process-wide [`Health`] record as the manager
+//! learns it; [`TokenManager::health`] reads it.
 
 mod aadsts;
 pub mod authorize;
 pub mod connect;
+pub mod health;
 pub mod provider;
 pub mod status;
 pub mod store;
@@ -30,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Account, Config, Flow};
 use crate::secret::Secret;
 use aadsts::ErrorClass;
+pub use health::{AccountHealth, AccountState, Health};
 use provider::{Grant, GrantError, ProviderClient};
 use store::{GrantLock, LoadError, StoredGrant, TokenStore, unix_now};
 
@@ -91,6 +97,7 @@ pub fn keep_alive_period(older_than: Duration) -> Option<Duration> {
 pub struct TokenManager {
     accounts: HashMap<String, Arc<AccountTokens>>,
     store: TokenStore,
+    health: Health,
 }
 
 struct AccountTokens {
@@ -98,6 +105,8 @@ struct AccountTokens {
     provider: Arc<ProviderClient>,
     scopes: Vec<String>,
     state: Mutex<Cached>,
+    /// This account's entry in the process's [`Health`] record.
+    health: Arc<health::Slot>,
 }
 
 #[derive(Default)]
@@ -110,7 +119,11 @@ struct Cached {
 }
 
 impl TokenManager {
-    pub fn new(config: &Config, store: TokenStore) -> Result<Self, String> {
+    /// The token state of `config`'s accounts, their grants in `store`.
+    /// Their standing goes to `health`, which the process keeps across
+    /// reloads (known accounts keep theirs) once
+    /// [`publish_health`](Self::publish_health) puts them in it.
+    pub fn new(config: &Config, store: TokenStore, health: &Health) -> Result<Self, String> {
         let mut providers = HashMap::new();
         for (name, p) in &config.providers {
             let client = ProviderClient::new(p, config.server.idp_timeout)
@@ -128,11 +141,85 @@ impl TokenManager {
                     provider,
                     scopes,
                     state: Mutex::new(Cached::default()),
+                    health: health.slot(a),
                 };
                 (a.username.to_lowercase(), Arc::new(tokens))
             })
             .collect();
-        Ok(TokenManager { accounts, store })
+        Ok(TokenManager {
+            accounts,
+            store,
+            health: health.clone(),
+        })
+    }
+
+    /// Makes this manager's accounts the ones the health record reports,
+    /// when its config is put in force (at start, at a reload that is
+    /// accepted): removed accounts are forgotten, and every grant is read
+    /// once, so that an account that needs `login` shows it before any
+    /// client comes.
+    pub fn publish_health(&self) {
+        for entry in self.accounts.values() {
+            entry.health.identify(&entry.account);
+            self.survey(entry);
+        }
+        let slots = self.accounts.iter();
+        self.health
+            .adopt(slots.map(|(key, entry)| (key.clone(), entry.health.clone())));
+    }
+
+    /// The health of `username`'s account (case-insensitive): whether it
+    /// needs `login` and why, its access token's expiry, its last refresh
+    /// and last error. `None` for an account not in the config.
+    pub fn health(&self, username: &str) -> Option<AccountHealth> {
+        self.health.get(username)
+    }
+
+    /// The health of every configured account, by username.
+    pub fn healths(&self) -> Vec<AccountHealth> {
+        self.health.all()
+    }
+
+    /// Reads again the grant file of each account that needs `login`, if it
+    /// changed: a grant written by `xoauth2-proxy login` brings the account
+    /// back even before a client uses it. Costs a file `stat` per such
+    /// account; an account busy with a refresh is left to it.
+    pub fn look_for_new_grants(&self) {
+        for entry in self.accounts.values() {
+            if entry.health.needs_login() {
+                self.look_at_grant(entry);
+            }
+        }
+    }
+
+    /// Notes in the health record what `entry`'s grant file (or the grant
+    /// kept unsaved) says, leaving the cache alone: it is filled at first
+    /// use, so that a grant another manager (before a reload) could not save
+    /// meanwhile is still preferred then.
+    fn survey(&self, entry: &AccountTokens) {
+        let username = &entry.account.username;
+        match self.store.load(username) {
+            Ok(grant) => {
+                let grant = unsaved::prefer_unsaved(&self.store, username, grant);
+                entry.health.grant_read(&grant.unwrap_or_default());
+            }
+            // Logged by the state directory's check at start and reload. A
+            // damaged or unreadable file is no grant to a client either.
+            Err(e) => {
+                if matches!(e, LoadError::Damaged(_) | LoadError::Unreadable(_)) {
+                    entry.health.grant_read(&StoredGrant::default());
+                }
+                entry.health.failed(&e.to_string(), unix_now());
+            }
+        }
+    }
+
+    /// Reads `entry`'s grant file if it changed, unless a refresh holds it.
+    fn look_at_grant(&self, entry: &AccountTokens) {
+        if let Ok(mut cached) = entry.state.try_lock() {
+            // A file that does not open is logged and noted by sync_from_disk.
+            let _ = self.sync_from_disk(entry, &mut cached);
+        }
     }
 
     pub fn store(&self) -> &TokenStore {
@@ -259,6 +346,9 @@ impl TokenManager {
         cached.grant = grant;
         cached.file_mtime = self.store.modified(username);
         cached.loaded = true;
+        // A sign-in recovers the account, a forgotten grant needs login: the
+        // health record (and so the notifications) learn it at once.
+        entry.health.grant_read(&cached.grant);
         Ok(())
     }
 
@@ -416,10 +506,13 @@ impl TokenManager {
                 });
                 cached.file_mtime = mtime;
                 cached.loaded = true;
+                entry.health.grant_read(&cached.grant);
             }
             Err(e @ (LoadError::Sealed(_) | LoadError::Unsafe(_))) => {
                 warn!(account = %username, "{e}");
-                return Err(TokenError::Unavailable(e.to_string()));
+                let e = e.to_string();
+                entry.health.failed(&e, unix_now());
+                return Err(TokenError::Unavailable(e));
             }
             Err(e) => warn!(account = %username, "{e}"),
         }
@@ -461,6 +554,9 @@ impl TokenManager {
         g.needs_login = false;
         g.last_error = None;
         g.last_error_at = None;
+        entry
+            .health
+            .refreshed(now + grant.expires_in.as_secs(), now);
         self.save(entry, cached);
         count_token_request(&entry.account.username, "ok");
         info!(
@@ -479,8 +575,15 @@ impl TokenManager {
         e: GrantError,
     ) -> Result<AccessToken, TokenError> {
         let username = &entry.account.username;
+        let now = unix_now();
         cached.grant.last_error = Some(e.message.clone());
-        cached.grant.last_error_at = Some(unix_now());
+        cached.grant.last_error_at = Some(now);
+        match e.class {
+            ErrorClass::GrantInvalid if entry.account.flow.is_delegated() => {
+                entry.health.refused(&e.message, now)
+            }
+            _ => entry.health.failed(&e.message, now),
+        }
         count_token_request(
             username,
             match e.class {
@@ -602,7 +705,7 @@ flow = "device_code"
             state = dir.display()
         );
         let config = Config::parse(&dir.join("config.toml"), &text).unwrap();
-        TokenManager::new(&config, TokenStore::new(dir)).unwrap()
+        TokenManager::new(&config, TokenStore::new(dir), &Health::default()).unwrap()
     }
 
     async fn idp() -> MockIdp {

@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use super::health::AccountState;
 use super::store::{LoadError, StoredGrant, TokenStore};
 use crate::config::{Account, Config, Flow};
 
@@ -29,27 +30,6 @@ pub struct AccountStatus {
     /// False while the running proxy holds the newest grant in memory only
     /// (its save failed); `None` when no proxy answered.
     pub grant_saved: Option<bool>,
-}
-
-/// The three states the console names (its rows' `data-state`): the
-/// mailbox works, it needs someone to sign in, or something else is wrong
-/// (the last token request failed, the grant file cannot be read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    Authorised,
-    NeedsLogin,
-    Error,
-}
-
-impl Health {
-    /// The `data-state` value.
-    pub fn hook(self) -> &'static str {
-        match self {
-            Health::Authorised => "authorised",
-            Health::NeedsLogin => "needs-login",
-            Health::Error => "error",
-        }
-    }
 }
 
 /// Every account's status, and the grant files that could not be read: each
@@ -136,14 +116,15 @@ impl AccountStatus {
         }
     }
 
-    /// Which of the console's three states the account is in.
-    pub fn health(&self) -> Health {
+    /// Which of the console's three states the account is in, by its grant
+    /// file: needs login, else an error since the last token, else authorised.
+    pub fn health(&self) -> AccountState {
         if self.needs_login {
-            Health::NeedsLogin
+            AccountState::NeedsLogin
         } else if self.grant_error.is_some() || self.last_error.is_some() {
-            Health::Error
+            AccountState::Error
         } else {
-            Health::Authorised
+            AccountState::Authorised
         }
     }
 }
@@ -188,20 +169,20 @@ mod tests {
         let device = account(Flow::DeviceCode);
         let health =
             |grant: Option<StoredGrant>| AccountStatus::new(&device, grant, None, 0).health();
-        assert_eq!(health(None), Health::NeedsLogin);
-        assert_eq!(health(Some(authorised())), Health::Authorised);
+        assert_eq!(health(None), AccountState::NeedsLogin);
+        assert_eq!(health(Some(authorised())), AccountState::Authorised);
         let refused = StoredGrant {
             needs_login: true,
             last_error: Some("revoked".into()),
             ..authorised()
         };
-        assert_eq!(health(Some(refused)), Health::NeedsLogin);
+        assert_eq!(health(Some(refused)), AccountState::NeedsLogin);
         let failing = StoredGrant {
             last_error: Some("the identity provider is unreachable".into()),
             ..authorised()
         };
-        assert_eq!(health(Some(failing)), Health::Error);
+        assert_eq!(health(Some(failing)), AccountState::Error);
         let app = AccountStatus::new(&account(Flow::ClientCredentials), None, None, 0);
-        assert_eq!(app.health(), Health::Authorised);
+        assert_eq!(app.health(), AccountState::Authorised);
     }
 }

@@ -6,7 +6,8 @@ use serde_json::json;
 use super::session::Session;
 use super::{Console, http, pages};
 use crate::admin::exchange::Reply;
-use crate::oauth::status::{Health, account_status};
+use crate::oauth::AccountState;
+use crate::oauth::status::account_status;
 use crate::oauth::store::unix_now;
 use crate::shared::Shared;
 
@@ -47,7 +48,7 @@ impl Console {
             .map(|account| {
                 let (status, problem) = account_status(account, shared.tokens.store(), now);
                 let health = match problem {
-                    Some(_) => Health::Error,
+                    Some(_) => AccountState::Error,
                     None => status.health(),
                 };
                 let row = pages::Row {

@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use super::sign_ins::Device;
 use crate::check::Step;
 use crate::config::Flow;
-use crate::oauth::status::{AccountStatus, Health};
+use crate::oauth::AccountState;
+use crate::oauth::status::AccountStatus;
 
 /// A page: the head, the header with the navigation when signed in, and `main`.
 fn page(title: &str, csrf: Option<&str>, main: Markup) -> Markup {
@@ -72,7 +73,7 @@ pub fn login(csrf: &str, notice: Option<&str>) -> Markup {
 /// What the Accounts page shows of one account.
 pub struct Row<'a> {
     pub status: &'a AccountStatus,
-    pub health: Health,
+    pub health: AccountState,
     pub device: Option<Device>,
     /// Why the grant file could not be read, if it could not.
     pub problem: Option<&'a str>,
@@ -141,12 +142,21 @@ pub fn account_row(row: &Row, csrf: &str, now: u64) -> (String, String) {
     .into_string();
     let version = hex8(&Sha256::digest(cells.as_bytes()));
     let html = html! {
-        tr data-account=(s.account) data-state=(row.health.hook()) data-version=(version) {
+        tr data-account=(s.account) data-state=(hook(row.health)) data-version=(version) {
             (PreEscaped(&cells))
         }
     }
     .into_string();
     (version, html)
+}
+
+/// The `data-state` value of a row, for tests and scripts.
+fn hook(state: AccountState) -> &'static str {
+    match state {
+        AccountState::Authorised => "authorised",
+        AccountState::NeedsLogin => "needs-login",
+        AccountState::Error => "error",
+    }
 }
 
 fn hex8(digest: &[u8]) -> String {
@@ -174,9 +184,9 @@ fn flow_name(flow: Flow) -> &'static str {
 
 fn state_cell(row: &Row) -> Markup {
     let label = match row.health {
-        Health::Authorised => "authorised",
-        Health::NeedsLogin => "needs login",
-        Health::Error => "error",
+        AccountState::Authorised => "authorised",
+        AccountState::NeedsLogin => "needs login",
+        AccountState::Error => "error",
     };
     html! {
         span.state { (label) }
@@ -234,15 +244,15 @@ fn at(t: u64, now: u64) -> Markup {
 fn last_error(row: &Row, now: u64) -> Markup {
     let s = row.status;
     let fix = match row.health {
-        Health::NeedsLogin => Some(html! {
+        AccountState::NeedsLogin => Some(html! {
             "Press Connect to sign in (or run "
             code { "xoauth2-proxy login " (s.account) }
             " on the server)."
         }),
-        Health::Error => Some(html! {
+        AccountState::Error => Some(html! {
             "Press Check to see what fails; the proxy tries again at the next login."
         }),
-        Health::Authorised => None,
+        AccountState::Authorised => None,
     };
     html! {
         @if let Some(Device::Failed(sentence)) = &row.device {
@@ -255,7 +265,7 @@ fn last_error(row: &Row, now: u64) -> Markup {
             p { (e) @if let Some(t) = s.last_error_at { " (" (at(t, now)) ")" } }
         }
         @if let Some(fix) = fix {
-            @if s.last_error.is_some() || row.problem.is_some() || row.health == Health::NeedsLogin {
+            @if s.last_error.is_some() || row.problem.is_some() || row.health == AccountState::NeedsLogin {
                 p.hint { (fix) }
             }
         } @else if s.last_error.is_none() && row.device.is_none() {
@@ -410,7 +420,7 @@ mod tests {
         );
         let row = Row {
             status: &s,
-            health: Health::NeedsLogin,
+            health: AccountState::NeedsLogin,
             device: Some(Device::Waiting {
                 user_code: "<b>CODE</b>".into(),
                 verification_uri: "javascript:alert(3)\"".into(),
@@ -435,9 +445,9 @@ mod tests {
             device: None,
             problem: None,
         };
-        let (needs, _) = account_row(&row(Health::NeedsLogin), "t", 0);
-        let (again, _) = account_row(&row(Health::NeedsLogin), "t", 0);
-        let (authorised, _) = account_row(&row(Health::Authorised), "t", 0);
+        let (needs, _) = account_row(&row(AccountState::NeedsLogin), "t", 0);
+        let (again, _) = account_row(&row(AccountState::NeedsLogin), "t", 0);
+        let (authorised, _) = account_row(&row(AccountState::Authorised), "t", 0);
         assert_eq!(needs, again);
         assert_ne!(needs, authorised);
     }
