@@ -88,7 +88,13 @@ pub struct Accounts {
     stand_in: Option<Arc<Argon2Hash>>,
     guard: LoginGuard,
     limits: Limits,
+    /// The console's admin password (`admin.password_hash`), if set.
+    admin: Option<Arc<Argon2Hash>>,
 }
+
+/// The name the throttle counts the console's admin logins under: no
+/// mailbox username can be it, so guessing one never throttles the other.
+const ADMIN_LOGIN: &str = "\0console admin";
 
 struct Entry {
     account: Account,
@@ -123,8 +129,15 @@ impl Accounts {
             },
             LocalPassword::Plain(_) => None,
         });
+        let admin = match &config.admin.password_hash {
+            Some(phc) => Some(Arc::new(Argon2Hash::parse(phc).map_err(|e| {
+                format!("`admin.password_hash` cannot be checked ({e}); make a new one with `xoauth2-proxy hash-password`")
+            })?)),
+            None => None,
+        };
         let server = &config.server;
         Ok(Accounts {
+            admin,
             by_name,
             cache_key: rand::random(),
             stand_in,
@@ -167,6 +180,34 @@ impl Accounts {
             }),
             // The ticket, dropped, releases the attempt uncounted.
             (Err(Busy), _) => Err(Refused::Busy),
+        }
+    }
+
+    /// Whether `password` is the console's admin password, through the same
+    /// throttle and bounded argon2 checks as the mail logins. Without
+    /// `admin.password_hash` every password is wrong (the console then runs
+    /// only where the config allows it without one, and asks for none).
+    pub async fn verify_admin(&self, client: IpAddr, password: &[u8]) -> Result<(), Refused> {
+        let ticket = self
+            .guard
+            .throttle
+            .enter(client, ADMIN_LOGIN, &self.limits)
+            .await
+            .map_err(|_| Refused::Throttled)?;
+        let checked = match &self.admin {
+            Some(hash) => self.guard.hashing.verify(hash, password).await,
+            None => Ok(false),
+        };
+        match checked {
+            Ok(true) => {
+                ticket.succeeded();
+                Ok(())
+            }
+            Ok(false) => Err(Refused::Wrong {
+                known: true,
+                blocked: ticket.failed(&self.limits),
+            }),
+            Err(Busy) => Err(Refused::Busy),
         }
     }
 

@@ -43,94 +43,104 @@ pub async fn run(config: Config) -> Result<bool, String> {
         return Ok(false);
     }
     for account in &shared.config.accounts {
-        let provider = shared.config.provider(&account.provider);
         println!(
             "{} → mailbox {} (provider {}, {:?})",
             account.username, account.mailbox, account.provider, account.flow
         );
-        let (tls, timeout) = (&shared.tls, shared.config.server.upstream_timeout);
-        let imap = open_with_token(&shared.tokens, account, |account, token| async move {
-            crate::imap::upstream::open(tls, provider, timeout, &account.mailbox, &token)
-                .await
-                .map(|_| ())
-        })
-        .await;
-        all_ok &= report(&format!("IMAP {}", provider.imap_server), imap);
-        if account.send_via == SendVia::Graph {
-            all_ok &= check_graph(&shared, account).await;
-            continue;
-        }
-        let tokens = &shared.tokens;
-        let smtp = open_with_token(tokens, account, |account, token| async move {
-            let user = crate::smtp::upstream::login_user(tokens, &account).await;
-            let conn = crate::smtp::upstream::open(tls, provider, timeout, &user, &token).await?;
-            conn.quit().await;
-            Ok(())
-        })
-        .await;
-        let what = format!("SMTP {}", provider.smtp_server);
-        match smtp {
-            Err(OpenError::Upstream(UpstreamError::Rejected { reply, .. }))
-                if account.send_via == SendVia::Auto && reply.contains("5.7.139") =>
-            {
-                say(
-                    true,
-                    &format!(
-                        "{what}: SMTP AUTH is disabled ({reply}); send_via = \"auto\" sends through Microsoft Graph instead"
-                    ),
-                );
-                all_ok &= check_graph(&shared, account).await;
-            }
-            smtp => all_ok &= report(&what, smtp),
+        for step in account_steps(&shared, account).await {
+            say(step.ok, &step.line);
+            all_ok &= step.ok;
         }
     }
     Ok(all_ok)
 }
 
+/// One step of a check: whether it passed, and its sentence (which says
+/// what to fix when it did not).
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub ok: bool,
+    pub line: String,
+}
+
+/// Logs in to `account`'s IMAP and SMTP servers with a token from the
+/// identity provider (or gets a Graph token, for accounts that send through
+/// Graph), as `xoauth2-proxy check` does for every account (the console's
+/// Check runs it for one).
+pub async fn account_steps(shared: &Shared, account: &Account) -> Vec<Step> {
+    let provider = shared.config.provider(&account.provider);
+    let (tls, timeout) = (&shared.tls, shared.config.server.upstream_timeout);
+    let imap = open_with_token(&shared.tokens, account, |account, token| async move {
+        crate::imap::upstream::open(tls, provider, timeout, &account.mailbox, &token)
+            .await
+            .map(|_| ())
+    })
+    .await;
+    let mut steps = vec![step(&format!("IMAP {}", provider.imap_server), imap)];
+    if account.send_via == SendVia::Graph {
+        steps.push(check_graph(shared, account).await);
+        return steps;
+    }
+    let tokens = &shared.tokens;
+    let smtp = open_with_token(tokens, account, |account, token| async move {
+        let user = crate::smtp::upstream::login_user(tokens, &account).await;
+        let conn = crate::smtp::upstream::open(tls, provider, timeout, &user, &token).await?;
+        conn.quit().await;
+        Ok(())
+    })
+    .await;
+    let what = format!("SMTP {}", provider.smtp_server);
+    match smtp {
+        Err(OpenError::Upstream(UpstreamError::Rejected { reply, .. }))
+            if account.send_via == SendVia::Auto && reply.contains("5.7.139") =>
+        {
+            steps.push(Step {
+                ok: true,
+                line: format!(
+                    "{what}: SMTP AUTH is disabled ({reply}); send_via = \"auto\" sends through Microsoft Graph instead"
+                ),
+            });
+            steps.push(check_graph(shared, account).await);
+        }
+        smtp => steps.push(step(&what, smtp)),
+    }
+    steps
+}
+
 /// Gets an access token for Microsoft Graph, as sending would, without
 /// sending anything.
-async fn check_graph(shared: &Shared, account: &Account) -> bool {
+async fn check_graph(shared: &Shared, account: &Account) -> Step {
     let graph_url = &shared.config.provider(&account.provider).graph_url;
     let what = format!("Microsoft Graph {graph_url}");
     match shared.tokens.graph_token(&account.username).await {
-        Ok(_) => {
-            say(
-                true,
-                &format!(
-                    "{what}: got a token for sending as {} (no mail sent; Graph itself checks Mail.Send at the first message)",
-                    account.mailbox
-                ),
-            );
-            true
-        }
-        Err(e) => {
-            say(false, &format!("{what}: no access token: {e}"));
-            false
-        }
+        Ok(_) => Step {
+            ok: true,
+            line: format!(
+                "{what}: got a token for sending as {} (no mail sent; Graph itself checks Mail.Send at the first message)",
+                account.mailbox
+            ),
+        },
+        Err(e) => Step {
+            ok: false,
+            line: format!("{what}: no access token: {e}"),
+        },
     }
 }
 
-fn report(what: &str, result: Result<(), OpenError>) -> bool {
+fn step(what: &str, result: Result<(), OpenError>) -> Step {
+    let failed = |line: String| Step { ok: false, line };
     match result {
-        Ok(()) => {
-            say(true, &format!("{what}: logged in with XOAUTH2"));
-            true
-        }
-        Err(OpenError::Token(e)) => {
-            say(false, &format!("{what}: no access token: {e}"));
-            false
-        }
+        Ok(()) => Step {
+            ok: true,
+            line: format!("{what}: logged in with XOAUTH2"),
+        },
+        Err(OpenError::Token(e)) => failed(format!("{what}: no access token: {e}")),
         Err(OpenError::Upstream(UpstreamError::Unreachable(reason))) => {
-            say(false, &format!("{what}: {reason}"));
-            false
+            failed(format!("{what}: {reason}"))
         }
-        Err(OpenError::Upstream(UpstreamError::Rejected { reply, hint })) => {
-            say(
-                false,
-                &format!("{what}: the server refused the login ({reply}); {hint}"),
-            );
-            false
-        }
+        Err(OpenError::Upstream(UpstreamError::Rejected { reply, hint })) => failed(format!(
+            "{what}: the server refused the login ({reply}); {hint}"
+        )),
     }
 }
 

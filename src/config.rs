@@ -250,8 +250,15 @@ pub struct AdminSection {
     /// client that stops reading its response), is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The web console on this listener (accounts, connect, disconnect, check).
+    pub console: bool,
+    /// The console's admin password, an argon2id PHC string from `hash-password`.
+    pub password_hash: Option<String>,
+    /// Lets the console run without `password_hash` when `listen` is loopback.
+    pub console_allow_loopback_without_password: bool,
     /// The admin listener's address as people's browsers reach it: the
-    /// link notifications carry.
+    /// link notifications carry, and where the console's browser sign-in
+    /// returns (`{public_url}/oauth/callback`).
     pub public_url: String,
     /// A program (and its arguments) run, never through a shell, when an
     /// account starts needing `login`, again every `notify_repeat`, and once
@@ -280,6 +287,9 @@ impl Default for AdminSection {
             max_connections: 64,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            console: false,
+            password_hash: None,
+            console_allow_loopback_without_password: false,
             public_url: DEFAULT_PUBLIC_URL.to_string(),
             notify_command: Vec::new(),
             notify_url: None,
@@ -635,6 +645,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     check_limits(path, &raw.server, &raw.smtp, &raw.admin)?;
     check_notify(path, &raw.admin)?;
     check_tls(path, &raw)?;
+    check_console(path, &raw.admin)?;
     let mut providers = BTreeMap::new();
     for (name, p) in raw.providers {
         let provider = validate_provider(path, &name, p)?;
@@ -699,6 +710,23 @@ fn check_limits(
         Some((key, _)) => Err(ConfigError::at(path, key, "must be at least 1")),
         None => Ok(()),
     }
+}
+
+/// The console needs an admin password, unless it is on loopback and the
+/// file says plainly that it may go without (`public_url` is checked with
+/// the notification keys).
+fn check_console(path: &Path, admin: &AdminSection) -> Result<(), ConfigError> {
+    if !admin.console || admin.password_hash.is_some() {
+        return Ok(());
+    }
+    if admin.listen.ip().is_loopback() && admin.console_allow_loopback_without_password {
+        return Ok(());
+    }
+    Err(ConfigError::at(
+        path,
+        "admin.password_hash",
+        "the console needs an admin password: set `password_hash` in [admin] to the output of `xoauth2-proxy hash-password` (or, on a loopback `listen` only, `console_allow_loopback_without_password = true`)",
+    ))
 }
 
 /// The notification keys: a program named by its absolute path (no shell,
@@ -1538,6 +1566,25 @@ provider = "contoso"
     }
 
     #[test]
+    fn the_console_refuses_to_start_without_an_admin_password() {
+        let with = |admin: &str| parse(&format!("[admin]\n{admin}\n{MINIMAL}"));
+        let err = with("console = true").unwrap_err().to_string();
+        assert!(
+            err.contains("admin.password_hash") && err.contains("hash-password"),
+            "{err}"
+        );
+        let open = "console = true\nconsole_allow_loopback_without_password = true";
+        with(open).unwrap();
+        let exposed = format!("{open}\nlisten = \"0.0.0.0:8025\"");
+        assert!(with(&exposed).is_err());
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$s5uJr8KYWB9dF8oZSlFvxg$vDc5OrYMf8ggcIkW8a0ts8kUrmsh+X0EfnK4z15Dox8";
+        let c = with(&format!("console = true\npassword_hash = \"{hash}\"")).unwrap();
+        assert_eq!(c.admin.public_url, "http://localhost:8025");
+        let err = with("public_url = \"not a url\"").unwrap_err().to_string();
+        assert!(err.contains("admin.public_url"), "{err}");
+    }
+
+    #[test]
     fn client_credentials_needs_a_secret() {
         let text = MINIMAL.replace("client_secret = \"s3cret\"", "").replace(
             "provider = \"contoso\"",
@@ -1594,6 +1641,8 @@ provider = "contoso"
             "cert_file",
             "key_file",
             "names",
+            "console",
+            "console_allow_loopback_without_password",
             "public_url",
             "notify_command",
             "notify_url",

@@ -21,8 +21,10 @@
 //! 3. `config`: the config file, validated
 //! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`, `graph`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients; Microsoft Graph `sendMail`
 //! 5. `login`, `shared`, `notify`: the login path; what the sessions of one config share, and the `Protocol` trait; the notifications when an account needs `login` (kept across reloads)
-//! 6. `imap`, `smtp`, `admin`: what the listeners speak
-//! 7. `server`, `check`, `fuzzing`: the listeners, reload and drain; `xoauth2-proxy check`; the fuzz targets' and property tests' way in (`fuzz/`)
+//! 6. `imap`, `smtp`: what the mail listeners speak
+//! 7. `check`, `fuzzing`: `xoauth2-proxy check` (and the console's Check); the fuzz targets' and property tests' way in (`fuzz/`)
+//! 8. `admin`: the admin listener: `/healthz`, `/metrics` and the web console
+//! 9. `server`: the listeners, reload and drain
 //!
 //! <!-- end of layers -->
 //!
@@ -70,6 +72,7 @@ pub use config::{
     exposed_secret_warning, state_dir,
 };
 pub use oauth::authorize::authorize;
+pub use oauth::status::{AccountStatus, account_statuses};
 pub use oauth::store::migrate as migrate_grants;
 pub use oauth::store::{LoadError, Migrated, StoredGrant, TokenStore, unix_now};
 pub use server::{Listeners, run};

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
 use tokio::sync::mpsc;
 use xoauth2_proxy::{
-    Account, Config, Flow, Listeners, LoadError, LocalPassword, SendVia, StoreKind, StoredGrant,
-    TokenStore, default_config_path, unix_now,
+    AccountStatus, Config, Listeners, LoadError, LocalPassword, StoreKind, TokenStore,
+    account_statuses, default_config_path, unix_now,
 };
 
 /// Local IMAP/SMTP proxy: mail clients log in with a plain password, the proxy
@@ -362,38 +361,6 @@ fn hash_password() -> Result<(), Failure> {
     Ok(())
 }
 
-#[derive(Serialize)]
-struct AccountStatus {
-    account: String,
-    mailbox: String,
-    provider: String,
-    flow: Flow,
-    state: &'static str,
-    needs_login: bool,
-    access_token_expires_at: Option<u64>,
-    access_token_valid: bool,
-    last_refresh: Option<u64>,
-    authorized_at: Option<u64>,
-    last_error: Option<String>,
-    last_error_at: Option<u64>,
-    /// Whether the grant file is sealed with the token key; `None` without a file.
-    grant_sealed: Option<bool>,
-    /// Why the grant file cannot be used (it does not open with the key).
-    grant_error: Option<String>,
-    /// False while the running proxy holds the newest grant in memory only
-    /// (its save failed); `None` when no proxy answered.
-    grant_saved: Option<bool>,
-    /// The kind of store the grants are in (`file`, `postgres`).
-    grant_store: &'static str,
-    /// Whether that store answered.
-    grant_store_up: bool,
-    /// Who signed in for a delegated grant (`sign_in_user`, or learnt from
-    /// the ID token): the user SMTP logs in as. `None` when not known.
-    signed_in_as: Option<String>,
-    /// `smtp`, `graph` or `auto`.
-    send_via: &'static str,
-}
-
 fn status(config: &Config, json: bool) -> Result<(), Failure> {
     let store = token_store(config)?;
     let now = unix_now();
@@ -432,90 +399,10 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Every account's status, and the grants that could not be read: each
-/// becomes a warning after the statuses, so one bad file hides no account.
-async fn account_statuses(
-    config: &Config,
-    store: &TokenStore,
-    now: u64,
-) -> (Vec<AccountStatus>, Vec<String>) {
-    let mut problems = Vec::new();
-    let mut rows = Vec::new();
-    for a in &config.accounts {
-        rows.push(match store.read(&a.username).await {
-            Ok(file) => {
-                let sealed = file.as_ref().map(|f| f.sealed);
-                AccountStatus::new(a, file.map(|f| f.grant), sealed, now)
-            }
-            Err(LoadError::Sealed(e)) => AccountStatus::undecryptable(a, store, e),
-            Err(LoadError::Unavailable(e)) => AccountStatus::store_down(a, e),
-            Err(e) => {
-                problems.push(e.to_string());
-                AccountStatus::new(a, None, None, now)
-            }
-        });
-    }
-    (rows, problems)
-}
-
 fn store_kind_name(kind: StoreKind) -> &'static str {
     match kind {
         StoreKind::File => "file",
         StoreKind::Postgres => "postgres",
-    }
-}
-
-impl AccountStatus {
-    fn new(account: &Account, grant: Option<StoredGrant>, sealed: Option<bool>, now: u64) -> Self {
-        let state = describe(grant.as_ref(), account.flow);
-        let g = grant.unwrap_or_default();
-        AccountStatus {
-            account: account.username.clone(),
-            mailbox: account.mailbox.clone(),
-            provider: account.provider.clone(),
-            flow: account.flow,
-            state,
-            needs_login: state == "needs login",
-            access_token_expires_at: g.expires_at,
-            access_token_valid: g.access_token.is_some() && g.expires_at.is_some_and(|t| t > now),
-            last_refresh: g.obtained_at,
-            authorized_at: g.authorized_at,
-            last_error: g.last_error,
-            last_error_at: g.last_error_at,
-            grant_saved: None,
-            grant_sealed: sealed,
-            grant_error: None,
-            grant_store: "file",
-            grant_store_up: true,
-            signed_in_as: account.sign_in_user.clone().or(g.sign_in_user),
-            send_via: send_via_name(account.send_via),
-        }
-    }
-
-    /// An account whose grant cannot be read: the store is out of reach.
-    fn store_down(account: &Account, error: String) -> Self {
-        AccountStatus {
-            state: "unknown: the grant store cannot be reached",
-            needs_login: false,
-            grant_error: Some(error),
-            ..AccountStatus::new(account, None, None, 0)
-        }
-    }
-
-    /// An account whose sealed grant does not open: the file stays as it
-    /// is, and `error` says what to do.
-    fn undecryptable(account: &Account, store: &TokenStore, error: String) -> Self {
-        let state = match store.key_file() {
-            Some(_) => "cannot decrypt its grant: wrong token key?",
-            None => "cannot decrypt its grant: no token key is configured",
-        };
-        AccountStatus {
-            state,
-            needs_login: false,
-            grant_sealed: Some(true),
-            grant_error: Some(error),
-            ..AccountStatus::new(account, None, None, 0)
-        }
     }
 }
 
@@ -623,14 +510,6 @@ fn signed_in(r: &AccountStatus) -> Option<String> {
     })
 }
 
-fn send_via_name(send_via: SendVia) -> &'static str {
-    match send_via {
-        SendVia::Smtp => "smtp",
-        SendVia::Graph => "graph",
-        SendVia::Auto => "auto",
-    }
-}
-
 fn login_hint(r: &AccountStatus) -> Option<String> {
     r.needs_login
         .then(|| format!("run `xoauth2-proxy login {}`", r.account))
@@ -659,16 +538,6 @@ fn last_error(r: &AccountStatus, now: u64) -> Option<String> {
     Some(format!("last error{when}: {e}"))
 }
 
-/// How `status` names the state of an account's grant.
-fn describe(grant: Option<&StoredGrant>, flow: Flow) -> &'static str {
-    match (flow, grant) {
-        (Flow::ClientCredentials, _) => "app-only (no login needed)",
-        (_, None) => "needs login",
-        (_, Some(g)) if g.needs_login || g.refresh_token.is_none() => "needs login",
-        (_, Some(_)) => "authorised",
-    }
-}
-
 fn ago(seconds: u64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
 }
@@ -676,6 +545,7 @@ fn ago(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xoauth2_proxy::Flow;
 
     fn row() -> AccountStatus {
         AccountStatus {

@@ -188,7 +188,12 @@ pub async fn run(
     tracker.spawn(accepting.accept_loop(smtp, smtp_protocol, Transport::Plain));
     crate::metrics::get().register_protocols(&[Imap::NAME, Smtp::NAME]);
     let admin_limits = shared.config.admin.clone();
-    tokio::spawn(crate::admin::serve(admin, admin_limits, stop.clone()));
+    tokio::spawn(crate::admin::serve(
+        admin,
+        admin_limits,
+        publish.subscribe(),
+        stop.clone(),
+    ));
     tokio::spawn(keep_grants_alive(publish.subscribe(), stop.clone()));
     tokio::spawn(look_for_new_grants(publish.subscribe(), stop.clone()));
     let notifier = Notifier::start(health.clone(), &shared.config.admin, stop.clone());

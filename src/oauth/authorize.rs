@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::provider::{Grant, GrantError, ProviderClient};
-use super::store::{TokenStore, unix_now};
+use super::store::{StoredGrant, TokenStore, unix_now};
 use crate::config::{Account, Config, Flow};
 
 /// Runs the account's flow to the end and stores the grant. The error is one
@@ -43,13 +43,37 @@ pub async fn authorize(
         }
     };
 
-    let now = unix_now();
-    let mut stored = store
+    let stored = store
         .load(&account.username)
         .await
         .ok()
         .flatten()
         .unwrap_or_default();
+    let stored = signed_in(stored, account, grant, unix_now())?;
+    store.save(&account.username, &stored).await?;
+    if let Some(user) = &stored.sign_in_user {
+        say(&format!(
+            "Signed in as {user}; SMTP logs in as {user}, sending as {}.",
+            account.mailbox
+        ));
+    }
+    say(&format!(
+        "Account {} is authorised; its grant is stored in {}.",
+        account.username,
+        store.name_of(&account.username)
+    ));
+    Ok(())
+}
+
+/// `stored` after a sign-in that brought `grant` at `now`: the new tokens,
+/// the account marked authorised and its last error forgotten. The one
+/// place both `login` and the console's Connect turn a sign-in into a grant.
+pub(crate) fn signed_in(
+    mut stored: StoredGrant,
+    account: &Account,
+    grant: Grant,
+    now: u64,
+) -> Result<StoredGrant, String> {
     stored.account = account.username.clone();
     stored.flow = Some(account.flow);
     if grant.refresh_token.is_some() {
@@ -69,19 +93,7 @@ pub async fn authorize(
             "the identity provider sent no refresh token: add the offline_access scope".into(),
         );
     }
-    store.save(&account.username, &stored).await?;
-    if let Some(user) = &stored.sign_in_user {
-        say(&format!(
-            "Signed in as {user}; SMTP logs in as {user}, sending as {}.",
-            account.mailbox
-        ));
-    }
-    say(&format!(
-        "Account {} is authorised; its grant is stored in {}.",
-        account.username,
-        store.name_of(&account.username)
-    ));
-    Ok(())
+    Ok(stored)
 }
 
 fn say(line: &str) {
@@ -130,12 +142,18 @@ const VERIFICATION_CODE_EXPIRED: u32 = 70019;
 /// How a failed device sign-in is told to the user: declined and expired get
 /// our own sentence, anything else the provider's.
 fn device_error(e: &GrantError) -> String {
+    device_error_retry(e, "run `xoauth2-proxy login` again")
+}
+
+/// `retry` says how to try again (`run \`xoauth2-proxy login\` again`, or
+/// the console's button).
+pub(crate) fn device_error_retry(e: &GrantError, retry: &str) -> String {
     match (e.oauth_error.as_deref(), e.aadsts) {
         (Some("authorization_declined" | "access_denied"), _) => {
-            "the sign-in was declined; run `xoauth2-proxy login` again to retry".into()
+            format!("the sign-in was declined; {retry} to retry")
         }
         (Some("expired_token" | "code_expired"), _) | (_, Some(VERIFICATION_CODE_EXPIRED)) => {
-            "the code expired before the sign-in finished; run `xoauth2-proxy login` again".into()
+            format!("the code expired before the sign-in finished; {retry}")
         }
         _ => e.message.clone(),
     }
@@ -165,11 +183,11 @@ async fn authorization_code(provider: &ProviderClient, scopes: &[String]) -> Res
     // Listening before the URL is shown, so the browser never comes back to
     // a closed port.
     let listener = listen_for_redirect(&redirect).await?;
-    let (url, state, verifier) = provider.authorize_url(scopes);
+    let (url, state, verifier) = provider.authorize_url(scopes, None);
     show_sign_in_url(&url, &provider.config.redirect_uri);
     let code = wait_for_code(&listener, &redirect, &state).await?;
     provider
-        .authorization_code(code, verifier)
+        .authorization_code(code, verifier, None)
         .await
         .map_err(|e| e.message)
 }

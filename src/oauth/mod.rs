@@ -34,8 +34,10 @@
 
 mod aadsts;
 pub mod authorize;
+pub mod connect;
 pub mod health;
 pub mod provider;
+pub mod status;
 pub mod store;
 mod unsaved;
 
@@ -347,6 +349,75 @@ impl TokenManager {
         }
         count_keep_alive(&entry.account.username, outcome);
         outcome
+    }
+
+    /// Stores the grant a sign-in (the console's Connect) brought for
+    /// `username`, through the same locks as a refresh, so that it never
+    /// races one; the cached token is replaced at once.
+    pub async fn signed_in(&self, username: &str, grant: Grant) -> Result<(), String> {
+        let entry = self.entry(username).map_err(|e| e.to_string())?;
+        let mut cached = entry.state.lock().await;
+        let _lock = self.lock_grant(entry).await.map_err(|e| e.to_string())?;
+        // What another process stored counts; a grant that does not open is
+        // refused by the save below, and stays as it is.
+        let _ = self.sync(entry, &mut cached, Look::Fresh).await;
+        let stored = authorize::signed_in(cached.grant.clone(), &entry.account, grant, unix_now())?;
+        self.replace(entry, &mut cached, stored).await?;
+        info!(account = %entry.account.username, "signed in from the console");
+        Ok(())
+    }
+
+    /// Forgets `username`'s grant (the console's Disconnect): the stored
+    /// refresh token and the cached access token go, and the account needs
+    /// a sign-in again. The grant itself stays valid at the identity
+    /// provider until it expires or is revoked there.
+    pub async fn forget(&self, username: &str) -> Result<(), String> {
+        let entry = self.entry(username).map_err(|e| e.to_string())?;
+        let mut cached = entry.state.lock().await;
+        let _lock = self.lock_grant(entry).await.map_err(|e| e.to_string())?;
+        let empty = StoredGrant {
+            account: entry.account.username.clone(),
+            flow: Some(entry.account.flow),
+            ..Default::default()
+        };
+        self.replace(entry, &mut cached, empty).await?;
+        info!(account = %entry.account.username, "grant forgotten from the console");
+        Ok(())
+    }
+
+    /// Writes `grant` as the account's, then caches it; a failed write
+    /// changes nothing and is the caller's error.
+    async fn replace(
+        &self,
+        entry: &AccountTokens,
+        cached: &mut Cached,
+        grant: StoredGrant,
+    ) -> Result<(), String> {
+        let username = &entry.account.username;
+        let revision = self.store.save_revision(username, &grant).await?;
+        unsaved::saved(&self.store, username);
+        cached.grant = grant;
+        cached.graph = None;
+        cached.revision = Some(revision);
+        cached.loaded = true;
+        // A sign-in recovers the account, a forgotten grant needs login: the
+        // health record (and so the notifications) learn it at once.
+        entry.health.grant_read(&cached.grant);
+        Ok(())
+    }
+
+    /// The provider and scopes `username` signs in with, for the console's
+    /// Connect.
+    pub fn sign_in_client(
+        &self,
+        username: &str,
+    ) -> Result<(Account, Arc<ProviderClient>, Vec<String>), TokenError> {
+        let entry = self.entry(username)?;
+        Ok((
+            entry.account.clone(),
+            entry.provider.clone(),
+            entry.scopes.clone(),
+        ))
     }
 
     /// Writes the grants whose save failed one last time, as the proxy stops.

@@ -153,32 +153,44 @@ impl ProviderClient {
         self.grant(response)
     }
 
-    /// Redeems an authorization code with its PKCE verifier.
+    /// Redeems an authorization code with its PKCE verifier; `redirect` is
+    /// the redirect URI the sign-in used when it is not `redirect_uri`.
     pub async fn authorization_code(
         &self,
         code: String,
         verifier: PkceCodeVerifier,
+        redirect: Option<&RedirectUrl>,
     ) -> Result<Grant, GrantError> {
-        let response = self
+        let mut request = self
             .oauth
             .exchange_code(AuthorizationCode::new(code))
-            .set_pkce_verifier(verifier)
-            .request_async(&self.http)
-            .await;
+            .set_pkce_verifier(verifier);
+        if let Some(redirect) = redirect {
+            request = request.set_redirect_uri(std::borrow::Cow::Borrowed(redirect));
+        }
+        let response = request.request_async(&self.http).await;
         self.grant(response)
     }
 
     /// The URL a user opens for the authorization code flow, its CSRF state
-    /// and PKCE verifier.
-    pub fn authorize_url(&self, scopes: &[String]) -> (String, String, PkceCodeVerifier) {
+    /// and PKCE verifier; the browser comes back to `redirect`, else to
+    /// `redirect_uri`.
+    pub fn authorize_url(
+        &self,
+        scopes: &[String],
+        redirect: Option<&RedirectUrl>,
+    ) -> (String, String, PkceCodeVerifier) {
         let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
-        let (url, state) = self
+        let mut request = self
             .oauth
             .authorize_url(oauth2::CsrfToken::new_random)
             .add_scopes(scopes.iter().cloned().map(Scope::new))
             .add_extra_param("prompt", "select_account")
-            .set_pkce_challenge(challenge)
-            .url();
+            .set_pkce_challenge(challenge);
+        if let Some(redirect) = redirect {
+            request = request.set_redirect_uri(std::borrow::Cow::Borrowed(redirect));
+        }
+        let (url, state) = request.url();
         (url.to_string(), state.secret().clone(), verifier)
     }
 

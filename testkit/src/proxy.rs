@@ -190,6 +190,23 @@ pub fn hash_password(password: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// A config text from [`TestProxy::start_with`] (its `[admin]` section last)
+/// with the web console on, behind `password` (hashed by the real CLI), and
+/// its public URL the admin listener's own address.
+pub fn with_console(text: String, password: &str) -> String {
+    let listen = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("the [admin] section's listen line comes last");
+    let public_url = format!("http://{listen}");
+    format!(
+        "{text}console = true\npassword_hash = \"{}\"\npublic_url = \"{public_url}\"\n",
+        hash_password(password)
+    )
+}
+
 /// A running `xoauth2-proxy serve`.
 pub struct TestProxy {
     pub dir: tempfile::TempDir,

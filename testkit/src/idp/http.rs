@@ -104,6 +104,9 @@ async fn route(
     if let Some(response) = send_mail(shared, request) {
         return Some(response);
     }
+    if request.path == "/devicelogin" {
+        return Some(super::devicelogin::page(shared, request));
+    }
     let segments: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
     let endpoint = match segments.as_slice() {
         [tenant, "oauth2", "v2.0", endpoint] if !tenant.is_empty() => *endpoint,

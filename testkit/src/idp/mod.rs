@@ -35,6 +35,9 @@
 //!   access token of the mailbox), `POST revoke-access-tokens` (form `mailbox=…`: its
 //!   access tokens only; the refresh token still works), `POST device-user` (form
 //!   `mailbox=…`).
+//! - `GET`/`POST /devicelogin` — the page where a person enters the device code,
+//!   with [`DeviceOutcome::ApproveInBrowser`] (which also names it as the
+//!   `verification_uri`): polls stay pending until the code is entered there.
 //!
 //! HTTP is served by hyper (`http`: the endpoint table, requests, responses);
 //! every response carries `Connection: close`, one request per connection. The
@@ -54,6 +57,7 @@ use crate::tokens::TokenBook;
 mod aadsts;
 mod authorize;
 mod control;
+mod devicelogin;
 mod graph;
 mod http;
 mod rotation;
@@ -78,6 +82,9 @@ pub enum DeviceOutcome {
     Decline,
     /// Every poll gets `expired_token`.
     Expire,
+    /// Polls get `authorization_pending` until someone enters the user code
+    /// at this identity provider's `/devicelogin` page (a browser test).
+    ApproveInBrowser,
 }
 
 /// How the token and device-code endpoints behave as a whole.
@@ -142,6 +149,9 @@ struct DeviceGrant {
     scope: String,
     expires_at: Instant,
     polls: u32,
+    user_code: String,
+    /// The user code was entered at `/devicelogin`.
+    approved: bool,
 }
 
 #[derive(Clone)]
@@ -186,6 +196,8 @@ struct Inner {
     /// Lower-cased mailbox → the `preferred_username` its ID tokens carry,
     /// when it is not the mailbox (a UPN other than the address).
     preferred_usernames: HashMap<String, String>,
+    /// This identity provider's own address, for its `/devicelogin` page.
+    base_url: String,
 }
 
 struct Shared {
@@ -243,6 +255,7 @@ impl MockIdp {
                 graph_faults: Default::default(),
                 graph_requests: 0,
                 preferred_usernames: HashMap::new(),
+                base_url: format!("http://{addr}"),
             }),
             graph_changed: tokio::sync::Notify::new(),
         });

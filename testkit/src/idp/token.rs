@@ -281,17 +281,23 @@ pub(super) fn device_authorization(
             scope,
             expires_at: Instant::now() + Duration::from_secs(expires_in),
             polls: 0,
+            user_code: user_code.clone(),
+            approved: false,
         },
     );
+    let verification_uri = match inner.device_outcome {
+        DeviceOutcome::ApproveInBrowser => format!("{}/devicelogin", inner.base_url),
+        _ => "https://microsoft.com/devicelogin".to_string(),
+    };
     Ok(Response::json(
         200,
         &json!({
             "user_code": user_code,
             "device_code": device_code,
-            "verification_uri": "https://microsoft.com/devicelogin",
+            "verification_uri": verification_uri,
             "expires_in": expires_in,
             "interval": inner.device_interval,
-            "message": format!("To sign in, use a web browser to open the page https://microsoft.com/devicelogin and enter the code {user_code} to authenticate."),
+            "message": format!("To sign in, use a web browser to open the page {verification_uri} and enter the code {user_code} to authenticate."),
         }),
     ))
 }
@@ -351,6 +357,7 @@ pub(super) fn token_grant(
             };
             match outcome {
                 DeviceOutcome::ApproveAfterPolls(n) if poll <= n => return Err(pending()),
+                DeviceOutcome::ApproveInBrowser if !device.approved => return Err(pending()),
                 DeviceOutcome::SlowDownThenApprove if poll == 1 => {
                     return Err(aad_error(
                         400,

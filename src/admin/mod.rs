@@ -1,4 +1,5 @@
-//! The admin HTTP listener: `/healthz` and `/metrics`, apart from the mail ports.
+//! The admin HTTP listener: `/healthz` and `/metrics`, apart from the mail
+//! ports, and the web console (`admin.console`, [`console`]) beside them.
 //!
 //! It starts after the mail listeners are bound and the config is loaded, so
 //! a 200 from `/healthz` means the proxy is ready to serve.
@@ -37,14 +38,31 @@ use tracing::{debug, warn};
 use crate::config::AdminSection;
 use crate::shared::RefusalLog;
 
+mod console;
+mod exchange;
+mod probe;
+
+pub use exchange::{Current, Reply};
+pub use probe::{probe, unsaved_grants};
+
 /// The longest an admin connection lives, however busy: a scraper that keeps
 /// its connection alive simply opens another.
 const MAX_AGE: Duration = Duration::from_secs(600);
 /// After [`MAX_AGE`], how long a request in progress may take to finish.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves admin requests until `shutdown`, within the limits of `[admin]`.
-pub async fn serve(listener: TcpListener, limits: AdminSection, shutdown: CancellationToken) {
+/// Serves admin requests until `shutdown`, within the limits of `[admin]`;
+/// the console, when `admin.console` is on, reads the config in force from
+/// `current`.
+pub async fn serve(
+    listener: TcpListener,
+    limits: AdminSection,
+    current: Current,
+    shutdown: CancellationToken,
+) {
+    let console = limits
+        .console
+        .then(|| Arc::new(console::Console::new(current)));
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let mut refusals = RefusalLog::default();
     loop {
@@ -52,7 +70,7 @@ pub async fn serve(listener: TcpListener, limits: AdminSection, shutdown: Cancel
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -61,8 +79,13 @@ pub async fn serve(listener: TcpListener, limits: AdminSection, shutdown: Cancel
             continue;
         };
         let (header_timeout, idle_timeout) = (limits.header_timeout, limits.idle_timeout);
+        let console = console.clone();
         tokio::spawn(async move {
-            serve_connection(stream, header_timeout, idle_timeout).await;
+            let service = hyper::service::service_fn(move |request| {
+                let console = console.clone();
+                async move { Ok::<_, Infallible>(handle(request, peer, console.as_deref()).await) }
+            });
+            serve_connection(stream, service, header_timeout, idle_timeout).await;
             drop(permit);
         });
     }
@@ -87,7 +110,15 @@ fn refuse(stream: TcpStream, limits: &AdminSection, log: &mut RefusalLog) {
 
 /// Serves one admin connection until it ends, falls silent for
 /// `idle_timeout`, or reaches [`MAX_AGE`].
-async fn serve_connection(stream: TcpStream, header_timeout: Duration, idle_timeout: Duration) {
+async fn serve_connection<S>(
+    stream: TcpStream,
+    service: S,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Reply, Error = Infallible>,
+    S::Future: Send,
+{
     let activity = Activity::new();
     let io = Watched {
         inner: stream,
@@ -96,7 +127,7 @@ async fn serve_connection(stream: TcpStream, header_timeout: Duration, idle_time
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), hyper::service::service_fn(handle));
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     tokio::select! {
         served = connection.as_mut() => {
@@ -192,63 +223,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// Asks the admin listener at `addr` for `/healthz`; `Ok` on a 200.
-pub async fn probe(addr: std::net::SocketAddr) -> Result<(), String> {
-    get(addr, "/healthz").await.map(drop)
-}
-
-/// The accounts whose newest grant the proxy at `addr` holds in memory only
-/// (its save failed), from its `/metrics`: `status` runs in another process.
-pub async fn unsaved_grants(addr: std::net::SocketAddr) -> Result<Vec<String>, String> {
-    let body = get(addr, "/metrics").await?;
-    Ok(crate::metrics::unsaved_accounts(&body))
-}
-
-/// The body of `path` from the admin listener at `addr`, on a 200.
-async fn get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A wildcard listen address is reached on loopback.
-    let target = match addr.ip() {
-        ip if ip.is_unspecified() && ip.is_ipv4() => {
-            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        }
-        ip if ip.is_unspecified() => {
-            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
-        }
-        _ => addr,
-    };
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(target).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    match tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await {
-        Ok(Ok(response)) if response.starts_with(b"HTTP/1.1 200") => {
-            let text = String::from_utf8_lossy(&response);
-            Ok(text
-                .split_once("\r\n\r\n")
-                .map_or("", |(_, body)| body)
-                .to_string())
-        }
-        Ok(Ok(_)) => Err(format!("the proxy at {target} is not healthy; see its log")),
-        Ok(Err(e)) => Err(format!(
-            "no proxy answers at {target}: {}; is `xoauth2-proxy serve` running with this config?",
-            crate::error::io_reason(&e)
-        )),
-        Err(_) => Err(format!(
-            "the proxy at {target} did not answer within 5 s; see its log"
-        )),
+/// Answers one request: `/healthz` and `/metrics` as always, anything else
+/// through the console when it is on.
+async fn handle(
+    request: Request<Incoming>,
+    peer: std::net::SocketAddr,
+    console: Option<&console::Console>,
+) -> Reply {
+    match (request.uri().path(), console) {
+        ("/healthz" | "/metrics", _) | (_, None) => probe_endpoints(&request),
+        (_, Some(console)) => console.handle(request, peer).await,
     }
 }
 
-async fn handle(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// `/healthz` and `/metrics`, GET and HEAD only.
+fn probe_endpoints(request: &Request<Incoming>) -> Reply {
     let response = |status: StatusCode, content_type: &str, body: String| {
         Response::builder()
             .status(status)
@@ -257,13 +246,13 @@ async fn handle(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
             .expect("a valid response")
     };
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Ok(response(
+        return response(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "use GET\n".into(),
-        ));
+        );
     }
-    Ok(match request.uri().path() {
+    match request.uri().path() {
         "/healthz" => response(StatusCode::OK, "text/plain", "ok\n".into()),
         "/metrics" => response(
             StatusCode::OK,
@@ -275,5 +264,5 @@ async fn handle(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
             "text/plain",
             "not found; try /healthz or /metrics\n".into(),
         ),
-    })
+    }
 }
