@@ -447,6 +447,20 @@ pub fn hash_password(password: &[u8]) -> String {
         .to_string()
 }
 
+/// The password the shipped example configs (`packaging/`) hash.
+pub const EXAMPLE_PASSWORD: &str = "change-me";
+
+/// Whether `hash` is of the examples' password: a start-up warning, since
+/// whoever read the examples knows it. Costs one argon2 check.
+pub fn is_example_password(hash: &str) -> bool {
+    use argon2::password_hash::PasswordVerifier;
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(EXAMPLE_PASSWORD.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,6 +520,13 @@ mod tests {
         assert!(accounts.verify(CLIENT, "u@x.com", b"pw").await.is_ok());
         assert!(accounts.verify(CLIENT, "u@x.com", b"pw ").await.is_err());
         assert!(accounts.verify(CLIENT, "u@x.com", b"").await.is_err());
+    }
+
+    #[test]
+    fn the_examples_password_is_recognised_and_no_other() {
+        assert!(is_example_password(&hash_password(b"change-me")));
+        assert!(!is_example_password(&hash_password(b"change-me!")));
+        assert!(!is_example_password("not a hash"));
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub(crate) mod throttle;
 pub(crate) mod tls;
 pub(crate) mod upstream;
 
-pub use accounts::hash_password;
+pub use accounts::{hash_password, is_example_password};
 pub use admin::{probe as probe_health, unsaved_grants};
 pub use check::run as check_accounts;
 pub use lines::literal_announced;

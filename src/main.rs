@@ -326,6 +326,19 @@ fn warn_at_start(config: &Config) {
         );
     }
     warn_plain_passwords(config);
+    warn_example_passwords(config);
+}
+
+/// The shipped examples (`packaging/`) hash `change-me` for the console:
+/// anyone who read them knows it, so say so until it is replaced. (One
+/// argon2 check, at start.)
+fn warn_example_passwords(config: &Config) {
+    let admin = config.admin.password_hash.as_deref();
+    if config.admin.console && admin.is_some_and(xoauth2_proxy::is_example_password) {
+        tracing::warn!(
+            "the console's admin password is the examples' `change-me`: replace [admin] password_hash with the output of `xoauth2-proxy hash-password` and reload"
+        );
+    }
 }
 
 fn warn_plain_passwords(config: &Config) {

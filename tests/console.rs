@@ -579,3 +579,23 @@ async fn disconnect_notifies_needs_login_and_connect_notifies_recovered() {
     assert_eq!(lines[1], format!("recovered {SALES} {console}"));
     assert_eq!(lines.len(), 2, "{lines:?}");
 }
+
+#[tokio::test]
+async fn the_examples_admin_password_is_warned_about_and_no_other() {
+    let world = World::start().await;
+    let account = AccountSpec::device(SALES, "pw");
+    let example = TestProxy::start_with(&world.endpoints, &[account.clone()], "info", |text| {
+        with_console(text, "change-me")
+    })
+    .await;
+    example
+        .wait_for_log(
+            "admin password is the examples' `change-me`",
+            Duration::from_secs(10),
+        )
+        .await;
+    let own = console_proxy(&world, &[account], "").await;
+    own.wait_for_log("xoauth2-proxy is ready", Duration::from_secs(10))
+        .await;
+    assert!(!own.logs().contains("change-me"), "{}", own.logs());
+}
