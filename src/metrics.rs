@@ -102,6 +102,12 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarmLabels {
+    /// `hit`, `miss`, `discarded`, `opened`, `closed`: see [`Metrics::warm`].
+    pub event: &'static str,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -119,6 +125,7 @@ pub struct Metrics {
     /// 1 while an account's newest grant is in memory only (its save failed).
     pub grant_unsaved: Family<AccountLabels, Gauge>,
     pub password_checks: Counter,
+    pub warm: Family<WarmLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -205,8 +212,15 @@ impl Metrics {
             "Argon2 password checks run (those against the stand-in hash for unknown usernames included)",
             password_checks.clone(),
         );
+        let warm = Family::<WarmLabels, Counter>::default();
+        registry.register(
+            "imap_warm_sessions",
+            "Warm upstream IMAP sessions by event: hit (a login served from one), miss (a login that found none ready), discarded (found dead, stale or answering too late), opened, closed (unused for imap.warm_idle_timeout, or at reload and shutdown)",
+            warm.clone(),
+        );
         Metrics {
             registry,
+            warm,
             logins,
             connections,
             client_connections,
@@ -330,6 +344,11 @@ fn unescape_label(value: &str) -> String {
 }
 
 impl Metrics {
+    /// Counts a warm session event (`hit`, `miss`, `discarded`, `opened`, `closed`).
+    pub fn warm(&self, event: &'static str) {
+        self.warm.get_or_create(&WarmLabels { event }).inc();
+    }
+
     /// Counts a connection refused before it was served.
     pub fn refused(&self, protocol: &'static str, reason: &'static str) {
         self.refused_connections
@@ -360,7 +379,12 @@ mod tests {
         m.refused("smtp", "per_address");
         m.login("imap", LoginOutcome::Throttled);
         m.password_checks.inc();
+        m.warm("hit");
         let text = m.encode();
+        assert!(
+            text.contains(r#"xoauth2_proxy_imap_warm_sessions_total{event="hit"} 1"#),
+            "{text}"
+        );
         assert!(
             text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 1"#),
             "{text}"
