@@ -19,6 +19,7 @@
 //! with min–max. Everything stays on loopback, and every loop is bounded in
 //! count and time. See docs/benchmarks.md.
 
+mod charts;
 mod client;
 mod dovecot;
 mod guess;
@@ -114,6 +115,12 @@ struct Args {
     /// The emailproxy version to install.
     #[arg(long, default_value = procs::EMAILPROXY_VERSION)]
     emailproxy_version: String,
+    /// Where to write the SVG charts (relative to the repository) [default: docs/benchmarks].
+    #[arg(long)]
+    charts: Option<PathBuf>,
+    /// Write no charts.
+    #[arg(long)]
+    no_charts: bool,
     /// Also write the report (markdown) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -659,6 +666,17 @@ async fn run(args: Args) -> Result<(), String> {
         fd_limit,
         fd_before,
     );
+    if !args.no_charts {
+        let dir = args
+            .charts
+            .clone()
+            .unwrap_or_else(|| repo_root().join("docs/benchmarks"));
+        let written = charts::draw(&dir, &results, latency_section.as_ref());
+        if !written.is_empty() {
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            report.push_str(&format!("\nCharts written: {}\n", names.join(", ")));
+        }
+    }
     let full = format!("{header}{report}");
     println!("{full}");
     if let Some(out) = &args.out {
