@@ -76,6 +76,7 @@ fn login_latency(path: &Path, l: &Latency) -> Drawn {
         .disable_x_mesh()
         .max_light_lines(0)
         .x_labels(0)
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .y_desc("ms")
         .draw()
         .map_err(failed)?;
@@ -261,6 +262,8 @@ fn idle_rss(path: &Path, r: &Results) -> Option<Drawn> {
         chart
             .configure_mesh()
             .max_light_lines(0)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .x_desc("idle sessions (SELECT + IDLE)")
             .y_desc("RSS, MiB")
             .draw()

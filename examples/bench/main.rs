@@ -673,7 +673,11 @@ async fn run(args: Args) -> Result<(), String> {
             .unwrap_or_else(|| repo_root().join("docs/benchmarks"));
         let written = charts::draw(&dir, &results, latency_section.as_ref());
         if !written.is_empty() {
-            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            let root = repo_root();
+            let names: Vec<String> = written
+                .iter()
+                .map(|p| p.strip_prefix(&root).unwrap_or(p).display().to_string())
+                .collect();
             report.push_str(&format!("\nCharts written: {}\n", names.join(", ")));
         }
     }

@@ -5,9 +5,11 @@
 //! byte of mail (TCP, TLS, greeting, AUTHENTICATE, the NAMESPACE proof). For
 //! an account that logged in recently, up to `imap.warm_sessions`
 //! authenticated, unselected upstream sessions wait here, each in a task of
-//! its own ([`park`]) that reads whatever the server sends unasked (a `BYE`
-//! ends it), sends `NOOP` well within the server's idle timeout and closes
-//! after `imap.warm_idle_timeout` without a login on the account. A client
+//! its own ([`Parked`]) that reads whatever the server sends unasked (a `BYE`
+//! ends it), sends `NOOP` well within the server's idle timeout, closes when
+//! the token manager replaces the access token it was opened with (which it
+//! does minutes before the token expires), and closes after
+//! `imap.warm_idle_timeout` without a login on the account. A client
 //! login takes one ([`Upstreams::take_warm`]) only after its local password
 //! check and the grant check, and only if it was opened with the access token
 //! in force and the config in force; it is proven alive with a `NOOP`
@@ -45,6 +47,10 @@ const PROOF: Duration = Duration::from_secs(2);
 /// How often a waiting warm session sends `NOOP`: well below the 30 minutes
 /// an IMAP server must allow an idle session (RFC 9051 §5.4).
 const KEEPALIVE: Duration = Duration::from_secs(4 * 60);
+/// How often a waiting warm session asks whether its access token is still
+/// the account's: the token manager replaces a token minutes before it
+/// expires, and the session closes then, before its token is out of date.
+const TOKEN_CHECK: Duration = Duration::from_secs(60);
 /// How long a cold login waits for the permit of a warm session it closed.
 const EVICTION: Duration = Duration::from_secs(2);
 
@@ -227,11 +233,13 @@ impl Upstreams {
                 continue;
             }
             match handle.claim(shared, token).await {
-                Some(opened) => {
+                Claim::Taken(opened) => {
                     metrics.warm("hit");
-                    return Some(opened);
+                    return Some(*opened);
                 }
-                None => metrics.warm("discarded"),
+                Claim::Discarded => metrics.warm("discarded"),
+                // It ended while it was asked, and was counted then.
+                Claim::Gone => {}
             }
         }
     }
@@ -349,37 +357,55 @@ impl WarmOpening {
         let (hand_over, asked) = oneshot::channel();
         lock(&warm.ready).push_back(Handle {
             hand_over,
-            token,
+            token: token.clone(),
             shared: Arc::downgrade(&shared),
         });
         let idle_timeout = shared.config.imap.warm_idle_timeout;
-        drop((shared, upstreams));
         let parked = Parked {
             asked,
             warm: &warm,
             idle_timeout,
             closing: &closing,
+            shared: Arc::downgrade(&shared),
+            username: account.username.clone(),
+            token,
         };
+        drop((shared, upstreams));
         parked.wait(Opened { upstream, slot }).await;
     }
+}
+
+/// What asking a waiting session for itself came to.
+enum Claim {
+    Taken(Box<Opened>),
+    /// Stale, or it did not prove alive: closed.
+    Discarded,
+    /// It had ended on its own.
+    Gone,
 }
 
 impl Handle {
     /// The session, if it was opened with `token` under `shared` and proves
     /// alive; else it closes.
-    async fn claim(self, shared: &Arc<Shared>, token: &Secret) -> Option<Opened> {
+    async fn claim(self, shared: &Arc<Shared>, token: &Secret) -> Claim {
         if !Weak::ptr_eq(&self.shared, &Arc::downgrade(shared)) || self.token != *token {
             debug!("a warm session opened with an older token or config is closed");
-            return None;
+            return Claim::Discarded;
         }
         let (reply, handed) = oneshot::channel();
-        self.hand_over.send(reply).ok()?;
-        let mut opened = tokio::time::timeout(PROOF, handed).await.ok()?.ok()?;
+        if self.hand_over.send(reply).is_err() {
+            return Claim::Gone;
+        }
+        let mut opened = match tokio::time::timeout(PROOF, handed).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(_)) => return Claim::Gone,
+            Err(_) => return Claim::Discarded,
+        };
         match opened.upstream.prove_alive("w1", PROOF).await {
-            Ok(()) => Some(opened),
+            Ok(()) => Claim::Taken(Box::new(opened)),
             Err(e) => {
                 debug!("a warm session is discarded: {e}");
-                None
+                Claim::Discarded
             }
         }
     }
@@ -402,12 +428,27 @@ struct Parked<'a> {
     warm: &'a Warm,
     idle_timeout: Duration,
     closing: &'a CancellationToken,
+    /// The config it was opened under, the account, and its token.
+    shared: Weak<Shared>,
+    username: String,
+    token: Secret,
 }
 
 impl Parked<'_> {
+    /// Whether the session's token is still the one the account's logins
+    /// get (a revoked grant gets none).
+    async fn token_in_force(&self) -> bool {
+        let Some(shared) = self.shared.upgrade() else {
+            return false;
+        };
+        let current = shared.tokens.access_token(&self.username).await;
+        matches!(current, Ok(t) if t.token == self.token)
+    }
+
     /// Keeps a warm session until a login asks for it: reads what the
     /// server sends unasked, sends NOOP every [`KEEPALIVE`], and closes
-    /// after `idle_timeout` without a login on the account, or at `closing`.
+    /// when its token is no longer the account's ([`TOKEN_CHECK`]), after
+    /// `idle_timeout` without a login on the account, or at `closing`.
     async fn wait(mut self, mut opened: Opened) {
         let unpark = self.until_unparked(&mut opened).await;
         unparked(unpark, opened).await
@@ -416,6 +457,7 @@ impl Parked<'_> {
     async fn until_unparked(&mut self, opened: &mut Opened) -> Unpark {
         let (warm, idle_timeout) = (self.warm, self.idle_timeout);
         let mut keepalive = Instant::now() + KEEPALIVE;
+        let mut token_check = Instant::now() + TOKEN_CHECK;
         loop {
             let idle_until = lock(&warm.last_login).unwrap_or_else(Instant::now) + idle_timeout;
             tokio::select! {
@@ -438,6 +480,12 @@ impl Parked<'_> {
                         return Unpark::Dead(e);
                     }
                     keepalive = Instant::now() + KEEPALIVE;
+                }
+                () = tokio::time::sleep_until(token_check) => {
+                    if !self.token_in_force().await {
+                        return Unpark::Close;
+                    }
+                    token_check = Instant::now() + TOKEN_CHECK;
                 }
                 () = tokio::time::sleep_until(idle_until) => {
                     if lock(&warm.last_login).is_none_or(|at| at + idle_timeout <= Instant::now()) {
