@@ -148,6 +148,14 @@ pub struct ImapSection {
     pub starttls: bool,
     /// No login on `listen` before STARTTLS.
     pub require_tls: bool,
+    /// Authenticated upstream sessions kept ready per account that logged
+    /// in recently; 0 turns warm sessions off.
+    pub warm_sessions: usize,
+    /// Warm sessions of an account close after this long without a login.
+    #[serde(with = "humantime_serde")]
+    pub warm_idle_timeout: Duration,
+    /// Upstream IMAP connections per mailbox at most, warm ones included.
+    pub max_connections_per_mailbox: usize,
 }
 
 impl Default for ImapSection {
@@ -157,6 +165,9 @@ impl Default for ImapSection {
             tls_listen: None,
             starttls: true,
             require_tls: false,
+            warm_sessions: 1,
+            warm_idle_timeout: Duration::from_secs(600),
+            max_connections_per_mailbox: 20,
         }
     }
 }
@@ -644,6 +655,13 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     check_limits(path, &raw.server, &raw.smtp, &raw.admin)?;
     check_notify(path, &raw.admin)?;
+    if raw.imap.max_connections_per_mailbox == 0 {
+        return Err(ConfigError::at(
+            path,
+            "imap.max_connections_per_mailbox",
+            "must be at least 1",
+        ));
+    }
     check_tls(path, &raw)?;
     check_console(path, &raw.admin)?;
     let mut providers = BTreeMap::new();
@@ -1611,6 +1629,8 @@ provider = "contoso"
             "shutdown_grace",
             "listen",
             "max_connections_per_mailbox",
+            "warm_sessions",
+            "warm_idle_timeout",
             "pool_wait",
             "pool_idle_timeout",
             "client_idle_timeout",

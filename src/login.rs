@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use crate::accounts::{Accounts, Refused};
 use crate::config::Account;
 use crate::metrics::LoginOutcome;
-use crate::oauth::{TokenError, TokenManager};
+use crate::oauth::{AccessToken, TokenError, TokenManager};
 use crate::secret::Secret;
 use crate::throttle::Blocked;
 use crate::upstream::UpstreamError;
@@ -57,29 +57,6 @@ impl<T> From<&Result<T, LoginError>> for LoginOutcome {
             Err(LoginError::Busy) => LoginOutcome::Busy,
         }
     }
-}
-
-/// Checks the local password of a login from `client` against `accounts`
-/// (a failure takes `failure_delay`) and opens an authenticated upstream
-/// session for the account with `open(account, token)`, the token from
-/// `tokens`.
-pub async fn log_in<T, F, Fut>(
-    accounts: &Accounts,
-    failure_delay: Duration,
-    tokens: &TokenManager,
-    client: IpAddr,
-    username: &str,
-    password: &[u8],
-    open: F,
-) -> Result<(Account, T), LoginError>
-where
-    F: Fn(Account, Secret) -> Fut,
-    Fut: Future<Output = Result<T, UpstreamError>>,
-{
-    let account = check_password(accounts, failure_delay, client, username, password).await?;
-    let session = open_as(tokens, &account, open).await?;
-    info!(mailbox = %account.mailbox, "logged in");
-    Ok((account, session))
 }
 
 /// The account for `username` if `password` is its local password and
@@ -163,10 +140,25 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    let mut token = tokens
+    let token = tokens
         .access_token(&account.username)
         .await
         .map_err(OpenError::Token)?;
+    open_from(tokens, account, token, open).await
+}
+
+/// [`open_with_token`] starting with `token`, which the caller has just got
+/// from `tokens`.
+async fn open_from<T, F, Fut>(
+    tokens: &TokenManager,
+    account: &Account,
+    mut token: AccessToken,
+    open: F,
+) -> Result<T, OpenError>
+where
+    F: Fn(Account, Secret) -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>>,
+{
     let mut result = open(account.clone(), token.token.clone()).await;
     if let Err(UpstreamError::Rejected { reply, .. }) = &result
         && !token.fresh
@@ -193,19 +185,40 @@ where
     F: Fn(Account, Secret) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
-    open_with_token(tokens, account, open)
-        .await
-        .map_err(|e| match e {
-            OpenError::Token(e) => token_error(e),
-            OpenError::Upstream(UpstreamError::Rejected { reply, hint }) => {
-                warn!(mailbox = %account.mailbox, "the upstream server refused the login: {reply} — {hint}");
-                LoginError::UpstreamRejected(reply)
-            }
-            OpenError::Upstream(UpstreamError::Unreachable(reason)) => {
-                warn!("{reason}");
-                LoginError::UpstreamUnavailable
-            }
-        })
+    let opened = open_with_token(tokens, account, open).await;
+    opened.map_err(|e| login_error(account, e))
+}
+
+/// [`open_as`] starting with `token` from [`grant_token`], so that a fresh
+/// token is known as such (one the upstream refuses is not refreshed again).
+pub async fn open_as_from<T, F, Fut>(
+    tokens: &TokenManager,
+    account: &Account,
+    token: AccessToken,
+    open: F,
+) -> Result<T, LoginError>
+where
+    F: Fn(Account, Secret) -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>>,
+{
+    let opened = open_from(tokens, account, token, open).await;
+    opened.map_err(|e| login_error(account, e))
+}
+
+/// Logs why no session was opened for a client login and reduces it to what
+/// the client is told.
+fn login_error(account: &Account, e: OpenError) -> LoginError {
+    match e {
+        OpenError::Token(e) => token_error(e),
+        OpenError::Upstream(UpstreamError::Rejected { reply, hint }) => {
+            warn!(mailbox = %account.mailbox, "the upstream server refused the login: {reply} — {hint}");
+            LoginError::UpstreamRejected(reply)
+        }
+        OpenError::Upstream(UpstreamError::Unreachable(reason)) => {
+            warn!("{reason}");
+            LoginError::UpstreamUnavailable
+        }
+    }
 }
 
 /// Checks that `account` still has a usable grant: free while the cached
@@ -217,6 +230,18 @@ pub async fn check_grant(tokens: &TokenManager, account: &Account) -> Result<(),
         .access_token(&account.username)
         .await
         .map(|_| ())
+        .map_err(token_error)
+}
+
+/// [`check_grant`], returning the access token in force: a session opened
+/// with another token (an older one) is not to be handed out.
+pub async fn grant_token(
+    tokens: &TokenManager,
+    account: &Account,
+) -> Result<AccessToken, LoginError> {
+    tokens
+        .access_token(&account.username)
+        .await
         .map_err(token_error)
 }
 

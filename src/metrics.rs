@@ -102,6 +102,12 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarmLabels {
+    /// `hit`, `miss`, `discarded`, `opened`, `closed`: see [`Metrics::warm`].
+    pub event: &'static str,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -131,6 +137,7 @@ pub struct Metrics {
     pub graph_sends: Family<TokenLabels, Counter>,
     /// Mailboxes with `send_via = "auto"` switched to Graph after 5.7.139.
     pub graph_switches: Family<AccountLabels, Counter>,
+    pub warm: Family<WarmLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -248,10 +255,17 @@ impl Metrics {
             "Accounts with send_via = auto switched to Microsoft Graph after SMTP answered 5.7.139 (SMTP AUTH disabled)",
             graph_switches.clone(),
         );
+        let warm = Family::<WarmLabels, Counter>::default();
+        registry.register(
+            "imap_warm_sessions",
+            "Warm upstream IMAP sessions by event: hit (a login served from one), miss (a login that found none ready), discarded (found dead, stale or answering too late), opened, closed (unused for imap.warm_idle_timeout, or at reload and shutdown)",
+            warm.clone(),
+        );
         Metrics {
             registry,
             graph_sends,
             graph_switches,
+            warm,
             logins,
             connections,
             client_connections,
@@ -378,6 +392,11 @@ fn unescape_label(value: &str) -> String {
 }
 
 impl Metrics {
+    /// Counts a warm session event (`hit`, `miss`, `discarded`, `opened`, `closed`).
+    pub fn warm(&self, event: &'static str) {
+        self.warm.get_or_create(&WarmLabels { event }).inc();
+    }
+
     /// Counts a connection refused before it was served.
     pub fn refused(&self, protocol: &'static str, reason: &'static str) {
         self.refused_connections
@@ -408,7 +427,12 @@ mod tests {
         m.refused("smtp", "per_address");
         m.login("imap", LoginOutcome::Throttled);
         m.password_checks.inc();
+        m.warm("hit");
         let text = m.encode();
+        assert!(
+            text.contains(r#"xoauth2_proxy_imap_warm_sessions_total{event="hit"} 1"#),
+            "{text}"
+        );
         assert!(
             text.contains(r#"xoauth2_proxy_logins_total{protocol="imap",outcome="ok"} 1"#),
             "{text}"

@@ -163,7 +163,7 @@ pub async fn run(
         stop: stop.clone(),
     };
 
-    let imap_protocol = Arc::new(Imap);
+    let imap_protocol = Arc::new(Imap::new(&shared.config.imap));
     tracker.spawn(
         accepting
             .clone()
@@ -172,7 +172,7 @@ pub async fn run(
     if let Some(listener) = imap_tls {
         tracker.spawn(accepting.clone().accept_loop(
             listener,
-            imap_protocol,
+            imap_protocol.clone(),
             Transport::ImplicitTls,
         ));
     }
@@ -229,19 +229,24 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(()) = reloads.recv() => reload(&config_path, &publish, &lasting).await,
+            Some(()) = reloads.recv() => {
+                reload(&config_path, &publish, &lasting).await;
+                imap_protocol.close_warm();
+            }
             _ = renewal_check.tick() => {
                 let now = std::time::SystemTime::now();
                 let due = publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
                 if due {
                     info!("the proxy's server certificate ends within 30 days; renewing it");
                     reload(&config_path, &publish, &lasting).await;
+                    imap_protocol.close_warm();
                 }
             }
         }
     }
     info!("shutting down: no new connections; waiting for live sessions");
     stop.cancel();
+    imap_protocol.close_warm();
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(

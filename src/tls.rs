@@ -24,12 +24,22 @@
 //!   handshake with its key (that check always runs), and whoever holds the key
 //!   of a CA in `ca_file` could issue itself a certificate for any name anyway;
 //! - an expired or not yet valid pin is still accepted (mail keeps flowing;
-//!   its key is no less the server's), with a warning once per config load,
+//!   its key is no less the server's), with a warning once per process,
 //!   so that the user renews it;
 //! - anything else is refused with webpki's reason, which
 //!   [`handshake_failure`] turns into a sentence that says what to do.
 //!
 //! The identity provider's HTTPS trusts `ca_file` as CAs only.
+//!
+//! # Session resumption
+//!
+//! A reconnect to a mail server resumes the last TLS session (a TLS 1.3
+//! ticket, or a TLS 1.2 session id) where the server allows it, which skips
+//! the certificate and the key exchange's signature. The tickets live in a
+//! client config that lives as long as the process, one per set of trusted
+//! certificates, so that a reload keeps them, and so that a session
+//! verified under one `ca_file` is never resumed under another's trust
+//! (rustls itself resumes only under the verifier that verified).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,16 +52,54 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
 /// The rustls client configuration for a provider's mail servers: the
 /// system's trust anchors plus the certificates in `ca_file`, which are also
-/// pins (see the module doc).
+/// pins (see the module doc). The same certificates give the same config,
+/// for the life of the process: rustls resumes a TLS session only under the
+/// very verifier (the same `Arc`) that verified it, so a reload that reads an
+/// unchanged `ca_file` keeps the config, and with it the resumable sessions.
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use sha2::{Digest, Sha256};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    type Configs = Mutex<HashMap<[u8; 32], Arc<rustls::ClientConfig>>>;
+    static CONFIGS: OnceLock<Configs> = OnceLock::new();
+    let pins = match ca_file {
+        Some(path) => load_ca_file(path)?,
+        None => Vec::new(),
+    };
+    let mut trust = Sha256::new();
+    for pin in &pins {
+        trust.update((pin.len() as u64).to_be_bytes());
+        trust.update(pin);
+    }
+    let key: [u8; 32] = trust.finalize().into();
+    let mut configs = CONFIGS
+        .get_or_init(Configs::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(config) = configs.get(&key) {
+        return Ok(config.clone());
+    }
+    let config = new_client_config(ca_file, pins)?;
+    configs.insert(key, config.clone());
+    Ok(config)
+}
+
+/// TLS sessions remembered per mail server name, at most this many per config.
+const RESUMABLE_SESSIONS: usize = 256;
+
+fn new_client_config(
+    ca_file: Option<&Path>,
+    pins: Vec<CertificateDer<'static>>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = PinningVerifier::new(ca_file, provider.clone())?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let verifier = PinningVerifier::new(ca_file, pins, provider.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot set up TLS ({e}); please report this as a bug"))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(RESUMABLE_SESSIONS);
     Ok(Arc::new(config))
 }
 
@@ -65,13 +113,14 @@ struct PinningVerifier {
 #[derive(Debug)]
 struct Pin {
     der: CertificateDer<'static>,
-    /// Whether its dates have been warned about (once per config load).
+    /// Whether its dates have been warned about (once per process).
     warned: AtomicBool,
 }
 
 impl PinningVerifier {
     fn new(
         ca_file: Option<&Path>,
+        ca_certificates: Vec<CertificateDer<'static>>,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
@@ -80,7 +129,7 @@ impl PinningVerifier {
         }
         let mut pins = Vec::new();
         if let Some(path) = ca_file {
-            for cert in load_ca_file(path)? {
+            for cert in ca_certificates {
                 roots.add(cert.clone()).map_err(|e| {
                     format!(
                         "{} holds a certificate rustls cannot use ({e}); put the CA's or the server's PEM certificate in `ca_file`",

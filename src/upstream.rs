@@ -1,17 +1,139 @@
 //! Connections to the real mail servers: TCP, and TLS with verified
 //! certificates. Shared by IMAP and SMTP.
+//!
+//! rustls reads the socket 4 KiB at a time; during a bulk transfer that is
+//! a `recvfrom` per 4 KiB. [`ReadAhead`] sits between rustls and the socket:
+//! once a read fills what rustls asked for (data is flowing), it reads 64 KiB
+//! at a time and serves rustls from that, and frees the buffer as soon as the
+//! socket has nothing more, so that an idle session holds none.
 
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Config, Provider, ServerAddr};
 
 /// A TLS connection to an upstream server.
-pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type UpstreamStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
+
+/// How much [`ReadAhead`] reads at once while data flows.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// A stream whose reads, while data flows, take [`READ_AHEAD`] bytes from
+/// the socket at a time (see the module doc). Writes pass through.
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Empty (no allocation) unless data is flowing.
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> Self {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+        }
+    }
+
+    /// Hands out what was read ahead; false when nothing is left.
+    fn serve(&mut self, out: &mut ReadBuf<'_>) -> bool {
+        if self.pos == self.end {
+            return false;
+        }
+        let n = out.remaining().min(self.end - self.pos);
+        out.put_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        true
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.serve(out) {
+            return Poll::Ready(Ok(()));
+        }
+        if this.buf.is_empty() {
+            // Quiet so far: read what is asked; a read that fills it means
+            // more is coming, and the next reads go through the buffer.
+            let want = out.remaining();
+            let before = out.filled().len();
+            let polled = Pin::new(&mut this.inner).poll_read(cx, out);
+            if let Poll::Ready(Ok(())) = polled
+                && want > 0
+                && out.filled().len() - before == want
+                && want < READ_AHEAD
+            {
+                this.buf = vec![0; READ_AHEAD];
+            }
+            return polled;
+        }
+        let mut ahead = ReadBuf::new(&mut this.buf);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut ahead) {
+            Poll::Ready(Ok(())) => {
+                let n = ahead.filled().len();
+                (this.pos, this.end) = (0, n);
+                if n == 0 {
+                    this.buf = Vec::new();
+                }
+                this.serve(out);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // The socket is drained: an idle session keeps no buffer.
+                this.buf = Vec::new();
+                (this.pos, this.end) = (0, 0);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Why an upstream login did not produce a working session.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -79,17 +201,20 @@ impl UpstreamTls {
         let name = ServerName::try_from(server.host.clone()).map_err(|_| {
             UpstreamError::Unreachable(format!("`{}` is not a valid server name", server.host))
         })?;
-        connector.connect(name, tcp).await.map_err(|e| {
-            let setting = if *server == provider.smtp_server {
-                "smtp_server"
-            } else {
-                "imap_server"
-            };
-            UpstreamError::Unreachable(format!(
-                "TLS with {server} failed: {}",
-                crate::tls::handshake_failure(&e, &server.host, setting, &provider.name)
-            ))
-        })
+        connector
+            .connect(name, ReadAhead::new(tcp))
+            .await
+            .map_err(|e| {
+                let setting = if *server == provider.smtp_server {
+                    "smtp_server"
+                } else {
+                    "imap_server"
+                };
+                UpstreamError::Unreachable(format!(
+                    "TLS with {server} failed: {}",
+                    crate::tls::handshake_failure(&e, &server.host, setting, &provider.name)
+                ))
+            })
     }
 }
 
@@ -106,4 +231,44 @@ pub fn quote_reply(line: &[u8]) -> String {
         quoted.push('…');
     }
     quoted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn read_ahead_passes_every_byte_and_keeps_no_buffer_when_quiet() {
+        let (mut far, near) = tokio::io::duplex(256 * 1024);
+        let mut stream = ReadAhead::new(near);
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            far.write_all(&sent).await.unwrap();
+            far
+        });
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while at < got.len() {
+            // rustls's request size.
+            let end = (at + 4096).min(got.len());
+            let n = stream.read(&mut got[at..end]).await.unwrap();
+            assert!(n > 0);
+            at += n;
+        }
+        assert!(got == data, "byte for byte");
+        let mut far = writer.await.unwrap();
+        // Quiet now: the next read waits, and gives the buffer back first.
+        let mut one = [0u8; 4096];
+        let polled = std::future::poll_fn(|cx| {
+            let mut out = ReadBuf::new(&mut one);
+            Poll::Ready(Pin::new(&mut stream).poll_read(cx, &mut out).is_pending())
+        })
+        .await;
+        assert!(polled, "nothing to read");
+        assert_eq!(stream.buf.capacity(), 0, "no buffer while quiet");
+        far.write_all(b"x").await.unwrap();
+        assert_eq!(stream.read(&mut one).await.unwrap(), 1);
+    }
 }

@@ -584,9 +584,12 @@ async fn disconnect_notifies_needs_login_and_connect_notifies_recovered() {
 async fn the_examples_admin_password_is_warned_about_and_no_other() {
     let world = World::start().await;
     let account = AccountSpec::device(SALES, "pw");
-    let example = TestProxy::start_with(&world.endpoints, &[account.clone()], "info", |text| {
-        with_console(text, "change-me")
-    })
+    let example = TestProxy::start_with(
+        &world.endpoints,
+        std::slice::from_ref(&account),
+        "info",
+        |text| with_console(text, "change-me"),
+    )
     .await;
     example
         .wait_for_log(

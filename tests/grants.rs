@@ -280,6 +280,9 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grant_that_cannot_be_saved_is_served_from_memory_and_saved_when_space_returns() {
     let world = World::start().await;
+    // Like Exchange, sessions end with their token: a warm session
+    // opened with a token the upstream forgot is not used.
+    world.imap.set_expire_sessions(true);
     let base = tempfile::tempdir().unwrap();
     let state_dir = base.path().join("state");
     let Some(disk) = Tmpfs::mount(&state_dir, "1m") else {
@@ -432,6 +435,9 @@ fn temporary_files(tokens_dir: &Path) -> usize {
 async fn sigkill_during_refreshes_never_loses_the_grant_nor_goes_back_to_a_spent_token() {
     const KILLS: u32 = 200;
     let world = World::start().await;
+    // Like Exchange, sessions end with their token: a warm session
+    // opened with a token the upstream forgot is not used.
+    world.imap.set_expire_sessions(true);
     world.idp.set_rotation(Rotation::SpentWhenSuccessorUsed);
     // A refresh takes 8 ms before the IdP redeems the token and 8 ms more
     // before the answer; the kill lands 0–24 ms after the request is seen.

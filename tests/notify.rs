@@ -167,6 +167,9 @@ async fn imap_login(proxy: &TestProxy) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_grant_runs_the_command_with_needs_login_then_recovered_after_a_new_login() {
     let world = World::start().await;
+    // Like Exchange, sessions end with their token: a warm session opened
+    // with a revoked grant's token is not used.
+    world.imap.set_expire_sessions(true);
     let dir = tempfile::tempdir().unwrap();
     let (command, events) = recording_command(dir.path());
     let admin = format!("{command}\npublic_url = \"https://mail-proxy.example.com/\"");

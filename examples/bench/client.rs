@@ -219,6 +219,22 @@ impl Imap {
         }
     }
 
+    /// Sends one simple command and runs it to its tagged OK; when the first
+    /// byte of its answer arrived.
+    pub async fn first_byte_at(&mut self, command: &str) -> Result<Instant> {
+        let tag = self.tag();
+        self.send(format!("{tag} {command}\r\n").as_bytes()).await?;
+        within(command, async {
+            if self.io.fill_buf().await?.is_empty() {
+                return Err("the server closed the connection".into());
+            }
+            let at = Instant::now();
+            self.until_tagged(&tag).await?;
+            Ok(at)
+        })
+        .await
+    }
+
     /// Runs one simple command (no literals) to its tagged OK.
     pub async fn run(&mut self, command: &str) -> Result<()> {
         let tag = self.tag();

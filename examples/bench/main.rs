@@ -19,9 +19,11 @@
 //! with min–max. Everything stays on loopback, and every loop is bounded in
 //! count and time. See docs/benchmarks.md.
 
+mod charts;
 mod client;
 mod dovecot;
 mod guess;
+mod latency;
 mod measure;
 mod procs;
 mod report;
@@ -82,10 +84,18 @@ struct Args {
     /// Time allowed for opening one tier of email-oauth2-proxy sessions, in seconds [default: 120; quick: 30].
     #[arg(long)]
     peer_setup_secs: Option<u64>,
+    /// Round-trip time the `latency` part's shim adds, in ms (half each way) [default: 20].
+    #[arg(long, default_value_t = 20)]
+    rtt_ms: u64,
+    /// Cycles per path of the `latency` part [default: 200; quick: 40].
+    #[arg(long)]
+    latency_cycles: Option<usize>,
     /// Parallel wrong logins of each attack of the `guess` part [default: 1000; quick: 200].
     #[arg(long)]
     guess_logins: Option<usize>,
-    /// Parts to run, comma-separated: throughput, login, tls, idle, dovecot, guess [default: all].
+    /// Parts to run, comma-separated: throughput, login, latency, tls, idle, dovecot, guess [default: all].
+    /// `latency` puts a delay shim on the upstream hop and compares logins
+    /// direct, through the proxy cold and through the proxy warm.
     /// `tls` adds the proxy's IMAP over TLS listener (a self-made CA) to the
     /// login cycles and to the FETCH runs, beside its plain listener.
     #[arg(long, value_delimiter = ',')]
@@ -105,6 +115,12 @@ struct Args {
     /// The emailproxy version to install.
     #[arg(long, default_value = procs::EMAILPROXY_VERSION)]
     emailproxy_version: String,
+    /// Where to write the SVG charts (relative to the repository) [default: docs/benchmarks].
+    #[arg(long)]
+    charts: Option<PathBuf>,
+    /// Write no charts.
+    #[arg(long)]
+    no_charts: bool,
     /// Also write the report (markdown) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -127,6 +143,8 @@ struct Plan {
     login_cycles: usize,
     peer_login_cycles: usize,
     guess_logins: usize,
+    rtt: Duration,
+    latency_cycles: usize,
     sessions: Vec<usize>,
     peer_sessions: Vec<usize>,
     idle_secs: u64,
@@ -151,6 +169,8 @@ impl Plan {
             login_cycles: pick(a.login_cycles, 1000, 200).max(10),
             peer_login_cycles: pick(a.peer_login_cycles, 40, 10),
             guess_logins: pick(a.guess_logins, 1000, 200).max(1),
+            rtt: Duration::from_millis(a.rtt_ms),
+            latency_cycles: pick(a.latency_cycles, 200, 40).max(1),
             sessions: a.sessions.clone().unwrap_or(if q {
                 vec![100, 1000]
             } else {
@@ -164,9 +184,17 @@ impl Plan {
             idle_secs: a.idle_secs.unwrap_or(if q { 5 } else { 30 }),
             peer_setup: Duration::from_secs(a.peer_setup_secs.unwrap_or(if q { 30 } else { 120 })),
             parts: a.only.clone().unwrap_or_else(|| {
-                ["throughput", "login", "tls", "idle", "dovecot", "guess"]
-                    .map(String::from)
-                    .to_vec()
+                [
+                    "throughput",
+                    "login",
+                    "latency",
+                    "tls",
+                    "idle",
+                    "dovecot",
+                    "guess",
+                ]
+                .map(String::from)
+                .to_vec()
             }),
             peer: !a.no_peer,
             dovecot: !a.no_dovecot,
@@ -516,6 +544,14 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
 
+    let mut latency_section = None;
+    if plan.runs("latency") {
+        match latency_part(&plan, &bin, &password_hash, &mut world, &direct).await {
+            Ok(l) => latency_section = Some(l),
+            Err(e) => notes.push(format!("the latency part did not run: {e}")),
+        }
+    }
+
     if plan.runs("idle") {
         let max_sessions = (fd_limit.saturating_sub(64) / 2) as usize;
         for &wanted in &plan.sessions {
@@ -577,6 +613,9 @@ async fn run(args: Args) -> Result<(), String> {
     for n in &notes {
         report.push_str(&format!("- {n}\n"));
     }
+    if let Some(latency) = &latency_section {
+        report.push_str(&format!("\n{}", latency.section()));
+    }
 
     if plan.runs("dovecot") && plan.dovecot {
         let refresh = world.refresh_token().await?;
@@ -627,6 +666,21 @@ async fn run(args: Args) -> Result<(), String> {
         fd_limit,
         fd_before,
     );
+    if !args.no_charts {
+        let dir = args
+            .charts
+            .clone()
+            .unwrap_or_else(|| repo_root().join("docs/benchmarks"));
+        let written = charts::draw(&dir, &results, latency_section.as_ref());
+        if !written.is_empty() {
+            let root = repo_root();
+            let names: Vec<String> = written
+                .iter()
+                .map(|p| p.strip_prefix(&root).unwrap_or(p).display().to_string())
+                .collect();
+            report.push_str(&format!("\nCharts written: {}\n", names.join(", ")));
+        }
+    }
     let full = format!("{header}{report}");
     println!("{full}");
     if let Some(out) = &args.out {
@@ -634,6 +688,58 @@ async fn run(args: Args) -> Result<(), String> {
     }
     drop(world);
     Ok(())
+}
+
+/// The `latency` part: a delay shim in front of the stand-in's IMAP port,
+/// the direct path through it, and two proxies whose upstream is the shim,
+/// one with warm sessions off and one as it ships.
+async fn latency_part(
+    plan: &Plan,
+    bin: &Path,
+    password_hash: &str,
+    world: &mut world::World,
+    direct: &Way,
+) -> Result<latency::Latency, String> {
+    let info = world.info.clone();
+    let standin: std::net::SocketAddr = ([127, 0, 0, 1], info.imap_port).into();
+    let one_way = plan.rtt / 2;
+    let shim = latency::Shim::start(standin, one_way)
+        .await
+        .map_err(|e| format!("the delay shim: {e}"))?;
+    let mut upstream = procs::Upstream::standin(&info, world.refresh_token().await?);
+    upstream.imap.1 = shim.addr.port();
+    let cold =
+        procs::start_ours_with_imap(bin, password_hash, &upstream, "warm_sessions = 0").await?;
+    let mut upstream = procs::Upstream::standin(&info, world.refresh_token().await?);
+    upstream.imap.1 = shim.addr.port();
+    let warm =
+        procs::start_ours_with_imap(bin, password_hash, &upstream, "warm_sessions = 1").await?;
+    let mut direct_route = direct.imap.clone();
+    if let Route::Tls { addr, .. } = &mut direct_route {
+        *addr = shim.addr;
+    }
+    say(&format!(
+        "latency: {} cycles per path over a {} ms round trip",
+        plan.latency_cycles,
+        plan.rtt.as_millis()
+    ));
+    let password = password_credentials();
+    let (cold_route, warm_route) = (Route::Plain(cold.imap), Route::Plain(warm.imap));
+    let routes = [
+        (&direct_route, &direct.credentials),
+        (&cold_route, &password),
+        (&warm_route, &password),
+    ];
+    let mut result = latency::run(routes, plan.latency_cycles, plan.rtt).await;
+    if let Some(admin) = warm.admin {
+        let url = format!("http://{admin}/metrics");
+        if let Ok(text) = async { reqwest::get(&url).await?.text().await }.await {
+            result.warm_events = latency::warm_events(&text);
+        }
+    }
+    cold.stop().await;
+    warm.stop().await;
+    Ok(result)
 }
 
 /// The Dovecot run: fewer repetitions, no peer, no idle tiers.

@@ -179,6 +179,24 @@ pub async fn start_ours(
         max_connections,
         tls,
         server: "",
+        imap: Some(""),
+    };
+    start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
+}
+
+/// Like [`start_ours`] without TLS, with `imap` (whole lines) added to the
+/// config's `[imap]` section.
+pub async fn start_ours_with_imap(
+    bin: &Path,
+    password_hash: &str,
+    upstream: &Upstream<'_>,
+    imap: &str,
+) -> Result<Running, String> {
+    let settings = Settings {
+        max_connections: 4096,
+        tls: false,
+        server: "",
+        imap: Some(imap),
     };
     start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
 }
@@ -196,17 +214,26 @@ pub async fn start_ours_with_server(
         max_connections,
         tls: false,
         server,
+        imap: Some(""),
     };
     start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
 }
 
 /// What a generated config sets beyond the account and the upstream.
+#[derive(Clone, Copy)]
 struct Settings<'a> {
     max_connections: usize,
     tls: bool,
     /// Lines added to `[server]`.
     server: &'a str,
+    /// Lines added to `[imap]` after [`IMAP_BENCH`]; `None` for a build
+    /// that knows neither.
+    imap: Option<&'a str>,
 }
+
+/// What every generated config's `[imap]` says: the bench opens thousands
+/// of sessions to its one mailbox, which a real server would not allow.
+const IMAP_BENCH: &str = "max_connections_per_mailbox = 1000000\n";
 
 async fn start_ours_admin_or_not(
     bin: &Path,
@@ -215,10 +242,24 @@ async fn start_ours_admin_or_not(
     settings: &Settings<'_>,
 ) -> Result<Running, String> {
     // Newer builds have an admin listener (default 127.0.0.1:8025): give it a
-    // free port; an older build that does not know the section is started without.
+    // free port; an older build that does not know the section is started
+    // without; one that does not know the per-mailbox cap, without it.
     match start_ours_with(bin, password_hash, upstream, settings, true).await {
         Err(e) if e.contains("admin") => {
             start_ours_with(bin, password_hash, upstream, settings, false).await
+        }
+        Err(e) if e.contains("max_connections_per_mailbox") => {
+            let settings = Settings {
+                imap: None,
+                ..*settings
+            };
+            let old = start_ours_with(bin, password_hash, upstream, &settings, true).await;
+            match old {
+                Err(e) if e.contains("admin") => {
+                    start_ours_with(bin, password_hash, upstream, &settings, false).await
+                }
+                other => other,
+            }
         }
         other => other,
     }
@@ -235,7 +276,12 @@ async fn start_ours_with(
         max_connections,
         tls,
         server,
+        imap: imap_lines,
     } = *settings;
+    let imap_lines = match imap_lines {
+        Some(lines) => format!("{IMAP_BENCH}{lines}\n"),
+        None => String::new(),
+    };
     let w = upstream.world;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let state = dir.path().join("state");
@@ -263,7 +309,7 @@ shutdown_grace = "1s"
 {server}
 [imap]
 listen = "127.0.0.1:{imap}"
-{tls_listen}
+{tls_listen}{imap_lines}
 [smtp]
 listen = "127.0.0.1:{smtp}"
 {admin}{tls}

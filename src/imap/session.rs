@@ -27,14 +27,12 @@ use tracing::{debug, info};
 use super::filter::CapabilityFilter;
 use super::framing::{FrameError, read_command};
 use super::parser::{self, Command};
-use super::upstream::{self, ImapUpstream};
+use super::warm::{Opened, Upstreams};
 use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::sasl::{self, Challenge, SaslError};
-use crate::secret::Secret;
 use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until};
-use crate::upstream::UpstreamError;
 
 /// What the proxy offers before login, whatever the TLS state.
 const BASE_CAPABILITIES: &str = "IMAP4rev1 LITERAL+ SASL-IR ID";
@@ -45,7 +43,12 @@ const MAX_ERRORS: u32 = 10;
 const MAX_FAILED_LOGINS: u32 = 3;
 
 /// Serves one client connection to the end.
-pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Connection) {
+pub async fn run<S: ClientStream>(
+    shared: Arc<Shared>,
+    upstreams: Arc<Upstreams>,
+    stream: S,
+    connection: Connection,
+) {
     let imap = &shared.config.imap;
     let tls = TlsPolicy::new(
         &shared,
@@ -53,16 +56,20 @@ pub async fn run<S: ClientStream>(shared: Arc<Shared>, stream: S, connection: Co
         imap.require_tls,
         connection.over_tls,
     );
-    let mut session = PreAuth::new(shared, stream, tls, connection);
+    let mut session = PreAuth::new(shared, upstreams, stream, tls, connection);
     // The dialogue's state (login, SASL, the upstream's opening) is the
     // larger part of this future; boxed, it is freed at login instead of
     // sitting in every idle session's task for the life of the relay. For
     // the same reason only the stream is kept of the upstream session (moved
     // straight into the relay: a helper taking it would hold a second copy),
     // and the session after STARTTLS is boxed: a session that never upgrades
-    // holds one pointer for it, not a TLS session's state.
-    let upstream = match Box::pin(session.dialogue(Greeting::Send)).await {
-        Ok(Next::Relay(upstream)) => upstream.stream,
+    // holds one pointer for it, not a TLS session's state. The slot keeps the
+    // connection's place in its mailbox's cap until the relay ends.
+    let (upstream, _slot) = match Box::pin(session.dialogue(Greeting::Send)).await {
+        Ok(Next::Relay(opened)) => {
+            let Opened { upstream, slot } = *opened;
+            (upstream.stream, slot)
+        }
         Ok(Next::StartTls) => return Box::pin(after_starttls(session)).await,
         Ok(Next::Continue | Next::Close) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
@@ -78,6 +85,7 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
     let PreAuth {
         client,
         shared,
+        upstreams,
         tls,
         connection,
         ..
@@ -85,9 +93,12 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
     let Some(stream) = shared.start_tls("imap", client, &connection).await else {
         return;
     };
-    let mut session = PreAuth::new(shared, stream, tls.upgraded(), connection);
-    let upstream = match Box::pin(session.dialogue(Greeting::None)).await {
-        Ok(Next::Relay(upstream)) => upstream.stream,
+    let mut session = PreAuth::new(shared, upstreams, stream, tls.upgraded(), connection);
+    let (upstream, _slot) = match Box::pin(session.dialogue(Greeting::None)).await {
+        Ok(Next::Relay(opened)) => {
+            let Opened { upstream, slot } = *opened;
+            (upstream.stream, slot)
+        }
         Ok(_) => return,
         Err(e) => return debug!("client connection failed: {}", crate::error::io_reason(&e)),
     };
@@ -108,6 +119,7 @@ enum Greeting {
 struct PreAuth<S> {
     client: BufReader<S>,
     shared: Arc<Shared>,
+    upstreams: Arc<Upstreams>,
     tls: TlsPolicy,
     /// The login deadline's start and the pre-login slot, given back at login.
     connection: Connection,
@@ -121,7 +133,7 @@ enum Next {
     Continue,
     /// The client logged in: relay to this upstream session (boxed: it is
     /// large, and the other answers are not).
-    Relay(Box<ImapUpstream>),
+    Relay(Box<Opened>),
     /// Close the connection (the client was told why, or has left).
     Close,
     /// The client was told to begin TLS: put TLS under the connection.
@@ -129,10 +141,17 @@ enum Next {
 }
 
 impl<S: ClientStream> PreAuth<S> {
-    fn new(shared: Arc<Shared>, stream: S, tls: TlsPolicy, connection: Connection) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        upstreams: Arc<Upstreams>,
+        stream: S,
+        tls: TlsPolicy,
+        connection: Connection,
+    ) -> Self {
         PreAuth {
             client: BufReader::new(stream),
             shared,
+            upstreams,
             tls,
             connection,
             errors: 0,
@@ -400,24 +419,53 @@ impl<S: ClientStream> PreAuth<S> {
         password: &[u8],
     ) -> std::io::Result<Next> {
         let shared = self.shared.clone();
-        let (accounts, tokens) = (&shared.accounts, &shared.tokens);
         let delay = shared.config.server.auth_failure_delay;
-        let open = |account, token| open_upstream(shared.clone(), account, token);
         let peer = self.connection.peer.ip();
-        let outcome = login::log_in(accounts, delay, tokens, peer, username, password, open).await;
+        let checked =
+            login::check_password(&shared.accounts, delay, peer, username, password).await;
+        let outcome = match checked {
+            Ok(account) => self.open_upstream(&account).await,
+            Err(e) => Err(e),
+        };
         crate::metrics::get().login("imap", &outcome);
         match outcome {
-            Ok((_, upstream)) => {
+            Ok(opened) => {
                 self.connection.logged_in();
                 self.send(&format!(
                     "{tag} OK [CAPABILITY {}] {command} completed\r\n",
-                    upstream.capabilities
+                    opened.upstream.capabilities
                 ))
                 .await?;
-                Ok(Next::Relay(Box::new(upstream)))
+                Ok(Next::Relay(Box::new(opened)))
             }
             Err(e) => self.login_failed(tag, &e).await,
         }
+    }
+
+    /// An upstream session for `account`, whose password was right: a warm
+    /// one if the grant holds and one is ready, else a new one. Either way a
+    /// warm one is then opened for the next login.
+    async fn open_upstream(&self, account: &Account) -> Result<Opened, LoginError> {
+        let (shared, upstreams) = (&self.shared, &self.upstreams);
+        let tokens = &shared.tokens;
+        let open =
+            |account: Account, token| async move { upstreams.open(shared, &account, &token).await };
+        let opened = if shared.config.imap.warm_sessions == 0 {
+            login::open_as(tokens, account, open).await?
+        } else {
+            let token = login::grant_token(tokens, account).await?;
+            match upstreams.take_warm(shared, account, &token.token).await {
+                Some(opened) => {
+                    info!(mailbox = %account.mailbox, "logged in (warm upstream session)");
+                    upstreams.refill(shared, account);
+                    return Ok(opened);
+                }
+                None => login::open_as_from(tokens, account, token, open).await?,
+            }
+        };
+        info!(mailbox = %account.mailbox, "logged in");
+        upstreams.refill(shared, account);
+        Ok(opened)
     }
 
     async fn login_failed(&mut self, tag: &str, e: &LoginError) -> std::io::Result<Next> {
@@ -473,16 +521,4 @@ impl<S: ClientStream> Challenge for PreAuth<S> {
             }
         }
     }
-}
-
-/// Opens `account`'s mailbox upstream with `token` and the handles of the
-/// config in force.
-async fn open_upstream(
-    shared: Arc<Shared>,
-    account: Account,
-    token: Secret,
-) -> Result<ImapUpstream, UpstreamError> {
-    let provider = shared.config.provider(&account.provider);
-    let timeout = shared.config.server.upstream_timeout;
-    upstream::open(&shared.tls, provider, timeout, &account.mailbox, &token).await
 }

@@ -6,7 +6,15 @@
 //! not proof: a NAMESPACE must succeed too. A failed XOAUTH2 may come back as
 //! a challenge (`+ <base64 JSON>`, Dovecot and Google) that must be answered
 //! with an empty line before the final NO arrives.
+//!
+//! The pre-login capabilities decide only whether the XOAUTH2 response may
+//! go on the AUTHENTICATE line (SASL-IR). Outlook's greeting carries none, so
+//! they cost a round trip; [`KnownCapabilities`] remembers them per server
+//! for the life of the listener, and forgets a server's list when a login
+//! made with it fails, so that the next login asks again.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -31,8 +39,30 @@ pub struct ImapUpstream {
     pub capabilities: String,
 }
 
+/// The capabilities each upstream server announced before login, by
+/// `host:port`: a cheap handle, shared by the logins of one listener.
+#[derive(Default)]
+pub struct KnownCapabilities(Mutex<HashMap<String, Vec<String>>>);
+
+impl KnownCapabilities {
+    fn get(&self, server: &str) -> Option<Vec<String>> {
+        let known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        known.get(server).cloned()
+    }
+
+    fn remember(&self, server: &str, capabilities: &[String]) {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        known.insert(server.to_string(), capabilities.to_vec());
+    }
+
+    fn forget(&self, server: &str) {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        known.remove(server);
+    }
+}
+
 /// Opens `mailbox` on `provider`'s IMAP server with `token`, all within
-/// `timeout`.
+/// `timeout`, asking for the server's capabilities.
 pub async fn open(
     tls: &UpstreamTls,
     provider: &Provider,
@@ -40,7 +70,30 @@ pub async fn open(
     mailbox: &str,
     token: &Secret,
 ) -> Result<ImapUpstream, UpstreamError> {
+    open_with(
+        tls,
+        provider,
+        timeout,
+        mailbox,
+        token,
+        &KnownCapabilities::default(),
+    )
+    .await
+}
+
+/// [`open`], with the server's pre-login capabilities taken from `known`
+/// when it holds them (and put there when it does not).
+pub async fn open_with(
+    tls: &UpstreamTls,
+    provider: &Provider,
+    timeout: Duration,
+    mailbox: &str,
+    token: &Secret,
+    known: &KnownCapabilities,
+) -> Result<ImapUpstream, UpstreamError> {
     let server = &provider.imap_server;
+    let key = server.to_string();
+    let remembered = known.get(&key);
     let attempt = async {
         let tcp = tls.connect(server, timeout).await?;
         let mut session = Session::default();
@@ -63,18 +116,32 @@ pub async fn open(
                     BufReader::new(tls.handshake(provider, server, plain.into_inner()).await?);
                 // The pre-TLS capabilities no longer count (RFC 3501 §6.2.1).
                 session.capabilities.clear();
-                session.send(&mut stream, b"x1 CAPABILITY\r\n").await?;
-                session.expect_ok(&mut stream, "x1").await?;
+                if remembered.is_none() {
+                    session.send(&mut stream, b"x1 CAPABILITY\r\n").await?;
+                    session.expect_ok(&mut stream, "x1").await?;
+                }
                 stream
             }
         };
-        session.authenticate(stream, mailbox, token).await
+        if session.capabilities.is_empty()
+            && let Some(capabilities) = &remembered
+        {
+            session.capabilities = capabilities.clone();
+        }
+        session
+            .authenticate(stream, mailbox, token, |caps| {
+                if remembered.is_none() {
+                    known.remember(&key, caps)
+                }
+            })
+            .await
     };
     let started = std::time::Instant::now();
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => {
-            if result.is_ok() {
-                crate::metrics::get().upstream_login(&server.to_string(), started.elapsed());
+            match &result {
+                Ok(_) => crate::metrics::get().upstream_login(&key, started.elapsed()),
+                Err(_) => known.forget(&key),
             }
             result
         }
@@ -82,6 +149,60 @@ pub async fn open(
             "the IMAP server {server} did not complete the login within {}",
             humantime::format_duration(timeout)
         ))),
+    }
+}
+
+impl ImapUpstream {
+    /// Proves that the session still answers: `NOOP`, and its tagged OK
+    /// within `within`. Untagged lines on the way are read and dropped (a
+    /// `BYE` fails it); bytes left behind the OK fail it too, so that the
+    /// session goes to a client with nothing read ahead.
+    pub async fn prove_alive(&mut self, tag: &str, within: Duration) -> Result<(), UpstreamError> {
+        let mut session = Session::default();
+        let command = format!("{tag} NOOP\r\n");
+        let noop = async {
+            session.send(&mut self.stream, command.as_bytes()).await?;
+            session.expect_ok(&mut self.stream, tag).await
+        };
+        match tokio::time::timeout(within, noop).await {
+            Ok(Ok(())) if self.stream.buffer().is_empty() => Ok(()),
+            Ok(Ok(())) => Err(UpstreamError::Unreachable(
+                "the IMAP server sent more after NOOP".into(),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(UpstreamError::Unreachable(format!(
+                "the IMAP server did not answer NOOP within {}",
+                humantime::format_duration(within)
+            ))),
+        }
+    }
+
+    /// Reads one response that the server sent unasked, within `within`:
+    /// an error when it is `BYE`, or the connection ended.
+    pub async fn read_unasked(&mut self, within: Duration) -> Result<(), UpstreamError> {
+        let mut session = Session::default();
+        let read = session.read_line(&mut self.stream);
+        match tokio::time::timeout(within, read).await {
+            Ok(Ok(())) if session.line.starts_with(b"* BYE") => Err(UpstreamError::Unreachable(
+                format!("the IMAP server said `{}`", quote_reply(&session.line)),
+            )),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(UpstreamError::Unreachable(
+                "the IMAP server sent half a line".into(),
+            )),
+        }
+    }
+
+    /// Logs out politely, waiting at most `within` for the answer.
+    pub async fn log_out(mut self, within: Duration) {
+        let mut session = Session::default();
+        let logout = async {
+            session.send(&mut self.stream, b"w9 LOGOUT\r\n").await?;
+            session.expect_ok(&mut self.stream, "w9").await
+        };
+        let _ = tokio::time::timeout(within, logout).await;
+        let _ = tokio::time::timeout(within, self.stream.get_mut().shutdown()).await;
     }
 }
 
@@ -94,7 +215,7 @@ pub(crate) async fn greet_and_log_in<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<String, UpstreamError> {
     let mut session = Session::default();
     session.greeting(stream).await?;
-    session.log_in(stream, mailbox, token).await
+    session.log_in(stream, mailbox, token, |_| {}).await
 }
 
 fn lost(e: std::io::Error) -> UpstreamError {
@@ -255,8 +376,9 @@ impl Session {
         mut stream: BufReader<UpstreamStream>,
         mailbox: &str,
         token: &Secret,
+        learnt: impl FnOnce(&[String]),
     ) -> Result<ImapUpstream, UpstreamError> {
-        let capabilities = self.log_in(&mut stream, mailbox, token).await?;
+        let capabilities = self.log_in(&mut stream, mailbox, token, learnt).await?;
         Ok(ImapUpstream {
             stream,
             capabilities,
@@ -265,13 +387,16 @@ impl Session {
 
     /// The login dialogue after the greeting, over any stream (the fuzz
     /// target drives it in memory): the capabilities a client may see.
+    /// `learnt` is shown the pre-login capabilities the login went by.
     async fn log_in<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         stream: &mut BufReader<S>,
         mailbox: &str,
         token: &Secret,
+        learnt: impl FnOnce(&[String]),
     ) -> Result<String, UpstreamError> {
         self.learn_capabilities(stream).await?;
+        learnt(&self.capabilities);
         let sasl = xoauth2(mailbox, token);
         let sent_response = self.start_xoauth2(stream, &sasl).await?;
         self.capabilities.clear();

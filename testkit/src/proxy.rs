@@ -307,6 +307,22 @@ impl TestProxy {
             .unwrap()
     }
 
+    /// Sends SIGTERM without waiting: the proxy drains its live sessions
+    /// (`shutdown_grace`); [`wait`](Self::wait) for it to exit.
+    pub fn terminate(&self) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+        send_signal(pid as i32, 15);
+    }
+
+    /// Waits up to `timeout` for the proxy to exit; its exit status.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tokio::time::timeout(timeout, child.wait())
+            .await
+            .expect("the proxy exits")
+            .unwrap()
+    }
+
     /// Kills the proxy with SIGKILL, as a crash or the OOM killer would, and
     /// waits for it to be gone.
     pub async fn kill(&mut self) {

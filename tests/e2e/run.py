@@ -1430,6 +1430,18 @@ def s5a_revoked_smtp_at_once(w):
         check(not s.sendmail(OPS, [OPS], f"From: {OPS}\r\nTo: {OPS}\r\nSubject: before revocation\r\n\r\nhi\r\n".encode()), "send before the revocation")
     finally:
         s.quit()
+    # The IMAP login above left a warm upstream session (imap.warm_sessions),
+    # which the next login would take without a new upstream authentication,
+    # so Dovecot, which checks every token at the identity provider, could not
+    # refuse it; the proxy's own grant check learns of a revocation at the
+    # next token renewal (tests/warm_sessions.rs). A reload closes warm
+    # sessions: the login below authenticates anew, as before.
+    offset = w.proxy_log.stat().st_size
+    w.procs["proxy"].send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "config reloaded" not in w.proxy_log_since(offset):
+        check(time.monotonic() < deadline, "the proxy never reloaded")
+        time.sleep(0.05)
     w.idp_control("revoke", mailbox=OPS)
     c = w.imap(login=False)
     try:

@@ -60,6 +60,12 @@ pub struct UpstreamStats {
     pub auth_failed: usize,
     /// Connections open right now.
     pub active: usize,
+    /// TLS handshakes that resumed an earlier session.
+    pub tls_resumed: usize,
+    /// The most connections that were open at once.
+    pub most_active: usize,
+    /// CAPABILITY commands before authentication.
+    pub capabilities_before_login: usize,
 }
 
 pub const GREETING: &str = "* OK The Microsoft Exchange IMAP4 service is ready. [TQBOADIAUABSADAAMQBDAEEAMAAwADEAMgAuAG4AYQBtAHAAcgBkADAAMQAuAHAAcgBvAGQALgBvAHUAdABsAG8AbwBrAC4AYwBvAG0A]";
@@ -89,10 +95,28 @@ struct Shared {
     auth_ok: AtomicUsize,
     auth_failed: AtomicUsize,
     active: AtomicUsize,
+    most_active: AtomicUsize,
+    tls_resumed: AtomicUsize,
+    capabilities_before_login: AtomicUsize,
     commands_seen: Mutex<Vec<String>>,
     tokens_seen: Mutex<Vec<String>>,
     changes: watch::Sender<u64>,
     kick: watch::Sender<u64>,
+    /// What open connections are told to do now, outside any command.
+    aside: watch::Sender<(u64, Aside)>,
+}
+
+/// Something the open connections do between commands, on the test's word.
+#[derive(Clone, Debug, Default)]
+pub(crate) enum Aside {
+    #[default]
+    Nothing,
+    /// Send this untagged line.
+    Untagged(String),
+    /// Say `* BYE …` and close.
+    Bye,
+    /// Stop answering, but keep the connection open.
+    Silence,
 }
 
 impl Shared {
@@ -161,10 +185,14 @@ impl MockImapUpstream {
             auth_ok: AtomicUsize::new(0),
             auth_failed: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            most_active: AtomicUsize::new(0),
+            tls_resumed: AtomicUsize::new(0),
+            capabilities_before_login: AtomicUsize::new(0),
             commands_seen: Mutex::new(Vec::new()),
             tokens_seen: Mutex::new(Vec::new()),
             changes,
             kick: watch::channel(0u64).0,
+            aside: watch::channel((0u64, Aside::Nothing)).0,
         });
         let (stopped, stopped_rx) = watch::channel(false);
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -244,6 +272,30 @@ impl MockImapUpstream {
         self.shared.kick.send_modify(|v| *v += 1);
     }
 
+    /// Every open connection sends `line` (untagged, e.g. `* OK [ALERT] …`)
+    /// as soon as it is not in the middle of a command.
+    pub fn untagged_to_open_sessions(&self, line: &str) {
+        self.aside(Aside::Untagged(line.to_string()));
+    }
+
+    /// Every open connection says `* BYE` and closes, as a server going down does.
+    pub fn bye_open_sessions(&self) {
+        self.aside(Aside::Bye);
+    }
+
+    /// Every open connection stops answering and stays open (a server or
+    /// network that hangs); new connections are served as usual.
+    pub fn silence_open_sessions(&self) {
+        self.aside(Aside::Silence);
+    }
+
+    fn aside(&self, aside: Aside) {
+        self.shared.aside.send_modify(|(n, a)| {
+            *n += 1;
+            *a = aside;
+        });
+    }
+
     pub fn set_hang(&self, on: bool) {
         self.shared.config.lock().unwrap().hang = on;
     }
@@ -308,6 +360,9 @@ impl MockImapUpstream {
             auth_ok: self.shared.auth_ok.load(Ordering::SeqCst),
             auth_failed: self.shared.auth_failed.load(Ordering::SeqCst),
             active: self.shared.active.load(Ordering::SeqCst),
+            tls_resumed: self.shared.tls_resumed.load(Ordering::SeqCst),
+            most_active: self.shared.most_active.load(Ordering::SeqCst),
+            capabilities_before_login: self.shared.capabilities_before_login.load(Ordering::SeqCst),
         }
     }
 
@@ -354,7 +409,8 @@ async fn accept_loop(
                     continue;
                 }
                 shared.connections.fetch_add(1, Ordering::SeqCst);
-                shared.active.fetch_add(1, Ordering::SeqCst);
+                let now = shared.active.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.most_active.fetch_max(now, Ordering::SeqCst);
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let _guard = ActiveGuard(shared.clone());
@@ -384,12 +440,20 @@ async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, mut shutdown: watch
             _ => return,
         },
     };
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        shared.tls_resumed.fetch_add(1, Ordering::SeqCst);
+    }
     let hang = shared.config.lock().unwrap().hang;
     let mut session = Session {
         io: BufReader::with_capacity(64 * 1024, tls),
         line: Vec::new(),
         out: Vec::with_capacity(8 * 1024),
         changes: shared.changes.subscribe(),
+        aside: {
+            let mut aside = shared.aside.subscribe();
+            aside.borrow_and_update();
+            aside
+        },
         shared,
         user: None,
         not_connected: false,

@@ -14,7 +14,8 @@ use tokio_rustls::server::TlsStream;
 use super::mailbox::has_flag;
 use super::parse::{Command, tokenize, trailing_literal};
 use super::{
-    FailureStyle, GREETING, LARGE_WRITE, MAX_LINE, MAX_LITERAL, PRE_AUTH_CAPABILITIES, Shared,
+    Aside, FailureStyle, GREETING, LARGE_WRITE, MAX_LINE, MAX_LITERAL, PRE_AUTH_CAPABILITIES,
+    Shared,
 };
 use crate::parse_xoauth2;
 
@@ -30,6 +31,8 @@ pub(super) struct Session {
     pub(super) out: Vec<u8>,
     pub(super) shared: Arc<Shared>,
     pub(super) changes: watch::Receiver<u64>,
+    /// What the test asks open connections to do between commands.
+    pub(super) aside: watch::Receiver<(u64, Aside)>,
     pub(super) user: Option<String>,
     pub(super) not_connected: bool,
     /// The bearer token this session authenticated with.
@@ -53,6 +56,9 @@ impl Session {
         self.put(GREETING);
         self.flush().await?;
         loop {
+            if !self.between_commands().await? {
+                return Ok(());
+            }
             let Some(cmd) = self.read_command().await? else {
                 return Ok(());
             };
@@ -65,6 +71,43 @@ impl Session {
             self.flush().await?;
             if !keep_going {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Waits for the next command's first byte, doing what the test asks
+    /// meanwhile; false when the connection is to end.
+    async fn between_commands(&mut self) -> Io<bool> {
+        loop {
+            if !self.line.is_empty() || !self.io.buffer().is_empty() {
+                return Ok(true);
+            }
+            tokio::select! {
+                r = self.io.fill_buf() => { r?; return Ok(true) }
+                r = self.aside.changed() => {
+                    if r.is_err() {
+                        return Ok(true);
+                    }
+                    let aside = self.aside.borrow_and_update().1.clone();
+                    match aside {
+                        Aside::Nothing => {}
+                        Aside::Untagged(line) => {
+                            self.put(&line);
+                            self.flush().await?;
+                        }
+                        Aside::Bye => {
+                            self.put("* BYE Server shutting down.");
+                            self.flush().await?;
+                            return Ok(false);
+                        }
+                        Aside::Silence => {
+                            // Swallow whatever comes until the peer goes away.
+                            let mut sink = vec![0u8; 4096];
+                            while self.io.read(&mut sink).await? > 0 {}
+                            return Ok(false);
+                        }
+                    }
+                }
             }
         }
     }
@@ -235,6 +278,8 @@ impl Session {
                         .post_auth_capabilities
                         .clone()
                 } else {
+                    let before = &self.shared.capabilities_before_login;
+                    before.fetch_add(1, Ordering::SeqCst);
                     PRE_AUTH_CAPABILITIES.to_string()
                 };
                 self.put(&format!("* CAPABILITY {caps}"));
