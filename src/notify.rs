@@ -622,6 +622,7 @@ mod tests {
             last_refresh: None,
             last_error: None,
             last_error_at: None,
+            last_client_login: Default::default(),
         }
     }
 

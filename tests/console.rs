@@ -602,3 +602,24 @@ async fn the_examples_admin_password_is_warned_about_and_no_other() {
         .await;
     assert!(!own.logs().contains("change-me"), "{}", own.logs());
 }
+
+#[tokio::test]
+async fn a_row_shows_when_a_client_last_logged_in_over_each_protocol() {
+    let world = World::start().await;
+    let account = AccountSpec::device(SALES, "pw");
+    let proxy = console_proxy_granted(&world, &account, "").await;
+    let mut b = Browser::new(&proxy);
+    b.signed_in().await;
+    let before = b.row(SALES).await;
+    assert!(
+        before.contains("IMAP never") && before.contains("SMTP never"),
+        "{before}"
+    );
+    let ok = LineClient::imap_login(proxy.imap_addr, SALES, "pw").await;
+    assert!(ok.starts_with("a OK"), "{ok}");
+    let after = b.row(SALES).await;
+    assert!(
+        !after.contains("IMAP never") && after.contains("SMTP never"),
+        "{after}"
+    );
+}

@@ -424,7 +424,13 @@ impl<S: ClientStream> PreAuth<S> {
         let checked =
             login::check_password(&shared.accounts, delay, peer, username, password).await;
         let outcome = match checked {
-            Ok(account) => self.open_upstream(&account).await,
+            Ok(account) => {
+                let opened = self.open_upstream(&account).await;
+                if opened.is_ok() {
+                    shared.tokens.client_logged_in(&account.username, "imap");
+                }
+                opened
+            }
             Err(e) => Err(e),
         };
         crate::metrics::get().login("imap", &outcome);

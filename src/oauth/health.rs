@@ -54,6 +54,16 @@ pub struct AccountHealth {
     pub last_error: Option<String>,
     /// Unix seconds of `last_error`.
     pub last_error_at: Option<u64>,
+    /// Unix seconds of the last client login through the proxy, by protocol.
+    pub last_client_login: ClientLogins,
+}
+
+/// When a client last logged in through the proxy, per protocol (Unix
+/// seconds): the console shows whether NocoBase still uses an account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientLogins {
+    pub imap: Option<u64>,
+    pub smtp: Option<u64>,
 }
 
 /// Why an account needs `login`, and since when.
@@ -88,6 +98,7 @@ impl AccountHealth {
             last_refresh: None,
             last_error: None,
             last_error_at: None,
+            last_client_login: ClientLogins::default(),
         }
     }
 
@@ -228,6 +239,17 @@ impl Slot {
 
     fn write(&self) -> MutexGuard<'_, AccountHealth> {
         lock(&self.record)
+    }
+
+    /// A client logged in over `protocol` (`imap` or `smtp`) at `now`. Not
+    /// a transition: nobody is woken.
+    pub(super) fn client_logged_in(&self, protocol: &str, now: u64) {
+        let mut record = self.write();
+        let logins = &mut record.last_client_login;
+        match protocol {
+            "imap" => logins.imap = Some(now),
+            _ => logins.smtp = Some(now),
+        }
     }
 
     /// A grant as read from its file (or its absence, as a default grant).

@@ -51,7 +51,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Account, Config, Flow};
 use crate::secret::Secret;
 use aadsts::ErrorClass;
-pub use health::{AccountHealth, AccountState, Health};
+pub use health::{AccountHealth, AccountState, ClientLogins, Health};
 use provider::{Grant, GrantError, ProviderClient};
 use store::{GrantLock, LoadError, LockError, Revision, StoredGrant, TokenStore, unix_now};
 
@@ -218,6 +218,14 @@ impl TokenManager {
     /// and last error. `None` for an account not in the config.
     pub fn health(&self, username: &str) -> Option<AccountHealth> {
         self.health.get(username)
+    }
+
+    /// Notes that a client logged in as `username` over `protocol` (`imap`
+    /// or `smtp`), for the console's "last client login".
+    pub fn client_logged_in(&self, username: &str, protocol: &str) {
+        if let Ok(entry) = self.entry(username) {
+            entry.health.client_logged_in(protocol, unix_now());
+        }
     }
 
     /// The health of every configured account, by username.

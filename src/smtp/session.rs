@@ -477,6 +477,8 @@ impl<S: ClientStream> Session<S> {
     }
 
     async fn logged_in(&mut self, account: Account) -> std::io::Result<Next> {
+        let tokens = &self.shared.tokens;
+        tokens.client_logged_in(&account.username, "smtp");
         info!(mailbox = %account.mailbox, "logged in");
         self.connection.logged_in();
         self.account = Some(account);

@@ -58,6 +58,11 @@ impl Console {
                 health,
                 device: self.sign_ins.device(&account.username),
                 problem: problem.as_deref(),
+                client_logins: shared
+                    .tokens
+                    .health(&account.username)
+                    .map(|h| h.last_client_login)
+                    .unwrap_or_default(),
             };
             rows.push((
                 account.username.clone(),

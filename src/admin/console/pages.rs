@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 use super::sign_ins::Device;
 use crate::check::Step;
 use crate::config::Flow;
-use crate::oauth::AccountState;
 use crate::oauth::status::AccountStatus;
+use crate::oauth::{AccountState, ClientLogins};
 
 /// A page: the head, the header with the navigation when signed in, and `main`.
 fn page(title: &str, csrf: Option<&str>, main: Markup) -> Markup {
@@ -77,6 +77,8 @@ pub struct Row<'a> {
     pub device: Option<Device>,
     /// Why the grant file could not be read, if it could not.
     pub problem: Option<&'a str>,
+    /// When a client last logged in, per protocol (this process's record).
+    pub client_logins: ClientLogins,
 }
 
 /// The Accounts page: a row per account, and a notice at the top.
@@ -103,6 +105,7 @@ pub fn accounts(rows: &[String], csrf: &str, notice: Option<(&str, bool)>) -> Ma
                             th scope="col" { "State" }
                             th scope="col" { "Access token" }
                             th scope="col" { "Last refresh" }
+                            th scope="col" { "Last client login" }
                             th scope="col" { "Last error" }
                             th scope="col" { "Actions" }
                         }
@@ -122,12 +125,21 @@ pub fn account_row(row: &Row, csrf: &str, now: u64) -> (String, String) {
     let s = row.status;
     let cells = html! {
         th scope="row" data-label="Account" { (s.account) }
-        td data-label="Mailbox" { (s.mailbox) }
+        td data-label="Mailbox" {
+            (s.mailbox)
+            @if let Some(user) = s.signed_in_as.as_ref().filter(|u| !u.eq_ignore_ascii_case(&s.mailbox)) {
+                br; small { "signed in as " (user) }
+            }
+        }
         td data-label="Provider" { (s.provider) }
         td data-label="Flow" { (flow_name(s.flow)) }
         td data-label="State" { (state_cell(row)) }
         td data-label="Access token" { (expiry(s, now)) }
         td data-label="Last refresh" { (when(s.last_refresh, now)) }
+        td data-label="Last client login" {
+            "IMAP " (when(row.client_logins.imap, now)) br;
+            "SMTP " (when(row.client_logins.smtp, now))
+        }
         td data-label="Last error" { (last_error(row, now)) }
         td data-label="Actions" {
             div.actions {
@@ -430,6 +442,7 @@ mod tests {
                 verification_uri: "javascript:alert(3)\"".into(),
             }),
             problem: None,
+            client_logins: ClientLogins::default(),
         };
         let (_, html) = account_row(&row, "tok\"en", 0);
         for raw in ["<script>", "<img", "<b>", "alert(3)\"", "tok\"en"] {
@@ -448,6 +461,7 @@ mod tests {
             health,
             device: None,
             problem: None,
+            client_logins: ClientLogins::default(),
         };
         let (needs, _) = account_row(&row(AccountState::NeedsLogin), "t", 0);
         let (again, _) = account_row(&row(AccountState::NeedsLogin), "t", 0);
