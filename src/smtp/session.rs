@@ -886,13 +886,7 @@ async fn pump_message<S: ClientStream>(
     let mut upstream_ok = true;
     let relayed = crate::metrics::get().relayed("smtp", UPSTREAM);
     loop {
-        let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
-            Ok(chunk) => chunk?,
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-        };
-        if chunk.is_empty() {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
+        let chunk = data_chunk(client, idle).await?;
         let (n, done) = end.scan(chunk);
         if upstream_ok {
             let upstream = lease.conn().stream.get_mut();
@@ -914,6 +908,22 @@ async fn pump_message<S: ClientStream>(
     Ok(upstream_ok)
 }
 
+/// The client's next bytes of DATA content, waiting at most `idle`; the
+/// client closing before the terminator is an error.
+async fn data_chunk<S: ClientStream>(
+    client: &mut BufReader<S>,
+    idle: Duration,
+) -> std::io::Result<&[u8]> {
+    let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
+        Ok(chunk) => chunk?,
+        Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+    };
+    if chunk.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(chunk)
+}
+
 /// Reads DATA content from the client up to the `CRLF . CRLF` terminator
 /// and undoes dot-stuffing (RFC 5321 §4.5.2): the message as the client
 /// composed it, for Graph. `None` when it is longer than `limit`: the rest
@@ -927,13 +937,7 @@ async fn read_message<S: ClientStream>(
     let mut wire = Vec::new();
     let mut too_large = false;
     loop {
-        let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
-            Ok(chunk) => chunk?,
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-        };
-        if chunk.is_empty() {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
+        let chunk = data_chunk(client, idle).await?;
         let (n, done) = end.scan(chunk);
         // Dot-stuffing adds at most a byte per line: a little slack.
         if wire.len() + n > limit + limit / 8 + END_OF_DATA.len() {
