@@ -486,15 +486,19 @@ impl Accepting {
                 Ok(admitted) => {
                     let connection =
                         Connection::new(peer, transport == Transport::ImplicitTls, admitted.1);
-                    let session = serve(protocol.clone(), shared, stream, connection, transport);
-                    let permit = admitted.0;
-                    self.tracker.spawn(
-                        async move {
-                            session.await;
-                            drop(permit);
-                        }
-                        .instrument(span),
+                    // The session's future is the task itself, not awaited
+                    // inside an `async` block that captured it: that block
+                    // would hold it twice (the captured value and the awaited
+                    // state), and every idle session keeps its task for life.
+                    let session = serve(
+                        protocol.clone(),
+                        shared,
+                        stream,
+                        connection,
+                        transport,
+                        admitted.0,
                     );
+                    self.tracker.spawn(session.instrument(span));
                 }
                 Err(busy) => {
                     if let Some(unlogged) = refusals.note(busy) {
@@ -592,13 +596,15 @@ fn log_refusal(busy: Busy, shared: &Shared, unlogged: u64) {
 }
 
 /// Serves one admitted connection with `shared`, counted in the open
-/// connections gauge.
+/// connections gauge; its place under `server.max_connections` (`permit`)
+/// is given back at the end.
 async fn serve<P: Protocol>(
     protocol: Arc<P>,
     shared: Arc<Shared>,
     stream: TcpStream,
     connection: Connection,
     transport: Transport,
+    permit: OwnedSemaphorePermit,
 ) {
     let gauge = crate::metrics::get()
         .connections
@@ -610,9 +616,15 @@ async fn serve<P: Protocol>(
             crate::metrics::get().client_tls(P::NAME, "plain", true);
             protocol.serve(shared, stream, connection).await
         }
-        Transport::ImplicitTls => serve_over_tls(&*protocol, shared, stream, connection).await,
+        // Boxed: a future is as large as its largest state, and the TLS
+        // handshake and the session over a `TlsStream` would otherwise make
+        // every plain connection's task that large too.
+        Transport::ImplicitTls => {
+            Box::pin(serve_over_tls(&*protocol, shared, stream, connection)).await
+        }
     }
     gauge.dec();
+    drop(permit);
 }
 
 /// Runs the TLS handshake with the certificate of `shared`, within the
@@ -635,5 +647,31 @@ async fn serve_over_tls<P: Protocol>(
     match accepted {
         Ok(stream) => protocol.serve(shared.clone(), stream, connection).await,
         Err(e) => info!("{e}; closing"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, B, C, D, E, G, R>(_: impl FnOnce(A, B, C, D, E, G) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every idle session keeps its task, whose size is that of the future
+    /// `serve` returns, for its whole life: most of what an idle session
+    /// costs (docs/benchmarks.md, idle sessions). A future is as large as
+    /// its largest state, so one rare state held inline (a TLS handshake, a
+    /// login, a message being sent) makes every session's task that large;
+    /// such states are boxed. 8 KiB leaves room for growth, and fails the
+    /// day a large state slips back inline (it once made each task 26 KB).
+    #[test]
+    fn a_sessions_task_stays_small() {
+        const MOST: usize = 8 * 1024;
+        let imap = returned_size(serve::<Imap>);
+        let smtp = returned_size(serve::<Smtp>);
+        assert!(imap <= MOST, "an IMAP session's task is {imap} bytes");
+        assert!(smtp <= MOST, "an SMTP session's task is {smtp} bytes");
     }
 }

@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 
 use super::capabilities::filter_capabilities;
 use crate::config::{Provider, TlsMode};
@@ -194,12 +196,20 @@ impl ImapUpstream {
         }
     }
 
-    /// Logs out politely, waiting at most `within` for the answer.
+    /// Logs out politely, waiting at most `within` for the answer and then
+    /// for the server to close the connection.
+    ///
+    /// The server closes after its OK (RFC 9051 §6.1.3). Waiting for that
+    /// close, not only for the OK, is what lets the caller give the
+    /// connection's place in the mailbox's cap to the next one: until the
+    /// server has closed, it may still count this connection against its own
+    /// per-mailbox limit.
     pub async fn log_out(mut self, within: Duration) {
         let mut session = Session::default();
         let logout = async {
             session.send(&mut self.stream, b"w9 LOGOUT\r\n").await?;
-            session.expect_ok(&mut self.stream, "w9").await
+            session.expect_ok(&mut self.stream, "w9").await?;
+            until_closed(&mut self.stream).await
         };
         let _ = tokio::time::timeout(within, logout).await;
         let _ = tokio::time::timeout(within, self.stream.get_mut().shutdown()).await;
@@ -217,6 +227,31 @@ pub(crate) async fn greet_and_log_in<S: AsyncRead + AsyncWrite + Unpin>(
     session.greeting(stream).await?;
     session.log_in(stream, mailbox, token, |_| {}).await
 }
+
+/// Reads until the server closes the connection, dropping what it reads;
+/// a server that sends more than [`AFTER_LOGOUT`] bytes after its OK is not
+/// waited for.
+async fn until_closed<S: AsyncRead + Unpin>(
+    stream: &mut BufReader<S>,
+) -> Result<(), UpstreamError> {
+    let mut left = AFTER_LOGOUT;
+    loop {
+        let read = stream.fill_buf().await.map_err(lost)?.len();
+        if read == 0 {
+            return Ok(());
+        }
+        stream.consume(read);
+        left = left.saturating_sub(read);
+        if left == 0 {
+            return Err(UpstreamError::Unreachable(
+                "the IMAP server went on talking after LOGOUT".into(),
+            ));
+        }
+    }
+}
+
+/// The most that is read after LOGOUT's OK while waiting for the close.
+const AFTER_LOGOUT: usize = 4096;
 
 fn lost(e: std::io::Error) -> UpstreamError {
     UpstreamError::Unreachable(format!(

@@ -349,9 +349,10 @@ impl WarmOpening {
             return;
         };
         if *lock(&upstreams.mailbox(&account).waiting) > 0 {
-            // A login waits for this session's place in the cap.
-            drop(slot);
-            return upstream.log_out(PROOF).await;
+            // A login waits for this session's place in the cap: it gets it
+            // once the server has closed this connection, not before.
+            upstream.log_out(PROOF).await;
+            return drop(slot);
         }
         crate::metrics::get().warm("opened");
         let (hand_over, asked) = oneshot::channel();

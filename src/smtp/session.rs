@@ -331,16 +331,20 @@ impl<S: ClientStream> Session<S> {
                 .error(501, "5.5.4 Syntax error in command or arguments")
                 .await;
         };
+        // AUTH, MAIL and DATA are boxed: their futures (a login, an
+        // upstream's opening, a message on its way) are the largest states of
+        // the session's, and held inline they would make every idle
+        // session's task as large (`server`'s test on the task's size).
         match command {
             Command::Ehlo => self.ehlo().await,
             Command::Helo => self.helo().await,
             Command::Auth {
                 mechanism,
                 initial_response,
-            } => self.auth(&mechanism, initial_response).await,
-            Command::Mail => self.mail(&line).await,
+            } => Box::pin(self.auth(&mechanism, initial_response)).await,
+            Command::Mail => Box::pin(self.mail(&line)).await,
             Command::Rcpt => self.rcpt(&line).await,
-            Command::Data => self.data().await,
+            Command::Data => Box::pin(self.data()).await,
             Command::Rset => self.rset().await,
             Command::Noop => self.answer(250, "2.0.0 OK").await,
             Command::Quit => self.quit().await,

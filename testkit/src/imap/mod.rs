@@ -413,8 +413,8 @@ async fn accept_loop(
                 shared.most_active.fetch_max(now, Ordering::SeqCst);
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let _guard = ActiveGuard(shared.clone());
-                    run_connection(shared, tcp, conn_shutdown).await;
+                    let active = ActiveGuard(shared.clone());
+                    run_connection(shared, tcp, conn_shutdown, active).await;
                 });
             }
         }
@@ -429,7 +429,12 @@ impl Drop for ActiveGuard {
     }
 }
 
-async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, mut shutdown: watch::Receiver<bool>) {
+async fn run_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+    active: ActiveGuard,
+) {
     let mut kick = shared.kick.subscribe();
     kick.borrow_and_update();
     let _ = tcp.set_nodelay(true);
@@ -479,4 +484,9 @@ async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, mut shutdown: watch
         _ = kick.changed() => {}
         _ = session.run() => {}
     }
+    // Like a server that counts sessions, not sockets: the session is no
+    // longer counted by the time its close reaches the client, which may
+    // then count on its place under a per-mailbox limit being free.
+    drop(active);
+    drop(session);
 }
