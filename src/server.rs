@@ -133,7 +133,7 @@ pub async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
-    mut reloads: mpsc::Receiver<()>,
+    reloads: mpsc::Receiver<()>,
 ) -> Result<(), String> {
     // The password check slots and the failed-login counters hold for the
     // process: each reload's `Shared` gets the same guard. So do the
@@ -144,49 +144,17 @@ pub async fn run(
     shared.prepare_state_dir().await?;
     shared.tokens.publish_health().await;
 
-    let Listeners {
-        imap,
-        smtp,
-        admin,
-        imap_tls,
-        smtp_tls,
-    } = listeners;
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
     let (publish, current) = watch::channel(shared.clone());
     let accepting = Accepting {
         current,
-        limit,
+        limit: Arc::new(Semaphore::new(shared.config.server.max_connections)),
         prelogin: PreloginSlots::default(),
         tracker: tracker.clone(),
         stop: stop.clone(),
     };
-
-    let imap_protocol = Arc::new(Imap::new(&shared.config.imap));
-    tracker.spawn(
-        accepting
-            .clone()
-            .accept_loop(imap, imap_protocol.clone(), Transport::Plain),
-    );
-    if let Some(listener) = imap_tls {
-        tracker.spawn(accepting.clone().accept_loop(
-            listener,
-            imap_protocol.clone(),
-            Transport::ImplicitTls,
-        ));
-    }
-    let smtp_protocol = Arc::new(Smtp::new(&shared.config.smtp));
-    if let Some(listener) = smtp_tls {
-        let protocol = smtp_protocol.clone();
-        tracker.spawn(
-            accepting
-                .clone()
-                .accept_loop(listener, protocol, Transport::ImplicitTls),
-        );
-    }
-    tracker.spawn(accepting.accept_loop(smtp, smtp_protocol, Transport::Plain));
-    crate::metrics::get().register_protocols(&[Imap::NAME, Smtp::NAME]);
+    let (imap, admin) = start_listeners(listeners, accepting, &shared.config);
     let admin_limits = shared.config.admin.clone();
     tokio::spawn(crate::admin::serve(
         admin,
@@ -202,6 +170,79 @@ pub async fn run(
         health,
         notifier,
     };
+    say_ready(&shared);
+    let config_path = shared.config.path.clone();
+    let grace = shared.config.server.shutdown_grace;
+    drop(shared);
+
+    let in_force = InForce {
+        path: config_path,
+        publish,
+        lasting,
+        imap,
+    };
+    in_force.until(shutdown, reloads).await;
+    info!("shutting down: no new connections; waiting for live sessions");
+    stop.cancel();
+    in_force.imap.close_warm();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            "{} session(s) still open after {}; closing them",
+            tracker.len(),
+            humantime::format_duration(grace)
+        );
+    }
+    let shared = in_force.publish.borrow().clone();
+    shared.tokens.save_before_exit().await;
+    Ok(())
+}
+
+/// Spawns the accept loops of the mail listeners; gives back the IMAP
+/// protocol (whose warm sessions a reload closes) and the admin listener.
+fn start_listeners(
+    listeners: Listeners,
+    accepting: Accepting,
+    config: &Config,
+) -> (Arc<Imap>, TcpListener) {
+    let Listeners {
+        imap,
+        smtp,
+        admin,
+        imap_tls,
+        smtp_tls,
+    } = listeners;
+    let tracker = accepting.tracker.clone();
+    let imap_protocol = Arc::new(Imap::new(&config.imap));
+    let smtp_protocol = Arc::new(Smtp::new(&config.smtp));
+    let imap_loop = accepting
+        .clone()
+        .accept_loop(imap, imap_protocol.clone(), Transport::Plain);
+    tracker.spawn(imap_loop);
+    if let Some(listener) = imap_tls {
+        let protocol = imap_protocol.clone();
+        tracker.spawn(
+            accepting
+                .clone()
+                .accept_loop(listener, protocol, Transport::ImplicitTls),
+        );
+    }
+    if let Some(listener) = smtp_tls {
+        let protocol = smtp_protocol.clone();
+        tracker.spawn(
+            accepting
+                .clone()
+                .accept_loop(listener, protocol, Transport::ImplicitTls),
+        );
+    }
+    tracker.spawn(accepting.accept_loop(smtp, smtp_protocol, Transport::Plain));
+    crate::metrics::get().register_protocols(&[Imap::NAME, Smtp::NAME]);
+    (imap_protocol, admin)
+}
+
+/// Logs where the proxy listens, its client certificate, and which
+/// accounts need a login.
+fn say_ready(shared: &Shared) {
     info!(
         imap = %shared.config.imap.listen,
         smtp = %shared.config.smtp.listen,
@@ -219,45 +260,47 @@ pub async fn run(
         );
     }
     say_who_needs_login(shared.tokens.healths());
-    let config_path = shared.config.path.clone();
-    let grace = shared.config.server.shutdown_grace;
-    drop(shared);
+}
 
-    let mut renewal_check =
-        tokio::time::interval_at(tokio::time::Instant::now() + RENEWAL_CHECK, RENEWAL_CHECK);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(()) = reloads.recv() => {
-                reload(&config_path, &publish, &lasting).await;
-                imap_protocol.close_warm();
-            }
-            _ = renewal_check.tick() => {
-                let now = std::time::SystemTime::now();
-                let due = publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
-                if due {
-                    info!("the proxy's server certificate ends within 30 days; renewing it");
-                    reload(&config_path, &publish, &lasting).await;
-                    imap_protocol.close_warm();
+/// The config in force, with what replaces it: the file it is read from
+/// again, the channel new connections take it from, and what lasts across
+/// reloads.
+struct InForce {
+    path: std::path::PathBuf,
+    publish: watch::Sender<Arc<Shared>>,
+    lasting: Lasting,
+    imap: Arc<Imap>,
+}
+
+impl InForce {
+    /// Reloads at each message on `reloads` and when the client
+    /// certificate is due for renewal, until `shutdown` completes.
+    async fn until(&self, shutdown: impl Future<Output = ()>, mut reloads: mpsc::Receiver<()>) {
+        let first = tokio::time::Instant::now() + RENEWAL_CHECK;
+        let mut renewal_check = tokio::time::interval_at(first, RENEWAL_CHECK);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                Some(()) = reloads.recv() => self.reload().await,
+                _ = renewal_check.tick() => {
+                    let now = std::time::SystemTime::now();
+                    let due = self.publish.borrow().local_tls.as_ref().is_some_and(|t| t.renewal_due(now));
+                    if due {
+                        info!("the proxy's server certificate ends within 30 days; renewing it");
+                        self.reload().await;
+                    }
                 }
             }
         }
     }
-    info!("shutting down: no new connections; waiting for live sessions");
-    stop.cancel();
-    imap_protocol.close_warm();
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(
-            "{} session(s) still open after {}; closing them",
-            tracker.len(),
-            humantime::format_duration(grace)
-        );
+
+    /// A reload: the new config for new connections, and no warm session
+    /// left of the old one.
+    async fn reload(&self) {
+        reload(&self.path, &self.publish, &self.lasting).await;
+        self.imap.close_warm();
     }
-    let shared = publish.borrow().clone();
-    shared.tokens.save_before_exit().await;
-    Ok(())
 }
 
 /// Refreshes the idle grants of the config in force (`grant_keepalive`)
@@ -342,66 +385,11 @@ struct Lasting {
 /// connections. A bad config is refused and the old one stays; so is one
 /// without accounts (an emptied or half-written file would fail every login).
 async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting: &Lasting) {
-    let config = match Config::load(path) {
-        Ok(c) if c.accounts.is_empty() => {
-            error!(
-                "reload refused, the running config stays in force: {} has no [[accounts]], so every login would fail; put the accounts back and reload again (restart to run without any)",
-                path.display()
-            );
-            return;
-        }
-        Ok(c) => c,
-        Err(e) => {
-            error!("reload refused, the running config stays in force: {e}");
-            return;
-        }
+    let Some(config) = load_again(path) else {
+        return;
     };
-    if let Some(warning) = crate::config::exposed_secret_warning(&config) {
-        warn!("{warning}");
-    }
     let old = publish.borrow().clone();
-    for (what, before, after) in [
-        ("imap.listen", old.config.imap.listen, config.imap.listen),
-        ("smtp.listen", old.config.smtp.listen, config.smtp.listen),
-        ("admin.listen", old.config.admin.listen, config.admin.listen),
-    ] {
-        if before != after {
-            warn!("`{what}` changed to {after}; listeners move only on restart, still on {before}");
-        }
-    }
-    let pools_unchanged = {
-        let (a, b) = (&old.config.smtp, &config.smtp);
-        a.max_connections_per_mailbox == b.max_connections_per_mailbox
-            && a.pool_wait == b.pool_wait
-            && a.pool_idle_timeout == b.pool_idle_timeout
-    };
-    for (what, before, after) in [
-        (
-            "imap.tls_listen",
-            old.config.imap.tls_listen,
-            config.imap.tls_listen,
-        ),
-        (
-            "smtp.tls_listen",
-            old.config.smtp.tls_listen,
-            config.smtp.tls_listen,
-        ),
-    ] {
-        if before != after {
-            warn!(
-                "`{what}` changed to {after:?}; listeners move only on restart, still {before:?}"
-            );
-        }
-    }
-    if !pools_unchanged {
-        warn!("the [smtp] pool settings changed; they apply from the next restart");
-    }
-    let (a, b) = (&old.config.server, &config.server);
-    if (a.password_checks, a.password_check_queue) != (b.password_checks, b.password_check_queue) {
-        warn!(
-            "`server.password_checks` or `password_check_queue` changed; they apply from the next restart"
-        );
-    }
+    warn_of_restart_only_changes(&old.config, &config);
     let prepared = match Shared::new(config, &lasting.guard, &lasting.health) {
         Ok(s) => s.prepare_state_dir().await.map(|()| s),
         Err(e) => Err(e),
@@ -418,16 +406,7 @@ async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, la
         providers = shared.config.providers.len(),
         "config reloaded; live sessions keep the config they started with"
     );
-    if let Some(tls) = &shared.local_tls {
-        let certificate = tls.certificate();
-        if old.local_tls.as_ref().map(|t| t.certificate()) != Some(certificate) {
-            info!(
-                "new TLS connections get the certificate in {}: {}",
-                certificate.path.display(),
-                certificate.describe(std::time::SystemTime::now())
-            );
-        }
-    }
+    say_if_certificate_changed(&old, &shared);
     shared.tokens.publish_health().await;
     lasting.notifier.reconfigure(&shared.config.admin);
     let added = shared
@@ -438,6 +417,84 @@ async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, la
         .filter_map(|a| shared.tokens.health(&a.username));
     say_who_needs_login(added);
     let _ = publish.send(shared);
+}
+
+/// The config file read again, or `None` (logged) when it is refused.
+fn load_again(path: &std::path::Path) -> Option<Config> {
+    let config = match Config::load(path) {
+        Ok(c) if c.accounts.is_empty() => {
+            error!(
+                "reload refused, the running config stays in force: {} has no [[accounts]], so every login would fail; put the accounts back and reload again (restart to run without any)",
+                path.display()
+            );
+            return None;
+        }
+        Ok(c) => c,
+        Err(e) => {
+            error!("reload refused, the running config stays in force: {e}");
+            return None;
+        }
+    };
+    if let Some(warning) = crate::config::exposed_secret_warning(&config) {
+        warn!("{warning}");
+    }
+    Some(config)
+}
+
+/// Warns of each change between `old` and `new` that a reload does not put
+/// in force: listeners, the SMTP pools, the password check queue.
+fn warn_of_restart_only_changes(old: &Config, new: &Config) {
+    for (what, before, after) in [
+        ("imap.listen", old.imap.listen, new.imap.listen),
+        ("smtp.listen", old.smtp.listen, new.smtp.listen),
+        ("admin.listen", old.admin.listen, new.admin.listen),
+    ] {
+        if before != after {
+            warn!("`{what}` changed to {after}; listeners move only on restart, still on {before}");
+        }
+    }
+    for (what, before, after) in [
+        ("imap.tls_listen", old.imap.tls_listen, new.imap.tls_listen),
+        ("smtp.tls_listen", old.smtp.tls_listen, new.smtp.tls_listen),
+    ] {
+        if before != after {
+            warn!(
+                "`{what}` changed to {after:?}; listeners move only on restart, still {before:?}"
+            );
+        }
+    }
+    let (a, b) = (&old.smtp, &new.smtp);
+    let pools = |s: &crate::config::SmtpSection| {
+        (
+            s.max_connections_per_mailbox,
+            s.pool_wait,
+            s.pool_idle_timeout,
+        )
+    };
+    if pools(a) != pools(b) {
+        warn!("the [smtp] pool settings changed; they apply from the next restart");
+    }
+    let (a, b) = (&old.server, &new.server);
+    if (a.password_checks, a.password_check_queue) != (b.password_checks, b.password_check_queue) {
+        warn!(
+            "`server.password_checks` or `password_check_queue` changed; they apply from the next restart"
+        );
+    }
+}
+
+/// Says which certificate new TLS clients get, when a reload changed it.
+fn say_if_certificate_changed(old: &Shared, new: &Shared) {
+    let Some(tls) = &new.local_tls else {
+        return;
+    };
+    let certificate = tls.certificate();
+    if old.local_tls.as_ref().map(|t| t.certificate()) != Some(certificate) {
+        info!(
+            "new TLS connections get the certificate in {}: {}",
+            certificate.path.display(),
+            certificate.describe(std::time::SystemTime::now())
+        );
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str, key: &str) -> Result<TcpListener, String> {

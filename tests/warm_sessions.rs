@@ -80,6 +80,13 @@ async fn warmed_up(world: &World, proxy: &TestProxy) -> String {
         .imap
         .wait_for_stats(|s| s.active == 1 && s.auth_ok == 2, T)
         .await;
+    // The server counts the login before the proxy has proven the session
+    // (NAMESPACE) and parked it: wait for the proxy's own word.
+    let parked = tokio::time::Instant::now() + T;
+    while warm(proxy, "opened").await < 1 {
+        assert!(tokio::time::Instant::now() < parked, "{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     answer
 }
 
