@@ -124,26 +124,10 @@ fn kinds(runs: &[Env]) -> Vec<&str> {
         .collect()
 }
 
-async fn metrics(proxy: &TestProxy) -> String {
-    reqwest::get(format!("http://{}/metrics", proxy.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one series of `/metrics`.
-async fn metric(proxy: &TestProxy, series: &str) -> Option<f64> {
-    let text = metrics(proxy).await;
-    let value = text
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?;
-    Some(value.trim().parse().unwrap())
-}
-
-fn needs_login_series() -> String {
-    format!("xoauth2_proxy_account_needs_login{{account=\"{USER}\"}}")
+/// Whether the proxy says `USER` needs `login` (1) or not (0).
+async fn needs_login(proxy: &TestProxy) -> Option<f64> {
+    let name = "xoauth2_proxy_account_needs_login";
+    proxy.metric(name, &[("account", USER)]).await
 }
 
 fn now() -> f64 {
@@ -175,9 +159,10 @@ async fn a_revoked_grant_runs_the_command_with_needs_login_then_recovered_after_
     let admin = format!("{command}\npublic_url = \"https://mail-proxy.example.com/\"");
     let proxy = start(&world, true, &admin).await;
     assert!(imap_login(&proxy).await.starts_with("a OK"));
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(0.0));
-    let expiry_series = format!("xoauth2_proxy_access_token_expiry_seconds{{account=\"{USER}\"}}");
-    let expiry = metric(&proxy, &expiry_series).await.expect("an expiry");
+    assert_eq!(needs_login(&proxy).await, Some(0.0));
+    let expiry_series = "xoauth2_proxy_access_token_expiry_seconds";
+    let expiry = proxy.metric(expiry_series, &[("account", USER)]).await;
+    let expiry = expiry.expect("an expiry");
     // The test identity provider's tokens live an hour.
     assert!(
         (now() + 3000.0..now() + 3700.0).contains(&expiry),
@@ -206,14 +191,14 @@ async fn a_revoked_grant_runs_the_command_with_needs_login_then_recovered_after_
         assert!(!env.contains_key(key), "{key} was passed on: {env:?}");
     }
     assert!(env.contains_key("PATH"));
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(1.0));
+    assert_eq!(needs_login(&proxy).await, Some(1.0));
 
     // `xoauth2-proxy login` writes a new grant: recovered, with no client.
     world.grant(&proxy, &AccountSpec::device(USER, PASS));
     let runs = until_recorded(&events, 2, &proxy).await;
     assert_eq!(kinds(&runs), ["needs_login", "recovered"]);
     assert_eq!(runs[1]["XOAUTH2_PROXY_ACCOUNT"], USER);
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(0.0));
+    assert_eq!(needs_login(&proxy).await, Some(0.0));
     assert!(imap_login(&proxy).await.starts_with("a OK"));
     assert_eq!(recorded(&events).len(), 2, "no further event");
 
@@ -271,7 +256,7 @@ async fn a_reload_keeps_the_accounts_state_and_sends_no_duplicate() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(1.0));
+    assert_eq!(needs_login(&proxy).await, Some(1.0));
 
     // A reload refused late (its [tls] files do not exist) that would add
     // an account without a grant: the record does not take the account.
@@ -282,7 +267,7 @@ async fn a_reload_keeps_the_accounts_state_and_sends_no_duplicate() {
     std::fs::write(&proxy.config_path, refused).unwrap();
     proxy.reload();
     proxy.wait_for_log("reload refused", T).await;
-    assert!(!metrics(&proxy).await.contains("new@contoso.com"));
+    assert!(!proxy.metrics().await.contains("new@contoso.com"));
 
     // The next event is the recovery: a duplicate from the reloads, or an
     // event for the refused config's account, would have come before it.
