@@ -1306,10 +1306,12 @@ pub fn token_key_file(config: &Config) -> Option<PathBuf> {
         .or_else(|| config.server.token_key_file.clone())
 }
 
-/// A warning when the config file holds a client secret and users other
-/// than its owner and the proxy's group may read it (a root-owned 0640 file
-/// of the proxy's group, as the systemd unit sets up, is private); `None`
-/// when it is private or holds none. Never the secret itself.
+/// A warning when the config file holds a secret (a client secret, the
+/// webhook URL of `admin.notify_url`, which carries the webhook's key) and
+/// users other than its owner and the proxy's group may read it (a
+/// root-owned 0640 file of the proxy's group, as the systemd unit sets up,
+/// is private); `None` when it is private or holds none. Never the secret
+/// itself.
 pub fn exposed_secret_warning(config: &Config) -> Option<String> {
     let providers: Vec<&str> = config
         .providers
@@ -1317,14 +1319,27 @@ pub fn exposed_secret_warning(config: &Config) -> Option<String> {
         .filter(|p| p.client_secret_inline)
         .map(|p| p.name.as_str())
         .collect();
-    if providers.is_empty() {
+    let mut held = Vec::new();
+    if !providers.is_empty() {
+        let names = providers.join("`, `");
+        held.push(format!("the client secret of provider `{names}`"));
+    }
+    if config.admin.notify_url.is_some() {
+        held.push("the webhook URL of `admin.notify_url` (which carries its key)".to_string());
+    }
+    if held.is_empty() {
         return None;
     }
     let mode = readable_by_others(&config.path)?;
     let file = config.path.display();
+    let or_move = if providers.is_empty() {
+        ""
+    } else {
+        ", or move the client secret to a file named by `client_secret_file`"
+    };
     Some(format!(
-        "config {file} holds the client secret of provider `{}` and other users may read it (mode {mode:04o}); run `chmod 600 {file}`, or move the secret to a file named by `client_secret_file`",
-        providers.join("`, `")
+        "config {file} holds {} and other users may read it (mode {mode:04o}); run `chmod 600 {file}`{or_move}",
+        held.join(" and ")
     ))
 }
 
@@ -1773,6 +1788,48 @@ provider = "contoso"
             &format!("client_secret_file = \"{}\"", secret.display()),
         );
         assert_eq!(load(&from_file, 0o644), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_config_others_may_read_with_a_webhook_url_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let from_file = MINIMAL.replace(
+            "client_secret = \"s3cret\"",
+            &format!("client_secret_file = \"{}\"", secret.display()),
+        );
+        let webhook = "[admin]\nnotify_url = \"https://hooks.example.com/T/B/hook-key\"\n";
+        let load = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            exposed_secret_warning(&Config::load(&path).unwrap())
+        };
+        let warning = load(&format!("{webhook}{from_file}"), 0o644).expect("a warning");
+        assert!(
+            warning.contains("admin.notify_url")
+                && warning.contains("(mode 0644)")
+                && warning.contains(&format!("run `chmod 600 {}`", path.display())),
+            "{warning}"
+        );
+        assert!(!warning.contains("hook-key"), "{warning}");
+        assert!(!warning.contains("client_secret_file"), "{warning}");
+        assert_eq!(load(&format!("{webhook}{from_file}"), 0o600), None);
+
+        let both = load(&format!("{webhook}{MINIMAL}"), 0o644).expect("a warning");
+        assert!(
+            both.contains("provider `contoso`")
+                && both.contains("admin.notify_url")
+                && both.contains("client_secret_file"),
+            "{both}"
+        );
+        assert!(
+            !both.contains("hook-key") && !both.contains("s3cret"),
+            "{both}"
+        );
     }
 
     #[test]
