@@ -278,6 +278,9 @@ pub struct AdminSection {
     /// A webhook that gets the same events as a JSON POST. A secret: Slack
     /// and Teams put their key in the URL.
     pub notify_url: Option<Secret>,
+    /// PEM certificates the webhook's HTTPS trusts besides the system roots
+    /// (a private CA's), as a provider's `ca_file` does for its HTTPS.
+    pub notify_ca_file: Option<PathBuf>,
     /// How often a `needs_login` event is repeated while the account still
     /// needs login; 0: never.
     #[serde(with = "humantime_serde")]
@@ -304,6 +307,7 @@ impl Default for AdminSection {
             public_url: DEFAULT_PUBLIC_URL.to_string(),
             notify_command: Vec::new(),
             notify_url: None,
+            notify_ca_file: None,
             notify_repeat: Duration::from_secs(24 * 3600),
             notify_timeout: Duration::from_secs(30),
         }
@@ -770,6 +774,10 @@ fn check_notify(path: &Path, admin: &AdminSection) -> Result<(), ConfigError> {
             "admin.notify_url",
             "is not an http:// or https:// URL with a host; give the webhook's full address",
         ));
+    }
+    if let Some(ca) = &admin.notify_ca_file {
+        crate::tls::load_ca_file(ca)
+            .map_err(|e| ConfigError::at(path, "admin.notify_ca_file", e))?;
     }
     if !is_http_url(&admin.public_url) {
         return Err(ConfigError::at(
@@ -1492,6 +1500,36 @@ provider = "contoso"
     }
 
     #[test]
+    fn a_notify_ca_file_is_read_at_load_and_a_bad_one_refused_with_its_key() {
+        let with = |line: &str| parse(&format!("[admin]\n{line}\n{MINIMAL}"));
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = with(&format!("notify_ca_file = \"{}\"", missing.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.notify_ca_file") && err.contains("cannot read"),
+            "{err}"
+        );
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let err = with(&format!("notify_ca_file = \"{}\"", not_pem.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.notify_ca_file"), "{err}");
+        let pki = testkit::pki::TestPki::new();
+        let c = with(&format!(
+            "notify_ca_file = \"{}\"",
+            pki.ca_pem_path.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            c.admin.notify_ca_file.as_deref(),
+            Some(pki.ca_pem_path.as_path())
+        );
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let err = parse(&MINIMAL.replace(
             "provider = \"contoso\"",
@@ -1681,6 +1719,7 @@ provider = "contoso"
             "public_url",
             "notify_command",
             "notify_url",
+            "notify_ca_file",
             "notify_repeat",
             "notify_timeout",
             "url",

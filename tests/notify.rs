@@ -336,8 +336,12 @@ struct Received {
 }
 
 /// A webhook on loopback that answers 500 to its first `failures` requests
-/// and 200 after; each request is handed to the test.
-async fn webhook(failures: usize) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Received>) {
+/// and 200 after; each request is handed to the test. With `tls`, it speaks
+/// HTTPS with that acceptor's certificate.
+async fn webhook(
+    failures: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Received>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -364,10 +368,19 @@ async fn webhook(failures: usize) -> (std::net::SocketAddr, mpsc::UnboundedRecei
                     Ok::<_, Infallible>(response)
                 }
             });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
-            );
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls.clone() {
+                None => {
+                    tokio::spawn(http.serve_connection(TokioIo::new(stream), service));
+                }
+                Some(acceptor) => {
+                    tokio::spawn(async move {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    });
+                }
+            }
         }
     });
     (addr, rx)
@@ -386,7 +399,7 @@ async fn next(requests: &mut mpsc::UnboundedReceiver<Received>, proxy: &TestProx
 #[tokio::test(flavor = "multi_thread")]
 async fn a_webhook_that_answers_500_gets_the_event_again_and_its_url_is_never_logged() {
     let world = World::start().await;
-    let (addr, mut requests) = webhook(1).await;
+    let (addr, mut requests) = webhook(1, None).await;
     let admin = format!("notify_url = \"http://{addr}/hooks/T0/B0/hook-key-Zq81\"");
     let proxy = start(&world, false, &admin).await;
 
@@ -459,4 +472,28 @@ async fn a_webhook_whose_certificate_is_not_trusted_is_never_sent_the_event() {
     let logs = proxy.logs();
     assert!(logs.contains("the needs_login event is not sent"), "{logs}");
     assert!(!logs.contains("hook-key-Tt5"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_with_a_private_ca_gets_the_event_once_notify_ca_file_names_that_ca() {
+    let world = World::start().await;
+    // The same kind of webhook the proxy refuses without the key: the test
+    // CA's certificate, which the system roots do not include.
+    let (addr, mut requests) = webhook(0, Some(world.pki.acceptor())).await;
+    let admin = format!(
+        "notify_url = \"https://localhost:{}/hooks/hook-key-Ca7\"\nnotify_ca_file = \"{}\"",
+        addr.port(),
+        world.pki.ca_pem_path.display()
+    );
+    let proxy = start(&world, false, &admin).await;
+
+    let received = next(&mut requests, &proxy).await;
+    assert_eq!(received.path, "/hooks/hook-key-Ca7");
+    let event: serde_json::Value = serde_json::from_slice(&received.body).unwrap();
+    assert_eq!(event["event"], "needs_login");
+    assert_eq!(event["account"], USER);
+    proxy.wait_for_log("took the needs_login event", T).await;
+    let logs = proxy.logs();
+    assert!(!logs.contains("not trusted"), "{logs}");
+    assert!(!logs.contains("hook-key-Ca7"), "{logs}");
 }
