@@ -278,6 +278,9 @@ pub struct AdminSection {
     /// A webhook that gets the same events as a JSON POST. A secret: Slack
     /// and Teams put their key in the URL.
     pub notify_url: Option<Secret>,
+    /// PEM certificates the webhook's HTTPS trusts besides the system roots
+    /// (a private CA's), as a provider's `ca_file` does for its HTTPS.
+    pub notify_ca_file: Option<PathBuf>,
     /// How often a `needs_login` event is repeated while the account still
     /// needs login; 0: never.
     #[serde(with = "humantime_serde")]
@@ -304,6 +307,7 @@ impl Default for AdminSection {
             public_url: DEFAULT_PUBLIC_URL.to_string(),
             notify_command: Vec::new(),
             notify_url: None,
+            notify_ca_file: None,
             notify_repeat: Duration::from_secs(24 * 3600),
             notify_timeout: Duration::from_secs(30),
         }
@@ -770,6 +774,10 @@ fn check_notify(path: &Path, admin: &AdminSection) -> Result<(), ConfigError> {
             "admin.notify_url",
             "is not an http:// or https:// URL with a host; give the webhook's full address",
         ));
+    }
+    if let Some(ca) = &admin.notify_ca_file {
+        crate::tls::load_ca_file(ca)
+            .map_err(|e| ConfigError::at(path, "admin.notify_ca_file", e))?;
     }
     if !is_http_url(&admin.public_url) {
         return Err(ConfigError::at(
@@ -1306,10 +1314,12 @@ pub fn token_key_file(config: &Config) -> Option<PathBuf> {
         .or_else(|| config.server.token_key_file.clone())
 }
 
-/// A warning when the config file holds a client secret and users other
-/// than its owner and the proxy's group may read it (a root-owned 0640 file
-/// of the proxy's group, as the systemd unit sets up, is private); `None`
-/// when it is private or holds none. Never the secret itself.
+/// A warning when the config file holds a secret (a client secret, the
+/// webhook URL of `admin.notify_url`, which carries the webhook's key) and
+/// users other than its owner and the proxy's group may read it (a
+/// root-owned 0640 file of the proxy's group, as the systemd unit sets up,
+/// is private); `None` when it is private or holds none. Never the secret
+/// itself.
 pub fn exposed_secret_warning(config: &Config) -> Option<String> {
     let providers: Vec<&str> = config
         .providers
@@ -1317,14 +1327,27 @@ pub fn exposed_secret_warning(config: &Config) -> Option<String> {
         .filter(|p| p.client_secret_inline)
         .map(|p| p.name.as_str())
         .collect();
-    if providers.is_empty() {
+    let mut held = Vec::new();
+    if !providers.is_empty() {
+        let names = providers.join("`, `");
+        held.push(format!("the client secret of provider `{names}`"));
+    }
+    if config.admin.notify_url.is_some() {
+        held.push("the webhook URL of `admin.notify_url` (which carries its key)".to_string());
+    }
+    if held.is_empty() {
         return None;
     }
     let mode = readable_by_others(&config.path)?;
     let file = config.path.display();
+    let or_move = if providers.is_empty() {
+        ""
+    } else {
+        ", or move the client secret to a file named by `client_secret_file`"
+    };
     Some(format!(
-        "config {file} holds the client secret of provider `{}` and other users may read it (mode {mode:04o}); run `chmod 600 {file}`, or move the secret to a file named by `client_secret_file`",
-        providers.join("`, `")
+        "config {file} holds {} and other users may read it (mode {mode:04o}); run `chmod 600 {file}`{or_move}",
+        held.join(" and ")
     ))
 }
 
@@ -1474,6 +1497,36 @@ provider = "contoso"
         assert!(err.contains("admin.public_url"), "{err}");
         let err = with("notify_timeout = \"0s\"").unwrap_err().to_string();
         assert!(err.contains("admin.notify_timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_notify_ca_file_is_read_at_load_and_a_bad_one_refused_with_its_key() {
+        let with = |line: &str| parse(&format!("[admin]\n{line}\n{MINIMAL}"));
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = with(&format!("notify_ca_file = \"{}\"", missing.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.notify_ca_file") && err.contains("cannot read"),
+            "{err}"
+        );
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let err = with(&format!("notify_ca_file = \"{}\"", not_pem.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.notify_ca_file"), "{err}");
+        let pki = testkit::pki::TestPki::new();
+        let c = with(&format!(
+            "notify_ca_file = \"{}\"",
+            pki.ca_pem_path.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            c.admin.notify_ca_file.as_deref(),
+            Some(pki.ca_pem_path.as_path())
+        );
     }
 
     #[test]
@@ -1666,6 +1719,7 @@ provider = "contoso"
             "public_url",
             "notify_command",
             "notify_url",
+            "notify_ca_file",
             "notify_repeat",
             "notify_timeout",
             "url",
@@ -1773,6 +1827,48 @@ provider = "contoso"
             &format!("client_secret_file = \"{}\"", secret.display()),
         );
         assert_eq!(load(&from_file, 0o644), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_config_others_may_read_with_a_webhook_url_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let from_file = MINIMAL.replace(
+            "client_secret = \"s3cret\"",
+            &format!("client_secret_file = \"{}\"", secret.display()),
+        );
+        let webhook = "[admin]\nnotify_url = \"https://hooks.example.com/T/B/hook-key\"\n";
+        let load = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            exposed_secret_warning(&Config::load(&path).unwrap())
+        };
+        let warning = load(&format!("{webhook}{from_file}"), 0o644).expect("a warning");
+        assert!(
+            warning.contains("admin.notify_url")
+                && warning.contains("(mode 0644)")
+                && warning.contains(&format!("run `chmod 600 {}`", path.display())),
+            "{warning}"
+        );
+        assert!(!warning.contains("hook-key"), "{warning}");
+        assert!(!warning.contains("client_secret_file"), "{warning}");
+        assert_eq!(load(&format!("{webhook}{from_file}"), 0o600), None);
+
+        let both = load(&format!("{webhook}{MINIMAL}"), 0o644).expect("a warning");
+        assert!(
+            both.contains("provider `contoso`")
+                && both.contains("admin.notify_url")
+                && both.contains("client_secret_file"),
+            "{both}"
+        );
+        assert!(
+            !both.contains("hook-key") && !both.contains("s3cret"),
+            "{both}"
+        );
     }
 
     #[test]

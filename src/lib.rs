@@ -72,6 +72,7 @@ pub use config::{
     exposed_secret_warning, state_dir,
 };
 pub use oauth::authorize::authorize;
+pub use oauth::status::unsealed_warning;
 pub use oauth::status::{AccountStatus, account_statuses};
 pub use oauth::store::migrate as migrate_grants;
 pub use oauth::store::{LoadError, Migrated, StoredGrant, TokenStore, unix_now};

@@ -458,8 +458,8 @@ fn print_statuses(config: &Config, store: &TokenStore, rows: &[AccountStatus], n
 fn print_sealing(store: &TokenStore, rows: &[AccountStatus]) {
     let Some(key) = store.key_file() else {
         println!(
-            "Grants are not sealed: their tokens are in plain text in {}. To seal them, run `xoauth2-proxy keygen FILE` with FILE outside the state directory (a Docker or Kubernetes secret), set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to it and restart; each grant is sealed at its next write.",
-            store.describe()
+            "{}",
+            xoauth2_proxy::unsealed_warning(store).unwrap_or_default()
         );
         return;
     };

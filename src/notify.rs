@@ -136,8 +136,8 @@ impl Event {
 struct Settings {
     command: Vec<String>,
     url: Option<Secret>,
-    /// Built with the settings: verified TLS (system roots), no redirects,
-    /// `notify_timeout` per request.
+    /// Built with the settings: verified TLS (system roots and
+    /// `notify_ca_file`), no redirects, `notify_timeout` per request.
     client: Option<reqwest::Client>,
     repeat: Duration,
     timeout: Duration,
@@ -150,15 +150,11 @@ impl Settings {
             warn_if_plain_http(url);
         }
         let client = admin.notify_url.as_ref().and_then(|_| {
-            reqwest::Client::builder()
-                .timeout(admin.notify_timeout)
-                .redirect(reqwest::redirect::Policy::none())
-                .user_agent(concat!("xoauth2-proxy/", env!("CARGO_PKG_VERSION")))
-                .build()
+            let ca_file = admin.notify_ca_file.as_deref();
+            crate::tls::https_client(ca_file, admin.notify_timeout)
                 .inspect_err(|e| {
                     warn!(
-                        "cannot set up the HTTP client for admin.notify_url ({}); webhook notifications are off until the next reload",
-                        crate::error::chain(e)
+                        "cannot set up the HTTP client for admin.notify_url ({e}); webhook notifications are off until the next reload"
                     )
                 })
                 .ok()
@@ -570,7 +566,7 @@ fn failure(e: reqwest::Error) -> Posted {
     let chain = crate::error::chain(&e);
     if chain.contains("certificate") {
         return Posted::Hopeless(format!(
-            "presented a TLS certificate that is not trusted ({chain}); give the webhook a certificate from a public CA, or add its CA to the system's trust store and restart"
+            "presented a TLS certificate that is not trusted ({chain}); give the webhook a certificate from a public CA, or name its CA's PEM file in admin.notify_ca_file and reload"
         ));
     }
     Posted::Retry(format!("could not be reached ({chain})"))

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::local_tls::LocalTls;
 use crate::oauth::store::{LoadError, TokenStore};
 use crate::oauth::{Health, TokenManager};
+use crate::throttle;
 use crate::upstream::UpstreamTls;
 
 /// What every session needs, built once from the config and replaced whole
@@ -210,7 +211,10 @@ pub async fn until<F: Future>(deadline: tokio::time::Instant, read: F) -> Option
 
 /// The connections not logged in yet, counted per client address, so that
 /// one address cannot hold every connection the proxy may have open
-/// (`server.max_prelogin_per_address`, IMAP and SMTP together). A cheap
+/// (`server.max_prelogin_per_address`, IMAP and SMTP together). An address
+/// is counted as the login throttle counts it ([`throttle::address_key`]):
+/// IPv6 by its /64, or a host holding a /64 would have 2^64 addresses'
+/// worth of slots. A cheap
 /// handle; clones count in the same map. An address has an entry only while
 /// it has such connections, so the map is never larger than the number of
 /// open connections.
@@ -219,10 +223,11 @@ pub struct PreloginSlots(Arc<Mutex<HashMap<IpAddr, usize>>>);
 
 impl PreloginSlots {
     /// A slot for a new connection from `ip`, or `None` when `max`
-    /// connections from it have not logged in yet. An IPv4 client reached
-    /// through an IPv6 socket counts as its IPv4 address.
+    /// connections from its address (IPv6: its /64) have not logged in yet.
+    /// An IPv4 client reached through an IPv6 socket counts as its IPv4
+    /// address.
     pub fn try_acquire(&self, ip: IpAddr, max: usize) -> Option<PreloginSlot> {
-        let ip = ip.to_canonical();
+        let ip = throttle::address_key(ip);
         let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let count = counts.get(&ip).copied().unwrap_or(0);
         if count >= max {
@@ -239,7 +244,7 @@ impl PreloginSlots {
     #[cfg(test)]
     fn held(&self, ip: IpAddr) -> usize {
         let counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.get(&ip.to_canonical()).copied().unwrap_or(0)
+        counts.get(&throttle::address_key(ip)).copied().unwrap_or(0)
     }
 
     /// Addresses with an entry in the map.
@@ -384,6 +389,34 @@ mod tests {
             slots
                 .try_acquire("::ffff:192.0.2.7".parse().unwrap(), 1)
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_share_the_slots_of_their_64() {
+        let slots = PreloginSlots::default();
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        let _held = slots.try_acquire(ip("2001:db8:1:2::1"), 2).unwrap();
+        let _also = slots.try_acquire(ip("2001:db8:1:2:ffff::9"), 2).unwrap();
+        assert!(
+            slots.try_acquire(ip("2001:db8:1:2::abcd"), 2).is_none(),
+            "another address of the same /64 gets no third slot"
+        );
+        assert!(
+            slots.try_acquire(ip("2001:db8:1:3::1"), 2).is_some(),
+            "the next /64 has its own slots"
+        );
+        assert_eq!(slots.held(ip("2001:db8:1:2::7")), 2);
+    }
+
+    #[test]
+    fn ipv4_clients_are_counted_per_address() {
+        let slots = PreloginSlots::default();
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        let _held = slots.try_acquire(ip("192.0.2.7"), 1).unwrap();
+        assert!(
+            slots.try_acquire(ip("192.0.2.8"), 1).is_some(),
+            "a neighbour has its own slot"
         );
     }
 

@@ -163,8 +163,11 @@ impl Drop for Ticket<'_> {
     }
 }
 
-/// The address as counted: IPv4 as it is, IPv6 by its /64.
-fn address_key(ip: IpAddr) -> IpAddr {
+/// The address as counted: IPv4 as it is, IPv6 by its /64 (and an
+/// IPv4-mapped IPv6 address as its IPv4 address). Every per-address limit
+/// counts through this one function, so that no limit gives a client with a
+/// /64 more room than another does.
+pub fn address_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);

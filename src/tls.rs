@@ -365,8 +365,10 @@ pub fn pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemE
     Ok(certs)
 }
 
-/// An HTTPS client for the identity provider and Microsoft Graph: system
-/// roots plus `ca_file`, no redirects followed, every phase within `timeout`.
+/// An HTTPS client for the identity provider, Microsoft Graph and the
+/// notification webhook: system roots plus `ca_file` (the webhook's:
+/// `admin.notify_ca_file`), no redirects followed, every phase within
+/// `timeout`.
 pub fn https_client(
     ca_file: Option<&Path>,
     timeout: std::time::Duration,

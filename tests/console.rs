@@ -292,6 +292,42 @@ async fn the_accounts_page_shows_each_account_and_its_state() {
 }
 
 #[tokio::test]
+async fn the_accounts_page_says_once_that_grants_are_not_sealed_as_status_does() {
+    let world = World::start().await;
+    let accounts = [SALES, OPS].map(|account| AccountSpec::device(account, "pw"));
+    let proxy = console_proxy(&world, &accounts, "").await;
+    let page = Browser::new(&proxy).signed_in().await;
+    let status = proxy.cli(&["status"]).await;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let sentence = status
+        .lines()
+        .find(|l| l.starts_with("Grants are not sealed"))
+        .unwrap_or_else(|| panic!("status says nothing of sealing:\n{status}"));
+    assert_eq!(
+        page.body.matches(sentence).count(),
+        1,
+        "the status sentence, once for the page:\n{}",
+        page.body
+    );
+    assert_eq!(page.body.matches("not sealed").count(), 1, "not per row");
+    assert_eq!(page.body.matches(r#"data-notice="unsealed""#).count(), 1);
+
+    // Sealed with a token key: nothing to say.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("token.key");
+    xoauth2_proxy::write_key_file(&key).unwrap();
+    let server = format!("[server]\ntoken_key_file = \"{}\"\n", key.display());
+    let sealed = TestProxy::start_with(&world.endpoints, &accounts, "debug", |text| {
+        with_console(text.replacen("[server]\n", &server, 1), ADMIN_PASSWORD)
+    })
+    .await;
+    let page = Browser::new(&sealed).signed_in().await;
+    assert!(row(&page.body, SALES).contains("data-state"));
+    assert!(!page.body.contains("not sealed"), "{}", page.body);
+    assert!(!page.body.contains("data-notice"), "{}", page.body);
+}
+
+#[tokio::test]
 async fn a_post_without_the_csrf_token_is_refused() {
     let world = World::start().await;
     let account = AccountSpec::device(SALES, "pw");

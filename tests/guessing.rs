@@ -88,19 +88,10 @@ where
     answers
 }
 
-/// One counter of the proxy's `/metrics`: the sum of the series whose line
-/// starts with `series` (name and, if given, labels).
-async fn metric(proxy: &TestProxy, series: &str) -> f64 {
-    let url = format!("http://{}/metrics", proxy.admin_addr);
-    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(series))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
+/// The argon2 checks that ran, over all their outcomes.
 async fn password_checks(proxy: &TestProxy) -> f64 {
-    metric(proxy, "xoauth2_proxy_password_checks_total").await
+    let name = "xoauth2_proxy_password_checks_total";
+    proxy.metric(name, &[]).await.unwrap_or(0.0)
 }
 
 /// Waits until `n` password checks have started.
@@ -141,8 +132,9 @@ async fn hundreds_of_parallel_guesses_run_a_handful_of_checks_and_throttle_only_
         (1.0..=3.0).contains(&checks),
         "{checks} argon2 checks for 200 guesses; max_failed_logins is 3"
     );
-    let throttled = r#"xoauth2_proxy_logins_total{protocol="imap",outcome="throttled"}"#;
-    assert!(metric(&proxy, throttled).await >= 197.0);
+    let throttled = [("protocol", "imap"), ("outcome", "throttled")];
+    let logins = proxy.metric("xoauth2_proxy_logins_total", &throttled).await;
+    assert!(logins >= Some(197.0), "{logins:?}");
 
     // The right password, from the guessing address: refused as a guess is.
     let answer = imap_login(proxy.imap_addr, GUESSER, USER, PASS).await;

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use testkit::idp::{DeviceOutcome, IdpMode, MockIdp};
 use testkit::imap::{self, FailureStyle, MockImapUpstream};
+use testkit::metrics;
 use testkit::pki::TestPki;
 use testkit::tokens::{Subject, TokenBook};
 use testkit::xoauth2;
@@ -1277,5 +1278,68 @@ async fn an_answer_delay_redeems_the_token_before_a_client_that_gave_up_hears_of
     assert_ne!(
         valid[0], rt,
         "spent: only the successor nobody saw is valid"
+    );
+}
+
+// ---- testkit::metrics: the /metrics reader the proxy tests use --------------
+
+/// A `/metrics` text as the proxy writes it (OpenMetrics).
+const METRICS_TEXT: &str = "\
+# HELP xoauth2_proxy_logins_total Logins.
+# TYPE xoauth2_proxy_logins_total counter
+xoauth2_proxy_logins_total{protocol=\"imap\",outcome=\"ok\"} 2
+xoauth2_proxy_logins_total{protocol=\"imap\",outcome=\"bad_password\"} 1
+xoauth2_proxy_logins_total{protocol=\"smtp\",outcome=\"ok\"} 4
+xoauth2_proxy_grant_store_up 1
+xoauth2_proxy_account_needs_login{account=\"a\\\"b@contoso.com\"} 0
+xoauth2_proxy_upstream_login_seconds_count 3 1700000000.5
+# EOF
+";
+
+#[test]
+fn metrics_reader_finds_a_series_by_its_name_and_some_of_its_labels_in_any_order() {
+    let ok_imap = [("outcome", "ok"), ("protocol", "imap")];
+    assert_eq!(
+        metrics::value(METRICS_TEXT, "xoauth2_proxy_logins_total", &ok_imap),
+        Some(2.0)
+    );
+    let imap = [("protocol", "imap")];
+    assert_eq!(
+        metrics::value(METRICS_TEXT, "xoauth2_proxy_logins_total", &imap),
+        Some(3.0)
+    );
+    assert_eq!(
+        metrics::value(METRICS_TEXT, "xoauth2_proxy_logins_total", &[]),
+        Some(7.0)
+    );
+}
+
+#[test]
+fn metrics_reader_reads_series_without_labels_and_with_a_timestamp() {
+    assert_eq!(
+        metrics::value(METRICS_TEXT, "xoauth2_proxy_grant_store_up", &[]),
+        Some(1.0)
+    );
+    let count = "xoauth2_proxy_upstream_login_seconds_count";
+    assert_eq!(metrics::value(METRICS_TEXT, count, &[]), Some(3.0));
+}
+
+#[test]
+fn metrics_reader_compares_an_escaped_label_value_unescaped() {
+    let account = [("account", "a\"b@contoso.com")];
+    let name = "xoauth2_proxy_account_needs_login";
+    assert_eq!(metrics::value(METRICS_TEXT, name, &account), Some(0.0));
+}
+
+#[test]
+fn metrics_reader_says_a_missing_series_is_none_not_zero() {
+    let pop3 = [("protocol", "pop3")];
+    assert_eq!(
+        metrics::value(METRICS_TEXT, "xoauth2_proxy_logins_total", &pop3),
+        None
+    );
+    assert_eq!(
+        metrics::value(METRICS_TEXT, "xoauth2_proxy_logins", &[]),
+        None
     );
 }

@@ -124,26 +124,10 @@ fn kinds(runs: &[Env]) -> Vec<&str> {
         .collect()
 }
 
-async fn metrics(proxy: &TestProxy) -> String {
-    reqwest::get(format!("http://{}/metrics", proxy.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one series of `/metrics`.
-async fn metric(proxy: &TestProxy, series: &str) -> Option<f64> {
-    let text = metrics(proxy).await;
-    let value = text
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?;
-    Some(value.trim().parse().unwrap())
-}
-
-fn needs_login_series() -> String {
-    format!("xoauth2_proxy_account_needs_login{{account=\"{USER}\"}}")
+/// Whether the proxy says `USER` needs `login` (1) or not (0).
+async fn needs_login(proxy: &TestProxy) -> Option<f64> {
+    let name = "xoauth2_proxy_account_needs_login";
+    proxy.metric(name, &[("account", USER)]).await
 }
 
 fn now() -> f64 {
@@ -175,9 +159,10 @@ async fn a_revoked_grant_runs_the_command_with_needs_login_then_recovered_after_
     let admin = format!("{command}\npublic_url = \"https://mail-proxy.example.com/\"");
     let proxy = start(&world, true, &admin).await;
     assert!(imap_login(&proxy).await.starts_with("a OK"));
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(0.0));
-    let expiry_series = format!("xoauth2_proxy_access_token_expiry_seconds{{account=\"{USER}\"}}");
-    let expiry = metric(&proxy, &expiry_series).await.expect("an expiry");
+    assert_eq!(needs_login(&proxy).await, Some(0.0));
+    let expiry_series = "xoauth2_proxy_access_token_expiry_seconds";
+    let expiry = proxy.metric(expiry_series, &[("account", USER)]).await;
+    let expiry = expiry.expect("an expiry");
     // The test identity provider's tokens live an hour.
     assert!(
         (now() + 3000.0..now() + 3700.0).contains(&expiry),
@@ -206,14 +191,14 @@ async fn a_revoked_grant_runs_the_command_with_needs_login_then_recovered_after_
         assert!(!env.contains_key(key), "{key} was passed on: {env:?}");
     }
     assert!(env.contains_key("PATH"));
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(1.0));
+    assert_eq!(needs_login(&proxy).await, Some(1.0));
 
     // `xoauth2-proxy login` writes a new grant: recovered, with no client.
     world.grant(&proxy, &AccountSpec::device(USER, PASS));
     let runs = until_recorded(&events, 2, &proxy).await;
     assert_eq!(kinds(&runs), ["needs_login", "recovered"]);
     assert_eq!(runs[1]["XOAUTH2_PROXY_ACCOUNT"], USER);
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(0.0));
+    assert_eq!(needs_login(&proxy).await, Some(0.0));
     assert!(imap_login(&proxy).await.starts_with("a OK"));
     assert_eq!(recorded(&events).len(), 2, "no further event");
 
@@ -271,7 +256,7 @@ async fn a_reload_keeps_the_accounts_state_and_sends_no_duplicate() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert_eq!(metric(&proxy, &needs_login_series()).await, Some(1.0));
+    assert_eq!(needs_login(&proxy).await, Some(1.0));
 
     // A reload refused late (its [tls] files do not exist) that would add
     // an account without a grant: the record does not take the account.
@@ -282,7 +267,7 @@ async fn a_reload_keeps_the_accounts_state_and_sends_no_duplicate() {
     std::fs::write(&proxy.config_path, refused).unwrap();
     proxy.reload();
     proxy.wait_for_log("reload refused", T).await;
-    assert!(!metrics(&proxy).await.contains("new@contoso.com"));
+    assert!(!proxy.metrics().await.contains("new@contoso.com"));
 
     // The next event is the recovery: a duplicate from the reloads, or an
     // event for the refused config's account, would have come before it.
@@ -351,8 +336,12 @@ struct Received {
 }
 
 /// A webhook on loopback that answers 500 to its first `failures` requests
-/// and 200 after; each request is handed to the test.
-async fn webhook(failures: usize) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Received>) {
+/// and 200 after; each request is handed to the test. With `tls`, it speaks
+/// HTTPS with that acceptor's certificate.
+async fn webhook(
+    failures: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Received>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -379,10 +368,19 @@ async fn webhook(failures: usize) -> (std::net::SocketAddr, mpsc::UnboundedRecei
                     Ok::<_, Infallible>(response)
                 }
             });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
-            );
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls.clone() {
+                None => {
+                    tokio::spawn(http.serve_connection(TokioIo::new(stream), service));
+                }
+                Some(acceptor) => {
+                    tokio::spawn(async move {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    });
+                }
+            }
         }
     });
     (addr, rx)
@@ -401,7 +399,7 @@ async fn next(requests: &mut mpsc::UnboundedReceiver<Received>, proxy: &TestProx
 #[tokio::test(flavor = "multi_thread")]
 async fn a_webhook_that_answers_500_gets_the_event_again_and_its_url_is_never_logged() {
     let world = World::start().await;
-    let (addr, mut requests) = webhook(1).await;
+    let (addr, mut requests) = webhook(1, None).await;
     let admin = format!("notify_url = \"http://{addr}/hooks/T0/B0/hook-key-Zq81\"");
     let proxy = start(&world, false, &admin).await;
 
@@ -474,4 +472,28 @@ async fn a_webhook_whose_certificate_is_not_trusted_is_never_sent_the_event() {
     let logs = proxy.logs();
     assert!(logs.contains("the needs_login event is not sent"), "{logs}");
     assert!(!logs.contains("hook-key-Tt5"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_with_a_private_ca_gets_the_event_once_notify_ca_file_names_that_ca() {
+    let world = World::start().await;
+    // The same kind of webhook the proxy refuses without the key: the test
+    // CA's certificate, which the system roots do not include.
+    let (addr, mut requests) = webhook(0, Some(world.pki.acceptor())).await;
+    let admin = format!(
+        "notify_url = \"https://localhost:{}/hooks/hook-key-Ca7\"\nnotify_ca_file = \"{}\"",
+        addr.port(),
+        world.pki.ca_pem_path.display()
+    );
+    let proxy = start(&world, false, &admin).await;
+
+    let received = next(&mut requests, &proxy).await;
+    assert_eq!(received.path, "/hooks/hook-key-Ca7");
+    let event: serde_json::Value = serde_json::from_slice(&received.body).unwrap();
+    assert_eq!(event["event"], "needs_login");
+    assert_eq!(event["account"], USER);
+    proxy.wait_for_log("took the needs_login event", T).await;
+    let logs = proxy.logs();
+    assert!(!logs.contains("not trusted"), "{logs}");
+    assert!(!logs.contains("hook-key-Ca7"), "{logs}");
 }

@@ -59,18 +59,9 @@ async fn health_and_metrics_are_served_on_the_admin_listener() {
     ] {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
-    let relayed = text
-        .lines()
-        .find(|l| {
-            l.starts_with(
-                r#"xoauth2_proxy_relayed_bytes_total{protocol="imap",direction="upstream"}"#,
-            )
-        })
-        .expect("relayed bytes are counted");
-    assert!(
-        relayed.ends_with(" 8"),
-        "b NOOP\\r\\n is 8 bytes: {relayed}"
-    );
+    let upstream = [("protocol", "imap"), ("direction", "upstream")];
+    let relayed = testkit::metrics::value(&text, "xoauth2_proxy_relayed_bytes_total", &upstream);
+    assert_eq!(relayed, Some(8.0), "b NOOP\\r\\n is 8 bytes");
     assert_eq!(get(proxy.admin_addr, "/nothing").await.0, 404);
 }
 
@@ -133,10 +124,12 @@ async fn reload_applies_a_changed_account_and_keeps_live_sessions() {
 async fn health_subcommand_probes_the_running_proxy() {
     let world = World::start().await;
     let mut proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
-    let (_, _, fresh) = get(proxy.admin_addr, "/metrics").await;
-    assert!(
-        fresh.contains(r#"xoauth2_proxy_connections{protocol="smtp"} 0"#),
-        "{fresh}"
+    let smtp = [("protocol", "smtp")];
+    let connections = proxy.metric("xoauth2_proxy_connections", &smtp).await;
+    assert_eq!(
+        connections,
+        Some(0.0),
+        "a fresh proxy has no SMTP connection"
     );
     assert!(proxy.cli(&["health"]).await.status.success());
     proxy.stop().await;

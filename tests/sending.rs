@@ -522,27 +522,9 @@ async fn auto_switches_a_mailbox_to_graph_after_5_7_139_and_stays_switched() {
         1,
         "{logs}"
     );
-    let metrics = reqwest_metrics(&proxy).await;
-    assert!(
-        metrics.contains(&format!(
-            "xoauth2_proxy_graph_switches_total{{account=\"{USER}\"}} 1"
-        )),
-        "{metrics}"
-    );
-}
-
-/// The admin listener's `/metrics`.
-async fn reqwest_metrics(proxy: &TestProxy) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy.admin_addr)
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    let switches = "xoauth2_proxy_graph_switches_total";
+    let switched = proxy.metric(switches, &[("account", USER)]).await;
+    assert_eq!(switched, Some(1.0));
 }
 
 // ---- check ----------------------------------------------------------------------

@@ -107,17 +107,9 @@ async fn imap_logged_in(from: Ipv4Addr, proxy: &TestProxy) -> LineClient {
     c
 }
 
-/// The value of the metric line starting with `series`, 0 when absent.
-async fn metric(proxy: &TestProxy, series: &str) -> u64 {
-    let text = reqwest::get(format!("http://{}/metrics", proxy.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
+/// The value of the series `name` with `labels`, 0 when absent.
+async fn metric(proxy: &TestProxy, name: &str, labels: &[(&str, &str)]) -> u64 {
+    proxy.metric(name, labels).await.unwrap_or(0.0) as u64
 }
 
 /// A client from `from` gets `prefix` as its first line and is then closed.
@@ -171,10 +163,9 @@ async fn one_address_past_its_prelogin_cap_is_refused_while_another_logs_in_and_
 
     // Every refusal is counted; the log has a line per burst, not per refusal.
     for protocol in ["imap", "smtp"] {
-        let series = format!(
-            "xoauth2_proxy_refused_connections_total{{protocol=\"{protocol}\",reason=\"per_address\"}}"
-        );
-        assert_eq!(metric(&proxy, &series).await, 150, "{protocol}");
+        let name = "xoauth2_proxy_refused_connections_total";
+        let labels = [("protocol", protocol), ("reason", "per_address")];
+        assert_eq!(metric(&proxy, name, &labels).await, 150, "{protocol}");
     }
     let lines = proxy
         .logs()
@@ -333,19 +324,18 @@ async fn a_client_that_never_logs_in_is_closed_at_the_deadline_whatever_it_sends
 async fn smtp_counts_the_bytes_it_relays() {
     let world = World::start().await;
     let proxy = proxy(&world, "", "").await;
-    let series = |direction: &str| {
-        format!("xoauth2_proxy_relayed_bytes_total{{protocol=\"smtp\",direction=\"{direction}\"}}")
-    };
+    let name = "xoauth2_proxy_relayed_bytes_total";
+    let series = |direction| [("protocol", "smtp"), ("direction", direction)];
     let mut c = smtp_logged_in(CLIENT, &proxy).await;
     let (wire, reply) = send_message(&mut c).await;
     assert!(reply.starts_with("250 "), "{reply}");
-    let upstream = metric(&proxy, &series("upstream")).await;
+    let upstream = metric(&proxy, name, &series("upstream")).await;
     assert!(
         upstream >= wire.len() as u64,
         "{upstream} bytes counted upstream for a {}-byte message",
         wire.len()
     );
-    let downstream = metric(&proxy, &series("downstream")).await;
+    let downstream = metric(&proxy, name, &series("downstream")).await;
     assert!(
         downstream > 0,
         "the upstream's replies are counted downstream"

@@ -14,23 +14,11 @@ const USER: &str = "sales@contoso.com";
 const PASS: &str = "local-pass-9f3k";
 const T: Duration = Duration::from_secs(15);
 
-async fn metrics(proxy: &TestProxy) -> String {
-    reqwest::get(format!("http://{}/metrics", proxy.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of `xoauth2_proxy_imap_warm_sessions_total{event="EVENT"}`.
 async fn warm(proxy: &TestProxy, event: &str) -> u64 {
-    let series = format!("xoauth2_proxy_imap_warm_sessions_total{{event=\"{event}\"}} ");
-    metrics(proxy)
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(&series).map(|v| v.trim().parse().unwrap()))
-        .unwrap_or(0)
+    let name = "xoauth2_proxy_imap_warm_sessions_total";
+    let value = proxy.metric(name, &[("event", event)]).await;
+    value.unwrap_or(0.0) as u64
 }
 
 /// The proxy with `[imap]` settings added to the generated config.

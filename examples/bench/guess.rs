@@ -305,9 +305,7 @@ async fn password_checks(proxy: &Running) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    text.lines()
-        .find(|l| l.starts_with("xoauth2_proxy_password_checks_total "))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    testkit::metrics::value(&text, "xoauth2_proxy_password_checks_total", &[])
 }
 
 fn mib(kib: u64) -> String {

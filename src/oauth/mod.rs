@@ -534,34 +534,18 @@ impl TokenManager {
         grant: Grant,
     ) -> AccessToken {
         let now = unix_now();
-        let token = grant.access_token;
+        let got = take_grant(&entry.account, &mut cached.grant, grant);
         cached.graph = Some(GraphToken {
-            token: token.clone(),
+            token: got.token.clone(),
             obtained_at: now,
-            expires_at: now + grant.expires_in.as_secs(),
+            expires_at: now + got.expires_in.as_secs(),
         });
-        let delegated = entry.account.flow.is_delegated();
-        let rotated = grant.refresh_token.is_some();
-        let learnt = grant.sign_in_user.filter(|_| delegated);
-        let g = &mut cached.grant;
-        let changed_user = learnt.is_some() && learnt != g.sign_in_user;
-        if rotated {
-            g.refresh_token = grant.refresh_token;
-        }
-        if changed_user {
-            g.sign_in_user = learnt;
-        }
-        if delegated && (rotated || changed_user) {
+        // The Graph token itself stays in memory: the store is written only
+        // when the grant changed.
+        if entry.account.flow.is_delegated() && (got.rotated || got.changed_user) {
             self.save(entry, cached).await;
         }
-        count_token_request(&entry.account.username, "ok");
-        info!(
-            account = %entry.account.username,
-            expires_in = grant.expires_in.as_secs(),
-            refresh_token_rotated = rotated,
-            "obtained a new access token for Microsoft Graph"
-        );
-        AccessToken { token, fresh: true }
+        got.counted(&entry.account, Audience::Graph)
     }
 
     /// A refused Graph token request. Only a grant the identity provider
@@ -789,36 +773,21 @@ impl TokenManager {
         cached: &mut Cached,
         grant: Grant,
     ) -> AccessToken {
-        let token = grant.access_token.clone();
         let now = unix_now();
+        let got = take_grant(&entry.account, &mut cached.grant, grant);
+        let expires_at = now + got.expires_in.as_secs();
         let g = &mut cached.grant;
         g.account = entry.account.username.clone();
         g.flow = Some(entry.account.flow);
-        g.access_token = Some(grant.access_token);
+        g.access_token = Some(got.token.clone());
         g.obtained_at = Some(now);
-        g.expires_at = Some(now + grant.expires_in.as_secs());
-        let rotated = grant.refresh_token.is_some();
-        if rotated {
-            g.refresh_token = grant.refresh_token;
-        }
+        g.expires_at = Some(expires_at);
         g.needs_login = false;
         g.last_error = None;
         g.last_error_at = None;
-        if grant.sign_in_user.is_some() && entry.account.flow.is_delegated() {
-            g.sign_in_user = grant.sign_in_user;
-        }
-        entry
-            .health
-            .refreshed(now + grant.expires_in.as_secs(), now);
+        entry.health.refreshed(expires_at, now);
         self.save(entry, cached).await;
-        count_token_request(&entry.account.username, "ok");
-        info!(
-            account = %entry.account.username,
-            expires_in = grant.expires_in.as_secs(),
-            refresh_token_rotated = rotated,
-            "obtained a new access token"
-        );
-        AccessToken { token, fresh: true }
+        got.counted(&entry.account, Audience::Mail)
     }
 
     async fn remember_failure(
@@ -876,6 +845,65 @@ impl TokenManager {
         };
         self.save(entry, cached).await;
         outcome
+    }
+}
+
+/// A redeemed grant once [`take_grant`] has kept the rest of it: its
+/// access token, and what changed in the stored grant.
+struct Obtained {
+    token: Secret,
+    expires_in: Duration,
+    rotated: bool,
+    changed_user: bool,
+}
+
+/// Takes a grant redeemed for the mail or for Microsoft Graph apart, and
+/// keeps in `stored` what it brings besides its access token: a rotated
+/// refresh token (the old one may be spent already), and for a delegated
+/// account the user who signed in (an app-only token names no user).
+fn take_grant(account: &Account, stored: &mut StoredGrant, grant: Grant) -> Obtained {
+    let rotated = grant.refresh_token.is_some();
+    if rotated {
+        stored.refresh_token = grant.refresh_token;
+    }
+    let learnt = grant.sign_in_user.filter(|_| account.flow.is_delegated());
+    let changed_user = learnt.is_some() && learnt != stored.sign_in_user;
+    if changed_user {
+        stored.sign_in_user = learnt;
+    }
+    Obtained {
+        token: grant.access_token,
+        expires_in: grant.expires_in,
+        rotated,
+        changed_user,
+    }
+}
+
+/// What an access token is for, as the log names it.
+#[derive(Clone, Copy)]
+enum Audience {
+    Mail,
+    Graph,
+}
+
+impl Obtained {
+    /// Counts and logs the token obtained for `account`, and hands it out.
+    fn counted(self, account: &Account, audience: Audience) -> AccessToken {
+        count_token_request(&account.username, "ok");
+        let message = match audience {
+            Audience::Mail => "obtained a new access token",
+            Audience::Graph => "obtained a new access token for Microsoft Graph",
+        };
+        info!(
+            account = %account.username,
+            expires_in = self.expires_in.as_secs(),
+            refresh_token_rotated = self.rotated,
+            "{message}"
+        );
+        AccessToken {
+            token: self.token,
+            fresh: true,
+        }
     }
 }
 

@@ -41,6 +41,18 @@ pub struct AccountStatus {
     pub send_via: &'static str,
 }
 
+/// What `status` and the console's Accounts page say when the grants are
+/// stored unsealed (no token key): where their tokens lie in plain text, and
+/// how to seal them. `None` when a token key seals them.
+pub fn unsealed_warning(store: &TokenStore) -> Option<String> {
+    store.key_file().is_none().then(|| {
+        format!(
+            "Grants are not sealed: their tokens are in plain text in {}. To seal them, run `xoauth2-proxy keygen FILE` with FILE outside the state directory (a Docker or Kubernetes secret), set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to it and restart; each grant is sealed at its next write.",
+            store.describe()
+        )
+    })
+}
+
 /// Every account's status, and the grant files that could not be read: each
 /// becomes a warning after the statuses, so one bad file hides no account.
 pub async fn account_statuses(

@@ -8,6 +8,7 @@
 //! - [`imap`]: a mock TLS IMAP server shaped like Outlook's, that accepts only XOAUTH2.
 //! - [`smtp`]: a mock SMTP submission server with STARTTLS and XOAUTH2.
 //! - [`proxy`]: runs the real `xoauth2-proxy` binary with a generated config.
+//! - [`metrics`]: one series of the proxy's `/metrics`, by name and labels.
 //! - [`world`]: all of the above started together, plus a raw line client.
 //! - [`node`]: the Node.js mail clients (imapflow, nodemailer) the tests drive,
 //!   with their locked dependencies installed on first use.
@@ -20,6 +21,7 @@
 mod dates;
 pub mod idp;
 pub mod imap;
+pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod postgres;

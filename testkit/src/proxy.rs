@@ -274,6 +274,20 @@ impl TestProxy {
             .await;
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.admin_addr);
+        let response = reqwest::get(url).await.expect("the admin listener answers");
+        assert!(response.status().is_success(), "/metrics: {response:?}");
+        response.text().await.expect("/metrics is text")
+    }
+
+    /// The value of the series `name` with (at least) `labels` in `/metrics`,
+    /// summed over the series that match; see [`crate::metrics::value`].
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        crate::metrics::value(&self.metrics().await, name, labels)
+    }
+
     /// Everything the proxy has logged so far.
     pub fn logs(&self) -> String {
         String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()

@@ -7,7 +7,7 @@ use super::session::Session;
 use super::{Console, http, pages};
 use crate::admin::exchange::Reply;
 use crate::oauth::AccountState;
-use crate::oauth::status::account_status;
+use crate::oauth::status::{account_status, unsealed_warning};
 use crate::oauth::store::unix_now;
 use crate::shared::Shared;
 
@@ -25,7 +25,9 @@ impl Console {
             Some((_, true)) => StatusCode::BAD_GATEWAY,
             _ => StatusCode::OK,
         };
-        http::page(status, pages::accounts(&rows, &session.csrf, notice))
+        let unsealed = unsealed_warning(shared.tokens.store());
+        let page = pages::accounts(&rows, &session.csrf, notice, unsealed.as_deref());
+        http::page(status, page)
     }
 
     /// `GET /accounts/rows`: the rows again, for the page's poll.

@@ -81,8 +81,15 @@ pub struct Row<'a> {
     pub client_logins: ClientLogins,
 }
 
-/// The Accounts page: a row per account, and a notice at the top.
-pub fn accounts(rows: &[String], csrf: &str, notice: Option<(&str, bool)>) -> Markup {
+/// The Accounts page: a row per account, a notice at the top, and once for
+/// the page (it holds for every grant alike), `unsealed`: the sentence
+/// `status` prints when the grants are stored without a token key.
+pub fn accounts(
+    rows: &[String],
+    csrf: &str,
+    notice: Option<(&str, bool)>,
+    unsealed: Option<&str>,
+) -> Markup {
     page(
         "Accounts",
         Some(csrf),
@@ -90,6 +97,9 @@ pub fn accounts(rows: &[String], csrf: &str, notice: Option<(&str, bool)>) -> Ma
             h1 { "Accounts" }
             @if let Some((text, problem)) = notice {
                 p.notice.problem[problem] role=(if problem { "alert" } else { "status" }) { (text) }
+            }
+            @if let Some(text) = unsealed {
+                p.notice data-notice="unsealed" { (text) }
             }
             @if rows.is_empty() {
                 p { "No accounts are configured: add an [[accounts]] section to the config and reload it." }
