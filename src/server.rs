@@ -298,8 +298,17 @@ impl InForce {
     /// A reload: the new config for new connections, and no warm session
     /// left of the old one.
     async fn reload(&self) {
-        reload(&self.path, &self.publish, &self.lasting).await;
+        let put_in_force = reload(&self.path, &self.publish, &self.lasting).await;
         self.imap.close_warm();
+        if put_in_force {
+            // Said once no warm session of the old config is left to take.
+            let shared = self.publish.borrow().clone();
+            info!(
+                accounts = shared.config.accounts.len(),
+                providers = shared.config.providers.len(),
+                "config reloaded; live sessions keep the config they started with"
+            );
+        }
     }
 }
 
@@ -384,9 +393,14 @@ struct Lasting {
 /// Loads the config again and, if it is good, puts it in force for new
 /// connections. A bad config is refused and the old one stays; so is one
 /// without accounts (an emptied or half-written file would fail every login).
-async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, lasting: &Lasting) {
+/// True when the new config was put in force.
+async fn reload(
+    path: &std::path::Path,
+    publish: &watch::Sender<Arc<Shared>>,
+    lasting: &Lasting,
+) -> bool {
     let Some(config) = load_again(path) else {
-        return;
+        return false;
     };
     let old = publish.borrow().clone();
     warn_of_restart_only_changes(&old.config, &config);
@@ -398,14 +412,9 @@ async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, la
         Ok(s) => Arc::new(s),
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
-            return;
+            return false;
         }
     };
-    info!(
-        accounts = shared.config.accounts.len(),
-        providers = shared.config.providers.len(),
-        "config reloaded; live sessions keep the config they started with"
-    );
     say_if_certificate_changed(&old, &shared);
     shared.tokens.publish_health().await;
     lasting.notifier.reconfigure(&shared.config.admin);
@@ -417,6 +426,7 @@ async fn reload(path: &std::path::Path, publish: &watch::Sender<Arc<Shared>>, la
         .filter_map(|a| shared.tokens.health(&a.username));
     say_who_needs_login(added);
     let _ = publish.send(shared);
+    true
 }
 
 /// The config file read again, or `None` (logged) when it is refused.

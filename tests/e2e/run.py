@@ -1386,11 +1386,30 @@ def s4_refresh(w):
     check(st["state"] == "authorised" and st["access_token_valid"], f"status: {st}")
 
 
+def close_warm_sessions(w):
+    """Reloads the proxy, which closes its warm upstream IMAP sessions.
+
+    An IMAP login leaves a warm upstream session (imap.warm_sessions), which
+    the next login takes without a new upstream authentication, so Dovecot,
+    which checks every token at the identity provider, cannot refuse a token
+    revoked meanwhile (Exchange ends such a session, and the proxy's NOOP
+    proof then discards it); the proxy's own grant check learns of a
+    revocation at the next token renewal (tests/warm_sessions.rs). After a
+    reload the next login authenticates anew."""
+    offset = w.proxy_log.stat().st_size
+    w.procs["proxy"].send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "config reloaded" not in w.proxy_log_since(offset):
+        check(time.monotonic() < deadline, "the proxy never reloaded")
+        time.sleep(0.05)
+
+
 @scenario("4b. an access token that Dovecot and Postfix refuse is replaced once, transparently")
 def s4b_rejected_token(w):
     refused_before = w.proxy_log_since(0).count("upstream refused the cached token")
     c = w.imap(SALES)  # the proxy now holds a valid access token for sales
     logout(c)
+    close_warm_sessions(w)
     counts0 = w.idp_counts()
     w.idp_control("revoke-access-tokens", mailbox=SALES)
     # IMAP: Dovecot answers the dead token with a challenge, then NO; the proxy
@@ -1430,18 +1449,7 @@ def s5a_revoked_smtp_at_once(w):
         check(not s.sendmail(OPS, [OPS], f"From: {OPS}\r\nTo: {OPS}\r\nSubject: before revocation\r\n\r\nhi\r\n".encode()), "send before the revocation")
     finally:
         s.quit()
-    # The IMAP login above left a warm upstream session (imap.warm_sessions),
-    # which the next login would take without a new upstream authentication,
-    # so Dovecot, which checks every token at the identity provider, could not
-    # refuse it; the proxy's own grant check learns of a revocation at the
-    # next token renewal (tests/warm_sessions.rs). A reload closes warm
-    # sessions: the login below authenticates anew, as before.
-    offset = w.proxy_log.stat().st_size
-    w.procs["proxy"].send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "config reloaded" not in w.proxy_log_since(offset):
-        check(time.monotonic() < deadline, "the proxy never reloaded")
-        time.sleep(0.05)
+    close_warm_sessions(w)
     w.idp_control("revoke", mailbox=OPS)
     c = w.imap(login=False)
     try:
