@@ -329,18 +329,18 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| {
         format!(
-            "cannot read {}: {}; check the `ca_file` path and its permissions",
+            "cannot read {}: {}; check the path given and the file's permissions",
             path.display(),
             crate::error::io_reason(&e)
         )
     })?;
     pem_certificates(&pem).map_err(|e| match e {
         PemError::NotPem(e) => format!(
-            "{} is not PEM ({e}); `ca_file` must hold PEM certificates",
+            "{} is not PEM ({e}); the file must hold the CA's certificates in PEM",
             path.display()
         ),
         PemError::Empty => format!(
-            "{} holds no PEM certificate; `ca_file` must hold at least one",
+            "{} holds no PEM certificate; the file must hold at least one CA certificate in PEM",
             path.display()
         ),
     })
@@ -382,7 +382,7 @@ pub fn https_client(
         for der in load_ca_file(ca)? {
             let cert = reqwest::Certificate::from_der(&der).map_err(|e| {
                 format!(
-                    "{} holds a certificate the HTTPS client cannot use ({e}); put the CA's PEM certificate in `ca_file`",
+                    "{} holds a certificate the HTTPS client cannot use ({e}); put the CA's certificate there in PEM",
                     ca.display()
                 )
             })?;
