@@ -845,6 +845,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_under_a_lock_whose_session_ended_fails_instead_of_going_around_it() {
+        let pg = TestPostgres::start().await;
+        let (a, b) = (store(&pg, "xoauth2_proxy"), store(&pg, "xoauth2_proxy"));
+        let tokens = TokenStore::over(Arc::new(a.clone()));
+        tokens.prepare().await.unwrap();
+        tokens.save("a@x.com", &grant("rt0")).await.unwrap();
+
+        let held = a.lock("a@x.com").await.ok().unwrap();
+        // The server ends A's session, as it does for a replica cut off from
+        // it; B takes the lock and stores a newer grant.
+        let ended = pg
+            .psql(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted",
+            )
+            .await;
+        assert_eq!(ended, "t");
+        let b_lock = b.lock("a@x.com").await.ok().unwrap();
+        TokenStore::over(Arc::new(b.clone()))
+            .save("a@x.com", &grant("rt2"))
+            .await
+            .unwrap();
+        drop(b_lock);
+
+        // A, still believing it holds the lock, cannot write its older grant.
+        let e = tokens.save("a@x.com", &grant("rt1")).await.unwrap_err();
+        assert!(e.contains("grant of a@x.com is not saved"), "{e}");
+        assert!(tokens.load("A@x.com").await.is_err(), "nor read around it");
+        drop(held);
+        let stored = tokens.load("a@x.com").await.unwrap().unwrap();
+        assert_eq!(stored.refresh_token.unwrap().expose(), "rt2");
+        // Without the lock, the pool serves A again.
+        tokens.save("b@x.com", &grant("other")).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_role_that_may_not_make_the_schema_is_told_what_to_run_at_start() {
         let pg = TestPostgres::start().await;
         pg.psql("CREATE ROLE guest LOGIN PASSWORD 'guest-pw'").await;
