@@ -371,6 +371,41 @@ async fn until_elapsed(since: std::time::Instant, age: Duration) {
     tokio::time::sleep(age.saturating_sub(since.elapsed())).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cut_off_before_it_stored_a_refresh_stores_it_once_the_network_returns() {
+    // The strictest rotation: the refresh token in the database is spent
+    // once A redeems it, so A's new one is the only copy that works.
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let a = replica_to_cut_off(&world, &pg).await;
+    let b = patient_replica(&world, &pg, &accounts(), "60s").await;
+    grants_without_access_tokens(&world, &b, &[USER]).await;
+
+    // A redeems the grant under the lock; the network breaks before the
+    // identity provider's answer reaches it, so A cannot store the result.
+    let held = world.idp.hold_next_answer();
+    let stranded = tokio::spawn(patient_login(a.imap_addr, USER, "pw"));
+    until(|| refreshes_redeemed(&world) == 1).await;
+    let cut = Partition::cut(SECOND_ADDRESS, pg.port);
+    held.release();
+    let answer = stranded.await.unwrap();
+    assert!(answer.starts_with("a OK"), "the new token serves: {answer}");
+    drop(cut);
+
+    // Nobody stored anything since: A stores what it holds, under the lock.
+    a.wait_for_log(
+        "grant of sales@contoso.com saved after",
+        Duration::from_secs(60),
+    )
+    .await;
+    let stored = stored_refresh_token(&pg, USER).await;
+    assert_eq!(world.idp.valid_refresh_tokens(USER), vec![stored]);
+    let answer = patient_login(b.imap_addr, USER, "pw").await;
+    assert!(answer.starts_with("a OK"), "B uses what A stored: {answer}");
+    let counts = world.idp.counts();
+    assert_eq!(counts.refresh_grants, 1);
+    assert_eq!(counts.superseded_refresh_tokens_presented, 0);
+}
+
 #[test]
 fn a_partition_drops_only_its_own_address_and_port_and_heals_when_dropped() {
     use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

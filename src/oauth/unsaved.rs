@@ -69,10 +69,11 @@ pub(super) async fn failed(store: &TokenStore, account: &str, grant: &StoredGran
         debug!(account, "grant still not saved: {reason}");
         return;
     }
-    // Read before the record exists: a refresh holds the file lock, so the
-    // file cannot change in between.
+    // Read before the record exists: a refresh holds the lock, so the grant
+    // cannot change in between (a shared store remembers it from under the
+    // lock, which the network may have taken since).
     let replaced = store
-        .load(account)
+        .replaced_under_lock(account)
         .await
         .ok()
         .flatten()

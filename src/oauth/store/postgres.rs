@@ -109,7 +109,7 @@ struct Inner {
     migrated: tokio::sync::Mutex<bool>,
     /// The connections holding an account's lock in this process, by
     /// account: that account's row is read and written on them (a fence).
-    held: std::sync::Mutex<HashMap<String, Weak<Client>>>,
+    held: std::sync::Mutex<HashMap<String, Weak<LockSession>>>,
     /// The last operation reached the database (logged when it changes).
     up: AtomicBool,
     probing: AtomicBool,
@@ -359,7 +359,13 @@ impl PostgresStore {
         )
         .await;
         match locked {
-            Ok(Ok(_)) => Ok(GrantLock::new(HeldLock::new(self, account, client))),
+            Ok(Ok(_)) => {
+                let held = HeldLock::new(self, account, client);
+                // What a refresh under this lock replaces, remembered while
+                // the database can still be asked.
+                let _ = self.read_row(&held.account).await;
+                Ok(GrantLock::new(held))
+            }
             Ok(Err(e)) => Err(self.down(chain(&e))),
             Err(_) => Err(format!(
                 "another process has held the refresh lock of {account} in PostgreSQL {} for over {}s; try again later",
@@ -381,7 +387,7 @@ impl PostgresStore {
             .get(&account.to_lowercase())
             .and_then(Weak::upgrade);
         match held {
-            Some(client) => Ok(Conn::Locked(client)),
+            Some(session) => Ok(Conn::Locked(session)),
             None => Ok(Conn::Pooled(Box::new(self.client().await?))),
         }
     }
@@ -395,10 +401,12 @@ impl PostgresStore {
         let row = within(client.query_opt(&sql, &[&account.to_lowercase()]))
             .await
             .map_err(|e| self.down(e))?;
-        Ok(row.map(|row| Document {
+        let document = row.map(|row| Document {
             bytes: row.get(0),
             revision: revision(row.get(1), row.get(2)),
-        }))
+        });
+        client.saw(document.clone());
+        Ok(document)
     }
 
     async fn row_revision(&self, account: &str) -> Result<Option<Revision>, String> {
@@ -430,7 +438,12 @@ impl PostgresStore {
                     self.inner.place
                 )
             })?;
-        Ok(revision(row.get(0), row.get(1)))
+        let written = revision(row.get(0), row.get(1));
+        client.saw(Some(Document {
+            bytes: bytes.to_vec(),
+            revision: written,
+        }));
+        Ok(written)
     }
 
     async fn delete_row(&self, account: &str) -> Result<(), String> {
@@ -480,25 +493,38 @@ impl PostgresStore {
     }
 }
 
-/// An account's lock, held by this process: the connection whose session
-/// holds it, registered so that the account's row goes through it.
+/// The session holding an account's lock: its connection, and the row as
+/// this process last read or wrote it through that connection.
+struct LockSession {
+    client: Client,
+    /// Nobody else writes the row while the lock is held, so this is what a
+    /// refresh under the lock replaces, known even once the database cannot
+    /// be reached ([`Backend::read_under_lock`]).
+    seen: std::sync::Mutex<Option<Document>>,
+}
+
+/// An account's lock, held by this process: its session, registered so
+/// that the account's row goes through it.
 struct HeldLock {
-    client: Arc<Client>,
+    session: Arc<LockSession>,
     account: String,
     store: Weak<Inner>,
 }
 
 impl HeldLock {
     fn new(store: &PostgresStore, account: String, client: Client) -> HeldLock {
-        let client = Arc::new(client);
+        let session = Arc::new(LockSession {
+            client,
+            seen: std::sync::Mutex::new(None),
+        });
         store
             .inner
             .held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(account.clone(), Arc::downgrade(&client));
+            .insert(account.clone(), Arc::downgrade(&session));
         HeldLock {
-            client,
+            session,
             account,
             store: Arc::downgrade(&store.inner),
         }
@@ -513,7 +539,7 @@ impl Drop for HeldLock {
         let mut held = inner.held.lock().unwrap_or_else(|e| e.into_inner());
         // Only this lock's entry: a lock taken since (this one's session
         // ended) has its own.
-        let ours = Arc::downgrade(&self.client);
+        let ours = Arc::downgrade(&self.session);
         if held.get(&self.account).is_some_and(|w| w.ptr_eq(&ours)) {
             held.remove(&self.account);
         }
@@ -523,8 +549,17 @@ impl Drop for HeldLock {
 /// Where an account's row is read or written.
 enum Conn {
     Pooled(Box<deadpool_postgres::Object>),
-    /// The connection holding the account's lock.
-    Locked(Arc<Client>),
+    /// The session holding the account's lock.
+    Locked(Arc<LockSession>),
+}
+
+impl Conn {
+    /// The row was read or written as `document` through this connection.
+    fn saw(&self, document: Option<Document>) {
+        if let Conn::Locked(session) = self {
+            *session.seen.lock().unwrap_or_else(|e| e.into_inner()) = document;
+        }
+    }
 }
 
 impl Deref for Conn {
@@ -533,7 +568,7 @@ impl Deref for Conn {
     fn deref(&self) -> &Client {
         match self {
             Conn::Pooled(object) => object,
-            Conn::Locked(client) => client,
+            Conn::Locked(session) => &session.client,
         }
     }
 }
@@ -705,6 +740,13 @@ impl Backend for PostgresStore {
         Ok(())
     }
 
+    fn read_under_lock(&self, account: &str) -> Option<Document> {
+        let held = self.inner.held.lock().unwrap_or_else(|e| e.into_inner());
+        let session = held.get(&account.to_lowercase())?.upgrade()?;
+        let seen = session.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.clone()
+    }
+
     fn read<'a>(&'a self, account: &'a str) -> Pending<'a, Result<Option<Document>, LoadError>> {
         Box::pin(async move {
             self.mark(self.read_row(account).await)
@@ -873,6 +915,9 @@ mod tests {
         let e = tokens.save("a@x.com", &grant("rt1")).await.unwrap_err();
         assert!(e.contains("grant of a@x.com is not saved"), "{e}");
         assert!(tokens.load("A@x.com").await.is_err(), "nor read around it");
+        // What its refresh replaced is still known, for when it can write.
+        let replaced = tokens.replaced_under_lock("a@x.com").await.unwrap();
+        assert_eq!(replaced.unwrap().refresh_token.unwrap().expose(), "rt0");
         drop(held);
         let stored = tokens.load("a@x.com").await.unwrap().unwrap();
         assert_eq!(stored.refresh_token.unwrap().expose(), "rt2");
