@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use testkit::idp::{DeviceOutcome, Rotation};
-use testkit::postgres::{PASSWORD, TestPostgres};
+use testkit::partition::Partition;
+use testkit::postgres::{PASSWORD, SECOND_ADDRESS, TestPostgres};
 use testkit::proxy::{AccountSpec, TestProxy};
 use testkit::world::{LineClient, World};
 
@@ -31,6 +32,19 @@ async fn patient_replica(
             "idp_timeout = \"3s\"",
             &format!("idp_timeout = \"{idp_timeout}\""),
         );
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{url}\"\n")
+    })
+    .await
+}
+
+/// A patient replica that reaches the database through the address a test
+/// cuts ([`SECOND_ADDRESS`]), without warm sessions (each login uses a token).
+async fn replica_to_cut_off(world: &World, pg: &TestPostgres) -> TestProxy {
+    let url = pg.url_at(SECOND_ADDRESS);
+    TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        let text = text
+            .replace("idp_timeout = \"3s\"", "idp_timeout = \"60s\"")
+            .replace("[imap]\n", "[imap]\nwarm_sessions = 0\n");
         format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{url}\"\n")
     })
     .await
@@ -244,6 +258,209 @@ async fn a_replica_killed_while_it_refreshes_loses_no_grant_and_spends_no_token_
         world.idp.valid_refresh_tokens(USER).contains(&stored),
         "the stored grant still works"
     );
+}
+
+/// How long the database may take to notice a replica that went silent
+/// while it holds a lock, and end its session: the keepalive settings of the
+/// lock's connection (10 s idle, then 3 probes 5 s apart: 25 s), with room
+/// for a loaded machine. Past it, the waiting logins would fail (60 s).
+const PARTITION_NOTICED_WITHIN: Duration = Duration::from_secs(40);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cut_off_while_it_refreshes_loses_its_lock_and_never_brings_back_an_older_grant()
+{
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    world.idp.set_rotation(Rotation::SpentWhenSuccessorUsed);
+    // A reaches the database through the address the test cuts; B through
+    // the one that stays.
+    let a = replica_to_cut_off(&world, &pg).await;
+    let b = patient_replica(&world, &pg, &accounts(), "60s").await;
+    grants_without_access_tokens(&world, &b, &[USER]).await;
+    let first = stored_refresh_token(&pg, USER).await;
+
+    // A takes the lock and redeems the refresh token; the identity provider
+    // holds its answer, so A holds the lock mid-refresh.
+    let held = world.idp.hold_next_answer();
+    let stranded = tokio::spawn(patient_login(a.imap_addr, USER, "pw"));
+    until(|| refreshes_redeemed(&world) == 1).await;
+    let holder = pg
+        .psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
+        .await;
+    assert!(
+        !holder.is_empty() && !holder.contains('\n'),
+        "A alone holds a lock: {holder:?}"
+    );
+
+    // The network between A and the database breaks: nothing is closed.
+    let cut = Partition::cut(SECOND_ADDRESS, pg.port);
+    let cut_at = std::time::Instant::now();
+    // B's access token will be due for renewal after 6 s (in its last
+    // third), so that A has to refresh the grant B stores, later.
+    world.idp.set_access_token_lifetime(Duration::from_secs(9));
+    let waiting: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(patient_login(b.imap_addr, USER, "pw")))
+        .collect();
+    for login in waiting {
+        let answer = login.await.unwrap();
+        assert!(answer.starts_with("a OK"), "{answer}");
+    }
+    let b_refreshed = std::time::Instant::now();
+    world
+        .idp
+        .set_access_token_lifetime(Duration::from_secs(3600));
+    let waited = cut_at.elapsed();
+    assert!(
+        waited < PARTITION_NOTICED_WITHIN,
+        "B waited {waited:?} for the lock of a replica cut off"
+    );
+    assert!(cut.dropped() > 0, "A's packets were dropped");
+    let sessions = pg
+        .psql(&format!(
+            "SELECT (SELECT count(*) FROM pg_locks WHERE pid = {holder})
+                  + (SELECT count(*) FROM pg_stat_activity WHERE pid = {holder})"
+        ))
+        .await;
+    assert_eq!(sessions, "0", "A's session and its lock are gone");
+    let counts = world.idp.counts();
+    assert_eq!(counts.refresh_grants, 2, "A's refresh, then B's once");
+    assert_eq!(counts.superseded_refresh_tokens_presented, 0);
+    let newer = stored_refresh_token(&pg, USER).await;
+    assert_ne!(newer, first, "B stored its rotated refresh token");
+
+    // The network comes back, then A hears from the identity provider at
+    // last: its grant is older than the one B stored, and must not return.
+    drop(cut);
+    held.release();
+    let answer = stranded.await.unwrap();
+    assert!(answer.starts_with("a OK"), "{answer}");
+    assert_eq!(
+        stored_refresh_token(&pg, USER).await,
+        newer,
+        "A wrote its older grant over B's"
+    );
+    // Its retry finds B's grant stored and drops its own.
+    a.wait_for_log(
+        "replaced by another process (another replica",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(stored_refresh_token(&pg, USER).await, newer);
+    assert!(world.idp.valid_refresh_tokens(USER).contains(&newer));
+
+    // A recovers without a restart: when its access token is refused, it
+    // takes the stored grant (B's token, due by now) and refreshes it, never
+    // its own superseded one.
+    world.tokens.revoke_mailbox(USER);
+    until_elapsed(b_refreshed, Duration::from_secs(7)).await;
+    let answer = patient_login(a.imap_addr, USER, "pw").await;
+    assert!(answer.starts_with("a OK"), "{answer}");
+    let counts = world.idp.counts();
+    assert_eq!(counts.superseded_refresh_tokens_presented, 0);
+    assert_eq!(counts.refresh_grants, 3);
+    let latest = stored_refresh_token(&pg, USER).await;
+    assert_ne!(latest, newer, "A stored the grant it refreshed");
+    assert!(world.idp.valid_refresh_tokens(USER).contains(&latest));
+    let answer = patient_login(b.imap_addr, USER, "pw").await;
+    assert!(answer.starts_with("a OK"), "B uses what A stored: {answer}");
+    assert_eq!(world.idp.counts().refresh_grants, 3);
+}
+
+/// Waits until `since` is `age` old: a token lifetime running out has no
+/// event to await.
+async fn until_elapsed(since: std::time::Instant, age: Duration) {
+    tokio::time::sleep(age.saturating_sub(since.elapsed())).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_cut_off_before_it_stored_a_refresh_stores_it_once_the_network_returns() {
+    // The strictest rotation: the refresh token in the database is spent
+    // once A redeems it, so A's new one is the only copy that works.
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let a = replica_to_cut_off(&world, &pg).await;
+    let b = patient_replica(&world, &pg, &accounts(), "60s").await;
+    grants_without_access_tokens(&world, &b, &[USER]).await;
+
+    // A redeems the grant under the lock; the network breaks before the
+    // identity provider's answer reaches it, so A cannot store the result.
+    let held = world.idp.hold_next_answer();
+    let stranded = tokio::spawn(patient_login(a.imap_addr, USER, "pw"));
+    until(|| refreshes_redeemed(&world) == 1).await;
+    let cut = Partition::cut(SECOND_ADDRESS, pg.port);
+    held.release();
+    let answer = stranded.await.unwrap();
+    assert!(answer.starts_with("a OK"), "the new token serves: {answer}");
+    drop(cut);
+
+    // Nobody stored anything since: A stores what it holds, under the lock.
+    a.wait_for_log(
+        "grant of sales@contoso.com saved after",
+        Duration::from_secs(60),
+    )
+    .await;
+    let stored = stored_refresh_token(&pg, USER).await;
+    assert_eq!(world.idp.valid_refresh_tokens(USER), vec![stored]);
+    let answer = patient_login(b.imap_addr, USER, "pw").await;
+    assert!(answer.starts_with("a OK"), "B uses what A stored: {answer}");
+    let counts = world.idp.counts();
+    assert_eq!(counts.refresh_grants, 1);
+    assert_eq!(counts.superseded_refresh_tokens_presented, 0);
+}
+
+#[test]
+fn a_partition_drops_only_its_own_address_and_port_and_heals_when_dropped() {
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    let connects =
+        |addr: SocketAddr| TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok();
+    let server = TcpListener::bind((SECOND_ADDRESS, 0)).unwrap();
+    let beside = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let (addr, other) = (server.local_addr().unwrap(), beside.local_addr().unwrap());
+    assert!(connects(addr));
+    let cut = Partition::cut(SECOND_ADDRESS, addr.port());
+    assert!(!connects(addr), "the cut address is unreachable");
+    assert!(cut.dropped() > 0, "its packets were dropped");
+    assert!(connects(other), "other traffic flows");
+    drop(cut);
+    assert!(connects(addr), "healed");
+    let rules = std::process::Command::new("tc")
+        .args(["filter", "show", "dev", "lo", "ingress"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        !rules.contains(&format!("pref {} ", addr.port())),
+        "a rule left behind: {rules}"
+    );
+}
+
+/// Refresh requests the identity provider has processed (answered or held).
+fn refreshes_redeemed(world: &World) -> usize {
+    world
+        .idp
+        .requests()
+        .iter()
+        .filter(|r| r.grant_type.as_deref() == Some("refresh_token") && r.status == 200)
+        .count()
+}
+
+/// An IMAP login that waits as long as the proxy takes (a refresh may wait
+/// for another replica's lock), up to 90 s.
+async fn patient_login(
+    addr: std::net::SocketAddr,
+    user: &'static str,
+    pass: &'static str,
+) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut c = LineClient::connect(addr).await;
+    c.read().await;
+    c.line(&format!("a LOGIN {user} {pass}")).await;
+    loop {
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(90), c.stream.read_line(&mut line));
+        read.await.expect("an answer within 90 s").unwrap();
+        if line.is_empty() || line.starts_with("a ") {
+            return line.trim_end().to_string();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

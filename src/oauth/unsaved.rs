@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::store::{StoredGrant, TokenStore};
+use super::store::{GrantLock, LockError, StoredGrant, TokenStore};
 use crate::secret::Secret;
 
 /// The first wait before writing an unsaved grant again; it doubles after
@@ -69,10 +69,11 @@ pub(super) async fn failed(store: &TokenStore, account: &str, grant: &StoredGran
         debug!(account, "grant still not saved: {reason}");
         return;
     }
-    // Read before the record exists: a refresh holds the file lock, so the
-    // file cannot change in between.
+    // Read before the record exists: a refresh holds the lock, so the grant
+    // cannot change in between (a shared store remembers it from under the
+    // lock, which the network may have taken since).
     let replaced = store
-        .load(account)
+        .replaced_under_lock(account)
         .await
         .ok()
         .flatten()
@@ -143,7 +144,7 @@ fn replaced_by_another(account: &str) {
     set_gauge(account, 0);
     warn!(
         account,
-        "the grant file of {account} was replaced by another process (`xoauth2-proxy login`?) while the proxy could not save its newer grant; the file's grant is used"
+        "the stored grant of {account} was replaced by another process (another replica, or `xoauth2-proxy login`) while this one could not save its newer grant; the stored grant is used"
     );
 }
 
@@ -167,8 +168,8 @@ pub(super) async fn save_before_exit(store: &TokenStore) {
         .map(|r| (r.store.clone(), r.account.clone()))
         .collect();
     for (store, account) in pending {
-        let _lock = store.lock(&account).await.ok();
-        if !retry_once(&store, &account).await {
+        let locked = lock(&store, &account).await;
+        if locked.is_err() || !retry_once(&store, &account).await {
             error!(
                 account,
                 "the newest grant of {account} could not be saved before exit; {} before starting again, and if the proxy then says it needs login, run `xoauth2-proxy login {account}`",
@@ -208,12 +209,26 @@ async fn retry_until_saved(store: TokenStore, account: String) {
     let mut wait = FIRST_RETRY;
     loop {
         tokio::time::sleep(wait).await;
-        // The lock a refresh takes: no refresh runs while the file is written.
-        let _lock = store.lock(&account).await.ok();
-        if retry_once(&store, &account).await {
+        let locked = lock(&store, &account).await;
+        if locked.is_ok() && retry_once(&store, &account).await {
             return;
         }
         wait = next_wait(wait);
+    }
+}
+
+/// The lock a refresh takes, so that no refresh runs while the grant is
+/// written. A file store's lock may be skipped (the write is still atomic);
+/// a shared store's may not: without it another replica may be refreshing,
+/// and a grant written now could replace the newer one it is storing.
+async fn lock(store: &TokenStore, account: &str) -> Result<Option<GrantLock>, ()> {
+    match store.lock(account).await {
+        Ok(lock) => Ok(Some(lock)),
+        Err(LockError::Skippable(_)) => Ok(None),
+        Err(LockError::Unavailable(e)) => {
+            debug!(account, "grant still not saved: {e}");
+            Err(())
+        }
     }
 }
 

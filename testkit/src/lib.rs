@@ -9,6 +9,8 @@
 //! - [`smtp`]: a mock SMTP submission server with STARTTLS and XOAUTH2.
 //! - [`proxy`]: runs the real `xoauth2-proxy` binary with a generated config.
 //! - [`metrics`]: one series of the proxy's `/metrics`, by name and labels.
+//! - [`postgres`]: a real PostgreSQL server in a temporary directory.
+//! - [`partition`]: drops every packet to and from one address and port (root).
 //! - [`world`]: all of the above started together, plus a raw line client.
 //! - [`node`]: the Node.js mail clients (imapflow, nodemailer) the tests drive,
 //!   with their locked dependencies installed on first use.
@@ -23,6 +25,7 @@ pub mod idp;
 pub mod imap;
 pub mod metrics;
 pub mod node;
+pub mod partition;
 pub mod pki;
 pub mod postgres;
 pub mod proxy;

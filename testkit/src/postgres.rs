@@ -35,6 +35,10 @@ fn bin_dir() -> PathBuf {
 /// never show).
 pub const PASSWORD: &str = "pg-Secret-7Hq2xW";
 
+/// The server listens here too, so that one client's path to it can be cut
+/// while the others keep theirs.
+pub const SECOND_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
+
 /// The user the server runs as when the tests run as root.
 const NOBODY: u32 = 65534;
 
@@ -94,6 +98,13 @@ impl TestPostgres {
         )
     }
 
+    /// [`url`](Self::url) through `addr`, another loopback address the
+    /// server listens on ([`SECOND_ADDRESS`]): a client that connects
+    /// through it can be cut off alone ([`crate::partition`]).
+    pub fn url_at(&self, addr: std::net::Ipv4Addr) -> String {
+        self.url().replace("@127.0.0.1:", &format!("@{addr}:"))
+    }
+
     /// Everything the server logged since it was last started.
     pub fn logs(&self) -> String {
         String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
@@ -112,7 +123,12 @@ impl TestPostgres {
             .arg(self.port.to_string())
             .arg("-k")
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1,127.0.0.2",
+                "-c",
+                "fsync=off",
+            ])
             .args(["-c", "max_connections=100"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

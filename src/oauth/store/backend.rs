@@ -107,6 +107,14 @@ pub trait Backend: Send + Sync + 'static {
     fn prepare(&self) -> Pending<'_, Result<(), String>>;
     /// Checks `account`'s lock as [`lock`](Self::lock) would take it.
     fn check_lock(&self, account: &str) -> Result<(), String>;
+    /// While this process holds `account`'s lock: the document as it last
+    /// read or wrote it under that lock, which is what a refresh under the
+    /// lock replaces, known even when the store cannot be reached now (a
+    /// shared store's lock may have been lost with the network, and another
+    /// process may have written since). `None`: read the store instead.
+    fn read_under_lock(&self, _account: &str) -> Option<Document> {
+        None
+    }
     fn read<'a>(&'a self, account: &'a str) -> Pending<'a, Result<Option<Document>, LoadError>>;
     /// The revision of `account`'s document, without reading it.
     fn revision<'a>(&'a self, account: &'a str)

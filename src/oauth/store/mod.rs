@@ -30,7 +30,7 @@ use crate::config::{Config, Flow, StoreKind};
 use crate::sealing::{SealError, TokenKey};
 use crate::secret::Secret;
 
-pub use backend::{Backend, GrantLock, LoadError, LockError, Revision};
+pub use backend::{Backend, Document, GrantLock, LoadError, LockError, Revision};
 pub use file::FileStore;
 pub use postgres::PostgresStore;
 
@@ -194,6 +194,25 @@ impl TokenStore {
         let Some(document) = self.backend.read(username).await? else {
             return Ok(None);
         };
+        self.open(username, document).map(Some)
+    }
+
+    /// The grant a refresh under `username`'s lock replaces (the caller
+    /// holds the lock): as the backend remembers it from under the lock
+    /// (a shared store, whose lock may be lost with the network), else as
+    /// stored now.
+    pub async fn replaced_under_lock(
+        &self,
+        username: &str,
+    ) -> Result<Option<StoredGrant>, LoadError> {
+        match self.backend.read_under_lock(username) {
+            Some(document) => Ok(Some(self.open(username, document)?.0.grant)),
+            None => self.load(username).await,
+        }
+    }
+
+    /// Unseals and parses `username`'s document.
+    fn open(&self, username: &str, document: Document) -> Result<(GrantFile, Revision), LoadError> {
         let name = || self.backend.name_of(username);
         let unsealed = crate::sealing::unseal(self.key.as_ref(), username, &document.bytes)
             .map_err(|e| LoadError::Sealed(self.does_not_open(username, &name(), e)))?;
@@ -207,7 +226,7 @@ impl TokenStore {
             grant,
             sealed: unsealed.sealed,
         };
-        Ok(Some((file, document.revision)))
+        Ok((file, document.revision))
     }
 
     /// Why a sealed grant does not open, and what to do: the document is

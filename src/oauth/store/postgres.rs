@@ -10,17 +10,28 @@
 //!
 //! The cross-replica lock of an account is a session-level advisory lock
 //! held on a connection of its own, outside the pool: it is released when
-//! the lock is dropped (the connection closes) or when the process dies
-//! (the kernel closes the socket, the server ends the session). Rows are
-//! written through the pool, each write committed on its own, so a rotated
+//! the lock is dropped (the connection closes), when the process dies (the
+//! kernel closes the socket, the server ends the session), or when the
+//! replica is cut off from the database (nothing is closed: the server's
+//! keepalive probes go unanswered and it ends the session, 25 s after the
+//! replica fell silent). Each write is committed on its own, so a rotated
 //! refresh token is committed before the lock is released and before its
 //! access token is handed out.
+//!
+//! While a process holds an account's lock, that account's row is read and
+//! written on the lock's own connection, not through the pool. The lock is
+//! then a fence: a replica whose session the server has ended (it was cut
+//! off, and another replica may have refreshed since) cannot write its
+//! older grant over the newer one, because its writes can only go through
+//! the session that held the lock, and that session is gone.
 //!
 //! The URL may hold a password: it is a [`Secret`], and logs and errors name
 //! the database by host, port and name only. TLS to the database, when the
 //! URL asks for it (`sslmode=prefer`, the default, or `require`), always
 //! verifies the server's certificate (system roots, plus `sslrootcert`).
 
+use std::collections::HashMap;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +57,25 @@ const LOCK_WAIT: Duration = Duration::from_secs(60);
 const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// Connections in the pool: grants are read and written seldom.
 const POOL_SIZE: usize = 4;
+/// A connection whose data the database has not acknowledged for this long
+/// is broken off by the kernel (`TCP_USER_TIMEOUT`): after a network
+/// partition heals, no pooled connection is left waiting on a statement
+/// sent into the void.
+const UNACKNOWLEDGED: Duration = Duration::from_secs(10);
+/// TCP keepalive of every connection (the lock's on both ends): a peer
+/// silent for `KEEPALIVE_IDLE` is probed `KEEPALIVE_PROBES` times
+/// `KEEPALIVE_INTERVAL` apart, then given up: 25 s in all, how long the
+/// others wait for the lock of a replica cut off from the database
+/// (docs/shared-store.md says why not less).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// How long a peer may stay silent before its connection is given up: the
+/// keepalive's idle time and unanswered probes (25 s).
+fn silent_peer_limit() -> Duration {
+    KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES
+}
 
 /// The schema's migrations, in order; each runs once, in a transaction.
 /// `{schema}` stands for the quoted schema name. Never edit one that has
@@ -77,6 +107,9 @@ struct Inner {
     place: String,
     /// The migrations have run since this store was made.
     migrated: tokio::sync::Mutex<bool>,
+    /// The connections holding an account's lock in this process, by
+    /// account: that account's row is read and written on them (a fence).
+    held: std::sync::Mutex<HashMap<String, Weak<LockSession>>>,
     /// The last operation reached the database (logged when it changes).
     up: AtomicBool,
     probing: AtomicBool,
@@ -103,8 +136,12 @@ impl PostgresStore {
     pub fn new(url: &Secret, schema: &str) -> Result<Self, String> {
         let (mut connect, root_cert) = parse_url(url.expose())?;
         connect.connect_timeout(DB_TIMEOUT);
-        // And the proxy notices a vanished server on an idle connection.
-        connect.keepalives_idle(Duration::from_secs(10));
+        // And the proxy notices a vanished server, on an idle connection or
+        // one waiting for an answer.
+        connect.keepalives_idle(KEEPALIVE_IDLE);
+        connect.keepalives_interval(KEEPALIVE_INTERVAL);
+        connect.keepalives_retries(KEEPALIVE_PROBES);
+        connect.tcp_user_timeout(UNACKNOWLEDGED);
         connect.application_name("xoauth2-proxy");
         let tls = match connect.get_ssl_mode() {
             SslMode::Disable => Tls::Off,
@@ -136,6 +173,7 @@ impl PostgresStore {
                 tls,
                 schema: schema.to_string(),
                 migrated: tokio::sync::Mutex::new(false),
+                held: std::sync::Mutex::new(HashMap::new()),
                 up: AtomicBool::new(true),
                 probing: AtomicBool::new(false),
             }),
@@ -301,24 +339,33 @@ impl PostgresStore {
         let client = self.dedicated().await?;
         // A replica cut off from the database (not killed: its socket is
         // never closed) must not hold the lock for the kernel's default two
-        // hours: the server probes the lock's connection and ends it.
-        within(client.batch_execute(
-            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
-        ))
+        // hours: the server probes the lock's connection and ends it. The
+        // keepalive covers a connection with nothing in flight; the user
+        // timeout one whose last answer was sent into the cut, which TCP
+        // would otherwise retransmit for some fifteen minutes.
+        within(client.batch_execute(&format!(
+            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {KEEPALIVE_PROBES}; SET tcp_user_timeout = {}",
+            KEEPALIVE_IDLE.as_secs(),
+            KEEPALIVE_INTERVAL.as_secs(),
+            silent_peer_limit().as_millis(),
+        )))
         .await
         .map_err(|e| self.down(e))?;
-        let key = format!(
-            "xoauth2-proxy/{}/{}",
-            self.inner.schema,
-            account.to_lowercase()
-        );
+        let account = account.to_lowercase();
+        let key = format!("xoauth2-proxy/{}/{account}", self.inner.schema);
         let locked = tokio::time::timeout(
             LOCK_WAIT,
             client.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]),
         )
         .await;
         match locked {
-            Ok(Ok(_)) => Ok(GrantLock::new(client)),
+            Ok(Ok(_)) => {
+                let held = HeldLock::new(self, account, client);
+                // What a refresh under this lock replaces, remembered while
+                // the database can still be asked.
+                let _ = self.read_row(&held.account).await;
+                Ok(GrantLock::new(held))
+            }
             Ok(Err(e)) => Err(self.down(chain(&e))),
             Err(_) => Err(format!(
                 "another process has held the refresh lock of {account} in PostgreSQL {} for over {}s; try again later",
@@ -328,8 +375,25 @@ impl PostgresStore {
         }
     }
 
+    /// The connection for `account`'s row: the lock's own while this
+    /// process holds the lock (if the server has ended that session, the
+    /// statement fails rather than go around the fence), else a pooled one.
+    async fn conn_for(&self, account: &str) -> Result<Conn, String> {
+        let held = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&account.to_lowercase())
+            .and_then(Weak::upgrade);
+        match held {
+            Some(session) => Ok(Conn::Locked(session)),
+            None => Ok(Conn::Pooled(Box::new(self.client().await?))),
+        }
+    }
+
     async fn read_row(&self, account: &str) -> Result<Option<Document>, String> {
-        let client = self.client().await?;
+        let client = self.conn_for(account).await?;
         let sql = format!(
             "SELECT document, version, extract(epoch FROM updated_at)::float8 FROM {} WHERE account = $1",
             self.table()
@@ -337,14 +401,16 @@ impl PostgresStore {
         let row = within(client.query_opt(&sql, &[&account.to_lowercase()]))
             .await
             .map_err(|e| self.down(e))?;
-        Ok(row.map(|row| Document {
+        let document = row.map(|row| Document {
             bytes: row.get(0),
             revision: revision(row.get(1), row.get(2)),
-        }))
+        });
+        client.saw(document.clone());
+        Ok(document)
     }
 
     async fn row_revision(&self, account: &str) -> Result<Option<Revision>, String> {
-        let client = self.client().await?;
+        let client = self.conn_for(account).await?;
         let sql = format!(
             "SELECT version, extract(epoch FROM updated_at)::float8 FROM {} WHERE account = $1",
             self.table()
@@ -356,7 +422,7 @@ impl PostgresStore {
     }
 
     async fn write_row(&self, account: &str, bytes: &[u8]) -> Result<Revision, String> {
-        let client = self.client().await?;
+        let client = self.conn_for(account).await?;
         let sql = format!(
             "INSERT INTO {table} (account, document) VALUES ($1, $2)
              ON CONFLICT (account) DO UPDATE
@@ -372,11 +438,16 @@ impl PostgresStore {
                     self.inner.place
                 )
             })?;
-        Ok(revision(row.get(0), row.get(1)))
+        let written = revision(row.get(0), row.get(1));
+        client.saw(Some(Document {
+            bytes: bytes.to_vec(),
+            revision: written,
+        }));
+        Ok(written)
     }
 
     async fn delete_row(&self, account: &str) -> Result<(), String> {
-        let client = self.client().await?;
+        let client = self.conn_for(account).await?;
         let sql = format!("DELETE FROM {} WHERE account = $1", self.table());
         within(client.execute(&sql, &[&account.to_lowercase()]))
             .await
@@ -419,6 +490,86 @@ impl PostgresStore {
                 let _ = store.mark(store.ping().await);
             }
         });
+    }
+}
+
+/// The session holding an account's lock: its connection, and the row as
+/// this process last read or wrote it through that connection.
+struct LockSession {
+    client: Client,
+    /// Nobody else writes the row while the lock is held, so this is what a
+    /// refresh under the lock replaces, known even once the database cannot
+    /// be reached ([`Backend::read_under_lock`]).
+    seen: std::sync::Mutex<Option<Document>>,
+}
+
+/// An account's lock, held by this process: its session, registered so
+/// that the account's row goes through it.
+struct HeldLock {
+    session: Arc<LockSession>,
+    account: String,
+    store: Weak<Inner>,
+}
+
+impl HeldLock {
+    fn new(store: &PostgresStore, account: String, client: Client) -> HeldLock {
+        let session = Arc::new(LockSession {
+            client,
+            seen: std::sync::Mutex::new(None),
+        });
+        store
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(account.clone(), Arc::downgrade(&session));
+        HeldLock {
+            session,
+            account,
+            store: Arc::downgrade(&store.inner),
+        }
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let Some(inner) = self.store.upgrade() else {
+            return;
+        };
+        let mut held = inner.held.lock().unwrap_or_else(|e| e.into_inner());
+        // Only this lock's entry: a lock taken since (this one's session
+        // ended) has its own.
+        let ours = Arc::downgrade(&self.session);
+        if held.get(&self.account).is_some_and(|w| w.ptr_eq(&ours)) {
+            held.remove(&self.account);
+        }
+    }
+}
+
+/// Where an account's row is read or written.
+enum Conn {
+    Pooled(Box<deadpool_postgres::Object>),
+    /// The session holding the account's lock.
+    Locked(Arc<LockSession>),
+}
+
+impl Conn {
+    /// The row was read or written as `document` through this connection.
+    fn saw(&self, document: Option<Document>) {
+        if let Conn::Locked(session) = self {
+            *session.seen.lock().unwrap_or_else(|e| e.into_inner()) = document;
+        }
+    }
+}
+
+impl Deref for Conn {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        match self {
+            Conn::Pooled(object) => object,
+            Conn::Locked(session) => &session.client,
+        }
     }
 }
 
@@ -589,6 +740,13 @@ impl Backend for PostgresStore {
         Ok(())
     }
 
+    fn read_under_lock(&self, account: &str) -> Option<Document> {
+        let held = self.inner.held.lock().unwrap_or_else(|e| e.into_inner());
+        let session = held.get(&account.to_lowercase())?.upgrade()?;
+        let seen = session.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.clone()
+    }
+
     fn read<'a>(&'a self, account: &'a str) -> Pending<'a, Result<Option<Document>, LoadError>> {
         Box::pin(async move {
             self.mark(self.read_row(account).await)
@@ -726,6 +884,45 @@ mod tests {
         drop(a.lock("b@x.com").await.ok().unwrap());
         drop(held);
         assert!(waiting.await.unwrap(), "granted once the first was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_write_under_a_lock_whose_session_ended_fails_instead_of_going_around_it() {
+        let pg = TestPostgres::start().await;
+        let (a, b) = (store(&pg, "xoauth2_proxy"), store(&pg, "xoauth2_proxy"));
+        let tokens = TokenStore::over(Arc::new(a.clone()));
+        tokens.prepare().await.unwrap();
+        tokens.save("a@x.com", &grant("rt0")).await.unwrap();
+
+        let held = a.lock("a@x.com").await.ok().unwrap();
+        // The server ends A's session, as it does for a replica cut off from
+        // it; B takes the lock and stores a newer grant.
+        let ended = pg
+            .psql(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted",
+            )
+            .await;
+        assert_eq!(ended, "t");
+        let b_lock = b.lock("a@x.com").await.ok().unwrap();
+        TokenStore::over(Arc::new(b.clone()))
+            .save("a@x.com", &grant("rt2"))
+            .await
+            .unwrap();
+        drop(b_lock);
+
+        // A, still believing it holds the lock, cannot write its older grant.
+        let e = tokens.save("a@x.com", &grant("rt1")).await.unwrap_err();
+        assert!(e.contains("grant of a@x.com is not saved"), "{e}");
+        assert!(tokens.load("A@x.com").await.is_err(), "nor read around it");
+        // What its refresh replaced is still known, for when it can write.
+        let replaced = tokens.replaced_under_lock("a@x.com").await.unwrap();
+        assert_eq!(replaced.unwrap().refresh_token.unwrap().expose(), "rt0");
+        drop(held);
+        let stored = tokens.load("a@x.com").await.unwrap().unwrap();
+        assert_eq!(stored.refresh_token.unwrap().expose(), "rt2");
+        // Without the lock, the pool serves A again.
+        tokens.save("b@x.com", &grant("other")).await.unwrap();
     }
 
     #[tokio::test]

@@ -127,6 +127,15 @@ pub struct IdpCounts {
     pub introspections_active: u32,
 }
 
+/// An answer held by [`MockIdp::hold_next_answer`]; sent when released or dropped.
+pub struct HeldAnswer(tokio::sync::oneshot::Sender<()>);
+
+impl HeldAnswer {
+    pub fn release(self) {
+        let _ = self.0.send(());
+    }
+}
+
 /// One request to the token or devicecode endpoint, as recorded (never the secret).
 #[derive(Clone, Debug)]
 pub struct TokenRequest {
@@ -172,6 +181,8 @@ struct Inner {
     mode: IdpMode,
     delay: Duration,
     answer_delay: Duration,
+    /// The next token answer waits until this resolves ([`MockIdp::hold_next_answer`]).
+    held: Option<tokio::sync::oneshot::Receiver<()>>,
     in_flight: u32,
     lineage: rotation::Lineage,
     device_interval: u64,
@@ -235,6 +246,7 @@ impl MockIdp {
                 mode: IdpMode::Normal,
                 delay: Duration::ZERO,
                 answer_delay: Duration::ZERO,
+                held: None,
                 in_flight: 0,
                 lineage: rotation::Lineage::default(),
                 device_interval: 1,
@@ -347,6 +359,16 @@ impl MockIdp {
     /// redeemed without seeing the new one.
     pub fn set_answer_delay(&self, delay: Duration) {
         self.lock().answer_delay = delay;
+    }
+
+    /// The next token/devicecode answer, once its grant is processed, waits
+    /// until the returned [`HeldAnswer`] is released (or dropped): a client
+    /// then holds its lock mid-refresh for as long as a test needs, and the
+    /// answers after it are not held.
+    pub fn hold_next_answer(&self) -> HeldAnswer {
+        let (release, held) = tokio::sync::oneshot::channel();
+        self.lock().held = Some(held);
+        HeldAnswer(release)
     }
 
     /// When a redeemed refresh token stops working (see [`Rotation`]).

@@ -116,7 +116,7 @@ pub(super) async fn token_like(
     let garbage =
         matches!(resp.status, 200) && serde_json::from_slice::<Value>(&resp.body).is_err();
     let error = resp.error_name();
-    let answer_delay = {
+    let (answer_delay, held) = {
         let mut inner = shared.inner.lock().unwrap();
         let benign = matches!(
             error.as_deref(),
@@ -129,11 +129,17 @@ pub(super) async fn token_like(
             r.status = resp.status;
             r.error = error;
         }
-        inner.answer_delay
+        (inner.answer_delay, inner.held.take())
     };
     if !answer_delay.is_zero() {
         tokio::select! {
             _ = tokio::time::sleep(answer_delay) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+    }
+    if let Some(held) = held {
+        tokio::select! {
+            _ = held => {}
             _ = stop.wait_for(|s| *s) => return None,
         }
     }
