@@ -75,5 +75,7 @@ pub use oauth::authorize::authorize;
 pub use oauth::status::unsealed_warning;
 pub use oauth::status::{AccountStatus, account_statuses};
 pub use oauth::store::migrate as migrate_grants;
-pub use oauth::store::{LoadError, Migrated, StoredGrant, TokenStore, unix_now};
+pub use oauth::store::rekey as rekey_grants;
+pub use oauth::store::{LoadError, Migrated, Rekeyed, StoredGrant, TokenStore, unix_now};
+pub use sealing::TokenKey;
 pub use server::{Listeners, run};

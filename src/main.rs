@@ -77,6 +77,17 @@ enum StoreCommand {
         #[arg(long, value_enum)]
         to: StoreTarget,
     },
+    /// Seal every grant with the token key configured now (`token_key_file`
+    /// or $XOAUTH2_PROXY_TOKEN_KEY_FILE): those sealed with the key being
+    /// replaced (`--old-key`), and those not sealed yet. Safe to run again;
+    /// a grant neither key opens is left as it is. Then reload or restart
+    /// the proxy (every replica) so that it uses the new key.
+    Rekey {
+        /// The key file the grants are sealed with now; without it, only
+        /// grants not sealed yet are sealed.
+        #[arg(long)]
+        old_key: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -155,6 +166,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Store {
             command: StoreCommand::Migrate { to },
         } => migrate_store(&load_config(&cli)?, *to),
+        Command::Store {
+            command: StoreCommand::Rekey { old_key },
+        } => rekey_store(&load_config(&cli)?, old_key.as_deref()),
         Command::Health => {
             let config = load_config(&cli)?;
             runtime()
@@ -297,6 +311,42 @@ fn migrate_store(config: &Config, to: StoreTarget) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// `xoauth2-proxy store rekey [--old-key FILE]`.
+fn rekey_store(config: &Config, old_key: Option<&std::path::Path>) -> Result<(), Failure> {
+    let store = token_store(config)?;
+    let old = old_key
+        .map(xoauth2_proxy::TokenKey::read)
+        .transpose()
+        .map_err(Failure::Usage)?;
+    let done = runtime()
+        .block_on(xoauth2_proxy::rekey_grants(&store, old))
+        .map_err(Failure::Runtime)?;
+    for account in &done.sealed {
+        println!("sealed the grant of {account} with the current key");
+    }
+    for why in &done.left {
+        println!("left as it is: {why}");
+    }
+    println!(
+        "{} grant(s) sealed again, {} already sealed with the current key, {} left as they are.",
+        done.sealed.len(),
+        done.current.len(),
+        done.left.len()
+    );
+    if !done.sealed.is_empty() {
+        println!(
+            "Reload or restart the proxy (every replica) with this key, if it still runs with the old one."
+        );
+    }
+    if done.left.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Runtime(
+            "some grants open with neither key: run this again with `--old-key` naming the key they were sealed with, or run `xoauth2-proxy login` for those accounts".into(),
+        ))
+    }
 }
 
 /// `xoauth2-proxy keygen FILE`.

@@ -324,3 +324,82 @@ async fn an_unusable_key_or_state_directory_stops_the_start_with_the_fix() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_rekey_seals_every_grant_with_the_new_key_and_never_writes_one_it_cannot_open() {
+    const OTHER: &str = "ops@contoso.com";
+    let world = World::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let [old, new, unrelated] =
+        ["old.key", "new.key", "unrelated.key"].map(|k| keys.path().join(k));
+    for key in [&old, &new, &unrelated] {
+        keygen(key).await;
+    }
+    let accounts = [
+        AccountSpec::device(USER, PASS),
+        AccountSpec::device(OTHER, "other-pass"),
+    ];
+    let mut proxy =
+        TestProxy::start_with(&world.endpoints, &accounts, "debug", |t| with_key(&t, &old)).await;
+    // USER's grant gets sealed with the old key by a login; OTHER's stays
+    // plain, as an older version wrote it.
+    world.grant(&proxy, &accounts[0]);
+    world.grant(&proxy, &accounts[1]);
+    assert!(imap_login(&proxy).await.starts_with("a OK"));
+    proxy.stop().await;
+    let tokens = proxy.state_dir.join("tokens");
+    let file = |user: &str| tokens.join(format!("{user}.json"));
+    let sealed_with_old = std::fs::read(file(USER)).unwrap();
+    assert!(text(&sealed_with_old).contains("\"sealed\""));
+    assert!(!text(&std::fs::read(file(OTHER)).unwrap()).contains("\"sealed\""));
+
+    edit_config(&proxy, |t| with_key(t, &new));
+    // The wrong old key: USER's grant opens with neither and is left byte for
+    // byte, the plain one is sealed, and the command says what to do.
+    let out = proxy
+        .cli(&["store", "rekey", "--old-key", unrelated.to_str().unwrap()])
+        .await;
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("sealed the grant of {OTHER}")),
+        "{said}"
+    );
+    assert!(said.contains("left as it is"), "{said}");
+    assert!(said.contains("`--old-key`"), "{said}");
+    assert_eq!(std::fs::read(file(USER)).unwrap(), sealed_with_old);
+
+    // The right old key: every grant is sealed with the new key; again, nothing to do.
+    let out = proxy
+        .cli(&["store", "rekey", "--old-key", old.to_str().unwrap()])
+        .await;
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(
+        said.contains(&format!("sealed the grant of {USER}")),
+        "{said}"
+    );
+    assert!(
+        said.contains("1 grant(s) sealed again, 1 already sealed"),
+        "{said}"
+    );
+    assert_ne!(std::fs::read(file(USER)).unwrap(), sealed_with_old);
+    let out = proxy.cli(&["store", "rekey"]).await;
+    assert!(
+        text(&out.stdout).contains("0 grant(s) sealed again, 2 already sealed"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The proxy with only the new key serves both accounts.
+    proxy.start_again().await;
+    assert!(imap_login(&proxy).await.starts_with("a OK"));
+    let other = LineClient::imap_login(proxy.imap_addr, OTHER, "other-pass").await;
+    assert!(other.starts_with("a OK"), "{other}");
+    let status = text(&proxy.cli(&["status"]).await.stdout);
+    assert!(!status.contains("cannot decrypt"), "{status}");
+    for key in [&old, &new, &unrelated] {
+        let key = std::fs::read_to_string(key).unwrap();
+        assert!(!said.contains(key.trim()) && !proxy.logs().contains(key.trim()));
+    }
+}

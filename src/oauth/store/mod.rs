@@ -343,6 +343,72 @@ pub async fn migrate(from: &TokenStore, to: &TokenStore) -> Result<Migrated, Str
     Ok(done)
 }
 
+/// What `store rekey` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rekeyed {
+    /// Accounts whose grant was sealed again with the current key.
+    pub sealed: Vec<String>,
+    /// Accounts whose grant the current key opened already.
+    pub current: Vec<String>,
+    /// Grants opened by neither key (or damaged), each with the sentence
+    /// that says why; they are left as they are.
+    pub left: Vec<String>,
+}
+
+/// Seals every grant of `store` with its token key, the one configured now:
+/// a grant sealed with `old` (a token key being replaced), or not sealed at
+/// all, is opened and written again under its account's lock; one that the
+/// current key opens already is left. A grant neither key opens is never
+/// written: `left` says which, and why.
+///
+/// Why a command and not only the next write: a grant is written when its
+/// token is refreshed, and an account nobody uses is written only by the
+/// keep-alive (`grant_keepalive`, a week): until then the old key would be
+/// needed, which is what replacing a key is to end.
+pub async fn rekey(store: &TokenStore, old: Option<TokenKey>) -> Result<Rekeyed, String> {
+    let Some(key) = &store.key else {
+        return Err(
+            "no token key is configured: set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to the new key, made with `xoauth2-proxy keygen FILE`, and run this again".into(),
+        );
+    };
+    let before = TokenStore {
+        key: old,
+        ..store.clone()
+    };
+    store.prepare().await?;
+    let mut done = Rekeyed::default();
+    for account in store.backend.accounts().await? {
+        let _lock = store.lock(&account).await.map_err(|e| e.to_string())?;
+        let Some(document) = store
+            .backend
+            .read(&account)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            continue;
+        };
+        if let Ok((file, _)) = store.open(&account, document.clone())
+            && file.sealed
+        {
+            done.current.push(account);
+            continue;
+        }
+        match before.open(&account, document) {
+            Ok((file, _)) => {
+                let json =
+                    serde_json::to_vec_pretty(&file.grant).expect("a grant always serialises");
+                store
+                    .backend
+                    .write(&account, &key.seal(&account, &json)?)
+                    .await?;
+                done.sealed.push(account);
+            }
+            Err(e) => done.left.push(e.to_string()),
+        }
+    }
+    Ok(done)
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()
