@@ -644,6 +644,42 @@ async fn store_migrate_both_ways_keeps_every_grant_sealed_too() {
     assert_eq!(names.len(), 2, "{names:?}");
     let refreshes = world.idp.counts().refresh_grants;
     assert_eq!(refreshes, 2, "one refresh per account, before the copies");
+
+    // A new token key for the rows in the database: `store rekey`, then a
+    // reload puts the key in force for the replica.
+    let new_key = keys.path().join("new.key");
+    let out = std::process::Command::new(testkit::proxy::binary())
+        .arg("keygen")
+        .arg(&new_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let before = pg
+        .psql("SELECT convert_from(document, 'UTF8') FROM xoauth2_proxy.grants")
+        .await;
+    let config = std::fs::read_to_string(&db.config_path).unwrap();
+    let config = config.replace(&key.display().to_string(), &new_key.display().to_string());
+    std::fs::write(&db.config_path, config).unwrap();
+    let out = db
+        .cli(&["store", "rekey", "--old-key", key.to_str().unwrap()])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{out:?}");
+    assert!(stdout.contains("2 grant(s) sealed again"), "{stdout}");
+    let after = pg
+        .psql("SELECT convert_from(document, 'UTF8') FROM xoauth2_proxy.grants")
+        .await;
+    assert_ne!(before, after, "the rows are sealed anew");
+    db.reload();
+    db.wait_for_log("config reloaded", Duration::from_secs(10))
+        .await;
+    assert!(login(&db, USER, "pw").await.starts_with("a OK"));
+    assert!(login(&db, OTHER, "pw2").await.starts_with("a OK"));
+    let json = db.cli(&["status", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["state"], "authorised", "{row}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
