@@ -214,6 +214,15 @@ async fn a_warm_session_told_bye_by_its_proof_is_replaced_without_the_client_not
         "a new token"
     );
     log_out(c).await;
+    no_secret_in_the_log(&world, &proxy);
+}
+
+/// No token, grant or client secret in the proxy's log.
+fn no_secret_in_the_log(world: &World, proxy: &TestProxy) {
+    let logs = proxy.logs();
+    for secret in world.secrets() {
+        assert!(!logs.contains(&secret), "a secret in the log:\n{logs}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -278,6 +287,7 @@ async fn a_grant_revoked_behind_a_warm_login_ends_in_bye_unavailable() {
         .wait_for_log(&format!("run `xoauth2-proxy login {USER}`"), T)
         .await;
     world.imap.wait_for_stats(|s| s.active == 0, T).await;
+    no_secret_in_the_log(&world, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread")]
