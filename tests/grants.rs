@@ -79,9 +79,18 @@ async fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Logs in and has a NOOP answered: a login served by a warm session is
+/// answered at once, and its upstream session (proven, or opened anew with
+/// a refreshed token) is settled before the first command is relayed.
 async fn imap_login_ok(proxy: &TestProxy, user: &str) {
-    let reply = LineClient::imap_login(proxy.imap_addr, user, "pw").await;
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    c.read().await;
+    c.line(&format!("a LOGIN {user} pw")).await;
+    let reply = c.until("a ").await.pop().unwrap();
     assert!(reply.starts_with("a OK"), "{reply}\n{}", proxy.logs());
+    c.line("b NOOP").await;
+    let reply = c.until("b ").await.pop().unwrap();
+    assert!(reply.starts_with("b OK"), "{reply}\n{}", proxy.logs());
 }
 
 // --- keep-alive ---

@@ -399,6 +399,10 @@ async fn upstream_that_rejects_the_cached_token_gets_a_fresh_one() {
         let mut c = LineClient::connect(proxy.imap_addr).await;
         c.read().await;
         logged_in(&mut c).await;
+        // Served warm, the login is answered at once and its session is
+        // replaced behind the OK: the NOOP is answered once it is.
+        c.line("a2 NOOP").await;
+        assert!(c.until("a2 ").await.last().unwrap().starts_with("a2 OK"));
         assert_eq!(world.idp.counts().refresh_grants, before + 1);
     }
 }

@@ -113,12 +113,13 @@ async fn a_warm_login_looks_like_a_cold_one_and_opens_no_connection() {
     let mut c = LineClient::connect(proxy.imap_addr).await;
     let answer = log_in(&mut c).await;
     assert_eq!(answer, cold, "the same OK, capabilities and all");
+    select_fetch_idle(&world, &mut c).await;
+    // The session was proven alive before SELECT went to it.
     assert_eq!(warm(&proxy, "hit").await, 1, "{}", proxy.logs());
     assert!(
         world.imap.stats().connections <= connections + 1,
         "only the replacement may have been opened"
     );
-    select_fetch_idle(&world, &mut c).await;
     log_out(c).await;
     // The replacement is ready for the next login.
     world
@@ -163,7 +164,7 @@ async fn a_warm_session_the_server_said_bye_to_is_discarded_and_the_login_goes_c
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_silent_warm_session_is_discarded_and_the_login_goes_cold() {
+async fn a_silent_warm_session_is_replaced_behind_the_ok_without_the_client_noticing() {
     let world = World::start().await;
     let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
     world
@@ -172,12 +173,158 @@ async fn a_silent_warm_session_is_discarded_and_the_login_goes_cold() {
     let cold = warmed_up(&world, &proxy).await;
     world.imap.silence_open_sessions();
 
+    // Answered at once; the proof fails behind the OK, and SELECT waits
+    // for the new session opened instead.
     let mut c = LineClient::connect(proxy.imap_addr).await;
     assert_eq!(log_in(&mut c).await, cold);
+    select_fetch_idle(&world, &mut c).await;
     assert_eq!(warm(&proxy, "hit").await, 0);
     assert_eq!(warm(&proxy, "discarded").await, 1, "{}", proxy.logs());
-    select_fetch_idle(&world, &mut c).await;
     log_out(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_session_told_bye_by_its_proof_is_replaced_without_the_client_noticing() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    world
+        .imap
+        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
+    let cold = warmed_up(&world, &proxy).await;
+    // Exchange ends a session whose token it no longer takes at the next
+    // command: the NOOP that proves the warm session gets `* BYE`. The
+    // proxy still holds the token as good.
+    world.imap.set_expire_sessions(true);
+    let token = world.imap.tokens_seen().pop().unwrap();
+    assert!(world.tokens.expire(&token));
+
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    assert_eq!(log_in(&mut c).await, cold, "answered at once, as warm");
+    select_fetch_idle(&world, &mut c).await;
+    assert_eq!(warm(&proxy, "hit").await, 0);
+    assert_eq!(warm(&proxy, "discarded").await, 1, "{}", proxy.logs());
+    assert_ne!(
+        world.imap.tokens_seen().pop().unwrap(),
+        token,
+        "a new token"
+    );
+    log_out(c).await;
+    no_secret_in_the_log(&world, &proxy);
+}
+
+/// No token, grant or client secret in the proxy's log.
+fn no_secret_in_the_log(world: &World, proxy: &TestProxy) {
+    let logs = proxy.logs();
+    for secret in world.secrets() {
+        assert!(!logs.contains(&secret), "a secret in the log:\n{logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_warm_session_and_an_unreachable_server_end_in_bye_unavailable_and_free_the_cap() {
+    let world = World::start().await;
+    let proxy = proxy_with(
+        &world,
+        "max_connections_per_mailbox = 2",
+        "shutdown_grace = \"2s\"\n",
+    )
+    .await;
+    let cold = warmed_up(&world, &proxy).await;
+    world.imap.silence_open_sessions();
+    world.imap.set_stopped(true);
+
+    // Told OK before the proof fails; then neither the warm session nor a
+    // new one can be had: no invented answers, a BYE saying why.
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    assert_eq!(log_in(&mut c).await, cold);
+    c.line("a2 SELECT INBOX").await;
+    assert_eq!(
+        c.read().await.as_deref(),
+        Some(
+            "* BYE [UNAVAILABLE] The mail server or identity provider is unavailable; try again later"
+        ),
+        "{}",
+        proxy.logs()
+    );
+    assert!(c.closed().await);
+    assert_eq!(warm(&proxy, "discarded").await, 1);
+    world.imap.wait_for_stats(|s| s.active == 0, T).await;
+
+    // Both places in the cap are free again: two clients at once.
+    world.imap.set_stopped(false);
+    let first = logged_in(&proxy).await;
+    let second = logged_in(&proxy).await;
+    log_out(first).await;
+    log_out(second).await;
+    assert!(world.imap.stats().most_active <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_revoked_behind_a_warm_login_ends_in_bye_unavailable() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let cold = warmed_up(&world, &proxy).await;
+    world.imap.set_expire_sessions(true);
+    // The proxy's cached token still looks good to it: the login is served
+    // warm; the proof and the new session both find the grant gone.
+    world.idp.revoke_grants(USER);
+
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    assert_eq!(log_in(&mut c).await, cold);
+    assert_eq!(
+        c.read().await.as_deref(),
+        Some("* BYE [UNAVAILABLE] Authentication failed"),
+        "{}",
+        proxy.logs()
+    );
+    assert!(c.closed().await);
+    proxy
+        .wait_for_log(&format!("run `xoauth2-proxy login {USER}`"), T)
+        .await;
+    world.imap.wait_for_stats(|s| s.active == 0, T).await;
+    no_secret_in_the_log(&world, &proxy);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_while_its_warm_session_is_proven_closes_it() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let cold = warmed_up(&world, &proxy).await;
+    let connections = world.imap.stats().connections;
+    world.imap.silence_open_sessions();
+
+    let mut c = LineClient::connect(proxy.imap_addr).await;
+    assert_eq!(log_in(&mut c).await, cold);
+    drop(c);
+    proxy
+        .wait_for_log("the client left before its upstream session was ready", T)
+        .await;
+    world.imap.wait_for_stats(|s| s.active == 0, T).await;
+    assert_eq!(
+        world.imap.stats().connections,
+        connections,
+        "nothing opened for a client that has gone"
+    );
+    assert_eq!(warm(&proxy, "discarded").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imapflow_syncs_through_a_warm_login_whose_session_turned_out_dead() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    world
+        .imap
+        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
+    warmed_up(&world, &proxy).await;
+    world.imap.silence_open_sessions();
+    let args = json!({
+        "host": "127.0.0.1", "port": proxy.imap_addr.port(), "secure": false,
+        "user": USER, "pass": PASS,
+        "steps": ["list", "select", "fetch", "idle"],
+    });
+    let run = run_imapflow(&args, 60).await;
+    assert_eq!(run["ok"], true, "{run}\n{}", proxy.logs());
+    assert_eq!(warm(&proxy, "discarded").await, 1, "{}", proxy.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]

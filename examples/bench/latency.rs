@@ -14,8 +14,18 @@
 //! connect to the first byte of its answer), `LOGOUT`. Between two cycles of
 //! the warm path run one of each other path, which leaves the proxy the time
 //! to open the replacement, as a mail client's next sync would.
+//!
+//! The warm proxy answers the login's `OK` at once and proves its waiting
+//! session with a `NOOP` behind it; the client's first command waits for
+//! that proof. So a fourth, shorter series measures what a client feels when
+//! the waiting session turns out dead: before each of its cycles the warm
+//! proxy's shim severs every connection it carries at that connection's next
+//! command (one round trip later, as a server that went away), so that the
+//! proof fails and the proxy opens a new session behind the `OK`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +38,9 @@ use crate::measure::percentile;
 /// A TCP relay to `target` that delays each direction by `one_way`.
 pub struct Shim {
     pub addr: SocketAddr,
+    /// Bumped by [`Shim::sever`]: connections accepted before it end at
+    /// their next command.
+    severed: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -41,18 +54,40 @@ impl Shim {
     pub async fn start(target: SocketAddr, one_way: Duration) -> std::io::Result<Shim> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let severed = Arc::new(AtomicU64::new(0));
+        let epochs = severed.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(relay(client, target, one_way));
+                let born = Born(epochs.clone(), epochs.load(Ordering::SeqCst));
+                tokio::spawn(relay(client, target, one_way, born));
             }
         });
-        Ok(Shim { addr, task })
+        Ok(Shim {
+            addr,
+            severed,
+            task,
+        })
+    }
+
+    /// Every connection open now ends at its next command, unanswered: the
+    /// command is dropped and, a round trip later, both sides are closed.
+    pub fn sever(&self) {
+        self.severed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The shim's sever count when a connection was accepted.
+struct Born(Arc<AtomicU64>, u64);
+
+impl Born {
+    fn severed(&self) -> bool {
+        self.0.load(Ordering::SeqCst) > self.1
     }
 }
 
 /// One connection through the shim: a round trip for the TCP handshake,
 /// then each direction delayed.
-async fn relay(client: TcpStream, target: SocketAddr, one_way: Duration) {
+async fn relay(client: TcpStream, target: SocketAddr, one_way: Duration, born: Born) {
     tokio::time::sleep(2 * one_way).await;
     let Ok(server) = TcpStream::connect(target).await else {
         return;
@@ -61,21 +96,29 @@ async fn relay(client: TcpStream, target: SocketAddr, one_way: Duration) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::join!(
-        delayed(client_read, server_write, one_way),
-        delayed(server_read, client_write, one_way)
+        delayed(client_read, server_write, one_way, Some(born)),
+        delayed(server_read, client_write, one_way, None)
     );
 }
 
 /// Copies `from` to `to`, each chunk written `one_way` after it was read.
+/// With `born`, a chunk read once the connection is severed is dropped, and
+/// the copy ends a round trip later (closing `to`, whose peer then closes
+/// the other direction).
 async fn delayed(
     mut from: impl tokio::io::AsyncRead + Unpin,
     mut to: impl tokio::io::AsyncWrite + Unpin,
     one_way: Duration,
+    born: Option<Born>,
 ) {
     let (queue, mut due) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let read = async move {
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if born.as_ref().is_some_and(Born::severed) {
+                tokio::time::sleep(2 * one_way).await;
+                break;
+            }
             let at = tokio::time::Instant::now() + one_way;
             if queue.send((at, buf[..n].to_vec())).is_err() {
                 break;
@@ -139,6 +182,10 @@ impl Path {
 pub struct Latency {
     pub rtt_ms: f64,
     pub paths: [Path; 3],
+    /// The warm path with its waiting session found dead by the proof.
+    pub dead_warm: Path,
+    /// The warm proxy's discards during those cycles.
+    pub dead_warm_discards: u64,
     /// The warm proxy's `imap_warm_sessions_total` by event, read at the end.
     pub warm_events: Vec<(String, u64)>,
 }
@@ -172,6 +219,55 @@ pub async fn run(routes: [(&Route, &Credentials); 3], cycles: usize, rtt: Durati
         }
     }
     out
+}
+
+/// `cycles` cycles of the warm path at `route`, each after `shim` severed
+/// the proxy's waiting session, so that the proof behind the `OK` fails and
+/// the proxy opens a new session. `events` reads the warm proxy's
+/// warm-session counters; before each cycle the replacement opened after
+/// the one before is awaited (a warm-up cycle first), for at most 10 s.
+pub async fn run_dead_warm<F, Fut>(
+    route: &Route,
+    credentials: &Credentials,
+    shim: &Shim,
+    cycles: usize,
+    events: F,
+) -> (Path, u64)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<(String, u64)>>,
+{
+    let count = |events: &[(String, u64)], name: &str| {
+        events
+            .iter()
+            .find(|(e, _)| e == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    let mut path = Path::default();
+    let discarded_before = count(&events().await, "discarded");
+    for i in 0..=cycles {
+        let opened_before = count(&events().await, "opened");
+        let measured = i > 0;
+        if measured {
+            shim.sever();
+        }
+        match cycle(route, credentials).await {
+            Ok(c) if measured => path.cycles.push(c),
+            Ok(_) => {}
+            Err(e) => path.errors.push(e.to_string()),
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count(&events().await, "opened") <= opened_before {
+            if Instant::now() > deadline || path.errors.len() >= 10 {
+                path.errors
+                    .push("no replacement warm session within 10 s".into());
+                return (path, 0);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let discards = count(&events().await, "discarded") - discarded_before;
+    (path, discards)
 }
 
 /// `event="…"} n` lines of the warm-session counter in a `/metrics` text.
@@ -264,6 +360,7 @@ impl Latency {
                 events.join(", ")
             ));
         }
+        out.push_str(&self.dead_warm_section());
         for (i, path) in self.paths.iter().enumerate() {
             if let Some(e) = path.errors.first() {
                 out.push_str(&format!(
@@ -272,6 +369,62 @@ impl Latency {
                     path.errors.len()
                 ));
             }
+        }
+        out
+    }
+}
+
+impl Latency {
+    /// The table of the warm path with its session found dead, beside the
+    /// cold and the sound warm path.
+    fn dead_warm_section(&self) -> String {
+        let dead = &self.dead_warm;
+        if dead.cycles.is_empty() && dead.errors.is_empty() {
+            return String::new();
+        }
+        let ms = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.1} ms"));
+        let mut out = format!(
+            "\n#### When the warm session turns out dead\n\n\
+             {} cycles of the warm path, each after the shim severed the waiting session \
+             (its next command dropped, the connection closed a round trip later): the \
+             `NOOP` behind the `OK` fails and the proxy opens a new session; {} discards counted.\n\n\
+             | figure | proxy, cold | proxy, warm | proxy, warm, session dead | dead − cold |\n\
+             |---|---|---|---|---|\n",
+            dead.cycles.len(),
+            self.dead_warm_discards
+        );
+        type Pick = fn(&Cycle) -> f64;
+        let rows: [(&str, Pick); 3] = [
+            ("login (connect → tagged OK)", |c| c.login),
+            ("first FETCH byte after connect", |c| c.first_fetch_byte),
+            ("the whole cycle", |c| c.whole),
+        ];
+        for (what, pick) in rows {
+            for (label, q) in [("p50", 50.0), ("p99", 99.0)] {
+                let (c, w, d) = (
+                    self.paths[1].p(q, pick),
+                    self.paths[2].p(q, pick),
+                    dead.p(q, pick),
+                );
+                let added = match (d, c) {
+                    (Some(d), Some(c)) => {
+                        format!("{:+.1} ms ({:+.2} RTT)", d - c, (d - c) / self.rtt_ms)
+                    }
+                    _ => "—".into(),
+                };
+                out.push_str(&format!(
+                    "| {what}, {label} | {} | {} | {} | {added} |\n",
+                    ms(c),
+                    ms(w),
+                    ms(d)
+                ));
+            }
+        }
+        if let Some(e) = dead.errors.first() {
+            out.push_str(&format!(
+                "\n- {} failed cycles, the first: {e}\n",
+                dead.errors.len()
+            ));
         }
         out
     }

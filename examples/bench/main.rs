@@ -710,8 +710,13 @@ async fn latency_part(
     upstream.imap.1 = shim.addr.port();
     let cold =
         procs::start_ours_with_imap(bin, password_hash, &upstream, "warm_sessions = 0").await?;
+    // The warm proxy has a shim of its own, which severs its waiting
+    // session for the dead-session cycles.
+    let warm_shim = latency::Shim::start(standin, one_way)
+        .await
+        .map_err(|e| format!("the delay shim: {e}"))?;
     let mut upstream = procs::Upstream::standin(&info, world.refresh_token().await?);
-    upstream.imap.1 = shim.addr.port();
+    upstream.imap.1 = warm_shim.addr.port();
     let warm =
         procs::start_ours_with_imap(bin, password_hash, &upstream, "warm_sessions = 1").await?;
     let mut direct_route = direct.imap.clone();
@@ -733,9 +738,19 @@ async fn latency_part(
     let mut result = latency::run(routes, plan.latency_cycles, plan.rtt).await;
     if let Some(admin) = warm.admin {
         let url = format!("http://{admin}/metrics");
-        if let Ok(text) = async { reqwest::get(&url).await?.text().await }.await {
-            result.warm_events = latency::warm_events(&text);
-        }
+        let events = || async {
+            match async { reqwest::get(&url).await?.text().await }.await {
+                Ok(text) => latency::warm_events(&text),
+                Err(_) => Vec::new(),
+            }
+        };
+        result.warm_events = events().await;
+        let cycles = (plan.latency_cycles / 5).max(10);
+        say(&format!(
+            "latency: {cycles} warm cycles with the waiting session severed"
+        ));
+        (result.dead_warm, result.dead_warm_discards) =
+            latency::run_dead_warm(&warm_route, &password, &warm_shim, cycles, events).await;
     }
     cold.stop().await;
     warm.stop().await;

@@ -18,19 +18,26 @@
 //! logged in by then gets `* BYE Autologout` and is closed.
 //! AUTHENTICATE runs through [`crate::sasl`], which SMTP shares, and a failed
 //! login becomes a reply in `refusal` alone.
+//!
+//! A login served by a warm session (`imap::warm`) is answered OK at once;
+//! `PreAuth::once_proven` then proves the session, or opens a new one, before
+//! the client's first command is relayed. Once the client holds an OK, no
+//! tagged answer may be invented for it: when no session can be had, it gets
+//! `* BYE [UNAVAILABLE]` with the sentence a cold login's NO would carry.
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tracing::{debug, info};
 
 use super::filter::CapabilityFilter;
 use super::framing::{FrameError, read_command};
 use super::parser::{self, Command};
-use super::warm::{Opened, Upstreams};
+use super::warm::{Opened, Taken, Upstreams};
 use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
+use crate::oauth::AccessToken;
 use crate::sasl::{self, Challenge, SaslError};
 use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until};
 
@@ -410,7 +417,9 @@ impl<S: ClientStream> PreAuth<S> {
     }
 
     /// Logs in upstream; on success tells the client OK with the upstream's
-    /// capabilities and relays, else tells it why not.
+    /// capabilities and relays, else tells it why not. A warm session is
+    /// proven alive after the OK, before the client's first command is
+    /// relayed ([`Self::once_proven`]).
     async fn log_in(
         &mut self,
         tag: &str,
@@ -424,54 +433,66 @@ impl<S: ClientStream> PreAuth<S> {
         let checked =
             login::check_password(&shared.accounts, delay, peer, username, password).await;
         let outcome = match checked {
-            Ok(account) => {
-                let opened = self.open_upstream(&account).await;
-                if opened.is_ok() {
-                    shared.tokens.client_logged_in(&account.username, "imap");
-                }
-                opened
-            }
+            Ok(account) => self.open_upstream(&account).await.map(|u| (account, u)),
             Err(e) => Err(e),
         };
         crate::metrics::get().login("imap", &outcome);
-        match outcome {
-            Ok(opened) => {
-                self.connection.logged_in();
-                self.send(&format!(
-                    "{tag} OK [CAPABILITY {}] {command} completed\r\n",
-                    opened.upstream.capabilities
-                ))
-                .await?;
-                Ok(Next::Relay(Box::new(opened)))
-            }
-            Err(e) => self.login_failed(tag, &e).await,
+        let (account, upstream) = match outcome {
+            Ok(opened) => opened,
+            Err(e) => return self.login_failed(tag, &e).await,
+        };
+        shared.tokens.client_logged_in(&account.username, "imap");
+        self.connection.logged_in();
+        self.send(&format!(
+            "{tag} OK [CAPABILITY {}] {command} completed\r\n",
+            upstream.capabilities()
+        ))
+        .await?;
+        match upstream {
+            Upstream::Ready(opened) => Ok(Next::Relay(opened)),
+            Upstream::Warm(taken) => self.once_proven(taken, &account).await,
         }
     }
 
     /// An upstream session for `account`, whose password was right: a warm
-    /// one if the grant holds and one is ready, else a new one. Either way a
-    /// warm one is then opened for the next login.
-    async fn open_upstream(&self, account: &Account) -> Result<Opened, LoginError> {
+    /// one, still to be proven, if the grant holds and one is ready; else a
+    /// new one, after which a warm one is opened for the next login.
+    async fn open_upstream(&self, account: &Account) -> Result<Upstream, LoginError> {
         let (shared, upstreams) = (&self.shared, &self.upstreams);
-        let tokens = &shared.tokens;
-        let open =
-            |account: Account, token| async move { upstreams.open(shared, &account, &token).await };
-        let opened = if shared.config.imap.warm_sessions == 0 {
-            login::open_as(tokens, account, open).await?
-        } else {
-            let token = login::grant_token(tokens, account).await?;
-            match upstreams.take_warm(shared, account, &token.token).await {
-                Some(opened) => {
-                    info!(mailbox = %account.mailbox, "logged in (warm upstream session)");
-                    upstreams.refill(shared, account);
-                    return Ok(opened);
-                }
-                None => login::open_as_from(tokens, account, token, open).await?,
-            }
-        };
+        let token = login::grant_token(&shared.tokens, account).await?;
+        if let Some(taken) = upstreams.take_warm(shared, account, &token.token).await {
+            info!(mailbox = %account.mailbox, "logged in (warm upstream session)");
+            return Ok(Upstream::Warm(taken));
+        }
+        let opened = open_cold(shared, upstreams, account, token).await?;
         info!(mailbox = %account.mailbox, "logged in");
         upstreams.refill(shared, account);
-        Ok(opened)
+        Ok(Upstream::Ready(Box::new(opened)))
+    }
+
+    /// After a warm login's OK: proves the session alive, or opens a new
+    /// one when it is not, while the client's first command waits in its
+    /// buffer. When no session can be had, the client, told OK already, is
+    /// told `* BYE [UNAVAILABLE]` and why; a client that leaves meanwhile
+    /// takes the upstream session with it.
+    async fn once_proven(&mut self, taken: Taken, account: &Account) -> std::io::Result<Next> {
+        let (shared, upstreams) = (self.shared.clone(), self.upstreams.clone());
+        let settled = proven_or_cold(&shared, &upstreams, taken, account);
+        let Some(settled) = while_client_stays(&mut self.client, settled).await else {
+            info!(mailbox = %account.mailbox, "the client left before its upstream session was ready; closed");
+            return Ok(Next::Close);
+        };
+        match settled {
+            Ok(opened) => {
+                upstreams.refill(&shared, account);
+                Ok(Next::Relay(Box::new(opened)))
+            }
+            Err(e) => {
+                let (_, why) = refusal_reason(&e);
+                info!(mailbox = %account.mailbox, "no upstream session after a warm login's OK; the client is told BYE");
+                self.bye(&format!("[UNAVAILABLE] {why}")).await
+            }
+        }
     }
 
     async fn login_failed(&mut self, tag: &str, e: &LoginError) -> std::io::Result<Next> {
@@ -486,23 +507,101 @@ impl<S: ClientStream> PreAuth<S> {
 
 /// The one place a failed login becomes an IMAP reply (after the tag).
 fn refusal(e: &LoginError) -> String {
+    let (code, why) = refusal_reason(e);
+    format!("NO [{code}] {why}")
+}
+
+/// A failed login's response code and sentence: the tagged NO's, and the
+/// `* BYE`'s after a warm login's OK whose session could not be had.
+fn refusal_reason(e: &LoginError) -> (&'static str, String) {
     match e {
         LoginError::BadCredentials | LoginError::Throttled | LoginError::NotAuthorised => {
-            "NO [AUTHENTICATIONFAILED] Authentication failed".to_string()
+            ("AUTHENTICATIONFAILED", "Authentication failed".to_string())
         }
-        LoginError::Refused => {
-            "NO [AUTHENTICATIONFAILED] The identity provider refused the proxy's app registration; see the proxy's log".to_string()
-        }
-        LoginError::UpstreamRejected(reply) => {
-            format!("NO [AUTHENTICATIONFAILED] The mail server refused the login: {reply}")
-        }
-        LoginError::IdpUnavailable | LoginError::UpstreamUnavailable => {
-            "NO [UNAVAILABLE] The mail server or identity provider is unavailable; try again later".to_string()
-        }
-        LoginError::Busy => {
-            "NO [UNAVAILABLE] Too many logins are being checked at once; try again later".to_string()
+        LoginError::Refused => (
+            "AUTHENTICATIONFAILED",
+            "The identity provider refused the proxy's app registration; see the proxy's log"
+                .to_string(),
+        ),
+        LoginError::UpstreamRejected(reply) => (
+            "AUTHENTICATIONFAILED",
+            format!("The mail server refused the login: {reply}"),
+        ),
+        LoginError::IdpUnavailable | LoginError::UpstreamUnavailable => (
+            "UNAVAILABLE",
+            "The mail server or identity provider is unavailable; try again later".to_string(),
+        ),
+        LoginError::Busy => (
+            "UNAVAILABLE",
+            "Too many logins are being checked at once; try again later".to_string(),
+        ),
+    }
+}
+
+/// The upstream session a login got.
+enum Upstream {
+    /// Opened for it, and proven.
+    Ready(Box<Opened>),
+    /// A warm one, to be proven after the OK.
+    Warm(Taken),
+}
+
+impl Upstream {
+    fn capabilities(&self) -> &str {
+        match self {
+            Upstream::Ready(opened) => &opened.upstream.capabilities,
+            Upstream::Warm(taken) => taken.capabilities(),
         }
     }
+}
+
+/// A new upstream session for `account` as a cold login opens one: within
+/// the mailbox's cap, with `token` (replaced once if the server refuses it
+/// as cached), proven with `NAMESPACE`.
+async fn open_cold(
+    shared: &Shared,
+    upstreams: &Upstreams,
+    account: &Account,
+    token: AccessToken,
+) -> Result<Opened, LoginError> {
+    let open =
+        |account: Account, token| async move { upstreams.open(shared, &account, &token).await };
+    login::open_as_from(&shared.tokens, account, token, open).await
+}
+
+/// The warm session `taken` if it proves alive, else a cold one (its place
+/// in the cap is free by then), with the token in force now.
+async fn proven_or_cold(
+    shared: &Shared,
+    upstreams: &Upstreams,
+    taken: Taken,
+    account: &Account,
+) -> Result<Opened, LoginError> {
+    if let Some(opened) = taken.prove().await {
+        return Ok(opened);
+    }
+    let token = login::grant_token(&shared.tokens, account).await?;
+    open_cold(shared, upstreams, account, token).await
+}
+
+/// `work`, unless the client closes its connection first (`None`). What the
+/// client sends meanwhile stays in its reader's buffer, for the relay; the
+/// buffer's capacity bounds it, as the client is not read again until
+/// `work` is done.
+async fn while_client_stays<S: ClientStream, T>(
+    client: &mut BufReader<S>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    tokio::select! {
+        biased;
+        done = &mut work => return Some(done),
+        filled = client.fill_buf() => match filled {
+            Ok(bytes) if !bytes.is_empty() => {}
+            _ => return None,
+        },
+    }
+    Some(work.await)
 }
 
 impl<S: ClientStream> Challenge for PreAuth<S> {

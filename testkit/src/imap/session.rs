@@ -76,14 +76,17 @@ impl Session {
     }
 
     /// Waits for the next command's first byte, doing what the test asks
-    /// meanwhile; false when the connection is to end.
+    /// meanwhile; false when the connection is to end. What the test asked
+    /// before a command arrived comes first, so that a test can silence a
+    /// session and be sure its next command goes unanswered.
     async fn between_commands(&mut self) -> Io<bool> {
         loop {
-            if !self.line.is_empty() || !self.io.buffer().is_empty() {
+            let asked = self.aside.has_changed().unwrap_or(false);
+            if !self.line.is_empty() || (!asked && !self.io.buffer().is_empty()) {
                 return Ok(true);
             }
             tokio::select! {
-                r = self.io.fill_buf() => { r?; return Ok(true) }
+                biased;
                 r = self.aside.changed() => {
                     if r.is_err() {
                         return Ok(true);
@@ -108,6 +111,7 @@ impl Session {
                         }
                     }
                 }
+                r = self.io.fill_buf() => { r?; return Ok(true) }
             }
         }
     }
