@@ -762,7 +762,7 @@ fn plan_for_dovecot(plan: &Plan) -> dovecot::Plan {
     dovecot::Plan {
         fetch_bytes: plan.fetch_bytes,
         append_bytes: plan.append_bytes,
-        reps: plan.reps.min(3),
+        reps: plan.reps,
         login_cycles: (plan.login_cycles / 5).max(20),
     }
 }

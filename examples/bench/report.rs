@@ -4,6 +4,13 @@ use std::fmt::Write as _;
 
 use crate::measure::{Cpu, Summary, percentile, summary};
 
+/// Issue 15's throughput targets, proxy ÷ direct: IMAP against the
+/// memory-speed stand-in, SMTP DATA, and IMAP against Dovecot (whose
+/// repetitions follow `--reps`: a Dovecot run of 100 MiB takes a second).
+const STANDIN_IMAP_GOAL: f64 = 0.85;
+const SMTP_GOAL: f64 = 0.9;
+const DOVECOT_GOAL: f64 = 0.95;
+
 /// Which way a client reaches the upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -191,15 +198,22 @@ impl Results {
         };
 
         // 1–2: throughput.
-        for (no, label, set, size) in [
+        for (no, label, set, size, goal) in [
             (
                 "1",
                 "IMAP `UID FETCH BODY.PEEK[]`",
                 &self.fetch,
                 self.fetch_bytes,
+                STANDIN_IMAP_GOAL,
             ),
-            ("1", "IMAP `APPEND`", &self.append, self.append_bytes),
-            ("2", "SMTP `DATA`", &self.smtp, self.smtp_bytes),
+            (
+                "1",
+                "IMAP `APPEND`",
+                &self.append,
+                self.append_bytes,
+                STANDIN_IMAP_GOAL,
+            ),
+            ("2", "SMTP `DATA`", &self.smtp, self.smtp_bytes, SMTP_GOAL),
         ] {
             let ours = set[0].summary();
             let direct = set[1].summary();
@@ -219,9 +233,9 @@ impl Results {
                     &if peer { rate(theirs) } else { "not run".into() },
                     &vs.map(|r| format!("{} ({}–{})", times(r.median), times(r.min), times(r.max)))
                         .unwrap_or("—".into()),
-                    "≥ 0.90 × direct",
+                    &format!("≥ {goal:.2} × direct"),
                     &ratio
-                        .map(|r| yes(r.median >= 0.9).to_string())
+                        .map(|r| yes(r.median >= goal).to_string())
                         .unwrap_or("—".into()),
                 ],
             );
@@ -246,9 +260,9 @@ impl Results {
                         .unwrap_or("—".into()),
                     "n/a",
                     "",
-                    "≥ 0.90 × direct",
+                    &format!("≥ {STANDIN_IMAP_GOAL:.2} × direct"),
                     &ratio
-                        .map(|r| yes(r.median >= 0.9).to_string())
+                        .map(|r| yes(r.median >= STANDIN_IMAP_GOAL).to_string())
                         .unwrap_or("—".into()),
                 ],
             );
@@ -449,8 +463,8 @@ impl Results {
                     &o.zip(x)
                         .map(|(o, x)| format!("{} less", times(x / o)))
                         .unwrap_or("—".into()),
-                    "",
-                    "",
+                    "≤ 1.0 s",
+                    &o.map(|o| yes(o <= 1.0).to_string()).unwrap_or("—".into()),
                 ],
             );
         }
@@ -561,14 +575,14 @@ impl Results {
             let ratio = summary(&set[0].paired_direct);
             let _ = writeln!(
                 t,
-                "| 1 | {label} {}, MB/s median (min–max) | {} | {} | {} | ≥ 0.90 × direct | {} |",
+                "| 1 | {label} {}, MB/s median (min–max) | {} | {} | {} | ≥ {DOVECOT_GOAL:.2} × direct | {} |",
                 mib(size),
                 rate(o),
                 rate(d),
                 ratio
                     .map(|r| format!("{:.2} ({:.2}–{:.2})", r.median, r.min, r.max))
                     .unwrap_or("—".into()),
-                ratio.map(|r| yes(r.median >= 0.9)).unwrap_or("—"),
+                ratio.map(|r| yes(r.median >= DOVECOT_GOAL)).unwrap_or("—"),
             );
         }
         let p = |via: Via, q: f64| percentile(&self.logins[slot(via)].ms, q);
