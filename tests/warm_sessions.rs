@@ -273,7 +273,9 @@ async fn a_grant_revoked_behind_a_warm_login_ends_in_bye_unavailable() {
     assert_eq!(log_in(&mut c).await, cold);
     assert_eq!(
         c.read().await.as_deref(),
-        Some("* BYE [UNAVAILABLE] Authentication failed"),
+        Some(
+            "* BYE [UNAVAILABLE] The account needs signing in again at the proxy (`xoauth2-proxy login`, or Connect in its console); try again after that"
+        ),
         "{}",
         proxy.logs()
     );

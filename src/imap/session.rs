@@ -488,7 +488,12 @@ impl<S: ClientStream> PreAuth<S> {
                 Ok(Next::Relay(Box::new(opened)))
             }
             Err(e) => {
-                let (_, why) = refusal_reason(&e);
+                // The client gave the right password: unlike a NO to a
+                // login, this may say what the proxy's administrator must do.
+                let why = match e {
+                    LoginError::NotAuthorised => "The account needs signing in again at the proxy (`xoauth2-proxy login`, or Connect in its console); try again after that".to_string(),
+                    e => refusal_reason(&e).1,
+                };
                 info!(mailbox = %account.mailbox, "no upstream session after a warm login's OK; the client is told BYE");
                 self.bye(&format!("[UNAVAILABLE] {why}")).await
             }
