@@ -78,6 +78,18 @@ async fn warmed_up(world: &World, proxy: &TestProxy) -> String {
     answer
 }
 
+/// A proxy for USER whose INBOX holds one message, with a warm session
+/// waiting after one cold login; and what that cold login was told.
+async fn warm_proxy() -> (World, TestProxy, String) {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    world
+        .imap
+        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
+    let cold = warmed_up(&world, &proxy).await;
+    (world, proxy, cold)
+}
+
 /// A client's commands and what it was told, through a logged-in session:
 /// SELECT, FETCH, and IDLE seeing a new message.
 async fn select_fetch_idle(world: &World, c: &mut LineClient) {
@@ -101,12 +113,7 @@ async fn select_fetch_idle(world: &World, c: &mut LineClient) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_login_looks_like_a_cold_one_and_opens_no_connection() {
-    let world = World::start().await;
-    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
-    world
-        .imap
-        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
-    let cold = warmed_up(&world, &proxy).await;
+    let (world, proxy, cold) = warm_proxy().await;
     assert_eq!(warm(&proxy, "miss").await, 1);
     let connections = world.imap.stats().connections;
 
@@ -146,12 +153,7 @@ async fn what_the_server_says_to_a_waiting_warm_session_never_reaches_the_next_c
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_session_the_server_said_bye_to_is_discarded_and_the_login_goes_cold() {
-    let world = World::start().await;
-    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
-    world
-        .imap
-        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
-    let cold = warmed_up(&world, &proxy).await;
+    let (world, proxy, cold) = warm_proxy().await;
     world.imap.bye_open_sessions();
     world.imap.wait_for_stats(|s| s.active == 0, T).await;
 
@@ -165,12 +167,7 @@ async fn a_warm_session_the_server_said_bye_to_is_discarded_and_the_login_goes_c
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_warm_session_is_replaced_behind_the_ok_without_the_client_noticing() {
-    let world = World::start().await;
-    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
-    world
-        .imap
-        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
-    let cold = warmed_up(&world, &proxy).await;
+    let (world, proxy, cold) = warm_proxy().await;
     world.imap.silence_open_sessions();
 
     // Answered at once; the proof fails behind the OK, and SELECT waits
@@ -185,12 +182,7 @@ async fn a_silent_warm_session_is_replaced_behind_the_ok_without_the_client_noti
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_session_told_bye_by_its_proof_is_replaced_without_the_client_noticing() {
-    let world = World::start().await;
-    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
-    world
-        .imap
-        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
-    let cold = warmed_up(&world, &proxy).await;
+    let (world, proxy, cold) = warm_proxy().await;
     // Exchange ends a session whose token it no longer takes at the next
     // command: the NOOP that proves the warm session gets `* BYE`. The
     // proxy still holds the token as good.
@@ -312,12 +304,7 @@ async fn a_client_that_leaves_while_its_warm_session_is_proven_closes_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn imapflow_syncs_through_a_warm_login_whose_session_turned_out_dead() {
-    let world = World::start().await;
-    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
-    world
-        .imap
-        .add_message(USER, b"Subject: hello\r\n\r\nfirst message\r\n".to_vec());
-    warmed_up(&world, &proxy).await;
+    let (world, proxy, _) = warm_proxy().await;
     world.imap.silence_open_sessions();
     let args = json!({
         "host": "127.0.0.1", "port": proxy.imap_addr.port(), "secure": false,

@@ -488,12 +488,7 @@ impl<S: ClientStream> PreAuth<S> {
                 Ok(Next::Relay(Box::new(opened)))
             }
             Err(e) => {
-                // The client gave the right password: unlike a NO to a
-                // login, this may say what the proxy's administrator must do.
-                let why = match e {
-                    LoginError::NotAuthorised => "The account needs signing in again at the proxy (`xoauth2-proxy login`, or Connect in its console); try again after that".to_string(),
-                    e => refusal_reason(&e).1,
-                };
+                let why = reason_after_ok(&e);
                 info!(mailbox = %account.mailbox, "no upstream session after a warm login's OK; the client is told BYE");
                 self.bye(&format!("[UNAVAILABLE] {why}")).await
             }
@@ -540,6 +535,16 @@ fn refusal_reason(e: &LoginError) -> (&'static str, String) {
             "UNAVAILABLE",
             "Too many logins are being checked at once; try again later".to_string(),
         ),
+    }
+}
+
+/// Why a client told OK has no session after all, for its `* BYE`. Its
+/// password was right, so unlike a login's `NO` this may say what the
+/// proxy's administrator must do.
+fn reason_after_ok(e: &LoginError) -> String {
+    match e {
+        LoginError::NotAuthorised => "The account needs signing in again at the proxy (`xoauth2-proxy login`, or Connect in its console); try again after that".to_string(),
+        e => refusal_reason(e).1,
     }
 }
 

@@ -287,12 +287,18 @@ impl TokenStore {
             Ok(_) | Err(LoadError::Damaged(_)) => {}
             Err(e) => return Err(format!("the new grant of {username} is not saved: {e}")),
         }
-        let json = serde_json::to_vec_pretty(grant).expect("a grant always serialises");
-        let bytes = match &self.key {
-            Some(key) => key.seal(username, &json)?,
-            None => json,
-        };
+        let bytes = self.document_of(username, grant)?;
         self.backend.write(username, &bytes).await
+    }
+
+    /// `grant` as this store writes it for `username`: JSON, sealed when
+    /// there is a key.
+    fn document_of(&self, username: &str, grant: &StoredGrant) -> Result<Vec<u8>, String> {
+        let json = serde_json::to_vec_pretty(grant).expect("a grant always serialises");
+        match &self.key {
+            Some(key) => key.seal(username, &json),
+            None => Ok(json),
+        }
     }
 
     /// Deletes `username`'s grant (the account then needs `login`); none
@@ -366,11 +372,11 @@ pub struct Rekeyed {
 /// keep-alive (`grant_keepalive`, a week): until then the old key would be
 /// needed, which is what replacing a key is to end.
 pub async fn rekey(store: &TokenStore, old: Option<TokenKey>) -> Result<Rekeyed, String> {
-    let Some(key) = &store.key else {
+    if store.key.is_none() {
         return Err(
             "no token key is configured: set `token_key_file` in [server] (or $XOAUTH2_PROXY_TOKEN_KEY_FILE) to the new key, made with `xoauth2-proxy keygen FILE`, and run this again".into(),
         );
-    };
+    }
     let before = TokenStore {
         key: old,
         ..store.clone()
@@ -395,12 +401,8 @@ pub async fn rekey(store: &TokenStore, old: Option<TokenKey>) -> Result<Rekeyed,
         }
         match before.open(&account, document) {
             Ok((file, _)) => {
-                let json =
-                    serde_json::to_vec_pretty(&file.grant).expect("a grant always serialises");
-                store
-                    .backend
-                    .write(&account, &key.seal(&account, &json)?)
-                    .await?;
+                let bytes = store.document_of(&account, &file.grant)?;
+                store.backend.write(&account, &bytes).await?;
                 done.sealed.push(account);
             }
             Err(e) => done.left.push(e.to_string()),
