@@ -659,3 +659,155 @@ async fn a_row_shows_when_a_client_last_logged_in_over_each_protocol() {
         "{after}"
     );
 }
+
+/// Writes `text` as the config, sends SIGHUP and waits for the reload to
+/// be in force.
+async fn reload_to(proxy: &TestProxy, text: &str) {
+    let before = proxy.logs().matches("config reloaded").count();
+    std::fs::write(&proxy.config_path, text).unwrap();
+    proxy.reload();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.logs().matches("config reloaded").count() == before {
+        assert!(Instant::now() < deadline, "no reload:\n{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A config text from [`with_console`] without the admin `password_hash`.
+fn no_admin_password(text: &str) -> String {
+    let at = text.find("console = true\npassword_hash = ").unwrap() + "console = true\n".len();
+    let end = at + text[at..].find('\n').unwrap() + 1;
+    format!("{}{}", &text[..at], &text[end..])
+}
+
+/// The config in force without the admin `password_hash`, edited by `edit`.
+fn without_password(proxy: &TestProxy, edit: impl Fn(&str) -> String) -> String {
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    edit(&no_admin_password(&text))
+}
+
+#[tokio::test]
+async fn a_reload_that_turns_the_console_off_closes_it_at_once() {
+    let world = World::start().await;
+    let proxy = console_proxy(&world, &[AccountSpec::device(SALES, "pw")], "").await;
+    let mut admin = Browser::new(&proxy);
+    admin.signed_in().await;
+    let off = without_password(&proxy, |t| t.replace("console = true", "console = false"));
+    reload_to(&proxy, &off).await;
+    for mut browser in [admin, Browser::new(&proxy)] {
+        for path in ["/accounts", "/login"] {
+            let page = browser.get(path).await;
+            assert_eq!(page.status, StatusCode::NOT_FOUND, "{path}: {}", page.body);
+            assert!(page.body.contains("admin.console"), "{}", page.body);
+        }
+    }
+    let health = reqwest::get(format!("http://{}/healthz", proxy.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "the probes stay");
+}
+
+#[tokio::test]
+async fn a_console_bound_to_all_addresses_keeps_its_password_whatever_a_reload_says() {
+    let world = World::start().await;
+    let account = AccountSpec::device(SALES, "pw");
+    let proxy = TestProxy::start_with(&world.endpoints, &[account], "debug", |text| {
+        let text = with_console(text, ADMIN_PASSWORD);
+        let listen = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("listen = \"127.0.0.1:"))
+            .unwrap()
+            .to_string();
+        text.replace(&listen, &listen.replace("127.0.0.1", "0.0.0.0"))
+    })
+    .await;
+    // A new loopback `listen` (restart-only) makes the reload valid; the
+    // listener is still bound to every address.
+    let opened = without_password(&proxy, |t| {
+        t.replace("listen = \"0.0.0.0:", "listen = \"127.0.0.1:")
+            + "console_allow_loopback_without_password = true\n"
+    });
+    reload_to(&proxy, &opened).await;
+    let mut visitor = Browser::new(&proxy);
+    let page = visitor.get("/accounts").await;
+    assert_eq!(page.location.as_deref(), Some("/login"), "{}", page.body);
+    assert!(visitor.cookie.is_none(), "no session was handed out");
+    let page = visitor.get("/login").await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert!(
+        page.body.contains("xoauth2-proxy hash-password"),
+        "{}",
+        page.body
+    );
+    let page = visitor
+        .post("/accounts/disconnect", &[("account", SALES)])
+        .await;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn on_loopback_the_console_goes_without_a_password_only_where_allowed() {
+    let world = World::start().await;
+    let proxy = TestProxy::start_with(
+        &world.endpoints,
+        &[AccountSpec::device(SALES, "pw")],
+        "debug",
+        |text| {
+            no_admin_password(&with_console(text, ADMIN_PASSWORD))
+                + "console_allow_loopback_without_password = true\n"
+        },
+    )
+    .await;
+    let mut visitor = Browser::new(&proxy);
+    let page = visitor.get("/accounts").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    row(&page.body, SALES);
+    assert_eq!(
+        visitor.get("/login").await.location.as_deref(),
+        Some("/accounts")
+    );
+    // An admin password set by a reload ends the session opened without one.
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let text = text.replace(
+        "console_allow_loopback_without_password = true\n",
+        &format!(
+            "password_hash = \"{}\"\n",
+            testkit::proxy::hash_password(ADMIN_PASSWORD)
+        ),
+    );
+    reload_to(&proxy, &text).await;
+    let page = visitor.get("/accounts").await;
+    assert_eq!(page.location.as_deref(), Some("/login"), "{}", page.body);
+    visitor.signed_in().await;
+}
+
+#[tokio::test]
+async fn a_new_admin_password_ends_the_console_sessions_signed_in_before() {
+    let world = World::start().await;
+    let proxy = console_proxy(&world, &[AccountSpec::device(SALES, "pw")], "").await;
+    let mut admin = Browser::new(&proxy);
+    admin.signed_in().await;
+    let new = "a new admin pw 3Kd";
+    let text = without_password(&proxy, |t| {
+        format!(
+            "{t}password_hash = \"{}\"\n",
+            testkit::proxy::hash_password(new)
+        )
+    });
+    reload_to(&proxy, &text).await;
+    let page = admin.get("/accounts").await;
+    assert_eq!(page.location.as_deref(), Some("/login"), "{}", page.body);
+    assert_eq!(
+        admin.log_in(ADMIN_PASSWORD).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let login = admin.log_in(new).await;
+    assert_eq!(
+        login.location.as_deref(),
+        Some("/accounts"),
+        "{}",
+        login.body
+    );
+    assert_no_secret(&world, "page", &admin.seen.join("\n"));
+}

@@ -60,9 +60,10 @@ pub async fn serve(
     current: Current,
     shutdown: CancellationToken,
 ) {
-    let console = limits
-        .console
-        .then(|| Arc::new(console::Console::new(current)));
+    let console = match listener.local_addr() {
+        Ok(bound) if limits.console => Some(Arc::new(console::Console::new(current, bound))),
+        _ => None,
+    };
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let mut refusals = RefusalLog::default();
     loop {

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use tracing::{info, warn};
 
-use super::{Console, Visit, http, pages, secure, session, stale_form};
+use super::{Console, Visit, http, pages, secure, session, stale_form, under};
 use crate::accounts::Refused;
 use crate::admin::exchange::Reply;
 use crate::shared::Shared;
@@ -15,7 +15,16 @@ impl Console {
     /// `GET /login`: the form, with a session for its CSRF token.
     pub(super) fn login_page(&self, shared: &Shared, request: &Request<Incoming>) -> Reply {
         if shared.config.admin.password_hash.is_none() {
-            return http::redirect("/accounts");
+            if self.open_without_password(shared) {
+                return http::redirect("/accounts");
+            }
+            return http::page(
+                StatusCode::FORBIDDEN,
+                pages::problem(
+                    "No admin password",
+                    "The console has no admin password: set `password_hash` in [admin] to the output of `xoauth2-proxy hash-password`, then reload the proxy.",
+                ),
+            );
         }
         let visit = self.visit(shared, request);
         if visit.as_ref().is_some_and(|v| v.session.signed_in) {
@@ -24,7 +33,7 @@ impl Console {
         match visit {
             Some(v) => http::page(StatusCode::OK, pages::login(&v.session.csrf, None)),
             None => {
-                let (id, session) = self.sessions.open(false);
+                let (id, session) = self.sessions.open(false, under(shared));
                 let page = http::page(StatusCode::OK, pages::login(&session.csrf, None));
                 http::with_cookie(page, &session::set_cookie(&id, secure(shared)))
             }
@@ -41,7 +50,9 @@ impl Console {
     ) -> Reply {
         let started = tokio::time::Instant::now();
         let id = session::id_from_cookies(&http::cookies(&request)).map(str::to_string);
-        let session = id.as_deref().and_then(|id| self.sessions.find(id));
+        let session = id
+            .as_deref()
+            .and_then(|id| self.sessions.find(id, under(shared)));
         let Some(form) = http::form(request).await else {
             return http::text(StatusCode::PAYLOAD_TOO_LARGE, "the form is too large\n");
         };
@@ -58,7 +69,7 @@ impl Console {
         let refused = match shared.accounts.verify_admin(peer.ip(), password).await {
             Ok(()) => {
                 self.sessions.close(&id);
-                let (new_id, _) = self.sessions.open(true);
+                let (new_id, _) = self.sessions.open(true, under(shared));
                 info!(client = %peer.ip(), "console: admin logged in");
                 let cookie = session::set_cookie(&new_id, secure(shared));
                 return http::with_cookie(http::redirect("/accounts"), &cookie);

@@ -13,6 +13,13 @@
 //! takes at least `auth_failure_delay`. Nothing secret reaches a page, a
 //! URL or a log line: the log names the action, the account and the
 //! client's address.
+//!
+//! Whether the console is on, and whether it may go without a password, is
+//! judged per request against the config in force *and* the address the
+//! listener really bound: `listen` changes only with a restart, so a reload
+//! that sets `console_allow_loopback_without_password` beside a new
+//! loopback `listen` must not open a console still bound to all addresses;
+//! and a reload that turns the console off closes it at once.
 
 mod accounts;
 mod actions;
@@ -30,7 +37,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use tracing::warn;
 
-use self::session::{Session, Sessions};
+use self::session::{Session, Sessions, Under};
 use self::sign_ins::SignIns;
 use crate::admin::exchange::{Current, Reply};
 use crate::shared::Shared;
@@ -39,6 +46,8 @@ use crate::shared::Shared;
 /// under way survive a reload; the config in force is read per request.
 pub struct Console {
     current: Current,
+    /// Whether the listener is bound to a loopback address.
+    on_loopback: bool,
     sessions: Sessions,
     sign_ins: Arc<SignIns>,
 }
@@ -52,9 +61,11 @@ struct Visit {
 }
 
 impl Console {
-    pub fn new(current: Current) -> Self {
+    /// The console of a listener bound to `bound`.
+    pub fn new(current: Current, bound: SocketAddr) -> Self {
         Console {
             current,
+            on_loopback: bound.ip().is_loopback(),
             sessions: Sessions::default(),
             sign_ins: Arc::default(),
         }
@@ -63,6 +74,12 @@ impl Console {
     /// Answers one console request.
     pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Reply {
         let shared = self.current.borrow().clone();
+        if !shared.config.admin.console {
+            return http::text(
+                StatusCode::NOT_FOUND,
+                "the console is off (admin.console = false); turn it on and restart the proxy to use it\n",
+            );
+        }
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         match (&method, path.as_str()) {
@@ -164,12 +181,13 @@ impl Console {
     }
 
     /// The visitor's session, if its cookie names a live one. Where the
-    /// config lets the console go without a password, a visitor without
-    /// one gets a signed-in session (and its cookie, for the CSRF token).
+    /// console may go without a password, a visitor without one gets a
+    /// signed-in session (and its cookie, for the CSRF token).
     fn visit(&self, shared: &Shared, request: &Request<Incoming>) -> Option<Visit> {
         let cookies = http::cookies(request);
+        let under = under(shared);
         if let Some(id) = session::id_from_cookies(&cookies)
-            && let Some(session) = self.sessions.find(id)
+            && let Some(session) = self.sessions.find(id, under)
         {
             return Some(Visit {
                 id: id.to_string(),
@@ -177,16 +195,33 @@ impl Console {
                 new_cookie: None,
             });
         }
-        if shared.config.admin.password_hash.is_some() || request.method() != Method::GET {
+        if !self.open_without_password(shared) || request.method() != Method::GET {
             return None;
         }
-        let (id, session) = self.sessions.open(true);
+        let (id, session) = self.sessions.open(true, under);
         Some(Visit {
             new_cookie: Some(session::set_cookie(&id, secure(shared))),
             id,
             session,
         })
     }
+}
+
+impl Console {
+    /// Whether a visitor is signed in without a password: only where the
+    /// config in force has none and allows it, and the listener is bound to
+    /// loopback (not merely configured so by a reload).
+    fn open_without_password(&self, shared: &Shared) -> bool {
+        let admin = &shared.config.admin;
+        admin.password_hash.is_none()
+            && admin.console_allow_loopback_without_password
+            && self.on_loopback
+    }
+}
+
+/// The admin password that sessions sign in under now.
+fn under(shared: &Shared) -> Under {
+    Under::password(shared.config.admin.password_hash.as_deref())
 }
 
 /// A POST whose CSRF token is missing or not the session's.

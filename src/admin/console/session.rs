@@ -7,6 +7,10 @@
 //! id planted before the login is worth nothing after it. Ids are kept only
 //! as their SHA-256, and the table is bounded: at most [`MAX_SESSIONS`],
 //! the oldest not signed in (else the oldest) giving way to a new one.
+//!
+//! A signed-in session remembers the admin password it was signed in under
+//! ([`Under`]): a reload that changes the password, sets one or removes it
+//! ends every session signed in before, as changing a password should.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,6 +37,7 @@ pub struct Session {
     /// The token this session's forms carry.
     pub csrf: String,
     pub signed_in: bool,
+    under: Under,
     created: Instant,
     last_seen: Instant,
 }
@@ -52,6 +57,17 @@ impl Session {
     }
 }
 
+/// The admin password in force when a session signed in: a digest of its
+/// `password_hash` (or of nothing, where the console needs none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Under([u8; 32]);
+
+impl Under {
+    pub fn password(hash: Option<&str>) -> Self {
+        Under(Sha256::digest(hash.unwrap_or_default().as_bytes()).into())
+    }
+}
+
 /// The process's console sessions.
 #[derive(Default)]
 pub struct Sessions {
@@ -59,13 +75,14 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// The live session the id `id` names, touched.
-    pub fn find(&self, id: &str) -> Option<Session> {
+    /// The live session the id `id` names, touched; a session signed in
+    /// under another password than `under` has ended.
+    pub fn find(&self, id: &str, under: Under) -> Option<Session> {
         let now = Instant::now();
         let mut sessions = self.lock();
         let key = digest(id);
         let session = sessions.get_mut(&key)?;
-        if session.expired(now) {
+        if session.expired(now) || (session.signed_in && session.under != under) {
             sessions.remove(&key);
             return None;
         }
@@ -73,13 +90,15 @@ impl Sessions {
         Some(session.clone())
     }
 
-    /// A new session; returns its id (for the cookie) and the session.
-    pub fn open(&self, signed_in: bool) -> (String, Session) {
+    /// A new session, signed in under `under` or not; returns its id (for
+    /// the cookie) and the session.
+    pub fn open(&self, signed_in: bool, under: Under) -> (String, Session) {
         let now = Instant::now();
         let id = random_token();
         let session = Session {
             csrf: random_token(),
             signed_in,
+            under,
             created: now,
             last_seen: now,
         };
@@ -146,28 +165,48 @@ pub fn id_from_cookies(header: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
+    fn old() -> Under {
+        Under::password(Some("$argon2id$old"))
+    }
+
     #[test]
     fn a_session_is_found_by_its_id_only_and_ends_when_closed() {
         let sessions = Sessions::default();
-        let (id, session) = sessions.open(true);
-        assert!(sessions.find(&id).is_some_and(|s| s.signed_in));
-        assert!(sessions.find("forged").is_none());
+        let (id, session) = sessions.open(true, old());
+        assert!(sessions.find(&id, old()).is_some_and(|s| s.signed_in));
+        assert!(sessions.find("forged", old()).is_none());
         assert!(session.csrf_matches(Some(&session.csrf)));
         assert!(!session.csrf_matches(Some("forged")));
         assert!(!session.csrf_matches(None));
         sessions.close(&id);
-        assert!(sessions.find(&id).is_none());
+        assert!(sessions.find(&id, old()).is_none());
+    }
+
+    #[test]
+    fn a_new_admin_password_ends_the_sessions_signed_in_under_the_old_one() {
+        let sessions = Sessions::default();
+        let (admin, _) = sessions.open(true, old());
+        let (visitor, _) = sessions.open(false, old());
+        let new = Under::password(Some("$argon2id$new"));
+        assert!(sessions.find(&admin, new).is_none());
+        assert!(sessions.find(&admin, old()).is_none(), "ended, not hidden");
+        assert!(
+            sessions.find(&visitor, new).is_some(),
+            "a visitor not signed in keeps its form's token"
+        );
+        let (open, _) = sessions.open(true, Under::password(None));
+        assert!(sessions.find(&open, old()).is_none(), "a password set");
     }
 
     #[test]
     fn the_table_is_bounded_and_anonymous_sessions_give_way_first() {
         let sessions = Sessions::default();
-        let (admin, _) = sessions.open(true);
+        let (admin, _) = sessions.open(true, old());
         for _ in 0..MAX_SESSIONS * 2 {
-            sessions.open(false);
+            sessions.open(false, old());
         }
         assert_eq!(sessions.lock().len(), MAX_SESSIONS);
-        assert!(sessions.find(&admin).is_some());
+        assert!(sessions.find(&admin, old()).is_some());
     }
 
     #[test]
