@@ -8,7 +8,9 @@
 //! client address ([`PreloginSlots`]) and hands each session its
 //! [`Connection`], which holds the slot until the session logs in and carries
 //! the login deadline, counted from the connection's start whatever the client
-//! sends ([`until`]).
+//! sends ([`until`]); what the session writes before login is bounded by
+//! it too ([`write_before`]), so a client that sends and never reads cannot
+//! hold its connection either.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
@@ -207,6 +209,35 @@ pub async fn until<F: Future>(deadline: tokio::time::Instant, read: F) -> Option
         return None;
     }
     tokio::time::timeout_at(deadline, read).await.ok()
+}
+
+/// How long a write before login may take once the login deadline has
+/// passed: room for the goodbye, or for the OK of a login that ended late.
+pub const WRITE_GRACE: Duration = Duration::from_secs(2);
+
+/// Writes and flushes `bytes` to a client that has not logged in, by
+/// `deadline` or [`WRITE_GRACE`] from now, whichever is later. A client
+/// that pipelines commands and reads no answers fills the socket's buffers;
+/// past that the write fails with `TimedOut` and the connection closes.
+pub async fn write_before<W: AsyncWrite + Unpin>(
+    deadline: tokio::time::Instant,
+    stream: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let deadline = deadline.max(tokio::time::Instant::now() + WRITE_GRACE);
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout_at(deadline, write).await {
+        Ok(written) => written,
+        Err(_) => {
+            tracing::info!(
+                "client did not read the answers before the login deadline; closing"
+            );
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
 }
 
 /// The connections not logged in yet, counted per client address, so that

@@ -548,3 +548,43 @@ async fn an_admin_listener_off_loopback_is_warned_about() {
         "{line}"
     );
 }
+
+/// Connects from `from` with a small receive buffer and sends `command`
+/// over and over without reading a byte; returns the socket's reading half
+/// once the proxy stops taking commands (or after 64 MiB).
+async fn pipeline_without_reading(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    command: &'static str,
+) -> tokio::net::tcp::OwnedReadHalf {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    let (read, mut write) = socket.connect(to).await.unwrap().into_split();
+    tokio::spawn(async move {
+        let batch = command.repeat(64 * 1024 / command.len());
+        for _ in 0..1024 {
+            if write.write_all(batch.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    read
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_sends_and_never_reads_is_closed_at_the_deadline() {
+    let world = World::start().await;
+    let proxy = proxy(&world, "login_timeout = \"2s\"", "").await;
+    let mut imap = pipeline_without_reading(ATTACKER, proxy.imap_addr, "a CAPABILITY\r\n").await;
+    proxy
+        .wait_for_log("did not read the answers before the login deadline", BOUND)
+        .await;
+    let mut rest = Vec::new();
+    let drained = tokio::time::timeout(BOUND, imap.read_to_end(&mut rest)).await;
+    assert!(drained.is_ok(), "the proxy closed the connection");
+    // The slot went with it: a client from the same address gets in.
+    let mut c = imap_logged_in(ATTACKER, &proxy).await;
+    c.line("z NOOP").await;
+    assert!(c.until("z ").await.pop().unwrap().starts_with("z OK"));
+}

@@ -39,7 +39,7 @@ use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::oauth::AccessToken;
 use crate::sasl::{self, Challenge, SaslError};
-use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until};
+use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until, write_before};
 
 /// What the proxy offers before login, whatever the TLS state.
 const BASE_CAPABILITIES: &str = "IMAP4rev1 LITERAL+ SASL-IR ID";
@@ -180,10 +180,10 @@ impl<S: ClientStream> PreAuth<S> {
         caps
     }
 
+    /// Writes to the client, bounded by the login deadline ([`write_before`]).
     async fn send(&mut self, text: &str) -> std::io::Result<()> {
-        let stream = self.client.get_mut();
-        stream.write_all(text.as_bytes()).await?;
-        stream.flush().await
+        let deadline = self.login_deadline();
+        write_before(deadline, self.client.get_mut(), text.as_bytes()).await
     }
 
     /// Sends `text` and reads the next command.
