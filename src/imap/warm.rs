@@ -114,6 +114,24 @@ struct Handle {
     shared: Weak<Shared>,
 }
 
+/// A cold login counted among a mailbox's `waiting` for as long as it
+/// waits, however it ends: a login whose client leaves is dropped mid-wait,
+/// and a count left behind would keep warm sessions off for the mailbox.
+struct Waiting<'a>(&'a Mutex<usize>);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a Mutex<usize>) -> Self {
+        *lock(waiting) += 1;
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) -= 1;
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -172,9 +190,8 @@ impl Upstreams {
             // Dropped, its session logs out and gives its permit back.
             drop(evicted);
         }
-        *lock(&mailbox.waiting) += 1;
+        let _waiting = Waiting::count(&mailbox.waiting);
         let slot = tokio::time::timeout(EVICTION, mailbox.slots.clone().acquire_owned()).await;
-        *lock(&mailbox.waiting) -= 1;
         slot.ok()?.ok()
     }
 
@@ -548,5 +565,47 @@ async fn unparked(unpark: Unpark, opened: Opened) {
             debug!("a warm session ended while it waited: {e}");
             crate::metrics::get().warm("discarded");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Flow, LocalPassword, SendVia};
+
+    fn account() -> Account {
+        Account {
+            username: "sales@contoso.com".into(),
+            password: LocalPassword::Plain(Secret::new("pw".into())),
+            provider: "p".into(),
+            mailbox: "sales@contoso.com".into(),
+            flow: Flow::DeviceCode,
+            scopes: None,
+            sign_in_user: None,
+            send_via: SendVia::Smtp,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_login_dropped_while_it_waits_for_a_slot_is_no_longer_counted() {
+        let upstreams = Upstreams::new(1);
+        let account = account();
+        let held = upstreams.slot(&account).await.expect("a free slot");
+        {
+            let mut waiting = std::pin::pin!(upstreams.slot(&account));
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(waiting.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(polled, "the mailbox is at its cap");
+            assert_eq!(*lock(&upstreams.mailbox(&account).waiting), 1);
+        }
+        assert_eq!(
+            *lock(&upstreams.mailbox(&account).waiting),
+            0,
+            "the client left: nobody waits"
+        );
+        drop(held);
+        assert!(upstreams.slot(&account).await.is_some());
     }
 }
