@@ -473,7 +473,9 @@ fn warn_of_restart_only_changes(old: &Config, new: &Config) {
             );
         }
     }
-    let (a, b) = (&old.smtp, &new.smtp);
+    let changed = |what: &str| {
+        warn!("{what} changed; it applies from the next restart");
+    };
     let pools = |s: &crate::config::SmtpSection| {
         (
             s.max_connections_per_mailbox,
@@ -481,14 +483,30 @@ fn warn_of_restart_only_changes(old: &Config, new: &Config) {
             s.pool_idle_timeout,
         )
     };
-    if pools(a) != pools(b) {
-        warn!("the [smtp] pool settings changed; they apply from the next restart");
+    if pools(&old.smtp) != pools(&new.smtp) {
+        changed(
+            "the [smtp] pool settings (`max_connections_per_mailbox`, `pool_wait`, `pool_idle_timeout`)",
+        );
+    }
+    if old.imap.max_connections_per_mailbox != new.imap.max_connections_per_mailbox {
+        changed("`imap.max_connections_per_mailbox`");
     }
     let (a, b) = (&old.server, &new.server);
     if (a.password_checks, a.password_check_queue) != (b.password_checks, b.password_check_queue) {
-        warn!(
-            "`server.password_checks` or `password_check_queue` changed; they apply from the next restart"
+        changed("`server.password_checks` or `password_check_queue`");
+    }
+    if a.max_connections != b.max_connections {
+        changed("`server.max_connections`");
+    }
+    let limits =
+        |s: &crate::config::AdminSection| (s.max_connections, s.header_timeout, s.idle_timeout);
+    if limits(&old.admin) != limits(&new.admin) {
+        changed(
+            "the [admin] listener's limits (`max_connections`, `header_timeout`, `idle_timeout`)",
         );
+    }
+    if !old.admin.console && new.admin.console {
+        changed("`admin.console` (turned on)");
     }
 }
 

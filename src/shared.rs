@@ -232,9 +232,7 @@ pub async fn write_before<W: AsyncWrite + Unpin>(
     match tokio::time::timeout_at(deadline, write).await {
         Ok(written) => written,
         Err(_) => {
-            tracing::info!(
-                "client did not read the answers before the login deadline; closing"
-            );
+            tracing::info!("client did not read the answers before the login deadline; closing");
             Err(std::io::ErrorKind::TimedOut.into())
         }
     }

@@ -137,3 +137,28 @@ async fn health_subcommand_probes_the_running_proxy() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no proxy answers"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_says_which_changes_wait_for_a_restart() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let original = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let changed = original
+        .replace("[server]\n", "[server]\nmax_connections = 77\n")
+        .replace("[imap]\n", "[imap]\nmax_connections_per_mailbox = 3\n")
+        + "idle_timeout = \"7s\"\nmax_connections = 9\n";
+    std::fs::write(&proxy.config_path, changed).unwrap();
+    proxy.reload();
+    proxy
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .await;
+    let logs = proxy.logs();
+    for setting in [
+        "`server.max_connections` changed; it applies from the next restart",
+        "`imap.max_connections_per_mailbox` changed; it applies from the next restart",
+        "the [admin] listener's limits",
+    ] {
+        assert!(logs.contains(setting), "no warning for {setting}:\n{logs}");
+    }
+    assert!(!logs.contains("pool settings"), "{logs}");
+}
