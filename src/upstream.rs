@@ -8,9 +8,16 @@
 //! socket has nothing more, so that an idle session holds none. The other
 //! way, rustls may queue up to [`SEND_BUFFER`] of encrypted records, so that
 //! one relayed chunk goes out in one `writev`.
+//!
+//! While a large IMAP literal streams in, the relay tells the stream how many
+//! bytes are sure to come ([`LowWater`]); the TLS stream takes off what
+//! rustls may hold, [`ReadAhead`] what it has read ahead, and the rest
+//! becomes the socket's receive low-water mark ([`crate::low_water`] says
+//! why that is safe).
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Config, Provider, ServerAddr};
+use crate::low_water::{LowWater, Mark, TLS_HOLDS};
 
 /// A TLS connection to an upstream server.
 pub type UpstreamStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
@@ -43,6 +51,8 @@ pub struct ReadAhead<S> {
     /// handed out (the capacity beyond `buf.len()` is not initialised).
     buf: Vec<u8>,
     pos: usize,
+    /// The socket's receive low-water mark.
+    mark: Mark,
 }
 
 impl<S> ReadAhead<S> {
@@ -51,6 +61,7 @@ impl<S> ReadAhead<S> {
             inner,
             buf: Vec::new(),
             pos: 0,
+            mark: Mark::default(),
         }
     }
 
@@ -123,6 +134,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                 Poll::Pending
             }
         }
+    }
+}
+
+/// What is sure to come on the socket: what is sure to come out of this
+/// stream, less what it has read ahead and not handed out yet.
+impl<S: AsFd> LowWater for ReadAhead<S> {
+    fn sure_to_come(&mut self, bytes: u64) -> io::Result<()> {
+        let ahead = (self.buf.len() - self.pos) as u64;
+        self.mark.apply(&self.inner, bytes.saturating_sub(ahead))
+    }
+}
+
+/// What is sure to come out of the TLS stream, less what rustls may hold.
+impl LowWater for UpstreamStream {
+    fn sure_to_come(&mut self, bytes: u64) -> io::Result<()> {
+        self.get_mut()
+            .0
+            .sure_to_come(bytes.saturating_sub(TLS_HOLDS))
     }
 }
 
