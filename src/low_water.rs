@@ -106,6 +106,10 @@ impl Mark {
     /// Sets the mark of `socket` for `sure` bytes sure to come, if it must
     /// change.
     pub fn apply(&mut self, socket: &impl AsFd, sure: u64) -> io::Result<()> {
+        // What the kernel does with the mark is checked for Linux alone.
+        if !cfg!(target_os = "linux") {
+            return Ok(());
+        }
         match self.next(sure) {
             Some(mark) => set(socket, mark),
             None => Ok(()),
