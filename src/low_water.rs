@@ -25,8 +25,9 @@
 //! - some of them may already have left the kernel and sit between the socket
 //!   and the filter: the read-ahead buffer under rustls (counted exactly) and
 //!   rustls itself, which reads the socket only when it holds no plaintext,
-//!   at most one record's wire size (18,437 bytes) at a time, so it holds
-//!   less than that: [`TLS_HOLDS`] is a generous bound on it;
+//!   into a buffer of at most one record's wire size (18,437 bytes), or
+//!   65,535 while it gathers a handshake message that spans records (a TLS
+//!   1.3 ticket): [`TLS_HOLDS`] is a bound on it with room to spare;
 //! - TLS adds a header and a tag to every record, so the ciphertext still to
 //!   come is longer than the plaintext: counting plaintext errs on the safe
 //!   side.
@@ -37,7 +38,7 @@
 //! stream the filter cannot follow), and whenever the count cannot be made.
 //! A mark is only changed when it must be lowered (it would exceed what is
 //! sure to come) or when it can at least double: a few syscalls per large
-//! literal, none per read. If the kernel refuses to lower it, the session
+//! literal, none per read. If the kernel refuses the option, the session
 //! ends with that error rather than risk waiting.
 //!
 //! # What Linux does with it (6.x, `net/ipv4/tcp.c`, `include/net/tcp.h`)
@@ -65,10 +66,11 @@ pub const MOST: u64 = 256 * 1024;
 pub const LEAST: u64 = 64 * 1024;
 
 /// The most that rustls can hold of the server's stream, as plaintext or as
-/// ciphertext not yet decrypted: it reads at most one record's wire size
-/// (16,384 + 2,048 + 5 bytes) at a time, and only when it holds no
-/// plaintext. Taken generously, with room for a rustls that buffers more.
-pub const TLS_HOLDS: u64 = 64 * 1024;
+/// ciphertext not yet decrypted: it reads only when it holds no plaintext,
+/// into a buffer of at most one record's wire size (16,384 + 2,048 + 5
+/// bytes), or 65,535 bytes while it gathers a handshake message. Taken
+/// with room to spare for a rustls that buffers more.
+pub const TLS_HOLDS: u64 = 96 * 1024;
 
 /// A stream that can be told how many more bytes its peer is sure to send
 /// before it waits for anything from us.
