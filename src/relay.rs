@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tracing::debug;
 
 use crate::low_water::LowWater;
+use crate::watched::{Watched, Watcher};
 
 /// What a protocol does to the bytes it relays.
 pub trait Filter {
@@ -85,10 +86,12 @@ pub async fn splice<F: Filter + Default>(
     let metrics = crate::metrics::get();
     let client_ahead = client.buffer().to_vec();
     let upstream_ahead = upstream.buffer().to_vec();
-    let mut client = Counted {
+    let mut client = Watched {
         inner: client.into_inner(),
-        read: metrics.relayed(protocol, "upstream"),
-        written: metrics.relayed(protocol, "downstream"),
+        watcher: Relayed {
+            read: metrics.relayed(protocol, "upstream"),
+            written: metrics.relayed(protocol, "downstream"),
+        },
     };
     let mut upstream = Coalesce(upstream.into_inner());
     let mut filter = F::default();
@@ -102,50 +105,23 @@ pub async fn splice<F: Filter + Default>(
     Ok(())
 }
 
-/// A stream that counts the bytes read from it and written to it.
-struct Counted<S> {
-    inner: S,
+/// The session's relayed bytes, counted as the client's stream moves them:
+/// read from the client is what goes upstream.
+struct Relayed {
     read: Counter<u64, AtomicU64>,
     written: Counter<u64, AtomicU64>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read.inc_by(n as u64);
-        }
-        polled
+impl Watcher for Relayed {
+    fn read(&self, bytes: usize) {
+        self.read.inc_by(bytes as u64);
+    }
+
+    fn written(&self, bytes: usize) {
+        self.written.inc_by(bytes as u64);
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &polled {
-            self.written.inc_by(*n as u64);
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 /// Reads as many TLS records as are ready into the caller's buffer, so that
 /// one write to the client carries several records' worth of plaintext.
 struct Coalesce<S>(S);
