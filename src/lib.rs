@@ -16,7 +16,7 @@
 //! circle; `.ci/check-layers.py` checks both in CI. From the bottom up:
 //!
 //! <!-- layers: `.ci/check-layers.py` reads this list; one layer per line -->
-//! 1. `error`, `secret`, `lines`, `metrics`, `private_file`, `throttle`: leaves that import nothing of the crate (`metrics` owns its label types; `private_file` writes 0600 files atomically; `throttle` counts failed logins per address)
+//! 1. `error`, `secret`, `lines`, `metrics`, `private_file`, `throttle`, `low_water`, `watched`: leaves that import nothing of the crate (`metrics` owns its label types; `private_file` writes 0600 files atomically; `throttle` counts failed logins per address; `low_water` sets the receive low-water mark inside large literals; `watched` is a stream that tells a watcher of every byte it moves)
 //! 2. `sasl`, `tls`, `sealing`: SASL encodings (PLAIN, LOGIN, XOAUTH2); CA files and the rustls client setup; the token key and sealed grant files
 //! 3. `config`: the config file, validated
 //! 4. `accounts`, `oauth`, `upstream`, `relay`, `local_tls`, `graph`: local passwords; tokens and grants; connections to the mail servers; the post-login pipe; the certificate and handshake towards clients; Microsoft Graph `sendMail`
@@ -43,6 +43,7 @@ pub(crate) mod imap;
 pub(crate) mod lines;
 pub(crate) mod local_tls;
 pub(crate) mod login;
+pub(crate) mod low_water;
 pub(crate) mod metrics;
 pub(crate) mod notify;
 pub(crate) mod oauth;
@@ -57,6 +58,7 @@ pub(crate) mod smtp;
 pub(crate) mod throttle;
 pub(crate) mod tls;
 pub(crate) mod upstream;
+pub(crate) mod watched;
 
 pub use accounts::{hash_password, is_example_password};
 pub use admin::{probe as probe_health, unsaved_grants};

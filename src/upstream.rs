@@ -8,9 +8,16 @@
 //! socket has nothing more, so that an idle session holds none. The other
 //! way, rustls may queue up to [`SEND_BUFFER`] of encrypted records, so that
 //! one relayed chunk goes out in one `writev`.
+//!
+//! While a large IMAP literal streams in, the relay tells the stream how many
+//! bytes are sure to come ([`LowWater`]); the TLS stream takes off what
+//! rustls may hold, [`ReadAhead`] what it has read ahead, and the rest
+//! becomes the socket's receive low-water mark ([`crate::low_water`] says
+//! why that is safe).
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Config, Provider, ServerAddr};
+use crate::low_water::{LowWater, Mark, TLS_HOLDS};
 
 /// A TLS connection to an upstream server.
 pub type UpstreamStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
@@ -43,6 +51,8 @@ pub struct ReadAhead<S> {
     /// handed out (the capacity beyond `buf.len()` is not initialised).
     buf: Vec<u8>,
     pos: usize,
+    /// The socket's receive low-water mark.
+    mark: Mark,
 }
 
 impl<S> ReadAhead<S> {
@@ -51,6 +61,7 @@ impl<S> ReadAhead<S> {
             inner,
             buf: Vec::new(),
             pos: 0,
+            mark: Mark::default(),
         }
     }
 
@@ -123,6 +134,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                 Poll::Pending
             }
         }
+    }
+}
+
+/// What is sure to come on the socket: what is sure to come out of this
+/// stream, less what it has read ahead and not handed out yet.
+impl<S: AsFd> LowWater for ReadAhead<S> {
+    fn sure_to_come(&mut self, bytes: u64) -> io::Result<()> {
+        let ahead = (self.buf.len() - self.pos) as u64;
+        self.mark.apply(&self.inner, bytes.saturating_sub(ahead))
+    }
+}
+
+/// What is sure to come out of the TLS stream, less what rustls may hold.
+impl LowWater for UpstreamStream {
+    fn sure_to_come(&mut self, bytes: u64) -> io::Result<()> {
+        self.get_mut()
+            .0
+            .sure_to_come(bytes.saturating_sub(TLS_HOLDS))
     }
 }
 
@@ -260,6 +289,99 @@ pub fn quote_reply(line: &[u8]) -> String {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The low-water mark counts on rustls holding at most
+    /// [`TLS_HOLDS`](crate::low_water::TLS_HOLDS) of the server's stream
+    /// (`crate::low_water`): here the socket has everything at once, records
+    /// are as large as TLS allows, and the reader takes little at a time,
+    /// so that rustls holds all it ever does.
+    #[tokio::test]
+    async fn rustls_holds_no_more_of_the_stream_than_the_low_water_mark_allows() {
+        use crate::low_water::TLS_HOLDS;
+        use crate::watched::{Watched, Watcher};
+        use std::cell::Cell;
+        use std::io::Write;
+        use std::rc::Rc;
+
+        struct Taken(Rc<Cell<u64>>);
+        impl Watcher for Taken {
+            fn read(&self, bytes: usize) {
+                self.0.set(self.0.get() + bytes as u64);
+            }
+            fn written(&self, _: usize) {}
+        }
+
+        let pki = testkit::pki::TestPki::new();
+        let mut config = (*pki.server_config()).clone();
+        // No tickets after the handshake: every byte after it is a record below.
+        config.send_tls13_tickets = 0;
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let (near, far) = tokio::io::duplex(8 << 20);
+        let taken = Rc::new(Cell::new(0));
+        let below = Watched {
+            inner: near,
+            watcher: Taken(taken.clone()),
+        };
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) =
+            tokio::join!(pki.connector().connect(name, below), acceptor.accept(far));
+        let (mut client, server) = (client.unwrap(), server.unwrap());
+        let start = taken.get();
+        let (mut far, mut tls) = server.into_inner();
+        tls.set_buffer_limit(None);
+
+        // Records of every size up to the largest; `starts[i]` is where
+        // record i begins on the wire, `plain[i]` what it carries.
+        let mut wire = Vec::new();
+        let (mut starts, mut plain) = (Vec::new(), Vec::new());
+        for i in 0..400usize {
+            let len = if i % 3 == 0 {
+                16 * 1024
+            } else {
+                1 + i * 97 % 16384
+            };
+            starts.push(wire.len() as u64);
+            plain.push(len as u64);
+            tls.writer().write_all(&vec![b'x'; len]).unwrap();
+            while tls.wants_write() {
+                tls.write_tls(&mut wire).unwrap();
+            }
+        }
+        far.write_all(&wire).await.unwrap();
+        let total: u64 = plain.iter().sum();
+
+        let (mut handed, mut most) = (0u64, 0u64);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut i = 0usize;
+        while handed < total {
+            let want = [1, 7, 300, 4096, 65536][i % 5];
+            i += 1;
+            handed += client.read(&mut buf[..want]).await.unwrap() as u64;
+            let on_wire = taken.get() - start;
+            // What rustls has of the stream: the plaintext of the records it
+            // has taken whole, and of the one it has begun, as many bytes
+            // as it has taken of it (its plaintext is shorter still).
+            let had: u64 = (0..starts.len())
+                .map(|i| {
+                    let end = starts.get(i + 1).copied().unwrap_or(wire.len() as u64);
+                    match on_wire {
+                        w if w >= end => plain[i],
+                        w if w > starts[i] => plain[i].min(w - starts[i]),
+                        _ => 0,
+                    }
+                })
+                .sum();
+            most = most.max(had - handed);
+        }
+        assert!(
+            most > 16 * 1024,
+            "the test made rustls hold a record: {most}"
+        );
+        assert!(
+            most <= TLS_HOLDS,
+            "rustls held {most} bytes, more than the {TLS_HOLDS} the mark allows for"
+        );
+    }
 
     #[tokio::test]
     async fn read_ahead_passes_every_byte_and_keeps_no_buffer_when_quiet() {

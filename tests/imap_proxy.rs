@@ -626,6 +626,44 @@ async fn large_append_and_fetch_are_relayed_byte_for_byte() {
     );
 }
 
+/// A server slower than the proxy that writes a large message in small TLS
+/// records, as Dovecot does: the proxy sleeps on the socket's low-water mark
+/// inside the literal, and imapflow must still get every byte, both as one
+/// FETCH and as the partial FETCHes of a download.
+#[tokio::test(flavor = "multi_thread")]
+async fn imapflow_gets_a_large_message_whole_from_a_server_writing_small_records() {
+    use sha2::Digest;
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    world.imap.set_small_records(true);
+    let mut big = b"From: big@example.com\r\nSubject: twelve megabytes\r\n\r\n".to_vec();
+    while big.len() < 12 * 1024 * 1024 {
+        big.extend_from_slice(b"The quick brown fox jumps over the lazy dog, 0123456789.\r\n");
+    }
+    let sha: String = sha2::Sha256::digest(&big)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let uid = world.imap.add_message(USER, big.clone());
+    let out = run_imapflow(
+        &json!({
+            "host": "127.0.0.1", "port": proxy.imap_addr.port(), "secure": false,
+            "user": USER, "pass": PASS,
+            "steps": ["select", "fetch", "download"],
+            "fetchUid": uid,
+            "timeoutMs": 80000,
+        }),
+        90,
+    )
+    .await;
+    assert_eq!(out["ok"], true, "{out}\n{}", proxy.logs());
+    assert_eq!(out["fetched"]["size"], big.len());
+    assert_eq!(out["fetched"]["sha256"], sha);
+    assert_eq!(out["fetched"]["subject"], "twelve megabytes");
+    assert_eq!(out["downloaded"]["size"], big.len());
+    assert_eq!(out["downloaded"]["sha256"], sha);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn no_secret_reaches_the_log_at_any_level() {
     let world = World::start().await;

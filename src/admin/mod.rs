@@ -16,11 +16,8 @@
 //! busy.
 
 use std::convert::Infallible;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +25,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -37,6 +33,7 @@ use tracing::{debug, warn};
 
 use crate::config::AdminSection;
 use crate::shared::RefusalLog;
+use crate::watched::{Watched, Watcher};
 
 mod console;
 mod exchange;
@@ -123,7 +120,7 @@ async fn serve_connection<S>(
     let activity = Activity::new();
     let io = Watched {
         inner: stream,
-        activity: activity.clone(),
+        watcher: activity.clone(),
     };
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -179,48 +176,14 @@ impl Activity {
     }
 }
 
-/// A stream that notes in its [`Activity`] every byte read or written.
-struct Watched<S> {
-    inner: S,
-    activity: Activity,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &polled
-            && *n > 0
-        {
-            self.activity.touch();
-        }
-        polled
+/// A connection's [`Activity`] is touched by every byte it moves.
+impl Watcher for Activity {
+    fn read(&self, _: usize) {
+        self.touch();
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn written(&self, _: usize) {
+        self.touch();
     }
 }
 

@@ -25,6 +25,10 @@
 //! synchronising literal the server refuses is never sent, but the scan of
 //! the client's stream still counts it: a COMPRESS within those bytes would
 //! go unseen. Clients send COMPRESS first thing after login.)
+//!
+//! Inside a literal the filter knows how many of its bytes must still come
+//! ([`Filter::upstream_owes`]), which lets the relay sleep until much of it
+//! is there (`crate::low_water`); after COMPRESS it knows nothing.
 
 use memchr::memchr;
 
@@ -77,6 +81,13 @@ impl Filter for CapabilityFilter {
                 last: *compressed,
             }
         })
+    }
+
+    fn upstream_owes(&self) -> u64 {
+        match self.responses.at {
+            Response::Literal(n) if !self.compressed => n,
+            _ => 0,
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! IMAP: the proxy is the server until login, then a byte pipe.
 
 mod capabilities;
-mod filter;
+pub(crate) mod filter;
 pub(crate) mod framing;
 pub(crate) mod parser;
 mod session;

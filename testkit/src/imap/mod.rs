@@ -84,6 +84,7 @@ struct Config {
     not_connected: bool,
     hang: bool,
     expire_sessions: bool,
+    small_records: bool,
 }
 
 struct Shared {
@@ -179,6 +180,7 @@ impl MockImapUpstream {
                 not_connected: false,
                 hang: false,
                 expire_sessions: false,
+                small_records: false,
             }),
             store: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
@@ -265,6 +267,14 @@ impl MockImapUpstream {
     /// Off by default.
     pub fn set_expire_sessions(&self, on: bool) {
         self.shared.config.lock().unwrap().expire_sessions = on;
+    }
+
+    /// Large literals go out as Dovecot (OpenSSL) sends them: TLS records of
+    /// 8 KiB, each written and flushed on its own, with a pause of a
+    /// millisecond every 32 records, so that the proxy outruns the server
+    /// and finds one record or two at a time. Off by default.
+    pub fn set_small_records(&self, on: bool) {
+        self.shared.config.lock().unwrap().small_records = on;
     }
 
     /// Drops every open connection at once, without a word (a network failure).

@@ -144,9 +144,24 @@ impl Session {
             self.io.get_mut().write_all(&out).await?;
             self.out = out;
             self.out.clear();
+            if self.shared.config.lock().unwrap().small_records {
+                return self.small_records(data).await;
+            }
             self.io.get_mut().write_all(data).await?;
         } else {
             self.out.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    /// `data` in records of 8 KiB, as Dovecot writes them (`set_small_records`).
+    async fn small_records(&mut self, data: &[u8]) -> Io<()> {
+        for (i, record) in data.chunks(8 * 1024).enumerate() {
+            self.io.get_mut().write_all(record).await?;
+            self.io.get_mut().flush().await?;
+            if i % 32 == 31 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         Ok(())
     }
