@@ -318,13 +318,18 @@ impl TokenStore {
 pub struct Migrated {
     /// Accounts whose document was written to the target.
     pub copied: Vec<String>,
-    /// Accounts the target already held byte for byte.
-    pub unchanged: Vec<String>,
+    /// Accounts the target already held a grant for: left as it is there,
+    /// whatever it holds (it may be newer than the source's).
+    pub left: Vec<String>,
 }
 
 /// Copies every grant of `from` to `to` as it is (a sealed document stays
 /// sealed: sealing binds it to its account, not to its store). Running it
-/// again copies nothing new: a document the target already holds is left.
+/// again copies nothing new: a grant the target already holds is left as it
+/// is, even when it differs from the source's. Once replicas use the target,
+/// its grant is the newer one (a refresh rotated its refresh token, `login`
+/// or Connect replaced it, `store rekey` sealed it anew), and the source's
+/// would bring back a spent refresh token or an old key.
 pub async fn migrate(from: &TokenStore, to: &TokenStore) -> Result<Migrated, String> {
     to.prepare().await?;
     let mut done = Migrated::default();
@@ -337,16 +342,34 @@ pub async fn migrate(from: &TokenStore, to: &TokenStore) -> Result<Migrated, Str
         else {
             continue;
         };
-        let there = to.backend.read(&account).await.map_err(|e| e.to_string())?;
-        if there.is_some_and(|t| t.bytes == document.bytes) {
-            done.unchanged.push(account);
-            continue;
+        if copy_if_absent(to, &account, &document).await? {
+            done.copied.push(account);
+        } else {
+            done.left.push(account);
         }
-        let _lock = to.lock(&account).await.map_err(|e| e.to_string())?;
-        to.backend.write(&account, &document.bytes).await?;
-        done.copied.push(account);
     }
     Ok(done)
+}
+
+/// Writes `document` as `account`'s in `to` unless `to` holds one already:
+/// looked at under the account's lock, so that a replica's refresh or a
+/// `login` writing meanwhile is never overwritten. True when written.
+async fn copy_if_absent(
+    to: &TokenStore,
+    account: &str,
+    document: &Document,
+) -> Result<bool, String> {
+    let _lock = to.lock(account).await.map_err(|e| e.to_string())?;
+    let there = to.backend.read(account).await;
+    match there {
+        // A file too large to be a grant is there too: left for the user.
+        Ok(Some(_)) | Err(LoadError::Damaged(_)) => Ok(false),
+        Ok(None) => {
+            to.backend.write(account, &document.bytes).await?;
+            Ok(true)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// What `store rekey` did.
