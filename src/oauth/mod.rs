@@ -134,6 +134,9 @@ struct Cached {
     /// one means another process (`login`, a replica) wrote it.
     revision: Option<Revision>,
     loaded: bool,
+    /// Why the stored grant could not be used at the last look, as logged:
+    /// the same reason at every login is logged once.
+    trouble: Option<String>,
 }
 
 /// How much [`TokenManager::sync`] must know of the store.
@@ -286,8 +289,13 @@ impl TokenManager {
         // Held until the outcome is saved: concurrent logins for this account
         // wait here, then find the new token cached (single flight).
         let mut cached = entry.state.lock().await;
-        if let Some(token) = self.cached_token(entry, &mut cached, Look::Cached).await? {
-            return Ok(token);
+        match self.cached_token(entry, &mut cached, Look::Cached).await {
+            Ok(Some(token)) => return Ok(token),
+            Ok(None) => {}
+            // The stored grant cannot be read now (a `store rekey` before the
+            // reload that brings its key, a database out of reach): a token
+            // still valid serves meanwhile.
+            Err(e) => return still_valid(&cached, e),
         }
         // Another process may be redeeming this grant right now: wait for it,
         // then use what it stored rather than spend the refresh token twice.
@@ -491,10 +499,11 @@ impl TokenManager {
     pub async fn graph_token(&self, username: &str) -> Result<AccessToken, TokenError> {
         let entry = self.entry(username)?;
         let mut cached = entry.state.lock().await;
-        self.sync(entry, &mut cached, Look::Cached).await?;
+        let synced = self.sync(entry, &mut cached, Look::Cached).await;
         if let Some(token) = usable_graph_token(&cached, unix_now()) {
             return Ok(token);
         }
+        synced?;
         let _lock = self.lock_grant(entry).await?;
         // Another process may have rotated the refresh token meanwhile.
         self.sync(entry, &mut cached, Look::Fresh).await?;
@@ -706,9 +715,10 @@ impl TokenManager {
         let username = &entry.account.username;
         let revision = match self.store.revision(username).await {
             Ok(revision) => revision,
-            Err(e) => return Err(self.unusable(entry, e)),
+            Err(e) => return Err(self.unusable(entry, cached, e)),
         };
         if cached.loaded && revision == cached.revision {
+            cached.trouble = None;
             return Ok(());
         }
         match self.store.read_revision(username).await {
@@ -725,26 +735,36 @@ impl TokenManager {
                 });
                 cached.revision = revision;
                 cached.loaded = true;
+                cached.trouble = None;
                 entry.health.grant_read(&cached.grant);
             }
             Err(e @ (LoadError::Damaged(_) | LoadError::Unreadable(_))) => {
                 warn!(account = %username, "{e}")
             }
-            Err(e) => return Err(self.unusable(entry, e)),
+            Err(e) => return Err(self.unusable(entry, cached, e)),
         }
         Ok(())
     }
 
-    /// A stored grant that cannot be used now: logged, and the client told
-    /// to come back.
-    fn unusable(&self, entry: &AccountTokens, e: LoadError) -> TokenError {
+    /// A stored grant that cannot be used now: logged (once for the same
+    /// reason), and the client told to come back unless an access token
+    /// still valid serves meanwhile ([`still_valid`]).
+    fn unusable(&self, entry: &AccountTokens, cached: &mut Cached, e: LoadError) -> TokenError {
         let username = &entry.account.username;
-        entry.health.failed(&e.to_string(), unix_now());
+        let message = e.to_string();
+        entry.health.failed(&message, unix_now());
+        let again = cached.trouble.as_ref() == Some(&message);
         match &e {
             // The store says so once when it goes away, not at every login.
             LoadError::Unavailable(_) => debug!(account = %username, "{e}"),
+            _ if again => debug!(account = %username, "{e}"),
+            _ if usable_token(&cached.grant, unix_now(), false).is_some() => warn!(
+                account = %username,
+                "{e}; until then logins use the access token obtained before, while it is valid"
+            ),
             _ => warn!(account = %username, "{e}"),
         }
+        cached.trouble = Some(message);
         TokenError::Unavailable(e.to_string())
     }
 
@@ -944,6 +964,19 @@ fn usable_token(grant: &StoredGrant, now: u64, ahead: bool) -> Option<Secret> {
         0
     };
     (now + margin < expires_at).then(|| token.clone())
+}
+
+/// The access token in `cached` while it is valid, though the stored grant
+/// could not be read (`e`, already logged): logins go on with it, as they
+/// did before the store changed; without one, `e`.
+fn still_valid(cached: &Cached, e: TokenError) -> Result<AccessToken, TokenError> {
+    match usable_token(&cached.grant, unix_now(), false) {
+        Some(token) => Ok(AccessToken {
+            token,
+            fresh: false,
+        }),
+        None => Err(e),
+    }
 }
 
 /// The cached Graph token if it is outside the refresh-ahead window.
