@@ -751,3 +751,35 @@ async fn the_documented_sql_gives_the_proxy_a_role_and_schema_of_its_own() {
     assert_eq!(reach, "f");
     assert!(!proxy.logs().contains("role-Secret-9x"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_while_the_database_is_down_keeps_the_cached_tokens_serving() {
+    let (world, mut pg) = (World::start().await, TestPostgres::start().await);
+    // Without warm sessions: every login asks the token manager.
+    let url = pg.url();
+    let proxy = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        let text = text.replace("[imap]\n", "[imap]\nwarm_sessions = 0\n");
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{url}\"\n")
+    })
+    .await;
+    grants_without_access_tokens(&world, &proxy, &[USER, OTHER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+
+    pg.stop().await;
+    // SIGHUP (or the reload after a certificate renewal) during the outage.
+    proxy.reload();
+    proxy
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .await;
+    let answer = login(&proxy, USER, "pw").await;
+    assert!(
+        answer.starts_with("a OK"),
+        "cached before the reload: {answer}"
+    );
+    let answer = login(&proxy, OTHER, "pw2").await;
+    assert!(
+        answer.starts_with("a NO [UNAVAILABLE]"),
+        "nothing cached, no refresh without the database: {answer}"
+    );
+    assert_eq!(world.idp.counts().refresh_grants, 1, "USER's first, only");
+}

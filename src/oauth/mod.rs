@@ -206,9 +206,19 @@ impl TokenManager {
     /// accepted): removed accounts are forgotten, and every grant is read
     /// once, so that an account that needs `login` shows it before any
     /// client comes.
+    ///
+    /// Each account also takes over the access token the manager in force
+    /// before (a reload's) has cached, if its grant is the same: until the
+    /// new manager has read the store, a login goes on with it, so that a
+    /// reload while the store is out of reach does not refuse logins the
+    /// old config served.
     pub async fn publish_health(&self) {
         for entry in self.accounts.values() {
             entry.health.identify(&entry.account);
+            let before = entry.health.put_in_force(entry.clone());
+            if let Some(before) = before.and_then(|b| b.downcast::<AccountTokens>().ok()) {
+                take_over_token(&before, entry).await;
+            }
             self.survey(entry).await;
         }
         let slots = self.accounts.iter();
@@ -866,6 +876,46 @@ impl TokenManager {
         self.save(entry, cached).await;
         outcome
     }
+}
+
+/// Copies the access token `before` (the manager a reload replaces) holds
+/// for the account into `after`, when both use the same grant: the same
+/// flow, mailbox, app and scopes. Only the access token and its times: the
+/// rest of the grant is read from the store before any refresh. An account
+/// whose refresh takes longer than [`TAKE_OVER_WAIT`] is left (the store
+/// will have its outcome): a reload does not wait for a slow one.
+async fn take_over_token(before: &AccountTokens, after: &AccountTokens) {
+    if !same_grant(before, after) {
+        return;
+    }
+    let Ok(old) = tokio::time::timeout(TAKE_OVER_WAIT, before.state.lock()).await else {
+        return;
+    };
+    let mut new = after.state.lock().await;
+    if new.loaded || usable_token(&old.grant, unix_now(), false).is_none() {
+        return;
+    }
+    new.grant.access_token.clone_from(&old.grant.access_token);
+    new.grant.expires_at = old.grant.expires_at;
+    new.grant.obtained_at = old.grant.obtained_at;
+}
+
+/// How long a reload waits for a refresh in flight in the manager it
+/// replaces, to take over its access token.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether an access token obtained for `a` serves `b`: the same account
+/// redeemed with the same app at the same identity provider, for the same
+/// mailbox and scopes.
+fn same_grant(a: &AccountTokens, b: &AccountTokens) -> bool {
+    let (pa, pb) = (&a.provider.config, &b.provider.config);
+    a.account.username.eq_ignore_ascii_case(&b.account.username)
+        && a.account.flow == b.account.flow
+        && a.account.mailbox.eq_ignore_ascii_case(&b.account.mailbox)
+        && a.account.sign_in_user == b.account.sign_in_user
+        && a.scopes == b.scopes
+        && pa.client_id == pb.client_id
+        && pa.token_url == pb.token_url
 }
 
 /// A redeemed grant once [`take_grant`] has kept the rest of it: its
