@@ -1082,6 +1082,16 @@ mod tests {
     /// A token manager for one device-code account against `idp`, its
     /// grants under `dir`.
     fn manager(idp: &MockIdp, dir: &std::path::Path) -> TokenManager {
+        manager_of(idp, dir, "app", &Health::default())
+    }
+
+    /// [`manager`] for the app `client_id`, reporting to `health`.
+    fn manager_of(
+        idp: &MockIdp,
+        dir: &std::path::Path,
+        client_id: &str,
+        health: &Health,
+    ) -> TokenManager {
         let base = format!("{}/contoso/oauth2/v2.0", idp.base_url());
         let text = format!(
             r#"
@@ -1090,7 +1100,7 @@ state_dir = "{state}"
 
 [providers.test]
 tenant = "contoso"
-client_id = "app"
+client_id = "{client_id}"
 client_secret = "secret"
 token_url = "{base}/token"
 device_code_url = "{base}/devicecode"
@@ -1104,7 +1114,48 @@ flow = "device_code"
             state = dir.display()
         );
         let config = Config::parse(&dir.join("config.toml"), &text).unwrap();
-        TokenManager::new(&config, TokenStore::new(dir), &Health::default()).unwrap()
+        TokenManager::new(&config, TokenStore::new(dir), health).unwrap()
+    }
+
+    /// The access token `manager` holds for the account, without reading
+    /// the store.
+    async fn cached_access_token(manager: &TokenManager) -> Option<String> {
+        let entry = manager.entry(USER).unwrap();
+        let cached = entry.state.lock().await;
+        cached
+            .grant
+            .access_token
+            .as_ref()
+            .map(|t| t.expose().to_string())
+    }
+
+    #[tokio::test]
+    async fn a_reload_takes_over_the_cached_token_only_for_the_same_grant() {
+        let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
+        idp.register_client("other-app", Some("secret"));
+        let health = Health::default();
+        TokenStore::new(dir.path())
+            .save(USER, &grant(&idp.issue_refresh_token(USER)))
+            .await
+            .unwrap();
+        let first = manager_of(&idp, dir.path(), "app", &health);
+        first.publish_health().await;
+        let token = first.access_token(USER).await.unwrap().token;
+
+        // The same config reloaded: the token goes on, unread from the store.
+        let same = manager_of(&idp, dir.path(), "app", &health);
+        same.publish_health().await;
+        assert_eq!(
+            cached_access_token(&same).await.as_deref(),
+            Some(token.expose())
+        );
+        // Another app registration: a token of the old one is not its.
+        let other = manager_of(&idp, dir.path(), "other-app", &health);
+        other.publish_health().await;
+        assert_eq!(cached_access_token(&other).await, None);
+        // A reload refused before it is put in force takes nothing.
+        let refused = manager_of(&idp, dir.path(), "app", &health);
+        assert_eq!(cached_access_token(&refused).await, None);
     }
 
     async fn idp() -> MockIdp {
