@@ -212,15 +212,26 @@ impl TokenManager {
     /// new manager has read the store, a login goes on with it, so that a
     /// reload while the store is out of reach does not refuse logins the
     /// old config served.
+    ///
+    /// The grants are read [`SURVEYS_AT_ONCE`] at a time: a store that
+    /// drops packets makes each read wait its full time limit, and the
+    /// listeners start only after this.
     pub async fn publish_health(&self) {
+        let limit = Arc::new(tokio::sync::Semaphore::new(SURVEYS_AT_ONCE));
+        let mut surveys = tokio::task::JoinSet::new();
         for entry in self.accounts.values() {
             entry.health.identify(&entry.account);
             let before = entry.health.put_in_force(entry.clone());
             if let Some(before) = before.and_then(|b| b.downcast::<AccountTokens>().ok()) {
                 take_over_token(&before, entry).await;
             }
-            self.survey(entry).await;
+            let (store, entry, limit) = (self.store.clone(), entry.clone(), limit.clone());
+            surveys.spawn(async move {
+                let _turn = limit.acquire_owned().await;
+                survey(&store, &entry).await;
+            });
         }
+        while surveys.join_next().await.is_some() {}
         let slots = self.accounts.iter();
         self.health
             .adopt(slots.map(|(key, entry)| (key.clone(), entry.health.clone())));
@@ -254,28 +265,6 @@ impl TokenManager {
         for entry in self.accounts.values() {
             if entry.health.needs_login() {
                 self.look_at_grant(entry).await;
-            }
-        }
-    }
-
-    /// Notes in the health record what `entry`'s grant file (or the grant
-    /// kept unsaved) says, leaving the cache alone: it is filled at first
-    /// use, so that a grant another manager (before a reload) could not save
-    /// meanwhile is still preferred then.
-    async fn survey(&self, entry: &AccountTokens) {
-        let username = &entry.account.username;
-        match self.store.load(username).await {
-            Ok(grant) => {
-                let grant = unsaved::prefer_unsaved(&self.store, username, grant);
-                entry.health.grant_read(&grant.unwrap_or_default());
-            }
-            // Logged by the state directory's check at start and reload. A
-            // damaged or unreadable file is no grant to a client either.
-            Err(e) => {
-                if matches!(e, LoadError::Damaged(_) | LoadError::Unreadable(_)) {
-                    entry.health.grant_read(&StoredGrant::default());
-                }
-                entry.health.failed(&e.to_string(), unix_now());
             }
         }
     }
@@ -875,6 +864,31 @@ impl TokenManager {
         };
         self.save(entry, cached).await;
         outcome
+    }
+}
+
+/// How many grants [`TokenManager::publish_health`] reads at once.
+const SURVEYS_AT_ONCE: usize = 8;
+
+/// Notes in the health record what `entry`'s grant in `store` (or the grant
+/// kept unsaved) says, leaving the cache alone: it is filled at first use,
+/// so that a grant another manager (before a reload) could not save
+/// meanwhile is still preferred then.
+async fn survey(store: &TokenStore, entry: &AccountTokens) {
+    let username = &entry.account.username;
+    match store.load(username).await {
+        Ok(grant) => {
+            let grant = unsaved::prefer_unsaved(store, username, grant);
+            entry.health.grant_read(&grant.unwrap_or_default());
+        }
+        // Logged by the state directory's check at start and reload. A
+        // damaged or unreadable file is no grant to a client either.
+        Err(e) => {
+            if matches!(e, LoadError::Damaged(_) | LoadError::Unreadable(_)) {
+                entry.health.grant_read(&StoredGrant::default());
+            }
+            entry.health.failed(&e.to_string(), unix_now());
+        }
     }
 }
 
