@@ -863,3 +863,54 @@ async fn a_start_with_the_database_silent_reads_the_grants_side_by_side() {
         "the grants were read one after another ({most} at once)"
     );
 }
+
+/// The process id of the PostgreSQL server's postmaster, which starts
+/// every new session.
+async fn postmaster(pg: &TestPostgres) -> String {
+    let data = pg.psql("SHOW data_directory").await;
+    let pid_file = std::path::Path::new(&data).join("postmaster.pid");
+    let pid_file = std::fs::read_to_string(pid_file).unwrap();
+    pid_file.lines().next().unwrap().trim().to_string()
+}
+
+/// Stops (`STOP`) or resumes (`CONT`) the process `pid`. The postmaster
+/// stopped accepts no new session (the kernel still completes the TCP
+/// connect), while the sessions it started go on answering.
+fn signal(pid: &str, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_facing_a_stalled_database_answers_unavailable_instead_of_hanging() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let proxy = replica_to_cut_off(&world, &pg).await;
+    grants_without_access_tokens(&world, &proxy, &[USER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+
+    // The database's server stalls; the mailbox refuses the cached token,
+    // so the next login needs a refresh, under a lock on a new connection.
+    let postmaster = postmaster(&pg).await;
+    signal(&postmaster, "STOP");
+    world.tokens.revoke_mailbox(USER);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        patient_login(proxy.imap_addr, USER, "pw"),
+    )
+    .await;
+    signal(&postmaster, "CONT");
+    let answer = answer.expect("an answer, not a hang");
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+    assert!(
+        proxy.logs().contains("check that the database is up"),
+        "{}",
+        proxy.logs()
+    );
+    // The server answers again: the refresh goes ahead.
+    let answer = patient_login(proxy.imap_addr, USER, "pw").await;
+    assert!(answer.starts_with("a OK"), "{answer}");
+}
