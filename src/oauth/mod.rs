@@ -1159,17 +1159,18 @@ flow = "device_code"
         // The same config reloaded: the token goes on, unread from the store.
         let same = manager_of(&idp, dir.path(), "app", &health);
         same.publish_health().await;
-        assert_eq!(
-            cached_access_token(&same).await.as_deref(),
-            Some(token.expose())
-        );
+        let carried = cached_access_token(&same).await;
+        assert!(carried.as_deref() == Some(token.expose()), "taken over");
         // Another app registration: a token of the old one is not its.
         let other = manager_of(&idp, dir.path(), "other-app", &health);
         other.publish_health().await;
-        assert_eq!(cached_access_token(&other).await, None);
+        assert!(cached_access_token(&other).await.is_none(), "another app's");
         // A reload refused before it is put in force takes nothing.
         let refused = manager_of(&idp, dir.path(), "app", &health);
-        assert_eq!(cached_access_token(&refused).await, None);
+        assert!(
+            cached_access_token(&refused).await.is_none(),
+            "not in force"
+        );
     }
 
     async fn idp() -> MockIdp {
