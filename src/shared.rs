@@ -90,27 +90,13 @@ impl Shared {
     pub async fn prepare_state_dir(&self) -> Result<(), String> {
         let store = self.tokens.store();
         store.prepare().await?;
-        // Read a few at a time: a store that drops packets makes each read
-        // wait its full time limit, and start and reload wait for this.
-        let limit = Arc::new(tokio::sync::Semaphore::new(GRANTS_READ_AT_ONCE));
-        let mut reads = tokio::task::JoinSet::new();
-        for (index, account) in self.config.accounts.iter().enumerate() {
+        let accounts = &self.config.accounts;
+        for account in accounts {
             store.check_lock(&account.username)?;
-            let (store, username, limit) = (store.clone(), account.username.clone(), limit.clone());
-            reads.spawn(async move {
-                let _turn = limit.acquire_owned().await;
-                (index, username.clone(), store.load(&username).await)
-            });
         }
-        let mut read = Vec::new();
-        while let Some(done) = reads.join_next().await {
-            read.push(
-                done.map_err(|e| format!("reading the grants failed ({e}); please report this"))?,
-            );
-        }
-        // In the config's order, so that the same problem is reported first.
-        read.sort_by_key(|(index, ..)| *index);
-        for (_, username, loaded) in read {
+        let usernames: Vec<String> = accounts.iter().map(|a| a.username.clone()).collect();
+        let read = store.load_many(&usernames).await;
+        for (username, loaded) in usernames.iter().zip(read) {
             match loaded {
                 Ok(_) => {}
                 Err(LoadError::Unsafe(e)) => return Err(e),
@@ -120,9 +106,6 @@ impl Shared {
         Ok(())
     }
 }
-
-/// How many grants [`Shared::prepare_state_dir`] reads at once.
-const GRANTS_READ_AT_ONCE: usize = 8;
 
 /// A client connection as the sessions see it: plain TCP, or TLS over it.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {}

@@ -212,26 +212,20 @@ impl TokenManager {
     /// new manager has read the store, a login goes on with it, so that a
     /// reload while the store is out of reach does not refuse logins the
     /// old config served.
-    ///
-    /// The grants are read [`SURVEYS_AT_ONCE`] at a time: a store that
-    /// drops packets makes each read wait its full time limit, and the
-    /// listeners start only after this.
     pub async fn publish_health(&self) {
-        let limit = Arc::new(tokio::sync::Semaphore::new(SURVEYS_AT_ONCE));
-        let mut surveys = tokio::task::JoinSet::new();
         for entry in self.accounts.values() {
             entry.health.identify(&entry.account);
             let before = entry.health.put_in_force(entry.clone());
             if let Some(before) = before.and_then(|b| b.downcast::<AccountTokens>().ok()) {
                 take_over_token(&before, entry).await;
             }
-            let (store, entry, limit) = (self.store.clone(), entry.clone(), limit.clone());
-            surveys.spawn(async move {
-                let _turn = limit.acquire_owned().await;
-                survey(&store, &entry).await;
-            });
         }
-        while surveys.join_next().await.is_some() {}
+        let entries: Vec<&Arc<AccountTokens>> = self.accounts.values().collect();
+        let usernames: Vec<String> = entries.iter().map(|e| e.account.username.clone()).collect();
+        let read = self.store.load_many(&usernames).await;
+        for (entry, loaded) in entries.into_iter().zip(read) {
+            survey(&self.store, entry, loaded);
+        }
         let slots = self.accounts.iter();
         self.health
             .adopt(slots.map(|(key, entry)| (key.clone(), entry.health.clone())));
@@ -867,16 +861,17 @@ impl TokenManager {
     }
 }
 
-/// How many grants [`TokenManager::publish_health`] reads at once.
-const SURVEYS_AT_ONCE: usize = 8;
-
-/// Notes in the health record what `entry`'s grant in `store` (or the grant
-/// kept unsaved) says, leaving the cache alone: it is filled at first use,
-/// so that a grant another manager (before a reload) could not save
-/// meanwhile is still preferred then.
-async fn survey(store: &TokenStore, entry: &AccountTokens) {
+/// Notes in the health record what `entry`'s grant, as `loaded` from
+/// `store` (or the grant kept unsaved), says, leaving the cache alone: it is
+/// filled at first use, so that a grant another manager (before a reload)
+/// could not save meanwhile is still preferred then.
+fn survey(
+    store: &TokenStore,
+    entry: &AccountTokens,
+    loaded: Result<Option<StoredGrant>, LoadError>,
+) {
     let username = &entry.account.username;
-    match store.load(username).await {
+    match loaded {
         Ok(grant) => {
             let grant = unsaved::prefer_unsaved(store, username, grant);
             entry.health.grant_read(&grant.unwrap_or_default());
