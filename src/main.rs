@@ -293,12 +293,15 @@ fn migrate_store(config: &Config, to: StoreTarget) -> Result<(), Failure> {
     for account in &done.copied {
         println!("copied the grant of {account}");
     }
+    for account in &done.left {
+        println!("left as it is: the grant of {account}, already in the target");
+    }
     println!(
-        "{} grant(s) copied from {} to {}; {} already there.",
+        "{} grant(s) copied from {} to {}; {} already there, left as they are.",
         done.copied.len(),
         from.describe(),
         to.describe(),
-        done.unchanged.len()
+        done.left.len()
     );
     if config.store.kind != to_kind {
         let kind = match to_kind {

@@ -92,10 +92,14 @@ impl Shared {
     pub async fn prepare_state_dir(&self) -> Result<(), String> {
         let store = self.tokens.store();
         store.prepare().await?;
-        for account in &self.config.accounts {
-            let username = &account.username;
-            store.check_lock(username)?;
-            match store.load(username).await {
+        let accounts = &self.config.accounts;
+        for account in accounts {
+            store.check_lock(&account.username)?;
+        }
+        let usernames: Vec<String> = accounts.iter().map(|a| a.username.clone()).collect();
+        let read = store.load_many(&usernames).await;
+        for (username, loaded) in usernames.iter().zip(read) {
+            match loaded {
                 Ok(_) => {}
                 Err(LoadError::Unsafe(e)) => return Err(e),
                 Err(e) => warn!(account = %username, "{e}"),

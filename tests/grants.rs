@@ -491,3 +491,89 @@ async fn sigkill_during_refreshes_never_loses_the_grant_nor_goes_back_to_a_spent
         counts.refresh_grants,
     );
 }
+
+// --- `login` beside a running proxy ---
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_waits_for_a_refresh_in_flight_and_its_grant_is_the_one_kept() {
+    use tokio::io::AsyncBufReadExt;
+    let world = World::start().await;
+    world.idp.set_device_user(USER);
+    world.idp.set_device_interval(1);
+    world
+        .idp
+        .set_device_outcome(testkit::idp::DeviceOutcome::ApproveAfterPolls(0));
+    let account = AccountSpec::device(USER, "pw");
+    let proxy = TestProxy::start_with(
+        &world.endpoints,
+        std::slice::from_ref(&account),
+        "debug",
+        |t| t.replace("[imap]\n", "[imap]\nwarm_sessions = 0\n"),
+    )
+    .await;
+    // A grant without an access token: the first login refreshes it, and
+    // the identity provider holds its answer, so the proxy holds the
+    // account's lock mid-refresh.
+    world.grant(&proxy, &account);
+    let held = world.idp.hold_next_answer();
+    let addr = proxy.imap_addr;
+    let client = tokio::spawn(async move { LineClient::imap_login(addr, USER, "pw").await });
+    until(
+        "the proxy redeems the grant",
+        Duration::from_secs(20),
+        || world.idp.counts().refresh_grants == 1,
+    )
+    .await;
+    let before_login = world.idp.valid_refresh_tokens(USER);
+
+    // `login` signs in meanwhile, then waits for the proxy's lock.
+    let mut login = tokio::process::Command::new(testkit::proxy::binary())
+        .args(["login", USER])
+        .env("XOAUTH2_PROXY_CONFIG", &proxy.config_path)
+        .env_remove("XOAUTH2_PROXY_STATE_DIR")
+        .env_remove("XOAUTH2_PROXY_TOKEN_KEY_FILE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = tokio::io::BufReader::new(login.stdout.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    while let Some(line) = said.next_line().await.unwrap() {
+        lines.push(line);
+        if lines
+            .last()
+            .unwrap()
+            .contains("Waiting for a running proxy")
+        {
+            break;
+        }
+    }
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("Waiting for a running proxy")),
+        "login never waited for the refresh in flight: {lines:?}"
+    );
+
+    // The proxy's refresh ends and is saved; then `login` saves its grant.
+    held.release();
+    let answer = client.await.unwrap();
+    assert!(answer.starts_with("a OK"), "{answer}");
+    while let Some(line) = said.next_line().await.unwrap() {
+        lines.push(line);
+    }
+    assert!(login.wait().await.unwrap().success(), "{lines:?}");
+    let from_login: Vec<_> = world
+        .idp
+        .valid_refresh_tokens(USER)
+        .into_iter()
+        .filter(|t| !before_login.contains(t))
+        .collect();
+    assert_eq!(from_login.len(), 1, "one grant from the sign-in");
+    // Compared, not printed: tokens stay out of the test's output.
+    assert!(
+        stored_refresh_token(&proxy.state_dir, USER) == from_login[0],
+        "the refresh's save landed over the new grant"
+    );
+    assert_eq!(stored(&proxy.state_dir, USER)["needs_login"], false);
+}

@@ -403,3 +403,60 @@ async fn store_rekey_seals_every_grant_with_the_new_key_and_never_writes_one_it_
         assert!(!said.contains(key.trim()) && !proxy.logs().contains(key.trim()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_store_rekey_a_running_proxy_serves_cached_logins_until_its_reload() {
+    let world = World::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let [old, new] = ["old.key", "new.key"].map(|k| keys.path().join(k));
+    keygen(&old).await;
+    keygen(&new).await;
+    let account = AccountSpec::device(USER, PASS);
+    // Without warm sessions, so that every login asks for a token.
+    let proxy = TestProxy::start_with(
+        &world.endpoints,
+        std::slice::from_ref(&account),
+        "debug",
+        |t| with_key(&t, &old).replace("[imap]\n", "[imap]\nwarm_sessions = 0\n"),
+    )
+    .await;
+    world.grant(&proxy, &account);
+    assert!(imap_login(&proxy).await.starts_with("a OK"));
+    let refreshes = world.idp.counts().refresh_grants;
+
+    // The operator seals the grants with a new key; the proxy still runs
+    // with the old one, and its grant file no longer opens with it.
+    edit_config(&proxy, |t| with_key(t, &new));
+    let out = proxy
+        .cli(&["store", "rekey", "--old-key", old.to_str().unwrap()])
+        .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for _ in 0..2 {
+        let answer = imap_login(&proxy).await;
+        assert!(
+            answer.starts_with("a OK"),
+            "cached token, before the reload: {answer}"
+        );
+    }
+    let logs = proxy.logs();
+    let said = "until then logins use the access token obtained before";
+    assert_eq!(logs.matches(said).count(), 1, "said once: {logs}");
+    assert!(
+        logs.contains("put the right key there and reload"),
+        "{logs}"
+    );
+
+    // The reload puts the new key in force: the grant opens again.
+    proxy.reload();
+    proxy
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .await;
+    assert!(imap_login(&proxy).await.starts_with("a OK"));
+    assert_eq!(
+        world.idp.counts().refresh_grants,
+        refreshes,
+        "no refresh was needed"
+    );
+    let status = text(&proxy.cli(&["status"]).await.stdout);
+    assert!(!status.contains("cannot decrypt"), "{status}");
+}

@@ -751,3 +751,166 @@ async fn the_documented_sql_gives_the_proxy_a_role_and_schema_of_its_own() {
     assert_eq!(reach, "f");
     assert!(!proxy.logs().contains("role-Secret-9x"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_while_the_database_is_down_keeps_the_cached_tokens_serving() {
+    let (world, mut pg) = (World::start().await, TestPostgres::start().await);
+    // Without warm sessions: every login asks the token manager.
+    let url = pg.url();
+    let proxy = TestProxy::start_with(&world.endpoints, &accounts(), "debug", |text| {
+        let text = text.replace("[imap]\n", "[imap]\nwarm_sessions = 0\n");
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{url}\"\n")
+    })
+    .await;
+    grants_without_access_tokens(&world, &proxy, &[USER, OTHER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+
+    pg.stop().await;
+    // SIGHUP (or the reload after a certificate renewal) during the outage.
+    proxy.reload();
+    proxy
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .await;
+    let answer = login(&proxy, USER, "pw").await;
+    assert!(
+        answer.starts_with("a OK"),
+        "cached before the reload: {answer}"
+    );
+    let answer = login(&proxy, OTHER, "pw2").await;
+    assert!(
+        answer.starts_with("a NO [UNAVAILABLE]"),
+        "nothing cached, no refresh without the database: {answer}"
+    );
+    assert_eq!(world.idp.counts().refresh_grants, 1, "USER's first, only");
+}
+
+/// A "database" whose port accepts connections and then says nothing (a
+/// server behind a network that drops its answers, a paused machine),
+/// counting the most connections it held open at once.
+async fn stalled_database() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let seen = most.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let open = open.clone();
+            tokio::spawn(async move {
+                // Never answers; notices when the client gives up.
+                let mut sink = [0u8; 1024];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let url = format!("postgres://u:pw@127.0.0.1:{port}/app?sslmode=disable");
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_with_the_database_silent_reads_the_grants_side_by_side() {
+    let world = World::start().await;
+    let (url, most_at_once) = stalled_database().await;
+    let accounts: Vec<_> = ["a", "b", "c", "d"]
+        .map(|name| AccountSpec::device(&format!("{name}@contoso.com"), "pw"))
+        .into();
+    let dir = tempfile::tempdir().unwrap();
+    let text = testkit::proxy::config_text(
+        &world.endpoints,
+        &accounts,
+        testkit::proxy::free_port(),
+        testkit::proxy::free_port(),
+        &dir.path().join("state"),
+    );
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("{text}\n[store]\nkind = \"postgres\"\nurl = \"{url}\"\n"),
+    )
+    .unwrap();
+    let mut proxy = tokio::process::Command::new(testkit::proxy::binary())
+        .arg("serve")
+        .env("XOAUTH2_PROXY_CONFIG", &config)
+        .env_remove("XOAUTH2_PROXY_STATE_DIR")
+        .env_remove("XOAUTH2_PROXY_TOKEN_KEY_FILE")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = testkit::proxy::collect(proxy.stderr.take().unwrap());
+    let ready = || String::from_utf8_lossy(&log.lock().unwrap()).contains("xoauth2-proxy is ready");
+    // Far beyond the start's bound (a few of the store's 5 s limits): only
+    // a start that waits for one account after another reaches it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        assert!(proxy.try_wait().unwrap().is_none(), "the proxy stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One after another, the reads overlap only with the store's probe
+    // (and a connection closing): 3 at most. Side by side, the pool's 4.
+    let most = most_at_once.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        most >= 4,
+        "the grants were read one after another ({most} at once)"
+    );
+}
+
+/// The process id of the PostgreSQL server's postmaster, which starts
+/// every new session.
+async fn postmaster(pg: &TestPostgres) -> String {
+    let data = pg.psql("SHOW data_directory").await;
+    let pid_file = std::path::Path::new(&data).join("postmaster.pid");
+    let pid_file = std::fs::read_to_string(pid_file).unwrap();
+    pid_file.lines().next().unwrap().trim().to_string()
+}
+
+/// Stops (`STOP`) or resumes (`CONT`) the process `pid`. The postmaster
+/// stopped accepts no new session (the kernel still completes the TCP
+/// connect), while the sessions it started go on answering.
+fn signal(pid: &str, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_facing_a_stalled_database_answers_unavailable_instead_of_hanging() {
+    let (world, pg) = (World::start().await, TestPostgres::start().await);
+    let proxy = replica_to_cut_off(&world, &pg).await;
+    grants_without_access_tokens(&world, &proxy, &[USER]).await;
+    assert!(login(&proxy, USER, "pw").await.starts_with("a OK"));
+
+    // The database's server stalls; the mailbox refuses the cached token,
+    // so the next login needs a refresh, under a lock on a new connection.
+    let postmaster = postmaster(&pg).await;
+    signal(&postmaster, "STOP");
+    world.tokens.revoke_mailbox(USER);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        patient_login(proxy.imap_addr, USER, "pw"),
+    )
+    .await;
+    signal(&postmaster, "CONT");
+    let answer = answer.expect("an answer, not a hang");
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+    assert!(
+        proxy.logs().contains("check that the database is up"),
+        "{}",
+        proxy.logs()
+    );
+    // The server answers again: the refresh goes ahead.
+    let answer = patient_login(proxy.imap_addr, USER, "pw").await;
+    assert!(answer.starts_with("a OK"), "{answer}");
+}

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::provider::{Grant, GrantError, ProviderClient};
-use super::store::{StoredGrant, TokenStore, unix_now};
+use super::store::{GrantLock, LockError, StoredGrant, TokenStore, unix_now};
 use crate::config::{Account, Config, Flow};
 
 /// Runs the account's flow to the end and stores the grant. The error is one
@@ -43,14 +43,7 @@ pub async fn authorize(
         }
     };
 
-    let stored = store
-        .load(&account.username)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    let stored = signed_in(stored, account, grant, unix_now())?;
-    store.save(&account.username, &stored).await?;
+    let stored = save_signed_in(store, account, grant).await?;
     if let Some(user) = &stored.sign_in_user {
         say(&format!(
             "Signed in as {user}; SMTP logs in as {user}, sending as {}.",
@@ -63,6 +56,56 @@ pub async fn authorize(
         store.name_of(&account.username)
     ));
     Ok(())
+}
+
+/// Stores the grant a sign-in brought, under the account's lock, with what
+/// is stored read again under it: a refresh a running proxy has in flight
+/// finishes first, so that its save never lands over the new grant. Taken
+/// only now, not during the sign-in, which may take minutes while the
+/// proxy's logins of the account would wait for it.
+async fn save_signed_in(
+    store: &TokenStore,
+    account: &Account,
+    grant: Grant,
+) -> Result<StoredGrant, String> {
+    let username = &account.username;
+    let _lock = wait_for_lock(store, username).await?;
+    let stored = store
+        .load(username)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let stored = signed_in(stored, account, grant, unix_now())?;
+    store.save(username, &stored).await?;
+    Ok(stored)
+}
+
+/// How long the lock may take before `login` says what it waits for.
+const SAY_WAITING_AFTER: Duration = Duration::from_secs(1);
+
+/// The account's lock, saying so when it is busy; none when the store
+/// cannot make one (a state directory `login` may not write: the save says
+/// why).
+async fn wait_for_lock(store: &TokenStore, username: &str) -> Result<Option<GrantLock>, String> {
+    let lock = store.lock(username);
+    tokio::pin!(lock);
+    let taken = tokio::select! {
+        taken = &mut lock => taken,
+        () = tokio::time::sleep(SAY_WAITING_AFTER) => {
+            say(&format!(
+                "Waiting for a running proxy to finish refreshing the grant of {username}…"
+            ));
+            lock.await
+        }
+    };
+    match taken {
+        Ok(lock) => Ok(Some(lock)),
+        Err(LockError::Skippable(_)) => Ok(None),
+        Err(LockError::Unavailable(e)) => Err(format!(
+            "the new grant of {username} is not saved: {e}; run `xoauth2-proxy login {username}` again then"
+        )),
+    }
 }
 
 /// `stored` after a sign-in that brought `grant` at `now`: the new tokens,

@@ -22,8 +22,9 @@
 //! transition. A `watch` rather than a queue of events: a slow reader cannot
 //! make it grow, and it reads the current state, which is what it acts on.
 
+use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
@@ -188,6 +189,9 @@ impl Health {
     }
 }
 
+/// An account's token state, as the token manager keeps it.
+pub(super) type InForce = dyn Any + Send + Sync;
+
 /// One account's record and its metric series.
 pub(super) struct Slot {
     record: Mutex<AccountHealth>,
@@ -199,6 +203,12 @@ pub(super) struct Slot {
     /// Made at the first known expiry after that, so that an account
     /// without a token has no series (a 0 would read as an expiry in 1970).
     expiry_gauge: OnceLock<Gauge>,
+    /// The account's token state in the manager in force, so that the
+    /// manager a reload puts in force takes over its cached access token
+    /// ([`super::TokenManager::publish_health`]). Opaque here (the record
+    /// holds no secret it could show); weak, so that a manager no session
+    /// uses any more is freed.
+    in_force: Mutex<Option<Weak<InForce>>>,
 }
 
 impl Slot {
@@ -211,7 +221,17 @@ impl Slot {
             },
             needs_login_gauge: OnceLock::new(),
             expiry_gauge: OnceLock::new(),
+            in_force: Mutex::new(None),
         }
+    }
+
+    /// Makes `tokens` the account's token state in force, and returns the
+    /// one it replaces, if that still lives.
+    pub(super) fn put_in_force(&self, tokens: Arc<InForce>) -> Option<Arc<InForce>> {
+        let before = lock(&self.in_force).replace(Arc::downgrade(&tokens));
+        before
+            .and_then(|weak| weak.upgrade())
+            .filter(|old| !Arc::ptr_eq(old, &tokens))
     }
 
     /// Takes the account's names and flow as the config in force spells

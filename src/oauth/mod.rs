@@ -134,6 +134,9 @@ struct Cached {
     /// one means another process (`login`, a replica) wrote it.
     revision: Option<Revision>,
     loaded: bool,
+    /// Why the stored grant could not be used at the last look, as logged:
+    /// the same reason at every login is logged once.
+    trouble: Option<String>,
 }
 
 /// How much [`TokenManager::sync`] must know of the store.
@@ -203,10 +206,25 @@ impl TokenManager {
     /// accepted): removed accounts are forgotten, and every grant is read
     /// once, so that an account that needs `login` shows it before any
     /// client comes.
+    ///
+    /// Each account also takes over the access token the manager in force
+    /// before (a reload's) has cached, if its grant is the same: until the
+    /// new manager has read the store, a login goes on with it, so that a
+    /// reload while the store is out of reach does not refuse logins the
+    /// old config served.
     pub async fn publish_health(&self) {
         for entry in self.accounts.values() {
             entry.health.identify(&entry.account);
-            self.survey(entry).await;
+            let before = entry.health.put_in_force(entry.clone());
+            if let Some(before) = before.and_then(|b| b.downcast::<AccountTokens>().ok()) {
+                take_over_token(&before, entry).await;
+            }
+        }
+        let entries: Vec<&Arc<AccountTokens>> = self.accounts.values().collect();
+        let usernames: Vec<String> = entries.iter().map(|e| e.account.username.clone()).collect();
+        let read = self.store.load_many(&usernames).await;
+        for (entry, loaded) in entries.into_iter().zip(read) {
+            survey(&self.store, entry, loaded);
         }
         let slots = self.accounts.iter();
         self.health
@@ -245,28 +263,6 @@ impl TokenManager {
         }
     }
 
-    /// Notes in the health record what `entry`'s grant file (or the grant
-    /// kept unsaved) says, leaving the cache alone: it is filled at first
-    /// use, so that a grant another manager (before a reload) could not save
-    /// meanwhile is still preferred then.
-    async fn survey(&self, entry: &AccountTokens) {
-        let username = &entry.account.username;
-        match self.store.load(username).await {
-            Ok(grant) => {
-                let grant = unsaved::prefer_unsaved(&self.store, username, grant);
-                entry.health.grant_read(&grant.unwrap_or_default());
-            }
-            // Logged by the state directory's check at start and reload. A
-            // damaged or unreadable file is no grant to a client either.
-            Err(e) => {
-                if matches!(e, LoadError::Damaged(_) | LoadError::Unreadable(_)) {
-                    entry.health.grant_read(&StoredGrant::default());
-                }
-                entry.health.failed(&e.to_string(), unix_now());
-            }
-        }
-    }
-
     /// Reads `entry`'s grant file if it changed, unless a refresh holds it.
     async fn look_at_grant(&self, entry: &AccountTokens) {
         if let Ok(mut cached) = entry.state.try_lock() {
@@ -286,8 +282,13 @@ impl TokenManager {
         // Held until the outcome is saved: concurrent logins for this account
         // wait here, then find the new token cached (single flight).
         let mut cached = entry.state.lock().await;
-        if let Some(token) = self.cached_token(entry, &mut cached, Look::Cached).await? {
-            return Ok(token);
+        match self.cached_token(entry, &mut cached, Look::Cached).await {
+            Ok(Some(token)) => return Ok(token),
+            Ok(None) => {}
+            // The stored grant cannot be read now (a `store rekey` before the
+            // reload that brings its key, a database out of reach): a token
+            // still valid serves meanwhile.
+            Err(e) => return still_valid(&cached, e),
         }
         // Another process may be redeeming this grant right now: wait for it,
         // then use what it stored rather than spend the refresh token twice.
@@ -491,10 +492,11 @@ impl TokenManager {
     pub async fn graph_token(&self, username: &str) -> Result<AccessToken, TokenError> {
         let entry = self.entry(username)?;
         let mut cached = entry.state.lock().await;
-        self.sync(entry, &mut cached, Look::Cached).await?;
+        let synced = self.sync(entry, &mut cached, Look::Cached).await;
         if let Some(token) = usable_graph_token(&cached, unix_now()) {
             return Ok(token);
         }
+        synced?;
         let _lock = self.lock_grant(entry).await?;
         // Another process may have rotated the refresh token meanwhile.
         self.sync(entry, &mut cached, Look::Fresh).await?;
@@ -706,9 +708,10 @@ impl TokenManager {
         let username = &entry.account.username;
         let revision = match self.store.revision(username).await {
             Ok(revision) => revision,
-            Err(e) => return Err(self.unusable(entry, e)),
+            Err(e) => return Err(self.unusable(entry, cached, e)),
         };
         if cached.loaded && revision == cached.revision {
+            cached.trouble = None;
             return Ok(());
         }
         match self.store.read_revision(username).await {
@@ -725,26 +728,36 @@ impl TokenManager {
                 });
                 cached.revision = revision;
                 cached.loaded = true;
+                cached.trouble = None;
                 entry.health.grant_read(&cached.grant);
             }
             Err(e @ (LoadError::Damaged(_) | LoadError::Unreadable(_))) => {
                 warn!(account = %username, "{e}")
             }
-            Err(e) => return Err(self.unusable(entry, e)),
+            Err(e) => return Err(self.unusable(entry, cached, e)),
         }
         Ok(())
     }
 
-    /// A stored grant that cannot be used now: logged, and the client told
-    /// to come back.
-    fn unusable(&self, entry: &AccountTokens, e: LoadError) -> TokenError {
+    /// A stored grant that cannot be used now: logged (once for the same
+    /// reason), and the client told to come back unless an access token
+    /// still valid serves meanwhile ([`still_valid`]).
+    fn unusable(&self, entry: &AccountTokens, cached: &mut Cached, e: LoadError) -> TokenError {
         let username = &entry.account.username;
-        entry.health.failed(&e.to_string(), unix_now());
+        let message = e.to_string();
+        entry.health.failed(&message, unix_now());
+        let again = cached.trouble.as_ref() == Some(&message);
         match &e {
             // The store says so once when it goes away, not at every login.
             LoadError::Unavailable(_) => debug!(account = %username, "{e}"),
+            _ if again => debug!(account = %username, "{e}"),
+            _ if usable_token(&cached.grant, unix_now(), false).is_some() => warn!(
+                account = %username,
+                "{e}; until then logins use the access token obtained before, while it is valid"
+            ),
             _ => warn!(account = %username, "{e}"),
         }
+        cached.trouble = Some(message);
         TokenError::Unavailable(e.to_string())
     }
 
@@ -848,6 +861,72 @@ impl TokenManager {
     }
 }
 
+/// Notes in the health record what `entry`'s grant, as `loaded` from
+/// `store` (or the grant kept unsaved), says, leaving the cache alone: it is
+/// filled at first use, so that a grant another manager (before a reload)
+/// could not save meanwhile is still preferred then.
+fn survey(
+    store: &TokenStore,
+    entry: &AccountTokens,
+    loaded: Result<Option<StoredGrant>, LoadError>,
+) {
+    let username = &entry.account.username;
+    match loaded {
+        Ok(grant) => {
+            let grant = unsaved::prefer_unsaved(store, username, grant);
+            entry.health.grant_read(&grant.unwrap_or_default());
+        }
+        // Logged by the state directory's check at start and reload. A
+        // damaged or unreadable file is no grant to a client either.
+        Err(e) => {
+            if matches!(e, LoadError::Damaged(_) | LoadError::Unreadable(_)) {
+                entry.health.grant_read(&StoredGrant::default());
+            }
+            entry.health.failed(&e.to_string(), unix_now());
+        }
+    }
+}
+
+/// Copies the access token `before` (the manager a reload replaces) holds
+/// for the account into `after`, when both use the same grant: the same
+/// flow, mailbox, app and scopes. Only the access token and its times: the
+/// rest of the grant is read from the store before any refresh. An account
+/// whose refresh takes longer than [`TAKE_OVER_WAIT`] is left (the store
+/// will have its outcome): a reload does not wait for a slow one.
+async fn take_over_token(before: &AccountTokens, after: &AccountTokens) {
+    if !same_grant(before, after) {
+        return;
+    }
+    let Ok(old) = tokio::time::timeout(TAKE_OVER_WAIT, before.state.lock()).await else {
+        return;
+    };
+    let mut new = after.state.lock().await;
+    if new.loaded || usable_token(&old.grant, unix_now(), false).is_none() {
+        return;
+    }
+    new.grant.access_token.clone_from(&old.grant.access_token);
+    new.grant.expires_at = old.grant.expires_at;
+    new.grant.obtained_at = old.grant.obtained_at;
+}
+
+/// How long a reload waits for a refresh in flight in the manager it
+/// replaces, to take over its access token.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether an access token obtained for `a` serves `b`: the same account
+/// redeemed with the same app at the same identity provider, for the same
+/// mailbox and scopes.
+fn same_grant(a: &AccountTokens, b: &AccountTokens) -> bool {
+    let (pa, pb) = (&a.provider.config, &b.provider.config);
+    a.account.username.eq_ignore_ascii_case(&b.account.username)
+        && a.account.flow == b.account.flow
+        && a.account.mailbox.eq_ignore_ascii_case(&b.account.mailbox)
+        && a.account.sign_in_user == b.account.sign_in_user
+        && a.scopes == b.scopes
+        && pa.client_id == pb.client_id
+        && pa.token_url == pb.token_url
+}
+
 /// A redeemed grant once [`take_grant`] has kept the rest of it: its
 /// access token, and what changed in the stored grant.
 struct Obtained {
@@ -946,6 +1025,19 @@ fn usable_token(grant: &StoredGrant, now: u64, ahead: bool) -> Option<Secret> {
     (now + margin < expires_at).then(|| token.clone())
 }
 
+/// The access token in `cached` while it is valid, though the stored grant
+/// could not be read (`e`, already logged): logins go on with it, as they
+/// did before the store changed; without one, `e`.
+fn still_valid(cached: &Cached, e: TokenError) -> Result<AccessToken, TokenError> {
+    match usable_token(&cached.grant, unix_now(), false) {
+        Some(token) => Ok(AccessToken {
+            token,
+            fresh: false,
+        }),
+        None => Err(e),
+    }
+}
+
 /// The cached Graph token if it is outside the refresh-ahead window.
 fn usable_graph_token(cached: &Cached, now: u64) -> Option<AccessToken> {
     let g = cached.graph.as_ref()?;
@@ -999,6 +1091,16 @@ mod tests {
     /// A token manager for one device-code account against `idp`, its
     /// grants under `dir`.
     fn manager(idp: &MockIdp, dir: &std::path::Path) -> TokenManager {
+        manager_of(idp, dir, "app", &Health::default())
+    }
+
+    /// [`manager`] for the app `client_id`, reporting to `health`.
+    fn manager_of(
+        idp: &MockIdp,
+        dir: &std::path::Path,
+        client_id: &str,
+        health: &Health,
+    ) -> TokenManager {
         let base = format!("{}/contoso/oauth2/v2.0", idp.base_url());
         let text = format!(
             r#"
@@ -1007,7 +1109,7 @@ state_dir = "{state}"
 
 [providers.test]
 tenant = "contoso"
-client_id = "app"
+client_id = "{client_id}"
 client_secret = "secret"
 token_url = "{base}/token"
 device_code_url = "{base}/devicecode"
@@ -1021,7 +1123,49 @@ flow = "device_code"
             state = dir.display()
         );
         let config = Config::parse(&dir.join("config.toml"), &text).unwrap();
-        TokenManager::new(&config, TokenStore::new(dir), &Health::default()).unwrap()
+        TokenManager::new(&config, TokenStore::new(dir), health).unwrap()
+    }
+
+    /// The access token `manager` holds for the account, without reading
+    /// the store.
+    async fn cached_access_token(manager: &TokenManager) -> Option<String> {
+        let entry = manager.entry(USER).unwrap();
+        let cached = entry.state.lock().await;
+        cached
+            .grant
+            .access_token
+            .as_ref()
+            .map(|t| t.expose().to_string())
+    }
+
+    #[tokio::test]
+    async fn a_reload_takes_over_the_cached_token_only_for_the_same_grant() {
+        let (idp, dir) = (idp().await, tempfile::tempdir().unwrap());
+        idp.register_client("other-app", Some("secret"));
+        let health = Health::default();
+        TokenStore::new(dir.path())
+            .save(USER, &grant(&idp.issue_refresh_token(USER)))
+            .await
+            .unwrap();
+        let first = manager_of(&idp, dir.path(), "app", &health);
+        first.publish_health().await;
+        let token = first.access_token(USER).await.unwrap().token;
+
+        // The same config reloaded: the token goes on, unread from the store.
+        let same = manager_of(&idp, dir.path(), "app", &health);
+        same.publish_health().await;
+        let carried = cached_access_token(&same).await;
+        assert!(carried.as_deref() == Some(token.expose()), "taken over");
+        // Another app registration: a token of the old one is not its.
+        let other = manager_of(&idp, dir.path(), "other-app", &health);
+        other.publish_health().await;
+        assert!(cached_access_token(&other).await.is_none(), "another app's");
+        // A reload refused before it is put in force takes nothing.
+        let refused = manager_of(&idp, dir.path(), "app", &health);
+        assert!(
+            cached_access_token(&refused).await.is_none(),
+            "not in force"
+        );
     }
 
     async fn idp() -> MockIdp {

@@ -181,6 +181,38 @@ impl TokenStore {
         Ok(self.read(username).await?.map(|file| file.grant))
     }
 
+    /// Reads the grants of `usernames`, in that order, [`READ_AT_ONCE`] at
+    /// a time: at start and reload every account's is read, and a store
+    /// that drops packets makes each read wait its full time limit.
+    pub async fn load_many(
+        &self,
+        usernames: &[String],
+    ) -> Vec<Result<Option<StoredGrant>, LoadError>> {
+        let turns = Arc::new(tokio::sync::Semaphore::new(READ_AT_ONCE));
+        let mut reads = tokio::task::JoinSet::new();
+        for (index, username) in usernames.iter().enumerate() {
+            let (store, username, turns) = (self.clone(), username.clone(), turns.clone());
+            reads.spawn(async move {
+                let _turn = turns.acquire_owned().await;
+                (index, store.load(&username).await)
+            });
+        }
+        let mut read: Vec<_> = usernames
+            .iter()
+            .map(|u| {
+                Err(LoadError::Unreadable(format!(
+                    "the grant of {u} could not be read; please report this"
+                )))
+            })
+            .collect();
+        while let Some(done) = reads.join_next().await {
+            if let Ok((index, loaded)) = done {
+                read[index] = loaded;
+            }
+        }
+        read
+    }
+
     /// Reads `username`'s grant and whether it is sealed.
     pub async fn read(&self, username: &str) -> Result<Option<GrantFile>, LoadError> {
         Ok(self.read_revision(username).await?.map(|(file, _)| file))
@@ -313,18 +345,26 @@ impl TokenStore {
     }
 }
 
+/// How many grants [`TokenStore::load_many`] reads at once.
+const READ_AT_ONCE: usize = 8;
+
 /// What `store migrate` did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Migrated {
     /// Accounts whose document was written to the target.
     pub copied: Vec<String>,
-    /// Accounts the target already held byte for byte.
-    pub unchanged: Vec<String>,
+    /// Accounts the target already held a grant for: left as it is there,
+    /// whatever it holds (it may be newer than the source's).
+    pub left: Vec<String>,
 }
 
 /// Copies every grant of `from` to `to` as it is (a sealed document stays
 /// sealed: sealing binds it to its account, not to its store). Running it
-/// again copies nothing new: a document the target already holds is left.
+/// again copies nothing new: a grant the target already holds is left as it
+/// is, even when it differs from the source's. Once replicas use the target,
+/// its grant is the newer one (a refresh rotated its refresh token, `login`
+/// or Connect replaced it, `store rekey` sealed it anew), and the source's
+/// would bring back a spent refresh token or an old key.
 pub async fn migrate(from: &TokenStore, to: &TokenStore) -> Result<Migrated, String> {
     to.prepare().await?;
     let mut done = Migrated::default();
@@ -337,16 +377,34 @@ pub async fn migrate(from: &TokenStore, to: &TokenStore) -> Result<Migrated, Str
         else {
             continue;
         };
-        let there = to.backend.read(&account).await.map_err(|e| e.to_string())?;
-        if there.is_some_and(|t| t.bytes == document.bytes) {
-            done.unchanged.push(account);
-            continue;
+        if copy_if_absent(to, &account, &document).await? {
+            done.copied.push(account);
+        } else {
+            done.left.push(account);
         }
-        let _lock = to.lock(&account).await.map_err(|e| e.to_string())?;
-        to.backend.write(&account, &document.bytes).await?;
-        done.copied.push(account);
     }
     Ok(done)
+}
+
+/// Writes `document` as `account`'s in `to` unless `to` holds one already:
+/// looked at under the account's lock, so that a replica's refresh or a
+/// `login` writing meanwhile is never overwritten. True when written.
+async fn copy_if_absent(
+    to: &TokenStore,
+    account: &str,
+    document: &Document,
+) -> Result<bool, String> {
+    let _lock = to.lock(account).await.map_err(|e| e.to_string())?;
+    let there = to.backend.read(account).await;
+    match there {
+        // A file too large to be a grant is there too: left for the user.
+        Ok(Some(_)) | Err(LoadError::Damaged(_)) => Ok(false),
+        Ok(None) => {
+            to.backend.write(account, &document.bytes).await?;
+            Ok(true)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// What `store rekey` did.

@@ -224,7 +224,12 @@ impl PostgresStore {
             .map_err(|e| Unready::Down(self.down(chain(&e))))?;
         let mut migrated = self.inner.migrated.lock().await;
         if !*migrated {
-            self.migrate(&mut client).await?;
+            if let Err(e) = self.migrate(&mut client).await {
+                // Not given back to the pool: a statement that timed out may
+                // still be running on it, in the transaction.
+                drop(deadpool_postgres::Object::take(client));
+                return Err(e);
+            }
             *migrated = true;
         }
         Ok(client)
@@ -235,50 +240,35 @@ impl PostgresStore {
     async fn migrate(&self, client: &mut Client) -> Result<(), Unready> {
         let schema = &self.inner.schema;
         let quoted = format!("\"{schema}\"");
-        // The database refused (no right to create the schema or a table),
-        // or the connection broke.
-        let fail = |e: tokio_postgres::Error| match e.as_db_error() {
-            Some(_) => Unready::Schema(format!(
-                "cannot prepare schema {schema} in PostgreSQL {}: {}; the role in [store] url needs its own schema (docs/shared-store.md has the SQL that makes one)",
-                self.inner.place,
-                chain(&e)
-            )),
-            None => Unready::Down(self.down(chain(&e))),
-        };
-        let tx = client.transaction().await.map_err(fail)?;
+        let tx = self.step(client.transaction()).await?;
         let lock_key = format!("xoauth2-proxy/{schema}/migrations");
-        tx.execute(
+        self.step(tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
             &[&lock_key],
-        )
-        .await
-        .map_err(fail)?;
-        let exists = tx
-            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[schema])
-            .await
-            .map_err(fail)?
+        ))
+        .await?;
+        let exists = self
+            .step(tx.query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[schema]))
+            .await?
             .is_some();
         if !exists {
-            tx.batch_execute(&format!("CREATE SCHEMA {quoted}"))
-                .await
-                .map_err(fail)?;
+            self.step(tx.batch_execute(&format!("CREATE SCHEMA {quoted}")))
+                .await?;
         }
-        tx.batch_execute(&format!(
+        self.step(tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations (
                 version integer PRIMARY KEY,
                 description text NOT NULL,
                 applied_at timestamptz NOT NULL DEFAULT now()
             )"
-        ))
-        .await
-        .map_err(fail)?;
-        let applied: Vec<i32> = tx
-            .query(
+        )))
+        .await?;
+        let applied: Vec<i32> = self
+            .step(tx.query(
                 &format!("SELECT version FROM {quoted}.schema_migrations"),
                 &[],
-            )
-            .await
-            .map_err(fail)?
+            ))
+            .await?
             .iter()
             .map(|row| row.get(0))
             .collect();
@@ -286,17 +276,15 @@ impl PostgresStore {
             if applied.contains(version) {
                 continue;
             }
-            tx.batch_execute(&sql.replace("{schema}", &quoted))
-                .await
-                .map_err(fail)?;
-            tx.execute(
+            self.step(tx.batch_execute(&sql.replace("{schema}", &quoted)))
+                .await?;
+            self.step(tx.execute(
                 &format!(
                     "INSERT INTO {quoted}.schema_migrations (version, description) VALUES ($1, $2)"
                 ),
                 &[version, description],
-            )
-            .await
-            .map_err(fail)?;
+            ))
+            .await?;
             info!("grant store: applied migration {version} ({description}) to schema {schema}");
         }
         let newest = MIGRATIONS.last().map_or(0, |m| m.0);
@@ -306,33 +294,61 @@ impl PostgresStore {
                 applied.iter().max().unwrap_or(&0)
             );
         }
-        tx.commit().await.map_err(fail)
+        self.step(tx.commit()).await
+    }
+
+    /// One statement of the migrations, bounded as every statement is
+    /// ([`within`]): they run holding the store's `migrated` mutex, which
+    /// every use of the store waits for. The database refused (no right to
+    /// create the schema or a table), or it broke or stalled.
+    async fn step<T>(
+        &self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Unready> {
+        let schema = &self.inner.schema;
+        match tokio::time::timeout(DB_TIMEOUT, statement).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) if e.as_db_error().is_some() => Err(Unready::Schema(format!(
+                "cannot prepare schema {schema} in PostgreSQL {}: {}; the role in [store] url needs its own schema (docs/shared-store.md has the SQL that makes one)",
+                self.inner.place,
+                chain(&e)
+            ))),
+            Ok(Err(e)) => Err(Unready::Down(self.down(chain(&e)))),
+            Err(_) => Err(Unready::Down(self.down(no_answer()))),
+        }
     }
 
     /// A connection of its own for a lock (closed with it).
     async fn dedicated(&self) -> Result<Client, String> {
         let inner = &self.inner;
+        // `connect_timeout` bounds the TCP connect alone: TLS, the startup
+        // message and authentication are bounded here, or a server whose
+        // port answers but which stalls would hold the refresh (and every
+        // login of its account, waiting behind it) for ever.
         let client = match &inner.tls {
             Tls::Off => {
-                let (client, connection) = inner
-                    .connect
-                    .connect(NoTls)
-                    .await
-                    .map_err(|e| self.down(chain(&e)))?;
+                let (client, connection) = self.in_time(inner.connect.connect(NoTls)).await?;
                 tokio::spawn(connection);
                 client
             }
             Tls::Verified(tls) => {
-                let (client, connection) = inner
-                    .connect
-                    .connect(tls.clone())
-                    .await
-                    .map_err(|e| self.down(chain(&e)))?;
+                let (client, connection) = self.in_time(inner.connect.connect(tls.clone())).await?;
                 tokio::spawn(connection);
                 client
             }
         };
         Ok(client)
+    }
+
+    /// Connecting, within [`DB_TIMEOUT`].
+    async fn in_time<T>(
+        &self,
+        connecting: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(DB_TIMEOUT, connecting).await {
+            Ok(connected) => connected.map_err(|e| self.down(chain(&e))),
+            Err(_) => Err(self.down(no_answer())),
+        }
     }
 
     async fn take_lock(&self, account: &str) -> Result<GrantLock, String> {
@@ -620,11 +636,16 @@ async fn within<T>(
 ) -> Result<T, String> {
     match tokio::time::timeout(DB_TIMEOUT, query).await {
         Ok(result) => result.map_err(|e| chain(&e)),
-        Err(_) => Err(format!(
-            "the database did not answer within {}s",
-            DB_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(no_answer()),
     }
+}
+
+/// Why a bounded operation failed when the database said nothing.
+fn no_answer() -> String {
+    format!(
+        "the database did not answer within {}s",
+        DB_TIMEOUT.as_secs()
+    )
 }
 
 /// The database's own message when there is one (it says more than
@@ -949,6 +970,70 @@ mod tests {
         assert!(e.contains("cannot be used"), "{e}");
         pg.start_again().await;
         Backend::probe(&down).await.unwrap();
+    }
+
+    /// A "database" whose port accepts connections and then says nothing
+    /// (a stalled server, a paused machine behind a live port): its
+    /// connections are held open until the test ends.
+    async fn stalled_database() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                open.push(stream);
+            }
+        });
+        let url = format!("postgres://u:STALLED-pw@127.0.0.1:{port}/app?sslmode=disable");
+        (url, held)
+    }
+
+    /// Far beyond every bound of the store: only a hang reaches it.
+    const HANG: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_lock_on_a_database_that_never_answers_fails_instead_of_hanging() {
+        let (url, _held) = stalled_database().await;
+        let store = PostgresStore::new(&Secret::new(url), "xoauth2_proxy").unwrap();
+        let locked = tokio::time::timeout(HANG, Backend::lock(&store, "a@x.com"))
+            .await
+            .expect("the lock's connection is bounded");
+        let Err(LockError::Unavailable(e)) = locked else {
+            panic!("no lock without a database");
+        };
+        assert!(e.contains("did not answer within"), "{e}");
+        assert!(e.contains("check that the database is up"), "{e}");
+        assert!(!e.contains("STALLED-pw"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn migrations_stuck_behind_a_lock_give_up_and_leave_the_pool_usable() {
+        let pg = TestPostgres::start().await;
+        // Another session holds the migrations' lock and never lets go (a
+        // replica stalled mid-migration).
+        let (holder, connection) = tokio_postgres::connect(&pg.url(), NoTls).await.unwrap();
+        tokio::spawn(connection);
+        holder
+            .execute(
+                "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+                &[&"xoauth2-proxy/xoauth2_proxy/migrations"],
+            )
+            .await
+            .unwrap();
+        let waiting = store(&pg, "xoauth2_proxy");
+        let probed = tokio::time::timeout(HANG, Backend::probe(&waiting))
+            .await
+            .expect("the migrations' statements are bounded");
+        let e = probed.unwrap_err();
+        assert!(e.contains("did not answer within"), "{e}");
+        drop(holder);
+        // The connection left waiting was not given back to the pool: the
+        // next use migrates on a new one.
+        Backend::probe(&waiting).await.unwrap();
+        let applied = pg
+            .psql("SELECT count(*) FROM xoauth2_proxy.schema_migrations")
+            .await;
+        assert_eq!(applied, "1");
     }
 
     #[test]

@@ -325,3 +325,29 @@ async fn forgetting_a_grant_removes_its_file_and_none_is_no_error() {
     assert!(store.load("a@x.com").await.unwrap().is_none());
     store.forget("a@x.com").await.unwrap();
 }
+
+#[tokio::test]
+async fn migrating_again_leaves_a_newer_grant_in_the_target_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let from = TokenStore::new(&dir.path().join("from"));
+    let to = TokenStore::new(&dir.path().join("to"));
+    from.save("a@x.com", &grant("a@x.com", "rt-first"))
+        .await
+        .unwrap();
+    let done = migrate(&from, &to).await.unwrap();
+    assert_eq!(done.copied, vec!["a@x.com".to_string()]);
+    // Replicas on the target refresh the grant (its refresh token rotates);
+    // a second account arrives in the source meanwhile.
+    to.save("a@x.com", &grant("a@x.com", "rt-rotated"))
+        .await
+        .unwrap();
+    from.save("b@x.com", &grant("b@x.com", "rt-b"))
+        .await
+        .unwrap();
+
+    let again = migrate(&from, &to).await.unwrap();
+    assert_eq!(again.left, vec!["a@x.com".to_string()]);
+    assert_eq!(again.copied, vec!["b@x.com".to_string()]);
+    let kept = to.load("a@x.com").await.unwrap().unwrap();
+    assert_eq!(kept.refresh_token.unwrap().expose(), "rt-rotated");
+}
