@@ -216,7 +216,8 @@ async fn open_all(
     Ok(sessions)
 }
 
-/// One transfer; the session then sits idle (IMAP in IDLE).
+/// One transfer; the session then sits idle as it sat before (selected,
+/// no IDLE), so that "open" and "after" differ by the transfer alone.
 async fn transfer(session: Session, message: &[u8], bytes_each: usize) -> Result<Session, String> {
     let e = |e: client::Error| e.to_string();
     match session {
@@ -225,7 +226,6 @@ async fn transfer(session: Session, message: &[u8], bytes_each: usize) -> Result
             if got != bytes_each as u64 {
                 return Err(format!("fetched {got} bytes, expected {bytes_each}"));
             }
-            imap.idle().await.map_err(e)?;
             Ok(Session::Imap(imap))
         }
         Session::Smtp(mut smtp) => {
