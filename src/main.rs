@@ -207,9 +207,10 @@ async fn serve(config: Config) -> Result<(), String> {
 /// glibc's malloc keeps what is freed in its arenas, and what lies between
 /// allocations that live on (sessions' small state) it never gives back by
 /// itself: after 1,000 sessions each fetched or sent 4 MiB at once, the
-/// proxy kept 20–80 MiB more than before while the same sessions sat idle
-/// (docs/benchmarks.md, "Memory after a burst"). `malloc_trim` gives the
-/// whole free pages inside every arena back, every [`PERIOD`].
+/// proxy kept 25–75 MiB more than before while the same sessions sat idle,
+/// and up to 340 MiB more after 5,000 (docs/benchmarks.md, "memory after a
+/// burst"). `malloc_trim` gives the whole free pages inside every arena
+/// back, every [`PERIOD`].
 ///
 /// It runs whatever the traffic: RSS cannot tell memory freed but kept from
 /// memory in use (a trim in the middle of a burst gives back little, and
