@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
@@ -63,16 +63,17 @@ impl Shared {
     /// STARTTLS: TLS under `client` with the certificate in force, before
     /// the connection's login deadline; `None` (logged) when there is none or the
     /// handshake fails. See [`crate::local_tls::start_tls`] for what happens
-    /// to plaintext the client sent behind the command.
+    /// to the `pipelined` bytes of plaintext the client sent behind the command.
     pub async fn start_tls<S: ClientStream>(
         &self,
         protocol: &'static str,
-        client: BufReader<S>,
+        client: S,
+        pipelined: usize,
         connection: &Connection,
     ) -> Option<TlsStream<S>> {
         let local_tls = self.local_tls.as_ref()?;
         let timeout = connection.login_time_left(self.config.server.login_timeout);
-        let upgraded = crate::local_tls::start_tls(local_tls, client, timeout).await;
+        let upgraded = crate::local_tls::start_tls(local_tls, client, pipelined, timeout).await;
         crate::metrics::get().client_tls(protocol, "starttls", upgraded.is_ok());
         match upgraded {
             Ok(stream) => Some(stream),

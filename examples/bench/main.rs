@@ -19,6 +19,7 @@
 //! with min–max. Everything stays on loopback, and every loop is bounded in
 //! count and time. See docs/benchmarks.md.
 
+mod burst;
 mod charts;
 mod client;
 mod dovecot;
@@ -93,7 +94,15 @@ struct Args {
     /// Parallel wrong logins of each attack of the `guess` part [default: 1000; quick: 200].
     #[arg(long)]
     guess_logins: Option<usize>,
-    /// Parts to run, comma-separated: throughput, login, latency, tls, idle, dovecot, guess [default: all].
+    /// Sessions of each tier of the `burst` part, comma-separated [default: 200,1000; quick: 50,200].
+    #[arg(long, value_delimiter = ',')]
+    burst_sessions: Option<Vec<usize>>,
+    /// Size of each transfer of the `burst` part, in MiB [default: 4; quick: 2].
+    #[arg(long)]
+    burst_mib: Option<usize>,
+    /// Parts to run, comma-separated: throughput, login, latency, tls, idle, burst, dovecot, guess [default: all].
+    /// `burst` opens many sessions, has each transfer a few MiB at once, and
+    /// reads the proxy's RSS before, at the peak and after, when all are idle again.
     /// `latency` puts a delay shim on the upstream hop and compares logins
     /// direct, through the proxy cold and through the proxy warm.
     /// `tls` adds the proxy's IMAP over TLS listener (a self-made CA) to the
@@ -147,6 +156,8 @@ struct Plan {
     latency_cycles: usize,
     sessions: Vec<usize>,
     peer_sessions: Vec<usize>,
+    burst_sessions: Vec<usize>,
+    burst_bytes: usize,
     idle_secs: u64,
     peer_setup: Duration,
     parts: Vec<String>,
@@ -176,6 +187,12 @@ impl Plan {
             } else {
                 vec![1000, 10000]
             }),
+            burst_sessions: a.burst_sessions.clone().unwrap_or(if q {
+                vec![50, 200]
+            } else {
+                vec![200, 1000]
+            }),
+            burst_bytes: pick(a.burst_mib, 4, 2).max(1) * MIB,
             peer_sessions: a.peer_sessions.clone().unwrap_or(if q {
                 vec![100]
             } else {
@@ -190,6 +207,7 @@ impl Plan {
                     "latency",
                     "tls",
                     "idle",
+                    "burst",
                     "dovecot",
                     "guess",
                 ]
@@ -602,6 +620,15 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
 
+    let mut burst_section = None;
+    if plan.runs("burst") {
+        let tiers = &plan.burst_sessions;
+        match burst::run(&bin, &password_hash, tiers, plan.burst_bytes, fd_limit).await {
+            Ok(section) => burst_section = Some(section),
+            Err(e) => notes.push(format!("the burst part did not run: {e}")),
+        }
+    }
+
     let mut report = String::new();
     if plan.runs("throughput") || plan.runs("login") || plan.runs("tls") || plan.runs("idle") {
         report.push_str(&format!(
@@ -615,6 +642,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if let Some(latency) = &latency_section {
         report.push_str(&format!("\n{}", latency.section()));
+    }
+    if let Some(burst) = &burst_section {
+        report.push_str(&format!("\n{burst}"));
     }
 
     if plan.runs("dovecot") && plan.dovecot {

@@ -180,6 +180,7 @@ pub async fn start_ours(
         tls,
         server: "",
         imap: Some(""),
+        smtp: "",
     };
     start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
 }
@@ -197,6 +198,7 @@ pub async fn start_ours_with_imap(
         tls: false,
         server: "",
         imap: Some(imap),
+        smtp: "",
     };
     start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
 }
@@ -215,6 +217,26 @@ pub async fn start_ours_with_server(
         tls: false,
         server,
         imap: Some(""),
+        smtp: "",
+    };
+    start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
+}
+
+/// Like [`start_ours`] without TLS, with `smtp` (whole lines) added to the
+/// config's `[smtp]` section.
+pub async fn start_ours_with_smtp(
+    bin: &Path,
+    password_hash: &str,
+    upstream: &Upstream<'_>,
+    max_connections: usize,
+    smtp: &str,
+) -> Result<Running, String> {
+    let settings = Settings {
+        max_connections,
+        tls: false,
+        server: "",
+        imap: Some(""),
+        smtp,
     };
     start_ours_admin_or_not(bin, password_hash, upstream, &settings).await
 }
@@ -229,6 +251,8 @@ struct Settings<'a> {
     /// Lines added to `[imap]` after [`IMAP_BENCH`]; `None` for a build
     /// that knows neither.
     imap: Option<&'a str>,
+    /// Lines added to `[smtp]`.
+    smtp: &'a str,
 }
 
 /// What every generated config's `[imap]` says: the bench opens thousands
@@ -277,6 +301,7 @@ async fn start_ours_with(
         tls,
         server,
         imap: imap_lines,
+        smtp: smtp_lines,
     } = *settings;
     let imap_lines = match imap_lines {
         Some(lines) => format!("{IMAP_BENCH}{lines}\n"),
@@ -312,6 +337,7 @@ listen = "127.0.0.1:{imap}"
 {tls_listen}{imap_lines}
 [smtp]
 listen = "127.0.0.1:{smtp}"
+{smtp_lines}
 {admin}{tls}
 [providers.bench]
 kind = "microsoft"

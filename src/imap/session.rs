@@ -97,7 +97,12 @@ async fn after_starttls<S: ClientStream>(session: PreAuth<S>) {
         connection,
         ..
     } = session;
-    let Some(stream) = shared.start_tls("imap", client, &connection).await else {
+    let pipelined = client.buffer().len();
+    let client = client.into_inner();
+    let Some(stream) = shared
+        .start_tls("imap", client, pipelined, &connection)
+        .await
+    else {
         return;
     };
     let mut session = PreAuth::new(shared, upstreams, stream, tls.upgraded(), connection);

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -96,23 +96,24 @@ impl LocalTls {
 
 /// STARTTLS: puts TLS under `client`, whose STARTTLS command has just been
 /// answered. Whatever the client sent after that command and the proxy has
-/// already read is plaintext that an attacker on the path may have injected
-/// (CVE-2011-0411): it is dropped with the buffer, never read as a command.
+/// already read (`pipelined` bytes) is plaintext that an attacker on the
+/// path may have injected (CVE-2011-0411): the caller drops it with its
+/// buffer, never reads it as a command, and it is reported here.
 pub async fn start_tls<S>(
     tls: &LocalTls,
-    client: BufReader<S>,
+    client: S,
+    pipelined: usize,
     timeout: Duration,
 ) -> Result<TlsStream<S>, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let pipelined = client.buffer().len();
     if pipelined > 0 {
         tracing::warn!(
             "discarded {pipelined} bytes the client sent after STARTTLS in plaintext (never executed)"
         );
     }
-    tls.accept(client.into_inner(), timeout).await
+    tls.accept(client, timeout).await
 }
 
 /// The CA certificate (PEM) clients must trust, for `xoauth2-proxy tls ca`:

@@ -5,6 +5,7 @@ pub(crate) mod command;
 mod extensions;
 pub(crate) mod graph;
 mod pool;
+mod reader;
 pub(crate) mod session;
 pub mod upstream;
 

@@ -29,13 +29,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
 use super::command::{self, Command};
 use super::extensions::Extensions;
 use super::graph::{self, Route, Switched, Transaction};
 use super::pool::{Lease, LeaseError, Opened, Pools};
+use super::reader::Reader;
 use super::upstream::{self, Reply, ReplyError, SmtpUpstream, enhanced_code};
 use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
@@ -99,7 +100,11 @@ async fn after_starttls<S: ClientStream>(session: Session<S>) {
         connection,
         ..
     } = session;
-    let Some(stream) = shared.start_tls("smtp", client, &connection).await else {
+    let (client, pipelined) = client.into_parts();
+    let Some(stream) = shared
+        .start_tls("smtp", client, pipelined, &connection)
+        .await
+    else {
         return;
     };
     let upgraded = tls.upgraded();
@@ -119,7 +124,9 @@ enum Greeting {
 }
 
 struct Session<S> {
-    client: BufReader<S>,
+    /// The client's stream, read through a buffer that exists only while
+    /// bytes wait in it (see `super::reader`).
+    client: Reader<S>,
     shared: Arc<Shared>,
     /// The process's upstream connection pools and Graph switches.
     routes: Routes,
@@ -206,7 +213,7 @@ impl<S: ClientStream> Session<S> {
         connection: Connection,
     ) -> Self {
         Session {
-            client: BufReader::with_capacity(64 * 1024, stream),
+            client: Reader::new(stream),
             shared,
             routes,
             extensions,
@@ -875,29 +882,49 @@ fn count_relayed(direction: &'static str, n: usize) {
         .inc_by(n as u64);
 }
 
-/// Copies DATA content from the client to the upstream up to and including
-/// the `CRLF . CRLF` terminator, unaltered (dot-stuffing stays as it is).
-/// Returns whether the upstream took all of it; the client's content is read
-/// to its end either way, so the dialogue stays in step. An error is the
-/// client's (it stalled or left): the lease, dropped, closes the upstream
-/// connection rather than deliver a partial message.
+/// Copies DATA content from the client to the lease's upstream connection
+/// (see [`copy_message`]); returns whether the upstream took all of it.
 async fn pump_message<S: ClientStream>(
-    client: &mut BufReader<S>,
+    client: &mut Reader<S>,
     lease: &mut Lease,
     idle: Duration,
 ) -> std::io::Result<bool> {
+    let relayed = crate::metrics::get().relayed("smtp", UPSTREAM);
+    let upstream = lease.conn().stream.get_mut();
+    copy_message(client, upstream, idle, |n| {
+        relayed.inc_by(n as u64);
+    })
+    .await
+}
+
+/// Copies DATA content from the client to `upstream` up to and including
+/// the `CRLF . CRLF` terminator, unaltered (dot-stuffing stays as it is),
+/// in chunks of up to [`super::reader::CONTENT_CHUNK`]; `written` hears of
+/// each chunk the upstream took. Returns whether the upstream took all of
+/// it (flushed); the client's content is read to its end either way, so the
+/// dialogue stays in step, and what the client sent after the terminator
+/// stays in `client` for the dialogue. An error is the client's (it stalled
+/// or left): the caller then drops the upstream connection rather than
+/// deliver a partial message.
+async fn copy_message<S, W>(
+    client: &mut Reader<S>,
+    upstream: &mut W,
+    idle: Duration,
+    mut written: impl FnMut(usize),
+) -> std::io::Result<bool>
+where
+    S: ClientStream,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let mut end = EndOfData::default();
     let mut upstream_ok = true;
-    let relayed = crate::metrics::get().relayed("smtp", UPSTREAM);
+    client.reading_content();
     loop {
         let chunk = data_chunk(client, idle).await?;
         let (n, done) = end.scan(chunk);
         if upstream_ok {
-            let upstream = lease.conn().stream.get_mut();
             match upstream.write_all(&chunk[..n]).await {
-                Ok(()) => {
-                    relayed.inc_by(n as u64);
-                }
+                Ok(()) => written(n),
                 Err(_) => upstream_ok = false,
             }
         }
@@ -906,7 +933,8 @@ async fn pump_message<S: ClientStream>(
             break;
         }
     }
-    if upstream_ok && lease.conn().stream.get_mut().flush().await.is_err() {
+    client.reading_commands();
+    if upstream_ok && upstream.flush().await.is_err() {
         upstream_ok = false;
     }
     Ok(upstream_ok)
@@ -915,7 +943,7 @@ async fn pump_message<S: ClientStream>(
 /// The client's next bytes of DATA content, waiting at most `idle`; the
 /// client closing before the terminator is an error.
 async fn data_chunk<S: ClientStream>(
-    client: &mut BufReader<S>,
+    client: &mut Reader<S>,
     idle: Duration,
 ) -> std::io::Result<&[u8]> {
     let chunk = match tokio::time::timeout(idle, client.fill_buf()).await {
@@ -933,13 +961,14 @@ async fn data_chunk<S: ClientStream>(
 /// composed it, for Graph. `None` when it is longer than `limit`: the rest
 /// is read and dropped, so the dialogue stays in step and memory bounded.
 async fn read_message<S: ClientStream>(
-    client: &mut BufReader<S>,
+    client: &mut Reader<S>,
     idle: Duration,
     limit: usize,
 ) -> std::io::Result<Option<Vec<u8>>> {
     let mut end = EndOfData::default();
     let mut wire = Vec::new();
     let mut too_large = false;
+    client.reading_content();
     loop {
         let chunk = data_chunk(client, idle).await?;
         let (n, done) = end.scan(chunk);
@@ -956,6 +985,7 @@ async fn read_message<S: ClientStream>(
             break;
         }
     }
+    client.reading_commands();
     if too_large {
         return Ok(None);
     }
@@ -1036,6 +1066,102 @@ impl EndOfData {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A client whose bytes arrive in the given pieces, one piece (or as
+    /// much of it as the reader's buffer takes) per read.
+    struct Pieces(VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(mut piece) = self.0.pop_front() {
+                let n = piece.len().min(buf.remaining());
+                buf.put_slice(&piece[..n]);
+                if n < piece.len() {
+                    self.0.push_front(piece.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Pieces {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Relays `parts` (the client's bytes as they arrive) as DATA content;
+    /// returns what the upstream got and the client's next line.
+    async fn relayed(parts: &[&[u8]]) -> (Vec<u8>, String) {
+        // An empty read would be the end of the stream.
+        let parts = parts.iter().filter(|p| !p.is_empty());
+        let pieces = Pieces(parts.map(|p| p.to_vec()).collect());
+        let mut client = Reader::new(pieces);
+        let mut upstream = Vec::new();
+        let mut counted = 0;
+        let ok = copy_message(&mut client, &mut upstream, Duration::from_secs(5), |n| {
+            counted += n
+        })
+        .await
+        .unwrap();
+        assert!(ok);
+        assert_eq!(counted, upstream.len());
+        let mut next = String::new();
+        client.read_line(&mut next).await.unwrap();
+        (upstream, next)
+    }
+
+    #[tokio::test]
+    async fn data_is_relayed_byte_for_byte_across_every_split() {
+        let message: &[u8] = b"Subject: s\r\n\r\n..a\r\n.b\r\n\r\nend.\r\n.\r\nQUIT\r\n";
+        let content = &message[..message.len() - b"QUIT\r\n".len()];
+        for i in 0..message.len() {
+            for j in i..message.len() {
+                let parts = [&message[..i], &message[i..j], &message[j..]];
+                let (upstream, next) = relayed(&parts).await;
+                assert_eq!(upstream, content, "split at {i} and {j}");
+                assert_eq!(next, "QUIT\r\n", "split at {i} and {j}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_message_ends_where_its_terminator_straddles_a_chunk() {
+        let chunk = super::super::reader::CONTENT_CHUNK;
+        for end_at in [chunk - 3, chunk - 2, chunk, 2 * chunk + 1] {
+            let mut content: Vec<u8> = b"x\r\n..y\r\n".repeat(end_at / 9 + 1);
+            content.truncate(end_at - 2);
+            content.extend_from_slice(b"\r\n.\r\n");
+            // The same `\r\n.\r\n` must not be found early in the dots above.
+            let mut wire = content.clone();
+            wire.extend_from_slice(b"RSET\r\n");
+            let (upstream, next) = relayed(&[&wire]).await;
+            assert!(
+                upstream == content,
+                "ending at {end_at}: {} bytes",
+                upstream.len()
+            );
+            assert_eq!(next, "RSET\r\n");
+        }
+    }
 
     fn ends(parts: &[&[u8]]) -> Option<usize> {
         let mut end = EndOfData::default();
