@@ -9,7 +9,7 @@
 //! [`Connection`], which holds the slot until the session logs in and carries
 //! the login deadline, counted from the connection's start whatever the client
 //! sends ([`until`]); what the session writes before login is bounded by
-//! it too ([`write_before`]), so a client that sends and never reads cannot
+//! it too ([`write_by`]), so a client that sends and never reads cannot
 //! hold its connection either.
 
 use std::collections::HashMap;
@@ -216,31 +216,40 @@ pub async fn until<F: Future>(deadline: tokio::time::Instant, read: F) -> Option
     tokio::time::timeout_at(deadline, read).await.ok()
 }
 
-/// How long a write before login may take once the login deadline has
-/// passed: room for the goodbye, or for the OK of a login that ended late.
+/// How long a write to a client may take once its deadline has passed:
+/// room for the goodbye, or for the OK of a login that ended late.
 pub const WRITE_GRACE: Duration = Duration::from_secs(2);
 
-/// Writes and flushes `bytes` to a client that has not logged in, by
-/// `deadline` or [`WRITE_GRACE`] from now, whichever is later. A client
-/// that pipelines commands and reads no answers fills the socket's buffers;
-/// past that the write fails with `TimedOut` and the connection closes.
+/// Runs `write` (a write or a flush towards a client) by `deadline` or
+/// [`WRITE_GRACE`] from now, whichever is later. A client that pipelines
+/// commands and reads no answers fills the socket's buffers; past the
+/// deadline the write fails with `TimedOut` and the connection closes, so
+/// that it cannot hold its connection (and before login its slot) for ever.
+pub async fn write_by<T>(
+    deadline: tokio::time::Instant,
+    write: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    let deadline = deadline.max(tokio::time::Instant::now() + WRITE_GRACE);
+    match tokio::time::timeout_at(deadline, write).await {
+        Ok(written) => written,
+        Err(_) => {
+            tracing::info!("client did not read the answers in time; closing");
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
+}
+
+/// Writes and flushes `bytes` to `stream` by `deadline` ([`write_by`]).
 pub async fn write_before<W: AsyncWrite + Unpin>(
     deadline: tokio::time::Instant,
     stream: &mut W,
     bytes: &[u8],
 ) -> std::io::Result<()> {
-    let deadline = deadline.max(tokio::time::Instant::now() + WRITE_GRACE);
-    let write = async {
+    write_by(deadline, async {
         stream.write_all(bytes).await?;
         stream.flush().await
-    };
-    match tokio::time::timeout_at(deadline, write).await {
-        Ok(written) => written,
-        Err(_) => {
-            tracing::info!("client did not read the answers before the login deadline; closing");
-            Err(std::io::ErrorKind::TimedOut.into())
-        }
-    }
+    })
+    .await
 }
 
 /// The connections not logged in yet, counted per client address, so that

@@ -576,15 +576,27 @@ async fn pipeline_without_reading(
 async fn a_client_that_sends_and_never_reads_is_closed_at_the_deadline() {
     let world = World::start().await;
     let proxy = proxy(&world, "login_timeout = \"2s\"", "").await;
-    let mut imap = pipeline_without_reading(ATTACKER, proxy.imap_addr, "a CAPABILITY\r\n").await;
-    proxy
-        .wait_for_log("did not read the answers before the login deadline", BOUND)
-        .await;
-    let mut rest = Vec::new();
-    let drained = tokio::time::timeout(BOUND, imap.read_to_end(&mut rest)).await;
-    assert!(drained.is_ok(), "the proxy closed the connection");
-    // The slot went with it: a client from the same address gets in.
+    let imap = pipeline_without_reading(ATTACKER, proxy.imap_addr, "a CAPABILITY\r\n").await;
+    let smtp = pipeline_without_reading(ATTACKER, proxy.smtp_addr, "NOOP\r\n").await;
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while proxy
+        .logs()
+        .matches("did not read the answers in time")
+        .count()
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for mut stream in [imap, smtp] {
+        let mut rest = Vec::new();
+        let drained = tokio::time::timeout(BOUND, stream.read_to_end(&mut rest)).await;
+        assert!(drained.is_ok(), "the proxy closed the connection");
+    }
+    // The slots went with them: clients from the same address get in.
     let mut c = imap_logged_in(ATTACKER, &proxy).await;
     c.line("z NOOP").await;
     assert!(c.until("z ").await.pop().unwrap().starts_with("z OK"));
+    let mut smtp = smtp_logged_in(ATTACKER, &proxy).await;
+    assert!(smtp_cmd(&mut smtp, "NOOP").await.starts_with("250 "));
 }

@@ -39,7 +39,7 @@ use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError};
 use crate::oauth::AccessToken;
 use crate::sasl::{self, Challenge, SaslError};
-use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until, write_before};
+use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until, write_before, write_by};
 
 /// What the proxy offers before login, whatever the TLS state.
 const BASE_CAPABILITIES: &str = "IMAP4rev1 LITERAL+ SASL-IR ID";
@@ -209,7 +209,8 @@ impl<S: ClientStream> PreAuth<S> {
 
     async fn bye(&mut self, text: &str) -> std::io::Result<Next> {
         self.send(&format!("* BYE {text}\r\n")).await?;
-        let _ = self.client.get_mut().shutdown().await;
+        let deadline = self.login_deadline();
+        let _ = write_by(deadline, self.client.get_mut().shutdown()).await;
         Ok(Next::Close)
     }
 

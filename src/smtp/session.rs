@@ -42,7 +42,7 @@ use crate::config::Account;
 use crate::lines::{LineError, read_line, trim_eol};
 use crate::login::{self, LoginError, open_as};
 use crate::sasl::{self, Challenge, Credentials, SaslError};
-use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until};
+use crate::shared::{ClientStream, Connection, Shared, TlsPolicy, until, write_by};
 
 /// The longest command line accepted (an AUTH PLAIN initial response of a
 /// long address and password fits many times over).
@@ -228,14 +228,27 @@ impl<S: ClientStream> Session<S> {
         }
     }
 
+    /// Writes to the client by the line deadline ([`write_by`]): a client
+    /// that does not read its replies cannot hold the connection.
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        let stream = self.client.get_mut();
-        stream.write_all(bytes).await?;
         // Pipelined commands still waiting get their replies in one go.
-        if self.client.buffer().is_empty() {
-            self.client.get_mut().flush().await?;
-        }
-        Ok(())
+        let flush = self.client.buffer().is_empty();
+        let deadline = self.line_deadline();
+        let stream = self.client.get_mut();
+        write_by(deadline, async {
+            stream.write_all(bytes).await?;
+            if flush {
+                stream.flush().await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Flushes what was written to the client, by the line deadline.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let deadline = self.line_deadline();
+        write_by(deadline, self.client.get_mut().flush()).await
     }
 
     /// Passes an upstream reply on to the client verbatim.
@@ -250,8 +263,9 @@ impl<S: ClientStream> Session<S> {
 
     async fn close_with(&mut self, code: u16, text: &str) -> std::io::Result<Next> {
         self.reply(code, text).await?;
-        self.client.get_mut().flush().await?;
-        let _ = self.client.get_mut().shutdown().await;
+        self.flush().await?;
+        let deadline = self.line_deadline();
+        let _ = write_by(deadline, self.client.get_mut().shutdown()).await;
         Ok(Next::Close)
     }
 
@@ -441,7 +455,7 @@ impl<S: ClientStream> Session<S> {
                 .await;
         }
         self.reply(220, "2.0.0 Ready to start TLS").await?;
-        self.client.get_mut().flush().await?;
+        self.flush().await?;
         Ok(Next::StartTls)
     }
 
@@ -575,7 +589,7 @@ impl<S: ClientStream> Session<S> {
         };
         self.reply(354, "Start mail input; end with <CRLF>.<CRLF>")
             .await?;
-        self.client.get_mut().flush().await?;
+        self.flush().await?;
         let idle = self.shared.config.smtp.client_idle_timeout;
         let account = self.account.clone().expect("a transaction needs a login");
         let limit = crate::graph::MAX_MESSAGE;
@@ -707,7 +721,7 @@ impl<S: ClientStream> Session<S> {
             other => return self.relay_or_abort(other).await,
         };
         self.pass_on(&reply).await?;
-        self.client.get_mut().flush().await?;
+        self.flush().await?;
         let lease = self.lease.take().expect("checked above");
         self.relay_message(lease).await?;
         Ok(Next::Continue)
@@ -847,7 +861,7 @@ impl<S: ClientStream> Challenge for Session<S> {
     /// too long or too late closes the connection (see `read_line_within`).
     async fn challenge(&mut self, prompt: &str) -> Result<Vec<u8>, SaslError> {
         self.send(format!("334 {prompt}\r\n").as_bytes()).await?;
-        self.client.get_mut().flush().await?;
+        self.flush().await?;
         match self.read_line_within(Awaiting::SaslResponse).await? {
             Received::Line => Ok(trim_eol(&self.line).to_vec()),
             Received::Hangup => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
