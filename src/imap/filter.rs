@@ -117,6 +117,10 @@ enum Response {
     Held,
     /// In a line that passes as it is, up to its end.
     Passing,
+    /// In a line that passes as it is and whose grammar carries no literal
+    /// (a continuation request, or a status line too long to hold): a `{n}`
+    /// at its end is text, and the next response starts after it.
+    Text,
     /// In a literal: this many bytes pass unread; the response goes on after.
     Literal(u64),
 }
@@ -157,7 +161,8 @@ impl Responses {
         loop {
             let done = match self.at {
                 Response::Literal(n) => self.literal(&mut c, n),
-                Response::Passing => self.passing(buf, &mut c),
+                Response::Passing => self.passing(buf, &mut c, true),
+                Response::Text => self.passing(buf, &mut c, false),
                 Response::Start => self.start(buf, &mut c),
                 Response::Held => self.held_line(buf, &mut c, &mut judge),
             };
@@ -179,8 +184,9 @@ impl Responses {
         None
     }
 
-    /// Looks for the end of a passing line, keeping its last bytes.
-    fn passing(&mut self, buf: &[u8], c: &mut Cursor) -> Option<Scanned> {
+    /// Looks for the end of a passing line, keeping its last bytes when a
+    /// literal may follow it.
+    fn passing(&mut self, buf: &[u8], c: &mut Cursor, literal_may_follow: bool) -> Option<Scanned> {
         let Some(i) = memchr(b'\n', &buf[c.at..c.len]) else {
             self.tail.push(&buf[c.at..c.len]);
             return Some(self.pass(c.len));
@@ -188,7 +194,10 @@ impl Responses {
         self.tail.push(&buf[c.at..=c.at + i]);
         c.at += i + 1;
         c.line = c.at;
-        self.at = after_line(self.tail.bytes());
+        self.at = match literal_may_follow {
+            true => after_line(self.tail.bytes()),
+            false => Response::Start,
+        };
         self.tail = Tail::default();
         None
     }
@@ -198,6 +207,7 @@ impl Responses {
         self.at = match judge_start(&buf[c.line..c.len]) {
             Start::TooFew => return Some(self.hold(c)),
             Start::Passing => Response::Passing,
+            Start::Text => Response::Text,
             Start::Held => Response::Held,
         };
         c.at = c.line;
@@ -215,8 +225,7 @@ impl Responses {
             if c.len - c.line < HOLD_MAX {
                 return Some(self.hold(c));
             }
-            self.tail.push(&buf[c.line..c.len]);
-            self.at = Response::Passing;
+            self.at = Response::Text;
             return Some(self.pass(c.len));
         };
         let mut end = c.at + i + 1;
@@ -227,7 +236,9 @@ impl Responses {
         if verdict.last {
             return Some(self.pass(c.len));
         }
-        self.at = after_line(&buf[c.line..end]);
+        // A status line's text and capabilities carry no literal (RFC 9051
+        // `resp-text`): a `{n}` at its end is text the server echoed.
+        self.at = Response::Start;
         c.at = end;
         c.line = end;
         None
@@ -274,6 +285,8 @@ enum Start {
     TooFew,
     /// It cannot carry capabilities.
     Passing,
+    /// A continuation request: no capabilities, and no literal after it.
+    Text,
     /// It may: hold it to its end.
     Held,
 }
@@ -284,7 +297,7 @@ enum Start {
 fn judge_start(head: &[u8]) -> Start {
     match head {
         [] | [b'*'] => Start::TooFew,
-        [b'+', ..] => Start::Passing,
+        [b'+', ..] => Start::Text,
         [b'*', b' ', rest @ ..] => match rest.iter().position(|b| !b.is_ascii_alphabetic()) {
             None if rest.len() <= LONGEST_CARRIER => Start::TooFew,
             Some(n) if carries_capabilities(&rest[..n]) => Start::Held,
@@ -447,7 +460,7 @@ mod tests {
             b" BODY[HEADER] ~{0}\r\n FLAGS (\\Seen))\r\n",
         ]
         .concat();
-        let parts: [(&[u8], &[u8]); 9] = [
+        let parts: [(&[u8], &[u8]); 11] = [
             (
                 b"* CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR IDLE STARTTLS\r\n",
                 b"* CAPABILITY IMAP4rev1 IDLE\r\n",
@@ -471,6 +484,13 @@ mod tests {
                 b"* ID (\"name\" {12}\r\n* CAPABILITY)\r\n",
                 b"* ID (\"name\" {12}\r\n* CAPABILITY)\r\n",
             ),
+            // Text that ends like a literal's announcement, where the
+            // grammar has none: the next response is scanned as one.
+            (
+                b"a4 NO Mailbox doesn't exist: x{300000}\r\n",
+                b"a4 NO Mailbox doesn't exist: x{300000}\r\n",
+            ),
+            (b"+ go on {9}\r\n", b"+ go on {9}\r\n"),
             (
                 b"a3 OK [CAPABILITY IMAP4rev1 SASL-IR] done\r\n",
                 b"a3 OK [CAPABILITY IMAP4rev1] done\r\n",
@@ -538,12 +558,26 @@ mod tests {
     fn a_response_line_too_long_to_hold_passes_unchanged() {
         let mut line = b"a1 OK [CAPABILITY AUTH=PLAIN] ".to_vec();
         line.resize(2 * HOLD_MAX, b'x');
-        line.extend_from_slice(b"\r\n* CAPABILITY AUTH=PLAIN IDLE\r\n");
+        // Ends like a literal's announcement; a status line has none.
+        line.extend_from_slice(b"{300000}\r\n* CAPABILITY AUTH=PLAIN IDLE\r\n");
         let chunks: Vec<&[u8]> = line.chunks(1000).collect();
-        let got = filtered(&chunks);
-        let end = 2 * HOLD_MAX + 2;
+        let mut filter = CapabilityFilter::default();
+        let got = downstream(&mut filter, &chunks);
+        let end = 2 * HOLD_MAX + 10;
         assert!(got[..end] == line[..end], "{}", show(&got[..200]));
         assert_eq!(show(&got[end..]), "* CAPABILITY IDLE\r\n");
+        assert_eq!(filter.upstream_owes(), 0);
+    }
+
+    #[test]
+    fn only_a_literal_makes_the_upstream_owe_bytes() {
+        let mut filter = CapabilityFilter::default();
+        downstream(&mut filter, &[b"a1 NO no such mailbox: x{300000}\r\n"]);
+        assert_eq!(filter.upstream_owes(), 0, "a status line's text");
+        downstream(&mut filter, &[b"+ go on {300000}\r\n"]);
+        assert_eq!(filter.upstream_owes(), 0, "a continuation request");
+        downstream(&mut filter, &[b"* 1 FETCH (BODY[] {300000}\r\nabc"]);
+        assert_eq!(filter.upstream_owes(), 300_000 - 3, "a literal");
     }
 
     #[test]
@@ -625,7 +659,7 @@ mod tests {
             (b"* 12 FETCH", Start::Passing),
             (b"* LIST ", Start::Passing),
             (b"* CAPABILITYX", Start::Passing),
-            (b"+ go", Start::Passing),
+            (b"+ go", Start::Text),
             (b"a1", Start::Held),
         ] {
             assert_eq!(judge_start(head), expected, "{}", show(head));
