@@ -17,6 +17,9 @@
 //! with stdin closed, a clean environment (a few locale and `PATH`
 //! variables, then the event), its output kept to a few KiB for the debug
 //! log, and killed with its process group after `admin.notify_timeout`.
+//! The timeout is on the program's exit, not on its pipes: a program that
+//! exits at once but leaves a job in the background (`logger … &`) has
+//! finished, and its background job is left alone.
 //!
 //! Nothing secret goes into an event: the reason is the sentence the log
 //! shows. The webhook's URL is itself a secret (Slack and Teams put their key
@@ -46,6 +49,9 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(60);
 /// The command's stdout or stderr kept for the log.
 const OUTPUT_KEPT: usize = 4096;
+/// How long the output is still read after the program exited (a job it
+/// left in the background may keep the pipes open).
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 /// The variables of the proxy's own environment a command gets; anything
 /// else (secrets passed in the environment, say) stays out.
 const PASSED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ"];
@@ -368,11 +374,8 @@ async fn run_command(command: &[String], timeout: Duration, event: &Event) {
             return;
         }
     };
-    let stdout = kept_output(child.stdout.take());
-    let stderr = kept_output(child.stderr.take());
-    let finished = async { tokio::join!(child.wait(), stdout, stderr) };
-    match tokio::time::timeout(timeout, finished).await {
-        Ok((Ok(status), stdout, stderr)) => {
+    match wait_reading_output(&mut child, timeout).await {
+        (Ok(Ok(status)), stdout, stderr) => {
             debug!(account = %event.account, %status, stdout = %stdout, stderr = %stderr, "admin.notify_command finished");
             if !status.success() {
                 warn!(
@@ -382,12 +385,12 @@ async fn run_command(command: &[String], timeout: Duration, event: &Event) {
                 );
             }
         }
-        Ok((Err(e), _, _)) => warn!(
+        (Ok(Err(e)), _, _) => warn!(
             account = %event.account,
             "waiting for admin.notify_command `{program}` failed: {}",
             crate::error::io_reason(&e)
         ),
-        Err(_) => {
+        (Err(_), _, _) => {
             kill_group(&mut child).await;
             warn!(
                 account = %event.account,
@@ -397,6 +400,41 @@ async fn run_command(command: &[String], timeout: Duration, event: &Event) {
             );
         }
     }
+}
+
+/// Waits up to `timeout` for the program to exit, reading its output
+/// meanwhile (so it never blocks on a full pipe); then its output as far as
+/// it came. Only the exit counts against `timeout`: a job the program left
+/// in the background may hold the pipes open long after, so once it exited
+/// the output gets [`OUTPUT_GRACE`] more and is then let go.
+async fn wait_reading_output(
+    child: &mut tokio::process::Child,
+    timeout: Duration,
+) -> (
+    Result<std::io::Result<std::process::ExitStatus>, tokio::time::error::Elapsed>,
+    String,
+    String,
+) {
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut reading = Box::pin(async {
+        tokio::join!(keep_output(stdout, &mut out), keep_output(stderr, &mut err));
+    });
+    let mut read_all = false;
+    let exited = tokio::time::timeout(timeout, async {
+        loop {
+            tokio::select! {
+                status = child.wait() => return status,
+                () = &mut reading, if !read_all => read_all = true,
+            }
+        }
+    })
+    .await;
+    if matches!(exited, Ok(Ok(_))) && !read_all {
+        let _ = tokio::time::timeout(OUTPUT_GRACE, &mut reading).await;
+    }
+    drop(reading);
+    (exited, as_text(&out), as_text(&err))
 }
 
 /// The program, started in its own process group with the event's
@@ -435,13 +473,12 @@ async fn kill_group(child: &mut tokio::process::Child) {
     let _ = child.kill().await;
 }
 
-/// Up to [`OUTPUT_KEPT`] bytes of `output`, read to its end (so the program
-/// never blocks on a full pipe), as text.
-async fn kept_output(output: Option<impl AsyncRead + Unpin>) -> String {
+/// Reads `output` to its end (so the program never blocks on a full pipe),
+/// keeping up to [`OUTPUT_KEPT`] bytes of it in `kept`.
+async fn keep_output(output: Option<impl AsyncRead + Unpin>, kept: &mut Vec<u8>) {
     let Some(mut output) = output else {
-        return String::new();
+        return;
     };
-    let mut kept = Vec::new();
     let mut chunk = [0u8; 1024];
     while let Ok(n) = output.read(&mut chunk).await {
         if n == 0 {
@@ -450,7 +487,10 @@ async fn kept_output(output: Option<impl AsyncRead + Unpin>) -> String {
         let room = OUTPUT_KEPT.saturating_sub(kept.len());
         kept.extend_from_slice(&chunk[..n.min(room)]);
     }
-    String::from_utf8_lossy(&kept).trim_end().to_string()
+}
+
+fn as_text(kept: &[u8]) -> String {
+    String::from_utf8_lossy(kept).trim_end().to_string()
 }
 
 // ---- the webhook -------------------------------------------------------------

@@ -551,6 +551,12 @@ async fn browser_sign_in_goes_to_the_identity_provider_and_back_to_the_callback(
     let done = from_idp.send(from_idp.http.get(&back)).await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
     assert!(done.body.contains("is authorised"), "{}", done.body);
+    assert!(
+        done.body
+            .contains(r#"http-equiv="refresh" content="1;url=/accounts""#),
+        "a success moves on to the accounts: {}",
+        done.body
+    );
     assert!(!done.body.contains("code="), "the page repeats no code");
     assert_eq!(state(&b.row(SALES).await), "authorised");
     let ok = LineClient::imap_login(proxy.imap_addr, SALES, "pw").await;
@@ -561,6 +567,45 @@ async fn browser_sign_in_goes_to_the_identity_provider_and_back_to_the_callback(
     assert_no_secret(&world, "pages", &b.seen.join("\n"));
     assert_no_secret(&world, "pages", &from_idp.seen.join("\n"));
     assert_no_secret(&world, "log", &proxy.logs());
+}
+
+#[tokio::test]
+async fn a_failed_browser_sign_in_page_stays_with_its_sentence() {
+    let world = World::start().await;
+    let account = browser_account(SALES);
+    let proxy = console_proxy(&world, std::slice::from_ref(&account), "").await;
+    let mut b = Browser::new(&proxy);
+    b.signed_in().await;
+    let page = b.act("connect", SALES).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let authorize = reqwest::Url::parse(&page.location.unwrap()).unwrap();
+    let state = authorize
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    // The identity provider sends the browser back with a refusal.
+    let mut back =
+        reqwest::Url::parse(&format!("http://{}/oauth/callback", proxy.admin_addr)).unwrap();
+    back.query_pairs_mut()
+        .append_pair("error", "access_denied")
+        .append_pair("error_description", "AADSTS65004: The user declined.")
+        .append_pair("state", &state);
+    let mut from_idp = Browser::new(&proxy);
+    let done = from_idp.send(from_idp.http.get(back.as_str())).await;
+    assert_eq!(done.status, StatusCode::BAD_GATEWAY, "{}", done.body);
+    assert!(
+        done.body
+            .contains("The sign-in failed: access_denied: AADSTS65004: The user declined.<"),
+        "{}",
+        done.body
+    );
+    assert!(
+        !done.body.contains("refresh"),
+        "a failure page stays until read: {}",
+        done.body
+    );
+    assert!(done.body.contains(r#"href="/accounts""#), "{}", done.body);
 }
 
 /// The lines `events` holds once it holds `n`.

@@ -335,6 +335,43 @@ wait"#,
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notify_command_that_exits_leaving_a_background_job_is_delivered_not_timed_out() {
+    let world = World::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events");
+    std::fs::create_dir_all(&events).unwrap();
+    // Like `logger … &`: the job keeps the script's stdout and stderr open
+    // long after the script itself exited 0.
+    let command = script(
+        dir.path(),
+        "background",
+        r#"sleep 30 &
+{ env; echo "BACKGROUND=$!"; } > "$1/.partial.$$" && mv "$1/.partial.$$" "$1/event.$(date +%s%N).$$"
+exit 0"#,
+    );
+    let admin = format!(
+        "notify_command = [\"{}\", \"{}\"]\nnotify_timeout = \"10m\"",
+        command.display(),
+        events.display()
+    );
+    let proxy = start(&world, false, &admin).await;
+    let runs = until_recorded(&events, 1, &proxy).await;
+    assert_eq!(kinds(&runs), ["needs_login"]);
+    let background = runs[0]["BACKGROUND"].clone();
+    // Finished once the script exited, far inside the 10 minutes.
+    proxy.wait_for_log("admin.notify_command finished", T).await;
+    let logs = proxy.logs();
+    assert!(!logs.contains("ran longer than"), "{logs}");
+    assert!(
+        !logs.contains("admin.notify_command `"),
+        "no warning: {logs}"
+    );
+    // The job it left is the admin's business: not killed with the script.
+    assert!(!gone(&background), "the background job was killed");
+    let _ = std::process::Command::new("kill").arg(&background).status();
+}
+
 /// The process has exited (or is a zombie nobody reaped yet).
 fn gone(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -330,7 +330,8 @@ enum Callback {
     Code(String),
     /// The identity provider's refusal, as a sentence for the user.
     Failed(String),
-    /// Not an answer to this sign-in (no code, or another state).
+    /// Not an answer to this sign-in (no code, or another state: a stale
+    /// tab of an earlier attempt, even one carrying an `error`).
     Unrelated,
 }
 
@@ -343,7 +344,7 @@ impl Callback {
         };
         match (param("code"), param("state"), param("error")) {
             (Some(code), Some(s), _) if s == state => Callback::Code(code),
-            (_, _, Some(error)) => {
+            (_, Some(s), Some(error)) if s == state => {
                 let description = param("error_description").unwrap_or_default();
                 Callback::Failed(format!(
                     "the sign-in failed: {error}: {}",
@@ -428,10 +429,74 @@ mod tests {
         assert_eq!(Callback::from_url(&url(""), "s1"), Callback::Unrelated);
         assert_eq!(
             Callback::from_url(
-                &url("error=access_denied&error_description=AADSTS65004%3A+declined%0Atrace"),
+                &url(
+                    "error=access_denied&error_description=AADSTS65004%3A+declined%0Atrace&state=s1"
+                ),
                 "s1"
             ),
             Callback::Failed("the sign-in failed: access_denied: AADSTS65004: declined".into())
+        );
+        assert_eq!(
+            Callback::from_url(&url("error=access_denied&state=old"), "s1"),
+            Callback::Unrelated
+        );
+        assert_eq!(
+            Callback::from_url(&url("error=access_denied"), "s1"),
+            Callback::Unrelated
+        );
+    }
+
+    /// Sends one request to the loopback listener and returns the page.
+    async fn browse(port: u16, query: &str) -> String {
+        let mut socket = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        socket
+            .write_all(format!("GET /?{query} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut page = String::new();
+        socket.read_to_string(&mut page).await.unwrap();
+        page
+    }
+
+    async fn loopback() -> (TcpListener, reqwest::Url, u16) {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let redirect = reqwest::Url::parse(&format!("http://localhost:{port}/")).unwrap();
+        (listener, redirect, port)
+    }
+
+    #[tokio::test]
+    async fn a_stale_tabs_error_is_waited_past_and_the_sign_in_goes_on() {
+        let (listener, redirect, port) = loopback().await;
+        let waiting = tokio::spawn(async move { wait_for_code(&listener, &redirect, "new").await });
+        let stale = browse(port, "error=access_denied&state=old").await;
+        assert!(stale.ends_with("Not a sign-in response."), "{stale}");
+        let stray = browse(port, "error=x").await;
+        assert!(stray.ends_with("Not a sign-in response."), "{stray}");
+        let ours = browse(port, "code=c1&state=new").await;
+        assert!(
+            ours.ends_with("Signed in. You can close this window."),
+            "{ours}"
+        );
+        assert_eq!(waiting.await.unwrap(), Ok("c1".to_string()));
+    }
+
+    #[tokio::test]
+    async fn an_error_for_this_sign_in_fails_it_with_its_sentence() {
+        let (listener, redirect, port) = loopback().await;
+        let waiting = tokio::spawn(async move { wait_for_code(&listener, &redirect, "new").await });
+        let page = browse(
+            port,
+            "error=access_denied&error_description=the+user+declined&state=new",
+        )
+        .await;
+        assert!(
+            page.ends_with("Sign-in failed; see the terminal."),
+            "{page}"
+        );
+        assert_eq!(
+            waiting.await.unwrap(),
+            Err("the sign-in failed: access_denied: the user declined".to_string())
         );
     }
 }

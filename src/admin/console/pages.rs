@@ -320,13 +320,18 @@ pub fn check(account: &str, steps: &[Step], csrf: &str) -> Markup {
     )
 }
 
-/// The page the browser lands on after the identity provider: it moves on
-/// to the Accounts page by itself (a navigation from this page is
-/// same-site, so the session cookie goes with it), and has a link too.
+/// The page the browser lands on after the identity provider. After a
+/// success it moves on to the Accounts page by itself (a navigation from
+/// this page is same-site, so the session cookie goes with it); a failure
+/// stays until the admin has read it. Both have a link back.
 pub fn callback_done(outcome: Result<&str, &str>) -> Markup {
+    let moves_on = outcome.is_ok();
     let (title, text) = match outcome {
         Ok(account) => ("Connected", format!("Account {account} is authorised.")),
-        Err(e) => ("Sign-in failed", format!("The sign-in failed: {e}.")),
+        Err(e) => (
+            "Sign-in failed",
+            format!("The sign-in failed: {}.", e.trim_end_matches('.')),
+        ),
     };
     html! {
         (DOCTYPE)
@@ -335,7 +340,9 @@ pub fn callback_done(outcome: Result<&str, &str>) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="referrer" content="no-referrer";
-                meta http-equiv="refresh" content="1;url=/accounts";
+                @if moves_on {
+                    meta http-equiv="refresh" content="1;url=/accounts";
+                }
                 title { (title) " · xoauth2-proxy" }
                 link rel="stylesheet" href="/console.css";
             }
