@@ -496,6 +496,26 @@ async fn graph_unreachable_is_421_and_the_connection_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ehlo_of_a_graph_only_proxy_does_not_wait_on_the_smtp_server() {
+    let world = World::start().await;
+    let proxy = graph_proxy(&world).await;
+    // The provider's SMTP server accepts connections and never answers.
+    world.smtp.set_hang(true);
+    let mut c = LineClient::connect(proxy.smtp_addr).await;
+    c.until("220 ").await;
+    c.line("EHLO client.example").await;
+    // Generous, yet well under the test config's upstream_timeout (5 s),
+    // which a probe of the silent server would wait out.
+    let ehlo = tokio::time::timeout(Duration::from_secs(3), c.until("250 ")).await;
+    assert!(ehlo.is_ok(), "EHLO waited on the SMTP server");
+    assert_eq!(world.smtp.stats().connections_total, 0, "SMTP was probed");
+    drop(c);
+    let mut c = logged_in(&proxy, USER).await;
+    let reply = send_one(&mut c, USER, "through graph").await;
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn auto_switches_a_mailbox_to_graph_after_5_7_139_and_stays_switched() {
     let world = World::start().await;
     world.smtp.set_auth_disabled(USER, true);
