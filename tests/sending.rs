@@ -495,6 +495,56 @@ async fn graph_unreachable_is_421_and_the_connection_closes() {
     assert!(c.closed().await);
 }
 
+/// A Graph that takes requests and never answers: accepts, reads all it
+/// is sent, and keeps the connection open. Returns its URL.
+async fn silent_graph() -> String {
+    use tokio::io::AsyncReadExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graph_that_does_not_answer_in_time_may_have_sent_the_message_451_not_421() {
+    use tokio::io::AsyncBufReadExt as _;
+    let world = World::start().await;
+    let proxy = graph_proxy(&world).await;
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let key = |url: &str| format!("graph_url = \"{url}\"");
+    let text = text.replace(&key(&world.idp.graph_url()), &key(&silent_graph().await));
+    std::fs::write(&proxy.config_path, text).unwrap();
+    proxy.reload();
+    proxy.wait_for_log("config reloaded", T).await;
+    let mut c = logged_in(&proxy, USER).await;
+    c.line(&format!("MAIL FROM:<{USER}>")).await;
+    assert!(c.read().await.unwrap().starts_with("250"));
+    c.line("RCPT TO:<rcpt@example.net>").await;
+    assert!(c.read().await.unwrap().starts_with("250"));
+    c.line("DATA").await;
+    assert!(c.read().await.unwrap().starts_with("354"));
+    c.send(b"To: rcpt@example.net\r\nSubject: t\r\n\r\nunanswered\r\n.\r\n")
+        .await;
+    // The proxy gives Graph at least 30 s.
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(90), c.stream.read_line(&mut reply))
+        .await
+        .expect("a reply once Graph's deadline passed")
+        .unwrap();
+    assert!(
+        reply.starts_with("451 4.4.2") && reply.contains("may have been sent"),
+        "{reply}"
+    );
+    assert!(!reply.contains("cannot be reached"), "{reply}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ehlo_of_a_graph_only_proxy_does_not_wait_on_the_smtp_server() {
     let world = World::start().await;

@@ -335,6 +335,13 @@ fn send_verdict(account: &Account, e: SendError) -> Verdict {
                 "4.4.1 Microsoft Graph cannot be reached; try again later",
             )
         }
+        SendError::Unconfirmed(why) => {
+            warn!(mailbox = %mailbox, "{why}; the message may have been sent");
+            Verdict::new(
+                451,
+                "4.4.2 Microsoft Graph did not confirm the message; it may have been sent: check the Sent Items before sending it again",
+            )
+        }
         SendError::Refused(status, code) if status >= 500 => {
             warn!(mailbox = %mailbox, "Microsoft Graph failed with HTTP {status} ({code})");
             Verdict::new(
@@ -359,6 +366,7 @@ fn count(account: &Account, outcome: &Result<(), Failure>) {
         Err(Failure::Send(SendError::TooLarge)) => "too_large",
         Err(Failure::Send(SendError::Throttled(_))) => "throttled",
         Err(Failure::Send(SendError::Unreachable(_)))
+        | Err(Failure::Send(SendError::Unconfirmed(_)))
         | Err(Failure::Token(TokenError::Unavailable(_))) => "unavailable",
         Err(Failure::Send(SendError::Refused(status, _))) if *status >= 500 => "unavailable",
         Err(_) => "refused",
