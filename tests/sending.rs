@@ -545,6 +545,49 @@ async fn a_graph_that_does_not_answer_in_time_may_have_sent_the_message_451_not_
     assert!(!reply.contains("cannot be reached"), "{reply}");
 }
 
+/// One transaction to `rcpts` with `header` before the body; the reply to
+/// the end of DATA.
+async fn send_with(c: &mut LineClient, rcpts: &[&str], header: &str) -> String {
+    c.line(&format!("MAIL FROM:<{USER}>")).await;
+    assert!(c.read().await.unwrap().starts_with("250"));
+    for rcpt in rcpts {
+        c.line(&format!("RCPT TO:<{rcpt}>")).await;
+        assert!(c.read().await.unwrap().starts_with("250"));
+    }
+    c.line("DATA").await;
+    assert!(c.read().await.unwrap().starts_with("354"));
+    c.send(format!("{header}Subject: t\r\n\r\nhello\r\n.\r\n").as_bytes())
+        .await;
+    c.read().await.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graph_refuses_a_header_recipient_outside_the_envelope_with_554_and_sends_nothing() {
+    let world = World::start().await;
+    let proxy = graph_proxy(&world).await;
+    let mut c = logged_in(&proxy, USER).await;
+    let header = "To: rcpt@example.net, Other@Example.net\r\n";
+    let reply = send_with(&mut c, &["rcpt@example.net"], header).await;
+    assert!(
+        reply.starts_with("554 5.6.0") && reply.contains("not in the envelope"),
+        "{reply}"
+    );
+    assert_eq!(world.idp.graph_requests(), 0, "nothing went to Graph");
+    // The same header with every address in the envelope (case aside), plus
+    // a Bcc recipient only there, goes.
+    let rcpts = [
+        "RCPT@example.net",
+        "other@example.net",
+        "hidden@example.net",
+    ];
+    let reply = send_with(&mut c, &rcpts, header).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = world.idp.graph_messages();
+    assert_eq!(got.len(), 1);
+    let mime = String::from_utf8_lossy(&got[0].mime);
+    assert!(mime.starts_with("Bcc: hidden@example.net\r\n"), "{mime}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ehlo_of_a_graph_only_proxy_does_not_wait_on_the_smtp_server() {
     let world = World::start().await;

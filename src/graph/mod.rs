@@ -7,7 +7,9 @@
 //! Sent Items). Graph takes its recipients from the MIME headers, not from an
 //! envelope, so envelope recipients the headers do not name (Bcc, which
 //! nodemailer strips from the header) are added as a `Bcc` header first
-//! ([`headers::with_bcc`]); nothing else of the message changes.
+//! ([`headers::with_bcc`]); nothing else of the message changes. The
+//! other way round, a header naming an address the envelope does not is
+//! refused (554) before any request: Graph would deliver to it too.
 //!
 //! Graph refuses a request larger than 4 MB ([`MAX_REQUEST`]); the base64 body
 //! makes that about 3 MB of message ([`MAX_MESSAGE`]). Larger messages would
