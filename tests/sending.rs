@@ -495,6 +495,119 @@ async fn graph_unreachable_is_421_and_the_connection_closes() {
     assert!(c.closed().await);
 }
 
+/// A Graph that takes requests and never answers: accepts, reads all it
+/// is sent, and keeps the connection open. Returns its URL.
+async fn silent_graph() -> String {
+    use tokio::io::AsyncReadExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graph_that_does_not_answer_in_time_may_have_sent_the_message_451_not_421() {
+    use tokio::io::AsyncBufReadExt as _;
+    let world = World::start().await;
+    let proxy = graph_proxy(&world).await;
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let key = |url: &str| format!("graph_url = \"{url}\"");
+    let text = text.replace(&key(&world.idp.graph_url()), &key(&silent_graph().await));
+    std::fs::write(&proxy.config_path, text).unwrap();
+    proxy.reload();
+    proxy.wait_for_log("config reloaded", T).await;
+    let mut c = logged_in(&proxy, USER).await;
+    c.line(&format!("MAIL FROM:<{USER}>")).await;
+    assert!(c.read().await.unwrap().starts_with("250"));
+    c.line("RCPT TO:<rcpt@example.net>").await;
+    assert!(c.read().await.unwrap().starts_with("250"));
+    c.line("DATA").await;
+    assert!(c.read().await.unwrap().starts_with("354"));
+    c.send(b"To: rcpt@example.net\r\nSubject: t\r\n\r\nunanswered\r\n.\r\n")
+        .await;
+    // The proxy gives Graph at least 30 s.
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(90), c.stream.read_line(&mut reply))
+        .await
+        .expect("a reply once Graph's deadline passed")
+        .unwrap();
+    assert!(
+        reply.starts_with("451 4.4.2") && reply.contains("may have been sent"),
+        "{reply}"
+    );
+    assert!(!reply.contains("cannot be reached"), "{reply}");
+}
+
+/// One transaction to `rcpts` with `header` before the body; the reply to
+/// the end of DATA.
+async fn send_with(c: &mut LineClient, rcpts: &[&str], header: &str) -> String {
+    c.line(&format!("MAIL FROM:<{USER}>")).await;
+    assert!(c.read().await.unwrap().starts_with("250"));
+    for rcpt in rcpts {
+        c.line(&format!("RCPT TO:<{rcpt}>")).await;
+        assert!(c.read().await.unwrap().starts_with("250"));
+    }
+    c.line("DATA").await;
+    assert!(c.read().await.unwrap().starts_with("354"));
+    c.send(format!("{header}Subject: t\r\n\r\nhello\r\n.\r\n").as_bytes())
+        .await;
+    c.read().await.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graph_refuses_a_header_recipient_outside_the_envelope_with_554_and_sends_nothing() {
+    let world = World::start().await;
+    let proxy = graph_proxy(&world).await;
+    let mut c = logged_in(&proxy, USER).await;
+    let header = "To: rcpt@example.net, Other@Example.net\r\n";
+    let reply = send_with(&mut c, &["rcpt@example.net"], header).await;
+    assert!(
+        reply.starts_with("554 5.6.0") && reply.contains("not in the envelope"),
+        "{reply}"
+    );
+    assert_eq!(world.idp.graph_requests(), 0, "nothing went to Graph");
+    // The same header with every address in the envelope (case aside), plus
+    // a Bcc recipient only there, goes.
+    let rcpts = [
+        "RCPT@example.net",
+        "other@example.net",
+        "hidden@example.net",
+    ];
+    let reply = send_with(&mut c, &rcpts, header).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = world.idp.graph_messages();
+    assert_eq!(got.len(), 1);
+    let mime = String::from_utf8_lossy(&got[0].mime);
+    assert!(mime.starts_with("Bcc: hidden@example.net\r\n"), "{mime}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ehlo_of_a_graph_only_proxy_does_not_wait_on_the_smtp_server() {
+    let world = World::start().await;
+    let proxy = graph_proxy(&world).await;
+    // The provider's SMTP server accepts connections and never answers.
+    world.smtp.set_hang(true);
+    let mut c = LineClient::connect(proxy.smtp_addr).await;
+    c.until("220 ").await;
+    c.line("EHLO client.example").await;
+    // Generous, yet well under the test config's upstream_timeout (5 s),
+    // which a probe of the silent server would wait out.
+    let ehlo = tokio::time::timeout(Duration::from_secs(3), c.until("250 ")).await;
+    assert!(ehlo.is_ok(), "EHLO waited on the SMTP server");
+    assert_eq!(world.smtp.stats().connections_total, 0, "SMTP was probed");
+    drop(c);
+    let mut c = logged_in(&proxy, USER).await;
+    let reply = send_one(&mut c, USER, "through graph").await;
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn auto_switches_a_mailbox_to_graph_after_5_7_139_and_stays_switched() {
     let world = World::start().await;

@@ -743,6 +743,40 @@ async fn upstream_lost_mid_data_gets_4xx_and_the_next_transaction_a_new_connecti
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_stops_reading_mid_data_gets_451_not_sent_and_the_session_goes_on() {
+    let world = World::start().await;
+    let proxy = world.proxy(&[AccountSpec::device(USER, PASS)]).await;
+    let mut c = logged_in(&proxy).await;
+    let mail = format!("MAIL FROM:<{USER}>");
+    let rcpt = ["RCPT TO:<rcpt@example.net>"];
+    // Far larger than the socket buffers between the proxy and the server,
+    // so that the proxy's writes stall once the server stops reading.
+    let large: Vec<u8> = b"Subject: stalled\r\n\r\n"
+        .iter()
+        .copied()
+        .chain(
+            (0..400_000).flat_map(|i| format!("line {i:06} of a stalled message\r\n").into_bytes()),
+        )
+        .collect();
+    world.smtp.stall_during_next_data();
+    // The proxy gives up after upstream_timeout (5 s in the test config),
+    // reads the rest of the message and answers.
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        send_message(&mut c, &mail, &rcpt, &large),
+    )
+    .await
+    .expect("the proxy reads on and answers once upstream_timeout passed");
+    assert_eq!(r.code, 451, "{r:?}");
+    assert!(r.last().contains("message not sent"), "{r:?}");
+    let (wire, _) = message("after the stall");
+    let r = send_message(&mut c, &mail, &rcpt, &wire).await;
+    assert_eq!(r.code, 250, "{r:?}");
+    let msgs = world.smtp.wait_for_messages(1, T).await;
+    assert_eq!(msgs.len(), 1, "only the second message was delivered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_gets_an_error_and_a_closed_connection() {
     let world = World::start().await;
     let proxy = proxy_with(&world, "debug", |t| {

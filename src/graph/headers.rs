@@ -34,6 +34,19 @@ pub fn with_bcc(message: &[u8], envelope: &[String]) -> Vec<u8> {
     out
 }
 
+/// The addresses the `To`, `Cc` and `Bcc` fields name that `envelope` (RCPT
+/// TO addresses) does not (compared without case), sorted: Graph would
+/// deliver to them although the client did not ask it to.
+pub fn beyond_envelope(message: &[u8], envelope: &[String]) -> Vec<String> {
+    let envelope: HashSet<String> = envelope.iter().map(|a| a.to_lowercase()).collect();
+    let mut extra: Vec<String> = named_recipients(message)
+        .into_iter()
+        .filter(|a| !envelope.contains(a))
+        .collect();
+    extra.sort();
+    extra
+}
+
 /// Every address the `To`, `Cc` and `Bcc` fields name, lower-cased.
 pub fn named_recipients(message: &[u8]) -> HashSet<String> {
     fields(header_section(message))
@@ -155,6 +168,17 @@ fn skip_comment(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_header_recipients_the_envelope_lacks_without_case() {
+        let message = b"To: \"A, B\" <A@x.com>, c@x.com\r\nCc: D@X.com\r\nSubject: s\r\n\r\nTo: body@x.com\r\n";
+        let envelope = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert!(beyond_envelope(message, &envelope(&["a@x.com", "C@x.com", "d@x.com"])).is_empty());
+        assert_eq!(
+            beyond_envelope(message, &envelope(&["a@x.com", "bcc@y.com"])),
+            ["c@x.com", "d@x.com"]
+        );
+    }
 
     #[test]
     fn address_lists_as_rfc_5322_writes_them() {

@@ -7,7 +7,9 @@
 //! Sent Items). Graph takes its recipients from the MIME headers, not from an
 //! envelope, so envelope recipients the headers do not name (Bcc, which
 //! nodemailer strips from the header) are added as a `Bcc` header first
-//! ([`headers::with_bcc`]); nothing else of the message changes.
+//! ([`headers::with_bcc`]); nothing else of the message changes. The
+//! other way round, a header naming an address the envelope does not is
+//! refused (554) before any request: Graph would deliver to it too.
 //!
 //! Graph refuses a request larger than 4 MB ([`MAX_REQUEST`]); the base64 body
 //! makes that about 3 MB of message ([`MAX_MESSAGE`]). Larger messages would
@@ -39,8 +41,11 @@ pub enum SendError {
     Throttled(Option<Duration>),
     /// 413: larger than Graph takes.
     TooLarge,
-    /// Graph could not be reached or did not answer in time.
+    /// Graph could not be reached: the message was not sent.
     Unreachable(String),
+    /// Graph did not answer in time after the request went out: the message
+    /// may have been sent.
+    Unconfirmed(String),
     /// Any other refusal: the status and Graph's error code.
     Refused(u16, String),
 }
@@ -48,6 +53,18 @@ pub enum SendError {
 /// One HTTPS client per provider (its `ca_file` and timeouts).
 pub struct Graph {
     clients: HashMap<String, reqwest::Client>,
+    /// A request's deadline before its body's share ([`request_timeout`]).
+    timeout: Duration,
+}
+
+/// Each this many bytes of request body add a second to its deadline.
+const BYTES_PER_SECOND: usize = 64 * 1024;
+
+/// The deadline of a request with `body_len` bytes of body: `base`, plus a
+/// second per 64 KiB, so that a large message on a slow uplink is not cut
+/// off while it is still being sent (4 MB: about a minute more).
+fn request_timeout(base: Duration, body_len: usize) -> Duration {
+    base + Duration::from_secs((body_len / BYTES_PER_SECOND) as u64)
 }
 
 impl Graph {
@@ -59,7 +76,7 @@ impl Graph {
                 .map_err(|e| format!("provider `{name}`: {e}"))?;
             clients.insert(name.clone(), client);
         }
-        Ok(Graph { clients })
+        Ok(Graph { clients, timeout })
     }
 
     /// Submits `mime` (at most [`MAX_MESSAGE`] bytes) as `mailbox` with
@@ -78,10 +95,11 @@ impl Graph {
             .post(url)
             .bearer_auth(token.expose())
             .header(reqwest::header::CONTENT_TYPE, "text/plain")
+            .timeout(request_timeout(self.timeout, body.len()))
             .body(body)
             .send()
             .await
-            .map_err(|e| SendError::Unreachable(describe(&e, &provider.graph_url)))?;
+            .map_err(|e| failed(&e, &provider.graph_url))?;
         let status = response.status().as_u16();
         if status == 202 || status == 200 {
             return Ok(());
@@ -139,6 +157,16 @@ async fn error_code(mut response: reqwest::Response) -> String {
         .unwrap_or_else(|| "no error code".to_string())
 }
 
+/// A request that got no answer: a timeout once connected may have
+/// delivered the request, and Graph may have sent the message.
+fn failed(e: &reqwest::Error, graph_url: &str) -> SendError {
+    if e.is_timeout() && !e.is_connect() {
+        SendError::Unconfirmed(describe(e, graph_url))
+    } else {
+        SendError::Unreachable(describe(e, graph_url))
+    }
+}
+
 /// Why Graph could not be reached, without the URL's secrets (it has none,
 /// but reqwest's text names the URL: the chain's tail says why).
 fn describe(e: &reqwest::Error, graph_url: &str) -> String {
@@ -165,6 +193,16 @@ mod tests {
         assert_eq!(
             odd.as_str(),
             "http://127.0.0.1:8080/v1.0/users/a%2Fb%3Fc%23d@x/sendMail"
+        );
+    }
+
+    #[test]
+    fn a_larger_body_gets_a_longer_deadline() {
+        let base = Duration::from_secs(30);
+        assert_eq!(request_timeout(base, 1000), base);
+        assert_eq!(
+            request_timeout(base, MAX_REQUEST),
+            base + Duration::from_secs(64)
         );
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::upstream;
-use crate::config::Config;
+use crate::config::{Config, SendVia};
 use crate::upstream::UpstreamTls;
 
 /// EHLO keywords the proxy passes on when the upstream offers them. It does
@@ -32,8 +32,9 @@ const PROBE_RETRY: Duration = Duration::from_secs(10);
 /// keeps it asks nobody again.
 #[derive(Default)]
 pub struct Extensions {
-    /// Held across a probe, so that clients arriving together (nodemailer's
-    /// pool opens five connections at once) share one.
+    /// Never held across a probe: clients arriving together before the
+    /// first answer (nodemailer's pool opens five connections at once) may
+    /// each probe; the first answer is then cached for all.
     known: tokio::sync::Mutex<HashMap<String, Learnt>>,
 }
 
@@ -50,6 +51,8 @@ impl Extensions {
         let mut servers: Vec<(String, &str)> = config
             .accounts
             .iter()
+            // A Graph-only account never uses its provider's SMTP server.
+            .filter(|a| a.send_via != SendVia::Graph)
             .map(|a| {
                 let p = config.provider(&a.provider);
                 let key = format!("{} {} {:?}", p.name, p.smtp_server, p.smtp_tls);
@@ -58,33 +61,35 @@ impl Extensions {
             .collect();
         servers.sort();
         servers.dedup_by(|a, b| a.0 == b.0);
-        let mut known = self.known.lock().await;
         let mut sets = Vec::new();
-        for (key, provider) in servers {
-            match known.get(&key) {
-                Some(Learnt::Keywords(k)) => {
-                    sets.push(k.clone());
-                    continue;
+        let mut to_probe = Vec::new();
+        {
+            let known = self.known.lock().await;
+            for (key, provider) in servers {
+                match known.get(&key) {
+                    Some(Learnt::Keywords(k)) => sets.push(k.clone()),
+                    Some(Learnt::Failed(at)) if at.elapsed() < PROBE_RETRY => sets.push(Vec::new()),
+                    _ => to_probe.push((key, provider)),
                 }
-                Some(Learnt::Failed(at)) if at.elapsed() < PROBE_RETRY => {
-                    sets.push(Vec::new());
-                    continue;
-                }
-                _ => {}
             }
+        }
+        // Probed without the lock: a slow server delays only the clients
+        // that need its answer, not every EHLO of the proxy.
+        let timeout = config.server.upstream_timeout;
+        for (key, provider) in to_probe {
             let provider = config.provider(provider);
-            let timeout = config.server.upstream_timeout;
-            match upstream::probe_extensions(tls, provider, timeout).await {
-                Ok(k) => {
-                    known.insert(key, Learnt::Keywords(k.clone()));
-                    sets.push(k);
-                }
+            let learnt = match upstream::probe_extensions(tls, provider, timeout).await {
+                Ok(k) => Learnt::Keywords(k),
                 Err(e) => {
                     warn!("cannot learn the SMTP server's extensions: {e}");
-                    known.insert(key, Learnt::Failed(Instant::now()));
-                    sets.push(Vec::new());
+                    Learnt::Failed(Instant::now())
                 }
-            }
+            };
+            sets.push(match &learnt {
+                Learnt::Keywords(k) => k.clone(),
+                Learnt::Failed(_) => Vec::new(),
+            });
+            self.known.lock().await.insert(key, learnt);
         }
         intersect(&sets)
     }

@@ -219,15 +219,31 @@ pub fn too_large(account: &Account) -> Verdict {
     send_verdict(account, SendError::TooLarge)
 }
 
+/// The reply to a message whose To, Cc or Bcc names an address its
+/// envelope does not: Graph takes recipients from the header, so it would
+/// deliver to addresses the client did not ask for (a resent or forwarded
+/// message, a list expansion); refused, never sent.
+const BEYOND_ENVELOPE: &str = "5.6.0 The message's To/Cc/Bcc names recipients that are not in the envelope (RCPT TO); Microsoft Graph would deliver to them too: send with matching recipients or use send_via = \"smtp\"";
+
 /// Submits `message` (unstuffed, as the client sent it) for `account`,
 /// with a `Bcc` field for the envelope recipients its header does not
-/// name. A cached token Graph refuses is replaced once.
+/// name; refused when its header names recipients the envelope does not.
+/// A cached token Graph refuses is replaced once.
 pub async fn submit(
     shared: &Shared,
     account: &Account,
     recipients: &[String],
     message: &[u8],
 ) -> Verdict {
+    let extra = headers::beyond_envelope(message, recipients);
+    if !extra.is_empty() {
+        warn!(mailbox = %account.mailbox, count = extra.len(), "refused a message for Microsoft Graph whose header names recipients outside its envelope");
+        count(
+            account,
+            &Err(Failure::Send(SendError::Refused(554, String::new()))),
+        );
+        return Verdict::new(554, BEYOND_ENVELOPE);
+    }
     let mime = headers::with_bcc(message, recipients);
     let outcome = if mime.len() > MAX_MESSAGE {
         Err(Failure::Send(SendError::TooLarge))
@@ -335,6 +351,13 @@ fn send_verdict(account: &Account, e: SendError) -> Verdict {
                 "4.4.1 Microsoft Graph cannot be reached; try again later",
             )
         }
+        SendError::Unconfirmed(why) => {
+            warn!(mailbox = %mailbox, "{why}; the message may have been sent");
+            Verdict::new(
+                451,
+                "4.4.2 Microsoft Graph did not confirm the message; it may have been sent: check the Sent Items before sending it again",
+            )
+        }
         SendError::Refused(status, code) if status >= 500 => {
             warn!(mailbox = %mailbox, "Microsoft Graph failed with HTTP {status} ({code})");
             Verdict::new(
@@ -359,6 +382,7 @@ fn count(account: &Account, outcome: &Result<(), Failure>) {
         Err(Failure::Send(SendError::TooLarge)) => "too_large",
         Err(Failure::Send(SendError::Throttled(_))) => "throttled",
         Err(Failure::Send(SendError::Unreachable(_)))
+        | Err(Failure::Send(SendError::Unconfirmed(_)))
         | Err(Failure::Token(TokenError::Unavailable(_))) => "unavailable",
         Err(Failure::Send(SendError::Refused(status, _))) if *status >= 500 => "unavailable",
         Err(_) => "refused",

@@ -732,7 +732,8 @@ impl<S: ClientStream> Session<S> {
     /// cleanly; otherwise the lease, dropped, closes it.
     async fn relay_message(&mut self, mut lease: Lease) -> std::io::Result<()> {
         let idle = self.shared.config.smtp.client_idle_timeout;
-        let upstream_ok = pump_message(&mut self.client, &mut lease, idle).await?;
+        let write_timeout = self.shared.config.server.upstream_timeout;
+        let upstream_ok = pump_message(&mut self.client, &mut lease, idle, write_timeout).await?;
         if !upstream_ok {
             warn!("the SMTP server failed while receiving a message");
             drop(lease);
@@ -902,10 +903,11 @@ async fn pump_message<S: ClientStream>(
     client: &mut Reader<S>,
     lease: &mut Lease,
     idle: Duration,
+    write_timeout: Duration,
 ) -> std::io::Result<bool> {
     let relayed = crate::metrics::get().relayed("smtp", UPSTREAM);
     let upstream = lease.conn().stream.get_mut();
-    copy_message(client, upstream, idle, |n| {
+    copy_message(client, upstream, idle, write_timeout, |n| {
         relayed.inc_by(n as u64);
     })
     .await
@@ -920,10 +922,16 @@ async fn pump_message<S: ClientStream>(
 /// stays in `client` for the dialogue. An error is the client's (it stalled
 /// or left): the caller then drops the upstream connection rather than
 /// deliver a partial message.
+///
+/// Each write and the flush to `upstream` may take at most `write_timeout`:
+/// a server that stops reading (its TCP window at zero) would otherwise
+/// hold the session, and the mailbox's upstream slot, until TCP gives up.
+/// A write that times out counts as the upstream failing.
 async fn copy_message<S, W>(
     client: &mut Reader<S>,
     upstream: &mut W,
     idle: Duration,
+    write_timeout: Duration,
     mut written: impl FnMut(usize),
 ) -> std::io::Result<bool>
 where
@@ -937,9 +945,9 @@ where
         let chunk = data_chunk(client, idle).await?;
         let (n, done) = end.scan(chunk);
         if upstream_ok {
-            match upstream.write_all(&chunk[..n]).await {
-                Ok(()) => written(n),
-                Err(_) => upstream_ok = false,
+            match tokio::time::timeout(write_timeout, upstream.write_all(&chunk[..n])).await {
+                Ok(Ok(())) => written(n),
+                Ok(Err(_)) | Err(_) => upstream_ok = false,
             }
         }
         client.consume(n);
@@ -948,7 +956,12 @@ where
         }
     }
     client.reading_commands();
-    if upstream_ok && upstream.flush().await.is_err() {
+    if upstream_ok
+        && !matches!(
+            tokio::time::timeout(write_timeout, upstream.flush()).await,
+            Ok(Ok(()))
+        )
+    {
         upstream_ok = false;
     }
     Ok(upstream_ok)
@@ -1131,16 +1144,42 @@ mod tests {
         let mut client = Reader::new(pieces);
         let mut upstream = Vec::new();
         let mut counted = 0;
-        let ok = copy_message(&mut client, &mut upstream, Duration::from_secs(5), |n| {
-            counted += n
-        })
-        .await
-        .unwrap();
+        let five = Duration::from_secs(5);
+        let ok = copy_message(&mut client, &mut upstream, five, five, |n| counted += n)
+            .await
+            .unwrap();
         assert!(ok);
         assert_eq!(counted, upstream.len());
         let mut next = String::new();
         client.read_line(&mut next).await.unwrap();
         (upstream, next)
+    }
+
+    /// An upstream that stops reading (its receive window at zero): the
+    /// write times out, the client's content is still read to its end, and
+    /// the relay reports the upstream as failed.
+    #[tokio::test]
+    async fn an_upstream_that_stops_reading_fails_the_relay_after_the_write_timeout() {
+        let mut message = b"Subject: big\r\n\r\n".to_vec();
+        message.extend(std::iter::repeat_n(b'x', 1 << 20));
+        message.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+        let pieces = Pieces(message.chunks(8192).map(|p| p.to_vec()).collect());
+        let mut client = Reader::new(pieces);
+        // Nobody reads the other end: writes stall once its buffer is full.
+        let (mut upstream, _unread) = tokio::io::duplex(64 * 1024);
+        let ok = copy_message(
+            &mut client,
+            &mut upstream,
+            Duration::from_secs(5),
+            Duration::from_millis(200),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert!(!ok, "a stalled upstream is a failed relay");
+        let mut next = String::new();
+        client.read_line(&mut next).await.unwrap();
+        assert_eq!(next, "QUIT\r\n", "the client's content was read to its end");
     }
 
     #[tokio::test]

@@ -180,6 +180,7 @@ struct Shared {
     listener: Mutex<ListenerSlot>,
     cfg: Mutex<Config>,
     drop_next_data: AtomicBool,
+    stall_next_data: AtomicBool,
     state: Mutex<State>,
     changed: Notify,
     next_conn: AtomicU64,
@@ -233,6 +234,7 @@ pub async fn start(pki: &TestPki, tokens: TokenBook, tls: UpstreamTls) -> MockSm
             hang: false,
         }),
         drop_next_data: AtomicBool::new(false),
+        stall_next_data: AtomicBool::new(false),
         state: Mutex::new(State::default()),
         changed: Notify::new(),
         next_conn: AtomicU64::new(1),
@@ -282,6 +284,13 @@ impl MockSmtpUpstream {
     /// reset after some content has arrived, without a reply.
     pub fn drop_during_next_data(&self) {
         self.shared.drop_next_data.store(true, Ordering::SeqCst);
+    }
+
+    /// Arms a one-shot fault: the next DATA (on any connection) gets its
+    /// 354, then the server never reads again and never answers (its TCP
+    /// window fills; the connection stays open until the mock is dropped).
+    pub fn stall_during_next_data(&self) {
+        self.shared.stall_next_data.store(true, Ordering::SeqCst);
     }
 
     /// `true`: close the listening socket now (connections are refused).

@@ -105,6 +105,10 @@ impl Session {
             return Ok(Flow::Continue);
         }
         self.reply("354 Start mail input; end with <CRLF>.<CRLF>");
+        if self.shared.stall_next_data.swap(false, Ordering::SeqCst) {
+            self.flush().await?;
+            std::future::pending::<()>().await;
+        }
         if self.shared.drop_next_data.swap(false, Ordering::SeqCst) {
             if self.pos == self.buf.len() && self.fill().await? == 0 {
                 return Ok(Flow::Close);
